@@ -1,0 +1,51 @@
+"""Interleaved latency measurement: the variants compared in one table take turns, so a noisy
+neighbour or a CPU frequency change hits all of them alike and ratios stay meaningful."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    runs: Dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    device: torch.device = torch.device("cpu"),
+    min_seconds: float = 0.0,
+) -> Dict[str, List[float]]:
+    """Seconds per call of each run; every round calls each run once, in turn.
+
+    Args:
+        runs: name -> zero-argument callable doing one batch.
+        repeats: rounds (at least this many samples per run).
+        warmup: untimed rounds first (allocator, caches, lazy init).
+        min_seconds: keep adding rounds until this much time has passed (short runs on a GPU).
+    """
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    synchronize(device)
+    samples: Dict[str, List[float]] = {name: [] for name in runs}
+    started = time.perf_counter()
+    while min(len(s) for s in samples.values()) < repeats or time.perf_counter() - started < min_seconds:
+        for name, run in runs.items():
+            begin = time.perf_counter()
+            run()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - begin)
+    return samples
+
+
+def summarize(seconds: List[float]) -> Dict[str, float]:
+    """Median and p90 latency (ms) of the samples."""
+    ordered = sorted(seconds)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return {"p50_ms": statistics.median(ordered) * 1e3, "p90_ms": p90 * 1e3, "samples": len(ordered)}

@@ -1,0 +1,109 @@
+"""Load local checkpoints (timm/DeiT `.pth`, `.safetensors`) into any ImagePiece-family model.
+
+The reduction methods add no weights, so a plain DeiT checkpoint fits every method. LCB is the
+exception: "residual" weights may be absent (the branch then keeps its zero init, an exact no-op);
+"stem" weights replace the patchify and must be present unless the caller accepts an untrained stem.
+Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Dict, Union
+
+import torch
+from torch import nn
+
+# Containers that DeiT, timm and common trainers wrap a state dict in.
+_STATE_DICT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, or does not fit the model."""
+
+
+def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """Read a `.safetensors` or torch-saved checkpoint into a flat {name: tensor} dict on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load / safetensors raise many types for a bad file
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+
+    if isinstance(state, dict):
+        for key in _STATE_DICT_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{str(path)!r} holds no state dict of tensors (looked at the top level and {_STATE_DICT_KEYS})")
+    for prefix in _WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lcb: bool = False) -> None:
+    """Load `path` into `model` strictly: every mismatch is an error that lists the names.
+
+    Args:
+        model: an `ImagePieceViT`.
+        allow_untrained_lcb: accept a checkpoint that lacks LCB "stem" weights (they stay random,
+            so accuracy needs training; a warning says so).
+    """
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    lcb = model.reduction_config.lcb
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+
+    # A plain DeiT checkpoint has no LCB weights: fine for the zero-init residual branch.
+    lcb_missing = [key for key in missing if key.startswith("lcb.")]
+    stem_missing = [key for key in missing if key.startswith("patch_embed.proj.layers.")]
+    missing = [key for key in missing if key not in lcb_missing and key not in stem_missing]
+    if lcb == "stem":
+        # The DeiT patchify conv has no place in a stem model; report it with the stem's absence.
+        stem_replaced = [key for key in unexpected if key.startswith("patch_embed.proj.")]
+        if stem_missing and not allow_untrained_lcb:
+            raise CheckpointError(
+                f"{str(path)!r} has no weights for LCB 'stem' ({len(stem_missing)} tensors, e.g. {stem_missing[0]}); "
+                "the stem must be trained (scripts/finetune.py) or pass allow_untrained_lcb=True to use it untrained"
+            )
+        if stem_missing:
+            warnings.warn(f"LCB 'stem' left untrained: {str(path)!r} has no stem weights", stacklevel=2)
+            unexpected = [key for key in unexpected if key not in stem_replaced]
+
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {missing}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {unexpected}")
+    if mismatched:
+        problems.append(f"shape mismatch: {mismatched}")
+    if problems:
+        raise CheckpointError(f"{str(path)!r} does not fit {model.pretrained_cfg.get('architecture', 'the model')}: " + "; ".join(problems))
+
+    model.load_state_dict(state, strict=False)
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """Hex sha256 of a file (checkpoint provenance for artifact metadata)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

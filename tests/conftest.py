@@ -1,0 +1,11 @@
+import pytest
+import torch
+
+# CI has 2 cores; more threads than cores only adds contention.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def images():
+    """A fixed batch of 2 random images (random weights, so content does not matter)."""
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))

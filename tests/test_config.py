@@ -1,0 +1,78 @@
+import pytest
+
+from imagepiece.config import METHODS, ReductionConfig, format_schedule, token_schedule
+
+DESIGN_SCHEDULE = [197, 182, 168, 155, 116, 107, 99, 75, 70, 65, 50, 47]
+
+
+def tokens_in(config):
+    return [block.tokens_in for block in token_schedule(config)]
+
+
+def test_default_imagepiece_schedule_matches_the_design_card():
+    schedule = token_schedule(ReductionConfig())
+    assert tokens_in(ReductionConfig()) == DESIGN_SCHEDULE
+    assert schedule[-1].tokens_out == 44
+    assert [b.fused for b in schedule] == [0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0]
+
+
+def test_baseline_schedules():
+    assert tokens_in(ReductionConfig(method="none")) == [197] * 12
+    # ToMe removes r=13 per block.
+    assert tokens_in(ReductionConfig(method="tome")) == [197 - 13 * i for i in range(12)]
+    # EViT keep 0.7 at blocks 3, 6, 9 with a fused token: 196 -> 138+1 -> 98+1 -> 70+1 image tokens.
+    assert tokens_in(ReductionConfig(method="evit")) == [197] * 4 + [140] * 3 + [100] * 3 + [72] * 2
+
+
+def test_schedule_rows_are_consistent():
+    for method in METHODS:
+        schedule = token_schedule(ReductionConfig(method=method))
+        for block, following in zip(schedule, schedule[1:]):
+            assert following.tokens_in == block.tokens_out
+        for block in schedule:
+            assert block.tokens_out == block.tokens_in - block.merged - block.pruned + block.fused
+            assert block.tokens_out >= 2  # [CLS] and at least one image token survive
+            if method == "imagepiece":
+                assert block.merged <= block.candidates // 2
+
+
+def test_keep_rate_default_depends_on_method():
+    assert ReductionConfig(method="evit").keep_rate == 0.7
+    assert ReductionConfig(method="imagepiece").keep_rate == 0.8
+    assert ReductionConfig(method="tome").keep_rate == 1.0
+
+
+def test_format_schedule_mentions_every_block():
+    text = format_schedule(token_schedule(ReductionConfig()))
+    assert len(text.splitlines()) == 14 and "56%" in text
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        (dict(method="dynamicvit"), "method"),
+        (dict(p=0.0), "p"),
+        (dict(p=1.5), "p"),
+        (dict(merge_ratio=0.2), "merge_ratio"),
+        (dict(merge_ratio=-0.1), "merge_ratio"),
+        (dict(keep_rate=0.0), "keep_rate"),
+        (dict(keep_rate=1.2), "keep_rate"),
+        (dict(prune_blocks=(3, 12)), "prune_blocks"),
+        (dict(prune_blocks=(6, 3)), "prune_blocks"),
+        (dict(prune_blocks=(3.5,)), "prune_blocks"),
+        (dict(tome_r=-1), "tome_r"),
+        (dict(tome_r=2.5), "tome_r"),
+        (dict(lcb="conv"), "lcb"),
+        (dict(prop_attn="yes"), "prop_attn"),
+        (dict(method="tome", keep_rate=0.5), "keep_rate"),
+    ],
+)
+def test_bad_values_raise_value_error_naming_the_field(fields, named):
+    with pytest.raises(ValueError, match=named):
+        ReductionConfig(**fields)
+
+
+def test_replace_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown config field"):
+        ReductionConfig().replace(ratio=0.1)
+    assert ReductionConfig().replace(p=0.4).p == 0.4

@@ -1,0 +1,97 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from imagepiece import CheckpointError, create_model
+
+ARCH = "deit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def deit_state():
+    torch.manual_seed(0)
+    return timm.create_model(ARCH).state_dict()
+
+
+@pytest.fixture(scope="module")
+def deit_files(tmp_path_factory, deit_state):
+    """A random DeiT-Ti saved the three ways users have checkpoints."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    files = {
+        "pth_wrapped": folder / "deit_wrapped.pth",  # facebookresearch/deit layout: {"model": state}
+        "pth_plain": folder / "deit_plain.pth",
+        "safetensors": folder / "deit.safetensors",
+    }
+    torch.save({"model": deit_state, "epoch": 299}, files["pth_wrapped"])
+    torch.save(deit_state, files["pth_plain"])
+    save_file({k: v.contiguous() for k, v in deit_state.items()}, files["safetensors"])
+    return files
+
+
+@pytest.mark.parametrize("layout", ["pth_wrapped", "pth_plain", "safetensors"])
+@pytest.mark.parametrize("method", ["none", "tome", "evit", "imagepiece"])
+def test_deit_checkpoint_loads_into_every_method(deit_files, deit_state, layout, method):
+    model = create_model(ARCH, method, checkpoint=deit_files[layout])
+    torch.testing.assert_close(model.state_dict()["blocks.5.attn.qkv.weight"], deit_state["blocks.5.attn.qkv.weight"])
+
+
+def test_residual_lcb_starts_at_zero_when_the_checkpoint_lacks_it(deit_files, images):
+    plain = create_model(ARCH, "none", checkpoint=deit_files["pth_plain"])
+    residual = create_model(ARCH, "none", checkpoint=deit_files["pth_plain"], lcb="residual")
+    assert residual.lcb.proj.weight.abs().sum() == 0
+    with torch.inference_mode():
+        torch.testing.assert_close(residual(images), plain(images))
+
+
+def test_residual_lcb_weights_round_trip(tmp_path):
+    trained = create_model(ARCH, "imagepiece", lcb="residual")
+    torch.nn.init.normal_(trained.lcb.proj.weight)
+    torch.save(trained.state_dict(), tmp_path / "lcb.pth")
+    loaded = create_model(ARCH, "imagepiece", lcb="residual", checkpoint=tmp_path / "lcb.pth")
+    torch.testing.assert_close(loaded.lcb.proj.weight, trained.lcb.proj.weight)
+
+
+def test_stem_lcb_needs_trained_weights(deit_files, tmp_path):
+    with pytest.raises(CheckpointError, match="LCB 'stem'.*must be trained"):
+        create_model(ARCH, "imagepiece", lcb="stem", checkpoint=deit_files["pth_plain"])
+    with pytest.warns(UserWarning, match="untrained"):
+        create_model(ARCH, "imagepiece", lcb="stem", checkpoint=deit_files["pth_plain"], allow_untrained_lcb=True)
+    stem_model = create_model(ARCH, "imagepiece", lcb="stem")
+    torch.save(stem_model.state_dict(), tmp_path / "stem.pth")
+    loaded = create_model(ARCH, "evit", lcb="stem", checkpoint=tmp_path / "stem.pth")
+    torch.testing.assert_close(loaded.patch_embed.proj.layers[0].weight, stem_model.patch_embed.proj.layers[0].weight)
+
+
+def test_mismatched_checkpoints_list_every_problem(deit_state, tmp_path):
+    broken = dict(deit_state)
+    del broken["blocks.0.norm1.weight"]
+    broken["blocks.0.extra"] = torch.zeros(1)
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"missing 1 key\(s\): \['blocks.0.norm1.weight'\].*unexpected 1 key\(s\): \['blocks.0.extra'\]"):
+        create_model(ARCH, checkpoint=tmp_path / "broken.pth")
+    # A DeiT-S checkpoint into DeiT-Ti: every width differs.
+    with pytest.raises(CheckpointError, match=r"shape mismatch: \['cls_token: checkpoint \(1, 1, 384\) vs model \(1, 1, 192\)"):
+        torch.save(timm.create_model("deit_small_patch16_224").state_dict(), tmp_path / "small.pth")
+        create_model(ARCH, checkpoint=tmp_path / "small.pth")
+
+
+def test_paths_that_are_not_checkpoints(deit_files, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        create_model(ARCH, checkpoint=tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="does not exist or is not a file"):
+        create_model(ARCH, checkpoint=tmp_path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        create_model(ARCH, checkpoint=tmp_path / "notes.txt")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(deit_files["pth_plain"].read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        create_model(ARCH, checkpoint=truncated)
+    bad_safetensors = tmp_path / "bad.safetensors"
+    bad_safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        create_model(ARCH, checkpoint=bad_safetensors)
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "no_tensors.pth")
+    with pytest.raises(CheckpointError, match="no state dict of tensors"):
+        create_model(ARCH, checkpoint=tmp_path / "no_tensors.pth")
