@@ -9,3 +9,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def images():
     """A fixed batch of 2 random images (random weights, so content does not matter)."""
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """Session-wide compiled artifacts (see tests/artifacts.py)."""
+    from artifacts import CompiledArtifacts
+
+    artifacts = CompiledArtifacts(tmp_path_factory.mktemp("artifacts"))
+    yield artifacts
+    artifacts.close()

@@ -155,6 +155,7 @@ def create_model(
         config = config.replace(method=method, **overrides)
 
     model = ImagePieceViT(config, **ARCHS[arch], **vit_options)
+    model.arch = arch
     model.pretrained_cfg = model.default_cfg = _pretrained_cfg(arch, method)
     if checkpoint is not None:
         from .weights import load_checkpoint  # deferred: weights imports this module's types

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Compile an ImagePiece-family DeiT into one self-contained artifact for the C++ runtime.
+
+The model is exported with torch.export (static token counts, static or dynamic batch) and compiled
+by AOTInductor. A `.so` is one shared library holding kernels, weights and metadata; a `.pt2` is an
+AOTI package. Either loads in `ip_runtime.Runtime(path)` / `imagepiece::Runtime` or
+`imagepiece.export.load(path)`.
+
+examples:
+  python scripts/aot_compile.py --out deit_s_ip.so                       # DeiT-S ImagePiece, random weights
+  python scripts/aot_compile.py --checkpoint deit_small_patch16_224-cd65a155.pth --out deit_s_ip.so
+  python scripts/aot_compile.py --arch deit_tiny_patch16_224 --method tome --max-batch 64 --out ti_tome.so
+  python scripts/aot_compile.py --device cuda --dtype bf16 --batch 256 --out deit_s_ip_bf16.so
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+import imagepiece
+from imagepiece import METHODS, CheckpointError, create_model, format_schedule
+from imagepiece.artifact import DTYPES
+from imagepiece.export import check_device_and_dtype, check_output_path, compile_artifact
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="aot_compile.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS), help="DeiT size (default: %(default)s)")
+    model.add_argument("--model", help="timm-style name, e.g. deit_small_patch16_224.imagepiece (sets --arch and --method)")
+    model.add_argument("--method", default=None, choices=METHODS, help="token reduction (default: imagepiece)")
+    model.add_argument("--checkpoint", type=Path, help="local DeiT/ImagePiece .pth or .safetensors (default: random weights)")
+    model.add_argument("--allow-untrained-lcb", action="store_true", help="accept a checkpoint without LCB 'stem' weights")
+    overrides = parser.add_argument_group("config overrides (default: the method's published setting)")
+    overrides.add_argument("--p", type=float, help="ImagePiece non-semantic fraction (0.3)")
+    overrides.add_argument("--merge-ratio", type=float, help="ImagePiece merges per block / image tokens (0.08)")
+    overrides.add_argument("--keep-rate", type=float, help="kept fraction where pruning (ImagePiece 0.8, EViT 0.7)")
+    overrides.add_argument("--prune-blocks", type=int, nargs="*", help="0-indexed pruning blocks (3 6 9)")
+    overrides.add_argument("--tome-r", type=int, help="ToMe merges per block (13)")
+    overrides.add_argument("--lcb", choices=["none", "stem", "residual"], help="Local Coherence Bias variant (none)")
+    overrides.add_argument("--no-prop-attn", dest="prop_attn", action="store_false", default=None, help="disable proportional attention")
+    target = parser.add_argument_group("target")
+    target.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:N] (default here: %(default)s)")
+    target.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="cast the model before export (default: fp32)")
+    batch = target.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, help="static batch size (default: 1 unless --max-batch)")
+    batch.add_argument("--max-batch", type=int, help="dynamic batch 1..N (tokens stay static)")
+    parser.add_argument("--out", type=Path, required=True, help="output .so (one self-contained library) or .pt2 (AOTI package)")
+    args = parser.parse_args(argv)
+    if args.batch is None and args.max_batch is None:
+        args.batch = 1
+    return args
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    fields = {"p": args.p, "merge_ratio": args.merge_ratio, "keep_rate": args.keep_rate, "tome_r": args.tome_r,
+              "prop_attn": args.prop_attn, "prune_blocks": tuple(args.prune_blocks) if args.prune_blocks is not None else None}
+    overrides = {key: value for key, value in fields.items() if value is not None}
+    if args.lcb is not None:
+        overrides["lcb"] = None if args.lcb == "none" else args.lcb
+    return overrides
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        # Cheap checks first: a bad output path or device must not cost a compile.
+        out = check_output_path(args.out)
+        check_device_and_dtype(args.device, args.dtype)
+        name = args.model or args.arch
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            model = create_model(name, args.method, checkpoint=args.checkpoint,
+                                 allow_untrained_lcb=args.allow_untrained_lcb, **config_overrides(args))
+    except (ValueError, CheckpointError) as error:
+        print(f"aot_compile.py: error: {error}", file=sys.stderr)
+        return 2
+
+    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "RANDOM weights (pass --checkpoint for trained ones)"
+    batch = f"static batch {args.batch}" if args.batch else f"dynamic batch 1..{args.max_batch}"
+    print(f"model: {model.arch}.{model.reduction_config.method} with {weights}")
+    print(f"target: {args.device} {args.dtype}, {batch}, -> {out}")
+    print(format_schedule(model.token_schedule()), flush=True)
+    try:
+        report = compile_artifact(model, out, device=args.device, dtype=args.dtype, batch=args.batch, max_batch=args.max_batch,
+                                  checkpoint=args.checkpoint, log=lambda message: print(message, flush=True))
+    except ValueError as error:
+        print(f"aot_compile.py: error: {error}", file=sys.stderr)
+        return 2
+    print(f"export time:   {report.export_seconds:.1f} s")
+    print(f"compile time:  {report.compile_seconds:.1f} s")
+    print(f"artifact:      {report.path.resolve()} ({report.size_bytes / 2**20:.1f} MiB, metadata inside)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""scripts/aot_compile.py and imagepiece.export: metadata, atomic output, and every bad input."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import imagepiece
+from imagepiece import export
+from imagepiece.artifact import ArtifactError, read_metadata
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, str(ROOT / "scripts" / "aot_compile.py")]
+
+
+def run_cli(*args):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
+
+
+def test_metadata_describes_the_artifact(compiled):
+    metadata = read_metadata(compiled.path("s_imagepiece"))
+    assert metadata["format_version"] == 1
+    assert (metadata["arch"], metadata["method"], metadata["model_name"]) == ("deit_small_patch16_224", "imagepiece", "deit_small_patch16_224.imagepiece")
+    assert [row["tokens_in"] for row in metadata["token_schedule"]] == [197, 182, 168, 155, 116, 107, 99, 75, 70, 65, 50, 47]
+    assert metadata["config"]["p"] == 0.3 and metadata["config"]["keep_rate"] == 0.8
+    assert metadata["input_shape"] == [3, 224, 224] and metadata["num_classes"] == 1000
+    assert metadata["dtype"] == "fp32" and metadata["batch"] == {"min": 2, "max": 2, "dynamic": False}
+    assert metadata["preprocessing"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                         "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center"}
+    assert metadata["device_type"] == "cpu" and metadata["cuda_capability"] is None
+    assert metadata["torch_version"] == torch.__version__
+    checkpoint = compiled.checkpoint("deit_small_patch16_224")
+    assert metadata["checkpoint"]["sha256"] == imagepiece.weights.file_sha256(checkpoint)
+    assert read_metadata(compiled.path("ti_tome_pt2"))["method"] == "tome"  # .pt2 carries it too
+
+
+def test_random_weights_are_recorded_and_announced(compiled, tmp_path):
+    # Reuses the session's compiled DeiT-Ti cache, so this compile is mostly cache hits.
+    result = run_cli("--arch", "deit_tiny_patch16_224", "--method", "evit", "--batch", "2", "--out", tmp_path / "random.so")
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stdout and "compile time" in result.stdout and "export time" in result.stdout
+    assert read_metadata(tmp_path / "random.so")["checkpoint"]["sha256"] == "random"
+    assert [p.name for p in tmp_path.iterdir()] == ["random.so"]  # no generated sources left beside it
+
+
+def test_help_explains_the_options():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option in ("--arch", "--method", "--checkpoint", "--device", "--dtype", "--batch", "--max-batch", "--out", "--lcb"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--arch", "deit_huge_patch16_224"), "invalid choice"),
+        (("--method", "dynamicvit"), "invalid choice"),
+        (("--p", "1.5"), "p must be in"),
+        (("--merge-ratio", "0.3"), "merge_ratio"),
+        (("--prune-blocks", "3", "20"), "prune_blocks"),
+        (("--checkpoint", "/nonexistent/deit.pth"), "does not exist"),
+        (("--dtype", "fp16", "--device", "cpu"), "fp16 is not supported on cpu"),
+        (("--device", "tpu"), "device must be"),
+        (("--batch", "0"), "batch must be >= 1"),
+        (("--max-batch", "1"), "max_batch must be >= 2"),
+        (("--out-suffix", ".onnx"), "must end in .so"),
+        (("--out-dir", "/nonexistent-dir"), "does not exist"),
+        (("--out-dir", "/sys/kernel"), "not writable"),
+    ],
+)
+def test_bad_requests_fail_clearly_without_leaving_a_file(tmp_path, args, message):
+    folder, suffix = tmp_path, ".so"
+    if args[0] == "--out-suffix":
+        suffix, args = args[1], ()
+    elif args[0] == "--out-dir":
+        folder, args = Path(args[1]), ()
+    out = folder / f"model{suffix}"
+    result = run_cli("--arch", "deit_tiny_patch16_224", *args, "--out", out)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    torch.save(imagepiece.create_model("deit_small_patch16_224", "none").state_dict(), tmp_path / "small.pth")
+    result = run_cli("--arch", "deit_tiny_patch16_224", "--checkpoint", tmp_path / "small.pth", "--out", tmp_path / "x.so")
+    assert result.returncode == 2 and "shape mismatch" in result.stderr and not (tmp_path / "x.so").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-GPU message")
+def test_cuda_without_a_gpu_is_refused(tmp_path):
+    result = run_cli("--arch", "deit_tiny_patch16_224", "--device", "cuda", "--out", tmp_path / "x.so")
+    assert result.returncode == 2 and "no CUDA GPU is available" in result.stderr
+
+
+def test_failed_compile_keeps_the_previous_artifact_and_leaves_no_debris(tmp_path, monkeypatch):
+    out = tmp_path / "model.so"
+    out.write_bytes(b"the good artifact from yesterday")
+
+    def crash_midway(module, args, options):
+        Path(options["aot_inductor.output_path"]).write_bytes(b"half a library")
+        raise RuntimeError("compiler killed")
+
+    monkeypatch.setattr(torch._inductor, "aot_compile", crash_midway)
+    model = imagepiece.create_model("deit_tiny_patch16_224", "none")
+    with pytest.raises(RuntimeError, match="compiler killed"):
+        export.compile_artifact(model, out, batch=1)
+    assert out.read_bytes() == b"the good artifact from yesterday"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.so"]
+
+
+@pytest.fixture
+def not_artifacts(tmp_path, compiled):
+    good = compiled.path("ti_imagepiece")
+    text = tmp_path / "notes.so"
+    text.write_text("not a library")
+    truncated = tmp_path / "truncated.so"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    foreign = tmp_path / "foreign.so"  # a real shared library that is not ours
+    shutil.copy(torch._C.__file__, foreign)
+    edited = tmp_path / "edited.pt2"  # a zip that is not an AOTI package
+    shutil.make_archive(str(tmp_path / "edited"), "zip", root_dir=ROOT / "scripts")
+    (tmp_path / "edited.zip").rename(edited)
+    return {
+        "missing": (tmp_path / "missing.so", "file_not_found", "does not exist"),
+        "directory": (tmp_path, "file_not_found", "not a file"),
+        "text": (text, "not_an_artifact", "not a shared library"),
+        "truncated": (truncated, "not_an_artifact", "truncated"),
+        "foreign": (foreign, "not_an_artifact", "no ImagePiece metadata"),
+        "wrong_suffix": (ROOT / "README.md", "not_an_artifact", ".so or .pt2"),
+        "zip_not_package": (edited, "not_an_artifact", "no ImagePiece metadata"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "text", "truncated", "foreign", "wrong_suffix", "zip_not_package"])
+def test_paths_that_are_not_artifacts(not_artifacts, case):
+    path, code, message = not_artifacts[case]
+    for reader in (read_metadata, export.load):
+        with pytest.raises(ArtifactError, match=message) as error:
+            reader(path)
+        assert error.value.code == code
+
+
+def test_metadata_mismatch_is_refused_at_load(compiled, tmp_path, monkeypatch):
+    path = compiled.path("ti_imagepiece")
+    monkeypatch.setattr(torch, "__version__", "2.0.0")
+    with pytest.raises(ArtifactError, match=r"compiled with torch .* but this is torch 2.0.0") as error:
+        export.load(path)
+    assert error.value.code == "incompatible"
+    monkeypatch.undo()
+    with pytest.raises(ArtifactError, match="compiled for cpu and cannot run on cuda"):
+        export.load(path, device="cuda")
+
+
+@pytest.mark.parametrize(
+    "make, code, message",
+    [
+        (lambda: torch.randn(2, 3, 224), "invalid_shape", "4-D"),
+        (lambda: torch.randn(2, 3, 160, 160), "invalid_shape", r"\[B, 3, 224, 224\]"),
+        (lambda: torch.randn(2, 224, 224, 3), "invalid_shape", r"\[B, 3, 224, 224\]"),
+        (lambda: torch.randn(3, 3, 224, 224), "invalid_batch", "exactly 2"),
+        (lambda: torch.randn(2, 3, 224, 224, dtype=torch.float64), "invalid_dtype", "float32"),
+        (lambda: torch.randn(2, 224, 224, 3).permute(0, 3, 1, 2), "not_contiguous", "contiguous"),
+        (lambda: torch.randn(2, 3, 224, 224).numpy(), "invalid_type", "torch.Tensor"),
+    ],
+)
+def test_python_loader_validates_inputs(compiled, make, code, message):
+    model = export.load(compiled.path("ti_imagepiece"))
+    with pytest.raises(ArtifactError, match=message) as error:
+        model(make())
+    assert error.value.code == code
+
+
+def test_dynamic_loader_rejects_batches_out_of_range(compiled):
+    model = export.load(compiled.path("ti_imagepiece_dynamic"))
+    for batch in (0, 65):
+        with pytest.raises(ArtifactError, match=r"outside the artifact's batch range \(1..64\)"):
+            model(torch.randn(batch, 3, 224, 224))
