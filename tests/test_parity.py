@@ -12,13 +12,10 @@ import torch.nn.functional as F
 
 from imagepiece.diagnostics import decision_margins
 from imagepiece.export import load
+from inputs import random_images
 
 TIE_FREE = 1e-5
 MAX_ABS_DIFF = 1e-4
-
-
-def random_images(count, seed):
-    return torch.randn(count, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
 def run_in_batches(model, images, batch):
@@ -27,10 +24,11 @@ def run_in_batches(model, images, batch):
 
 
 def assert_parity(compiled_model, eager, batch, count=64):
-    images = random_images(count, seed=1)
+    images = random_images(count, seed=1).to(compiled_model.device)
     with torch.inference_mode():
         margins = decision_margins(eager, images)
     expected, actual = run_in_batches(eager, images, batch), run_in_batches(compiled_model, images, batch)
+    margins = margins.to(actual.device)
 
     tie_free = margins > TIE_FREE
     assert tie_free.sum() >= count // 2, f"only {int(tie_free.sum())} tie-free images; test inputs degenerate"

@@ -1,0 +1,115 @@
+// classify: load an ImagePiece artifact, classify a batch, print top-5 per image and latency.
+//
+//   classify ARTIFACT [--input images.f32] [--batch N] [--device cpu|cuda] [--repeats N] [--cuda-graphs]
+//
+// --input is raw float32 NCHW data, already preprocessed (B is the file size over 3*224*224*4);
+// without it the batch is synthetic (seeded normal noise), so the app runs with nothing but the
+// artifact. Exit status 1 on any imagepiece::Error, with its code and message on stderr.
+#include <imagepiece/runtime.h>
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Arguments {
+  std::string artifact, input, device;
+  int64_t batch = 0;
+  int repeats = 20;
+  bool cuda_graphs = false;
+};
+
+Arguments parse(int argc, char** argv) {
+  Arguments args;
+  for (int i = 1; i < argc; ++i) {
+    std::string flag = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::invalid_argument(flag + " needs a value");
+      return argv[++i];
+    };
+    if (flag == "--input") args.input = value();
+    else if (flag == "--batch") args.batch = std::stoll(value());
+    else if (flag == "--device") args.device = value();
+    else if (flag == "--repeats") args.repeats = std::stoi(value());
+    else if (flag == "--cuda-graphs") args.cuda_graphs = true;
+    else if (flag.rfind("--", 0) == 0) throw std::invalid_argument("unknown option " + flag);
+    else args.artifact = flag;
+  }
+  if (args.artifact.empty()) throw std::invalid_argument("usage: classify ARTIFACT [--input images.f32] [--batch N] [--device cpu|cuda] [--repeats N] [--cuda-graphs]");
+  return args;
+}
+
+at::Tensor load_images(const Arguments& args, const imagepiece::ModelInfo& info) {
+  const int64_t per_image = info.input_shape[0] * info.input_shape[1] * info.input_shape[2];
+  if (args.input.empty()) {
+    const int64_t batch = args.batch ? args.batch : info.batch_min;
+    at::manual_seed(0);
+    return at::randn({batch, info.input_shape[0], info.input_shape[1], info.input_shape[2]});
+  }
+  std::ifstream file(args.input, std::ios::binary | std::ios::ate);
+  if (!file) throw std::invalid_argument("cannot open input file " + args.input);
+  const auto bytes = static_cast<int64_t>(file.tellg());
+  if (bytes == 0 || bytes % (per_image * 4) != 0) {
+    throw std::invalid_argument(args.input + " holds " + std::to_string(bytes) + " bytes, not a whole number of float32 [3, 224, 224] images");
+  }
+  auto images = at::empty({bytes / (per_image * 4), info.input_shape[0], info.input_shape[1], info.input_shape[2]});
+  file.seekg(0);
+  file.read(reinterpret_cast<char*>(images.data_ptr<float>()), bytes);
+  return images;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Arguments args = parse(argc, argv);
+    imagepiece::RuntimeOptions options;
+    options.device = args.device;
+    options.cuda_graphs = args.cuda_graphs;
+    imagepiece::Runtime runtime(args.artifact, options);
+    const auto& info = runtime.info();
+    std::cout << "model " << info.model_name << " (" << info.dtype << ", " << info.device_type << ", batch "
+              << info.batch_min << ".." << info.batch_max << ")\n";
+
+    at::Tensor images = load_images(args, info);
+    if (info.dtype == "fp16") images = images.to(at::kHalf);
+    if (info.dtype == "bf16") images = images.to(at::kBFloat16);
+    at::Tensor logits = runtime.run(images).to(at::kCPU, at::kFloat);
+    auto top = logits.topk(5, /*dim=*/1);
+    auto values = std::get<0>(top), classes = std::get<1>(top);
+    for (int64_t i = 0; i < logits.size(0); ++i) {
+      std::printf("image %lld:", static_cast<long long>(i));
+      for (int64_t k = 0; k < 5; ++k) {
+        std::printf(" %lld (%.4f)", static_cast<long long>(classes[i][k].item<int64_t>()), values[i][k].item<float>());
+      }
+      std::printf("\n");
+    }
+
+    // Latency: the output buffer is reused, the model is warm; median over `repeats` calls.
+    at::Tensor out = at::empty({images.size(0), info.num_classes}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+    std::vector<double> milliseconds;
+    for (int r = 0; r < args.repeats; ++r) {
+      const auto start = std::chrono::steady_clock::now();
+      runtime.run(images, out);
+      milliseconds.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    }
+    std::sort(milliseconds.begin(), milliseconds.end());
+    const double median = milliseconds[milliseconds.size() / 2];
+    std::printf("latency: p50 %.2f ms over %d runs, batch %lld -> %.1f img/s\n", median, args.repeats,
+                static_cast<long long>(images.size(0)), 1000.0 * static_cast<double>(images.size(0)) / median);
+    return 0;
+  } catch (const imagepiece::Error& error) {
+    std::cerr << "classify: error [" << imagepiece::error_code_name(error.code()) << "]: " << error.what() << "\n";
+    return 1;
+  } catch (const std::exception& error) {
+    std::cerr << "classify: error: " << error.what() << "\n";
+    return 2;
+  }
+}
