@@ -1,49 +1,118 @@
 #!/usr/bin/env python
-"""The main job on its embedded default: DeiT-S ImagePiece (random weights) classifies a batch.
+"""The main job on its embedded default: compile DeiT-S ImagePiece and classify through the runtime.
 
-Prints the token schedule, the top-5 classes of each image, and eager speed next to plain DeiT-S.
+1. builds DeiT-S with ImagePiece re-tokenization (random weights, or --checkpoint) and prints its
+   token schedule;
+2. compiles it with torch.export + AOTInductor into one .so (reused on later runs while the model,
+   torch and device are unchanged; --recompile forces it);
+3. classifies a batch through `ip_runtime` (the C++ runtime) and prints top-5 per image;
+4. times timm eager DeiT-S, eager ImagePiece and ip_runtime ImagePiece interleaved, side by side;
+5. builds the C++ example (cpp/examples) against the installed package and runs it on the artifact.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import timm
 import torch
 
 import imagepiece
+import ip_runtime
+from imagepiece.artifact import ArtifactError, read_metadata
 from imagepiece.environment import machine_info
+from imagepiece.export import compile_artifact
 from imagepiece.timing import summarize, time_interleaved
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def banner(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def reusable(artifact: Path, model: imagepiece.ImagePieceViT, device: str, batch: int) -> bool:
+    """An artifact from an earlier run that still matches what would be compiled now."""
+    try:
+        metadata = read_metadata(artifact)
+    except ArtifactError:
+        return False
+    return (metadata["torch_version"] == torch.__version__ and metadata["device_type"] == device
+            and metadata["config"] == model.reduction_config.to_dict() and metadata["arch"] == model.arch
+            and metadata["batch"]["max"] == batch and metadata["checkpoint"]["sha256"] == "random")
+
+
+def run_cpp_example(artifact: Path) -> None:
+    cmake = shutil.which("cmake", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if cmake is None:
+        print("cmake not found: skipping the C++ example")
+        return
+    build = ROOT / "build" / "examples"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    for command in ([cmake, "-S", str(ROOT / "cpp" / "examples"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DCMAKE_PREFIX_PATH={ip_runtime.cmake_prefix_path}"], [cmake, "--build", str(build)]):
+        step = subprocess.run(command, capture_output=True, text=True, env=env)
+        if step.returncode != 0:
+            print(f"building the C++ example failed:\n{step.stdout[-2000:]}{step.stderr[-2000:]}")
+            return
+    print(f"$ build/examples/classify {artifact.relative_to(ROOT) if artifact.is_relative_to(ROOT) else artifact}")
+    result = subprocess.run([str(build / "classify"), str(artifact)], capture_output=True, text=True)
+    print(result.stdout + result.stderr, end="")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "deit_s_ip.so")
+    parser.add_argument("--recompile", action="store_true")
+    parser.add_argument("--skip-cpp", action="store_true", help="do not build and run the C++ example")
     args = parser.parse_args(argv)
 
     info = machine_info()
-    print(f"machine: {info['cpu']} ({info['cpu_cores']} cores), torch {info['torch']}, timm {info['timm']}")
+    print(f"machine: {info['cpu']} ({info['cpu_cores']} cores), GPU {info['gpu']}; torch {info['torch']}, timm {info['timm']}")
+    banner(f"1. {args.arch} + ImagePiece (random weights: no hub is reachable; aot_compile.py --checkpoint takes real ones)")
     torch.manual_seed(0)
-    plain = timm.create_model(args.arch).eval()
-    model = imagepiece.create_model(args.arch, "imagepiece")
+    plain = timm.create_model(args.arch).eval().to(args.device)
+    model = imagepiece.create_model(args.arch, "imagepiece").to(args.device)
     model.load_state_dict(plain.state_dict())
-    print(f"\n{args.arch} + ImagePiece (random weights; pass a checkpoint to create_model for real ones)")
     print(imagepiece.format_schedule(model.token_schedule()))
 
-    images = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    banner(f"2. torch.export + AOTInductor -> {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.recompile and reusable(args.out, model, args.device, args.batch):
+        print(f"reusing {args.out} (same model, torch and device; --recompile to rebuild)")
+    else:
+        report = compile_artifact(model, args.out, device=args.device, batch=args.batch, log=print)
+        print(f"export {report.export_seconds:.1f} s, compile {report.compile_seconds:.1f} s, "
+              f"{report.size_bytes / 2**20:.1f} MiB (kernels, weights and metadata in one file)")
+
+    banner(f"3. classify {args.batch} images through ip_runtime (C++ runtime)")
+    runtime = ip_runtime.Runtime(str(args.out))
+    images = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(args.device)
+    top5 = runtime.run(images).softmax(-1).topk(5)
+    for index, (p, c) in enumerate(zip(top5.values.tolist(), top5.indices.tolist())):
+        print(f"  image {index}: " + "  ".join(f"{k:>4} ({v:.3f})" for k, v in zip(c, p)))
+
+    banner(f"4. speed, batch {args.batch}, {args.device} fp32, interleaved, median of {args.repeats}")
     with torch.inference_mode():
-        probabilities = model(images).softmax(-1)
-        top5 = probabilities.topk(5)
-        print(f"\ntop-5 classes for {args.batch} random images:")
-        for index, (p, c) in enumerate(zip(top5.values, top5.indices)):
-            print(f"  image {index}: " + "  ".join(f"{int(k):>4} ({float(v):.3f})" for k, v in zip(c, p)))
-        samples = time_interleaved({"plain": lambda: plain(images), "imagepiece": lambda: model(images)}, args.repeats)
-    plain_ms, ip_ms = summarize(samples["plain"])["p50_ms"], summarize(samples["imagepiece"])["p50_ms"]
-    print(f"\neager CPU fp32, batch {args.batch}, median of {args.repeats}:")
-    print(f"  plain DeiT           {plain_ms:8.1f} ms  {args.batch / plain_ms * 1e3:7.1f} img/s")
-    print(f"  ImagePiece DeiT      {ip_ms:8.1f} ms  {args.batch / ip_ms * 1e3:7.1f} img/s  ({plain_ms / ip_ms:.2f}x)")
+        samples = time_interleaved({"timm eager DeiT": lambda: plain(images), "eager ImagePiece": lambda: model(images),
+                                    "ip_runtime ImagePiece": lambda: runtime.run(images)},
+                                   repeats=args.repeats, device=torch.device(args.device))
+    baseline = summarize(samples["timm eager DeiT"])["p50_ms"]
+    for name, seconds in samples.items():
+        p50 = summarize(seconds)["p50_ms"]
+        print(f"  {name:<24} {p50:8.1f} ms  {args.batch / p50 * 1e3:8.1f} img/s  {baseline / p50:5.2f}x")
+
+    if not args.skip_cpp:
+        banner("5. the C++ example app (cpp/examples/classify.cpp) on the same artifact")
+        run_cpp_example(args.out)
     return 0
 
 

@@ -1,0 +1,253 @@
+"""ip_runtime (the C++ runtime through its Python module) and the C++ example app."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ip_runtime
+from imagepiece.artifact import SECTION_NAME, read_metadata
+from imagepiece.export import load
+from test_parity import assert_parity
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RuntimeModel:
+    """ip_runtime.Runtime with the call interface test_parity.assert_parity expects."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.device = torch.device(runtime.info["device_type"])
+
+    def __call__(self, images):
+        return self.runtime.run(images)
+
+
+def images_for(runtime, batch, seed=0):
+    shape = runtime.info["input_shape"]
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name, batch", [("ti_imagepiece", 2), ("ti_imagepiece_dynamic", 7), ("ti_tome_pt2", 2)])
+def test_runtime_matches_the_python_loader_and_eager(compiled, name, batch):
+    runtime = ip_runtime.Runtime(str(compiled.path(name)))
+    images = images_for(runtime, batch)
+    with torch.inference_mode():
+        torch.testing.assert_close(runtime.run(images), load(compiled.path(name))(images), rtol=0, atol=1e-6)
+    assert_parity(RuntimeModel(runtime), compiled.eager(name), batch=batch, count=14 if batch == 7 else 16)
+
+
+def test_info_exposes_the_metadata(compiled):
+    info = ip_runtime.Runtime(str(compiled.path("s_imagepiece"))).info
+    assert (info["arch"], info["method"], info["dtype"], info["device_type"]) == ("deit_small_patch16_224", "imagepiece", "fp32", "cpu")
+    assert info["tokens_per_block"] == [197, 182, 168, 155, 116, 107, 99, 75, 70, 65, 50, 47]
+    assert (info["batch_min"], info["batch_max"], info["dynamic_batch"]) == (2, 2, False)
+    assert info["mean"] == pytest.approx([0.485, 0.456, 0.406]) and info["interpolation"] == "bicubic"
+    assert info["metadata"] == read_metadata(compiled.path("s_imagepiece"))
+
+
+def test_numpy_in_numpy_out_and_run_into_caller_memory(compiled):
+    runtime = ip_runtime.Runtime(str(compiled.path("ti_imagepiece")))
+    images = images_for(runtime, 2)
+    expected = runtime.run(images)
+    from_numpy = runtime.run(images.numpy())
+    assert isinstance(from_numpy, np.ndarray) and np.array_equal(from_numpy, expected.numpy())
+    logits = torch.empty(2, 1000)
+    assert runtime.run(images, logits) is logits
+    assert torch.equal(logits, expected)
+    into_numpy = np.zeros((2, 1000), dtype=np.float32)
+    runtime.run(images, into_numpy)
+    assert np.array_equal(into_numpy, expected.numpy())
+
+
+@pytest.fixture(scope="module")
+def runtimes(compiled):
+    return {"static": ip_runtime.Runtime(str(compiled.path("ti_imagepiece"))),
+            "dynamic": ip_runtime.Runtime(str(compiled.path("ti_imagepiece_dynamic")))}
+
+
+@pytest.mark.parametrize(
+    "which, make, code, message",
+    [
+        ("static", lambda: torch.randn(2, 3, 224), "invalid_shape", r"4-D \[B, 3, 224, 224\], got 3-D"),
+        ("static", lambda: torch.randn(2, 3, 224, 224, 1), "invalid_shape", "got 5-D"),
+        ("static", lambda: torch.randn(2, 1, 224, 224), "invalid_shape", r"got \[2, 1, 224, 224\]"),
+        ("static", lambda: torch.randn(2, 3, 112, 224), "invalid_shape", r"got \[2, 3, 112, 224\]"),
+        ("static", lambda: torch.randn(2, 3, 224, 112), "invalid_shape", r"got \[2, 3, 224, 112\]"),
+        ("static", lambda: torch.randn(3, 3, 224, 224), "invalid_batch", r"batch 3 is outside .*exactly 2"),
+        ("dynamic", lambda: torch.randn(0, 3, 224, 224), "invalid_batch", r"batch 0 is outside .*1\.\.64"),
+        ("dynamic", lambda: torch.randn(65, 3, 224, 224), "invalid_batch", r"batch 65 is outside .*1\.\.64"),
+        ("static", lambda: torch.randn(2, 3, 224, 224, dtype=torch.float64), "invalid_dtype", "must be Float .*got Double"),
+        ("static", lambda: torch.randn(2, 3, 224, 224).half(), "invalid_dtype", "got Half"),
+        ("static", lambda: torch.randn(2, 3, 224, 224).numpy().astype(np.float64), "invalid_dtype", "got Double"),
+        ("static", lambda: torch.empty(2, 3, 224, 224, device="meta"), "invalid_device", "images are on meta"),
+        ("static", lambda: torch.randn(2, 224, 224, 3).permute(0, 3, 1, 2), "not_contiguous", "contiguous"),
+        ("static", lambda: torch.randn(2, 3, 224, 448)[..., ::2], "not_contiguous", "contiguous"),
+        ("static", lambda: np.asfortranarray(np.zeros((2, 3, 224, 224), dtype=np.float32)), "not_contiguous", "contiguous"),
+        ("static", lambda: [[1.0, 2.0]], "invalid_type", "torch.Tensor or numpy.ndarray, got list"),
+    ],
+)
+def test_bad_inputs_raise_runtime_errors(runtimes, which, make, code, message):
+    with pytest.raises(ip_runtime.Error, match=message) as error:
+        runtimes[which].run(make())
+    assert error.value.code == code
+
+
+@pytest.mark.parametrize(
+    "logits, message",
+    [
+        (lambda: torch.empty(2, 10), r"logits must be \[2, 1000\], got \[2, 10\]"),
+        (lambda: torch.empty(2, 1000, dtype=torch.int32), "logits must be Float"),
+        (lambda: torch.empty(1000, 2).t(), "contiguous"),
+    ],
+)
+def test_bad_output_buffers_are_refused(runtimes, logits, message):
+    with pytest.raises(ip_runtime.Error, match=message) as error:
+        runtimes["static"].run(torch.randn(2, 3, 224, 224), logits())
+    assert error.value.code == "invalid_output"
+
+
+@pytest.fixture(scope="module")
+def broken_artifacts(compiled, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("broken")
+    good = compiled.path("ti_imagepiece")
+    truncated = folder / "truncated.so"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    corrupt = folder / "corrupt.so"
+    corrupt.write_bytes(b"\x7fELF" + os.urandom(4096))
+    not_artifact = folder / "libtorch_copy.so"
+    shutil.copy(torch._C.__file__, not_artifact)
+    text = folder / "notes.so"
+    text.write_text("hello")
+    edited = folder / "edited_torch_version.so"
+    shutil.copy(good, edited)
+    metadata = read_metadata(good)
+    metadata["torch_version"] = "2.0.0+cu118"
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    subprocess.run(["objcopy", "--update-section", f"{SECTION_NAME}={folder / 'metadata.json'}", str(edited)], check=True)
+    newer_format = folder / "format_99.so"
+    shutil.copy(good, newer_format)
+    metadata["torch_version"], metadata["format_version"] = torch.__version__, 99
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    subprocess.run(["objcopy", "--update-section", f"{SECTION_NAME}={folder / 'metadata.json'}", str(newer_format)], check=True)
+    return {
+        "missing": (folder / "missing.so", "file_not_found", "does not exist"),
+        "directory": (folder, "file_not_found", "not a file"),
+        "truncated": (truncated, "not_an_artifact", "truncated"),
+        "corrupt": (corrupt, "not_an_artifact", "corrupt|not a 64-bit"),
+        "not_artifact": (not_artifact, "not_an_artifact", "no ImagePiece metadata"),
+        "text": (text, "not_an_artifact", "not a shared library"),
+        "suffix": (ROOT / "README.md", "not_an_artifact", "a .so or .pt2 file"),
+        "torch_version": (edited, "incompatible", r"compiled with torch 2\.0\.0\+cu118 but this runtime uses torch"),
+        "format": (newer_format, "incompatible", "format version 99"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "truncated", "corrupt", "not_artifact", "text", "suffix", "torch_version", "format"])
+def test_bad_artifacts_raise_runtime_errors(broken_artifacts, case):
+    path, code, message = broken_artifacts[case]
+    with pytest.raises(ip_runtime.Error, match=message) as error:
+        ip_runtime.Runtime(str(path))
+    assert error.value.code == code
+
+
+@pytest.mark.parametrize(
+    "options, code, message",
+    [
+        (dict(device="cuda"), "incompatible", "compiled for cpu and cannot run on cuda"),
+        (dict(device="tpu:0"), "invalid_option", "not a device"),
+        (dict(instances=0), "invalid_option", r"instances must be in \[1, 64\]"),
+        (dict(cuda_graphs=True), "invalid_option", "cuda_graphs needs a CUDA device"),
+        (dict(batch_buckets=[4]), "invalid_option", "outside the artifact's batch range"),
+    ],
+)
+def test_bad_options_raise_runtime_errors(compiled, options, code, message):
+    with pytest.raises(ip_runtime.Error, match=message) as error:
+        ip_runtime.Runtime(str(compiled.path("ti_imagepiece")), **options)
+    assert error.value.code == code
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_concurrent_runs_equal_sequential_runs(compiled, instances):
+    runtime = ip_runtime.Runtime(str(compiled.path("ti_imagepiece")), instances=instances)
+    inputs = [images_for(runtime, 2, seed=s) for s in range(8)]
+    expected = [runtime.run(x) for x in inputs]
+    mismatches, failures = [], []
+
+    def worker(index):
+        try:
+            for _ in range(200):
+                if not torch.equal(runtime.run(inputs[index]), expected[index]):
+                    mismatches.append(index)
+        except Exception as error:  # surfaces in the main thread's assertion
+            failures.append(repr(error))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and mismatches == []
+
+
+def resident_mib():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_loading_and_dropping_does_not_leak(compiled):
+    path = str(compiled.path("ti_imagepiece"))
+    images = torch.randn(2, 3, 224, 224)
+    for _ in range(5):  # allocator pools and lazy library state settle first
+        ip_runtime.Runtime(path).run(images)
+    before = resident_mib()
+    for _ in range(100):
+        runtime = ip_runtime.Runtime(path)
+        runtime.run(images)
+        del runtime
+    growth = resident_mib() - before
+    assert growth < 50, f"RSS grew {growth:.1f} MiB over 100 loads"
+
+
+@pytest.fixture(scope="module")
+def classify_app(tmp_path_factory):
+    """cpp/examples built as a separate CMake project against the installed package."""
+    build = tmp_path_factory.mktemp("classify-build")
+    env = dict(os.environ, PATH=f"{Path(os.sys.executable).parent}:{os.environ['PATH']}")
+    configure = subprocess.run(["cmake", "-S", str(ROOT / "cpp" / "examples"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                                f"-DCMAKE_PREFIX_PATH={ip_runtime.cmake_prefix_path}"], capture_output=True, text=True, env=env)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    built = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True, env=env)
+    assert built.returncode == 0, built.stdout + built.stderr
+    return build / "classify"
+
+
+def test_cpp_example_top5_equals_python(compiled, classify_app, tmp_path):
+    path = compiled.path("ti_imagepiece_dynamic")
+    images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    images.numpy().tofile(tmp_path / "images.f32")
+    result = subprocess.run([str(classify_app), str(path), "--input", str(tmp_path / "images.f32"), "--repeats", "3"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    printed = [[int(c) for c in re.findall(r" (\d+) \(", line)] for line in result.stdout.splitlines() if line.startswith("image ")]
+    expected = ip_runtime.Runtime(str(path)).run(images).topk(5).indices.tolist()
+    assert printed == expected
+    assert re.search(r"latency: p50 [\d.]+ ms over 3 runs, batch 3 -> [\d.]+ img/s", result.stdout)
+
+
+def test_cpp_example_reports_errors_with_their_code(classify_app, compiled, tmp_path):
+    result = subprocess.run([str(classify_app), str(tmp_path / "missing.so")], capture_output=True, text=True)
+    assert result.returncode == 1 and "error [file_not_found]" in result.stderr
+    (tmp_path / "short.f32").write_bytes(b"\0" * 100)
+    result = subprocess.run([str(classify_app), str(compiled.path("ti_imagepiece")), "--input", str(tmp_path / "short.f32")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "not a whole number" in result.stderr
