@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--method", default=None, choices=METHODS, help="token reduction (default: imagepiece)")
     model.add_argument("--checkpoint", type=Path, help="local DeiT/ImagePiece .pth or .safetensors (default: random weights)")
     model.add_argument("--allow-untrained-lcb", action="store_true", help="accept a checkpoint without LCB 'stem' weights")
+    model.add_argument("--num-classes", type=int, help="classifier size of the checkpoint (default 1000)")
     overrides = parser.add_argument_group("config overrides (default: the method's published setting)")
     overrides.add_argument("--p", type=float, help="ImagePiece non-semantic fraction (0.3)")
     overrides.add_argument("--merge-ratio", type=float, help="ImagePiece merges per block / image tokens (0.08)")
@@ -66,6 +67,8 @@ def config_overrides(args: argparse.Namespace) -> dict:
     overrides = {key: value for key, value in fields.items() if value is not None}
     if args.lcb is not None:
         overrides["lcb"] = None if args.lcb == "none" else args.lcb
+    if args.num_classes is not None:
+        overrides["num_classes"] = args.num_classes
     return overrides
 
 

@@ -22,3 +22,20 @@ def scene_images(count: int, seed: int, regions: int = 6) -> torch.Tensor:
         region = ((grid[None] - centres[:, None, None]) ** 2).sum(-1).argmin(0)  # [14, 14]
         images.append(textures[region].permute(2, 0, 3, 1, 4).reshape(3, 224, 224))
     return torch.stack(images)
+
+
+def write_image_folder(root, classes: int = 4, per_class: int = 8, size: int = 64, seed: int = 0) -> None:
+    """An ImageNet-style folder root/<class>/<n>.png of easy classes: each class its own colour."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    palette = torch.rand(classes, 3, generator=generator)
+    for label in range(classes):
+        folder = Path(root) / f"class_{label:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            noise = 0.15 * torch.rand(size, size, 3, generator=generator)
+            pixels = ((palette[label] * 0.85 + noise).clamp(0, 1) * 255).byte().numpy()
+            Image.fromarray(pixels).save(folder / f"{index}.png")

@@ -2,7 +2,7 @@
 
 Importing this package registers `{method}_{arch}` names in timm's model registry.
 """
-from .config import METHODS, BlockSchedule, ReductionConfig, format_schedule, token_schedule
+from .config import METHODS, PRESETS, BlockSchedule, ReductionConfig, format_schedule, token_schedule
 from .model import ARCHS, ImagePieceViT, create_model, parse_model_name
 from .weights import CheckpointError, load_checkpoint
 
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCHS",
     "METHODS",
+    "PRESETS",
     "BlockSchedule",
     "CheckpointError",
     "ImagePieceViT",

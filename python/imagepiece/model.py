@@ -75,8 +75,9 @@ class ImagePieceViT(VisionTransformer):
     def forward_tokens(self, images: torch.Tensor, trace_source: bool = False) -> Tokens:
         """Run the encoder; returns (tokens, sizes, sources).
 
-        sources (only with trace_source) is a [B, N_out, 1 + num_patches] 0/1 map of which input
-        tokens each output token covers ([CLS] is column 0); pruned patches belong to the fused token.
+        sources (only with trace_source) is a [B, N_out, 1 + num_patches] map of which input tokens
+        each output token covers ([CLS] is column 0): 1 where merged into it, 0.5 (PRUNED_SOURCE)
+        where pruned into it (EViT's fused token).
         """
         x = self.patch_embed(images)
         x = self.lcb(x)

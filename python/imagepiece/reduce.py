@@ -16,6 +16,9 @@ import torch
 
 Merge = Callable[..., torch.Tensor]
 
+# Source-map value of a patch pruned into EViT's fused token (a merged patch has 1).
+PRUNED_SOURCE = 0.5
+
 
 def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """EViT's token importance: the [CLS] query's softmax row, averaged over heads.
@@ -143,7 +146,7 @@ def merge_wavg(merge: Merge, x: torch.Tensor, size: torch.Tensor, scores: Option
 
 
 def merge_source(merge: Merge, source: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Track which input patches each token covers ([B, N, num_patches + 1] 0/1 map), as ToMe does."""
+    """Track which input patches each token covers ([B, N, num_patches + 1] map), as ToMe does."""
     return None if source is None else merge(source, mode="amax")
 
 
@@ -159,7 +162,7 @@ def prune_and_fuse(
     The fused token is the attention-weighted sum of the dropped tokens (EViT does not renormalise)
     and is appended last. It is a new summary token, not an average of its parts, so its size is 1:
     proportional attention does not up-weight it, and the sizes of the dropped tokens leave the sum.
-    Its source map is the union of the dropped tokens' maps.
+    Its source map covers the dropped tokens' patches with the value PRUNED_SOURCE.
 
     Args:
         x: [B, N, C]; size: [B, N, 1]; scores: [B, N] class attention (column 0 is [CLS]).
@@ -176,6 +179,8 @@ def prune_and_fuse(
     x = torch.cat([gather_tokens(x, kept), fused], dim=1)
     size = torch.cat([gather_tokens(size, kept), torch.ones_like(size[:, :1])], dim=1)
     if source is not None:
-        fused_source = gather_tokens(source, dropped).amax(dim=1, keepdim=True)
+        # 0.5 marks "pruned into this token" (1 is "merged into it"), so merges, which take the
+        # max, keep telling the two apart.
+        fused_source = gather_tokens(source, dropped).amax(dim=1, keepdim=True).clamp(max=PRUNED_SOURCE)
         source = torch.cat([gather_tokens(source, kept), fused_source], dim=1)
     return x, size, source

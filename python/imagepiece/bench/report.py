@@ -1,0 +1,78 @@
+"""Writing a suite run: CSV, JSON, a markdown table and PNG plots, each naming machine and versions."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Dict, List
+
+COLUMNS = ["variant", "label", "path", "batch", "device", "dtype", "p50_ms", "p90_ms", "img_per_s", "peak_mem_mib",
+           "gflops_per_image", "mean_tokens", "tokens_per_block", "vs_plain", "samples"]
+
+
+def provenance(machine: dict) -> str:
+    gpu = machine.get("gpu") or "no GPU"
+    return (f"{machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads), {gpu}; "
+            f"torch {machine['torch']}, CUDA {machine.get('cuda')}, timm {machine.get('timm')}")
+
+
+def write_csv(rows: List[dict], path: Path, machine: dict) -> None:
+    with open(path, "w", newline="") as handle:
+        handle.write(f"# {provenance(machine)}\n")
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: row[key] for key in COLUMNS})
+
+
+def write_json(rows: List[dict], path: Path, machine: dict, settings: dict) -> None:
+    path.write_text(json.dumps({"machine": machine, "settings": settings, "columns": COLUMNS, "rows": rows}, indent=2))
+
+
+def markdown_table(rows: List[dict], machine: dict, title: str) -> str:
+    lines = [f"### {title}", "", f"{provenance(machine)}", "",
+             "| model | path | batch | p50 ms | p90 ms | img/s | vs plain | GFLOPs/img | mean tokens | peak MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['label']} | {row['path']} | {row['batch']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
+                     f"{row['img_per_s']:.1f} | {row['vs_plain']:.2f}x | {row['gflops_per_image']:.2f} | {row['mean_tokens']:.1f} | "
+                     f"{row['peak_mem_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[dict], path: Path, machine: dict) -> None:
+    """Left: img/s vs batch, one panel per path. Right: speed-up vs FLOPs reduction (largest batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = list(dict.fromkeys(row["path"] for row in rows))
+    variants: Dict[str, str] = dict((row["variant"], row["label"]) for row in rows)
+    figure, axes = plt.subplots(1, len(paths) + 1, figsize=(4.2 * (len(paths) + 1), 4), squeeze=False)
+    for axis, path_name in zip(axes[0], paths):
+        for variant, label in variants.items():
+            points = sorted((r["batch"], r["img_per_s"]) for r in rows if r["path"] == path_name and r["variant"] == variant)
+            if points:
+                axis.plot(*zip(*points), marker="o", label=label)
+        axis.set(title=path_name, xlabel="batch", ylabel="img/s", xscale="log")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    scatter = axes[0][-1]
+    largest = max(row["batch"] for row in rows)
+    plain_flops = {r["path"]: r["gflops_per_image"] for r in rows if r["variant"] == "deit" and r["batch"] == largest}
+    for path_name in paths:
+        points = [(plain_flops[path_name] / r["gflops_per_image"], r["vs_plain"]) for r in rows
+                  if r["path"] == path_name and r["batch"] == largest and path_name in plain_flops and r["gflops_per_image"] > 0]
+        if points:
+            scatter.scatter(*zip(*points), label=path_name)
+    limit = max([3.0] + [r["vs_plain"] for r in rows if not math.isnan(r["vs_plain"])])
+    scatter.plot([1, limit], [1, limit], "k--", linewidth=0.8, label="speed-up = FLOPs reduction")
+    scatter.set(title=f"speed-up vs FLOPs reduction, batch {largest}", xlabel="plain GFLOPs / model GFLOPs", ylabel="img/s vs plain")
+    scatter.grid(alpha=0.3)
+    scatter.legend(fontsize=7)
+    figure.suptitle(provenance(machine), fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Top-1/top-5 accuracy and img/s on an ImageNet-style validation folder (one sub-folder per class).
+
+Runs the eager PyTorch model, or a compiled artifact through the C++ runtime (`--artifact`), with timm's
+evaluation transform (resize, centre crop, mean/std) from the model's pretrained config, or from the
+artifact's metadata. Both ways give the same numbers for the same weights.
+
+examples:
+  python scripts/evaluate.py --data imagenet/val --checkpoint deit_small_patch16_224-cd65a155.pth
+  python scripts/evaluate.py --data imagenet/val --artifact deit_s_ip.so --json result.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import imagepiece
+import ip_runtime
+from imagepiece import CheckpointError, create_model
+from imagepiece.artifact import DTYPES, ArtifactError, read_metadata
+from imagepiece.config import PRESETS
+from imagepiece.data import DatasetError, check_num_classes, eval_transform, image_folder
+from imagepiece.environment import machine_info
+from imagepiece.evaluation import evaluate
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="validation folder: <data>/<class>/<image>")
+    parser.add_argument("--artifact", type=Path, help="a compiled .so/.pt2: evaluate it through ip_runtime")
+    parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
+    parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS))
+    parser.add_argument("--checkpoint", type=Path, help="weights for the eager model (default: random)")
+    parser.add_argument("--num-classes", type=int, help="eager model head size (default 1000)")
+    parser.add_argument("--lcb", choices=["none", "stem", "residual"], default="none")
+    parser.add_argument("--batch", type=int, default=64, help="batch size (a static-batch artifact uses its own)")
+    parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    pre = parser.add_argument_group("preprocessing (default: the model's / artifact's own)")
+    pre.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
+    pre.add_argument("--crop-pct", type=float)
+    pre.add_argument("--mean", type=float, nargs=3)
+    pre.add_argument("--std", type=float, nargs=3)
+    parser.add_argument("--json", type=Path, help="write the result here")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.workers < 0 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch and --limit must be >= 1, --workers >= 0")
+    return args
+
+
+def requested_preprocessing(args) -> dict:
+    given = {"interpolation": args.interpolation, "crop_pct": args.crop_pct,
+             "mean": list(args.mean) if args.mean else None, "std": list(args.std) if args.std else None}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def check_writable(path: Path) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"output directory {str(folder)!r} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"output directory {str(folder)!r} is not writable ({error.strerror})") from None
+
+
+def build_predictor(args, device):
+    """(predict function, preprocessing, head classes, fixed batch or None, description)."""
+    wanted = requested_preprocessing(args)
+    if args.artifact is not None:
+        metadata = read_metadata(args.artifact)
+        preprocessing = dict(metadata["preprocessing"])
+        differing = {k: (preprocessing[k], v) for k, v in wanted.items()
+                     if (list(preprocessing[k]) if isinstance(v, list) else preprocessing[k]) != v}
+        if differing:
+            detail = ", ".join(f"{k}: artifact {a!r}, requested {r!r}" for k, (a, r) in differing.items())
+            raise ArtifactError("incompatible", f"{args.artifact} was compiled for other preprocessing ({detail})")
+        runtime = ip_runtime.Runtime(str(args.artifact), device=str(device))
+        dtype = DTYPES[metadata["dtype"]]
+        batch = metadata["batch"]
+        fixed = batch["max"] if not batch["dynamic"] else None
+        args.batch = batch["max"] if fixed else min(args.batch, batch["max"])
+        return (lambda images: runtime.run(images.to(dtype))), preprocessing, metadata["num_classes"], fixed, f"ip_runtime {args.artifact.name}"
+    options = {"num_classes": args.num_classes} if args.num_classes else {}
+    model = create_model(args.arch, checkpoint=args.checkpoint, lcb=None if args.lcb == "none" else args.lcb,
+                         **PRESETS[args.preset], **options).to(device)
+    preprocessing = {key: model.pretrained_cfg[key] for key in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}
+    preprocessing.update(wanted)
+
+    def predict(images):
+        with torch.inference_mode():
+            return model(images)
+
+    return predict, preprocessing, model.num_classes, None, f"eager {args.arch} {args.preset}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    device = torch.device(args.device)
+    try:
+        if args.json:
+            check_writable(args.json)
+        dataset = image_folder(args.data)
+        predict, preprocessing, head_classes, fixed_batch, description = build_predictor(args, device)
+        check_num_classes(dataset, head_classes, args.data)
+    except (ValueError, CheckpointError, DatasetError, ip_runtime.Error) as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 2
+
+    dataset.transform = eval_transform(preprocessing)
+    if args.limit:
+        dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda")
+    print(f"evaluating {description} on {len(dataset)} images from {args.data} ({head_classes} classes), batch {args.batch}")
+    with tqdm(total=len(dataset), unit="img", file=sys.stderr) as progress:
+        result = evaluate(predict, loader, device, fixed_batch=fixed_batch, progress=progress)
+    result.update(model=description, data=str(args.data), preprocessing=preprocessing, machine=machine_info(),
+                  created=datetime.datetime.now().isoformat(timespec="seconds"))
+    print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images, {result['img_per_s']:.1f} img/s in the model)")
+    if args.json:
+        staged = args.json.with_name(f".{args.json.name}.partial")
+        staged.write_text(json.dumps(result, indent=2))
+        os.replace(staged, args.json)
+        print(f"saved {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

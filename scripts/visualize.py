@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Draw what re-tokenization did to an image: which patches merged into which piece, which were pruned.
+
+For each chosen block, the image is shown with every piece (a token after that block) outlined and
+tinted in its own colour; patches pruned into EViT's fused token are greyed out. Source tracking
+follows ToMe's visualisation: each token carries a map of the input patches it covers.
+
+examples:
+  python scripts/visualize.py --image dog.jpg --checkpoint deit_s_ip.pth --out pieces.png
+  python scripts/visualize.py --synthetic --blocks 0 3 6 11 --out pieces.png   # no image needed
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import imagepiece
+from imagepiece import CheckpointError, create_model
+from imagepiece.config import PRESETS
+from imagepiece.pieces import piece_maps, render_pieces
+
+
+def load_image(path: Path, model) -> tuple:
+    """(normalised [1, 3, H, W] tensor, display [H, W, 3] uint8) with the model's eval transform."""
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import create_transform, resolve_data_config
+
+    try:
+        image = Image.open(path).convert("RGB")
+    except (FileNotFoundError, IsADirectoryError):
+        raise ValueError(f"image {str(path)!r} does not exist") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{str(path)!r} is not an image PIL can read") from None
+    config = resolve_data_config(pretrained_cfg=model.pretrained_cfg)
+    tensor = create_transform(**config)(image).unsqueeze(0)
+    mean, std = torch.tensor(config["mean"]).view(3, 1, 1), torch.tensor(config["std"]).view(3, 1, 1)
+    display = ((tensor[0] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0)
+    return tensor, display
+
+
+def synthetic_image() -> tuple:
+    """A picture with a flat sky, a striped ground and a textured object: distinct regions to merge."""
+    height = width = 224
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    image = torch.zeros(3, height, width)
+    image[2] = 0.9  # sky
+    ground = yy >= 150
+    image[:, ground] = torch.tensor([0.3, 0.6, 0.2])[:, None] * (1 + 0.2 * torch.sin(xx[ground] / 6.0))
+    object_mask = ((yy - 110) ** 2 + (xx - 112) ** 2) < 45**2
+    texture = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+    image[:, object_mask] = 0.8 * texture[:, object_mask] + torch.tensor([0.2, 0.0, 0.0])[:, None]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    return ((image - mean) / std).unsqueeze(0), (image * 255).byte().permute(1, 2, 0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="visualize.py", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="an image file (resized and centre-cropped like evaluation)")
+    source.add_argument("--synthetic", action="store_true", help="a built-in synthetic scene")
+    parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
+    parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS), help="model setting (default: imagepiece)")
+    parser.add_argument("--checkpoint", type=Path, help="weights (default: random, which makes arbitrary pieces)")
+    parser.add_argument("--lcb", choices=["none", "stem", "residual"], default="none")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[0, 3, 6, 11], help="blocks to draw (after the block)")
+    parser.add_argument("--out", type=Path, required=True, help="output PNG")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if not args.out.parent.is_dir():
+            raise ValueError(f"output directory {str(args.out.parent)!r} does not exist")
+        model = create_model(args.arch, checkpoint=args.checkpoint, lcb=None if args.lcb == "none" else args.lcb,
+                             allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
+        depth = len(model.blocks)
+        bad = [b for b in args.blocks if not 0 <= b < depth]
+        if bad:
+            raise ValueError(f"--blocks {bad} outside 0..{depth - 1}")
+        images, display = synthetic_image() if args.synthetic else load_image(args.image, model)
+        maps = piece_maps(model, images, args.blocks)
+        render_pieces(display, maps, args.out, title=f"{args.arch} {args.preset}" + ("" if args.checkpoint else " (random weights)"))
+    except (ValueError, CheckpointError, OSError) as error:
+        print(f"visualize.py: error: {error}", file=sys.stderr)
+        return 2
+    for block, piece_map in maps.items():
+        print(f"block {block}: {piece_map.num_pieces} pieces, {int(piece_map.pruned.sum())} patches pruned")
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

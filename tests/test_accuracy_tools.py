@@ -1,0 +1,169 @@
+"""scripts/finetune.py, evaluate.py and visualize.py on tiny synthetic data (no ImageNet here)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from imagepiece import create_model
+from imagepiece.pieces import piece_maps
+from inputs import write_image_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCH = "deit_tiny_patch16_224"
+# Small, deterministic and fast: no mixup/augmentation, so a handful of steps must lower the loss.
+TRAIN = ["--arch", ARCH, "--lr", "1e-3", "--batch-size", "8", "--mixup", "0", "--cutmix", "0", "--smoothing", "0",
+         "--auto-augment", "none", "--re-prob", "0", "--epochs", "3", "--workers", "0", "--save-every", "2"]
+
+
+def script(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_image_folder(root / "train", per_class=8, seed=0)
+    write_image_folder(root / "val", per_class=6, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finetuned(dataset, tmp_path_factory):
+    """A 4-class DeiT-Ti ImagePiece trained for 8 steps: (run folder, checkpoint)."""
+    run = tmp_path_factory.mktemp("run")
+    result = script("finetune.py", "--data", dataset, "--output", run, "--max-steps", "8", *TRAIN)
+    assert result.returncode == 0, result.stderr
+    return run, run / "last.pth"
+
+
+def step_losses(run):
+    return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_a_few_steps_reduce_the_loss(finetuned):
+    losses = step_losses(finetuned[0])
+    assert len(losses) == 8
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:2]) / 2, losses
+
+
+def test_resumed_training_continues_exactly_where_it_stopped(dataset, finetuned, tmp_path):
+    first = script("finetune.py", "--data", dataset, "--output", tmp_path, "--max-steps", "5", *TRAIN)
+    assert first.returncode == 0, first.stderr
+    second = script("finetune.py", "--data", dataset, "--output", tmp_path, "--max-steps", "8", *TRAIN)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "step 5" in second.stdout
+    assert [r["step"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r] == list(range(1, 9))
+    straight, resumed = torch.load(finetuned[1]), torch.load(tmp_path / "last.pth")
+    assert straight["global_step"] == resumed["global_step"] == 8
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.fixture(scope="module")
+def artifact(finetuned, tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifact") / "ti_4class.so"
+    result = script("aot_compile.py", "--arch", ARCH, "--method", "imagepiece", "--lcb", "residual", "--num-classes", "4",
+                    "--checkpoint", finetuned[1], "--device", "cpu", "--batch", "4", "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_evaluate_gives_the_same_numbers_eager_and_through_the_runtime(dataset, finetuned, artifact, tmp_path):
+    # 22 images in batches of 4: the static-batch artifact must pad the last batch of 2.
+    common = ["--data", dataset / "val", "--limit", "22", "--workers", "0", "--device", "cpu"]
+    eager = script("evaluate.py", *common, "--arch", ARCH, "--preset", "imagepiece", "--lcb", "residual", "--num-classes", "4",
+                   "--checkpoint", finetuned[1], "--batch", "4", "--json", tmp_path / "eager.json")
+    compiled = script("evaluate.py", *common, "--artifact", artifact, "--json", tmp_path / "compiled.json")
+    assert eager.returncode == 0, eager.stderr
+    assert compiled.returncode == 0, compiled.stderr
+    eager_result, compiled_result = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("eager", "compiled"))
+    assert eager_result["images"] == compiled_result["images"] == 22
+    assert (eager_result["top1"], eager_result["top5"]) == (compiled_result["top1"], compiled_result["top5"])
+    assert eager_result["top5"] == 100.0  # 4 classes: top-5 holds every class
+    assert "ip_runtime" in compiled_result["model"] and compiled_result["preprocessing"]["interpolation"] == "bicubic"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/val"], "does not exist"),
+        (["--data", "{empty}"], "holds no images"),
+        (["--data", "{val}"], "has 4 classes but the model head has 1000"),
+        (["--data", "{val}", "--artifact", "{artifact}", "--interpolation", "bilinear"], "compiled for other preprocessing"),
+        (["--data", "{val}", "--artifact", "{root}/missing.so"], "does not exist"),
+        (["--data", "{val}", "--json", "/sys/kernel/result.json"], "not writable"),
+        (["--data", "{val}", "--batch", "0"], "--batch and --limit must be >= 1"),
+    ],
+)
+def test_evaluate_bad_input(dataset, artifact, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    fields = {"empty": tmp_path / "empty", "val": dataset / "val", "artifact": artifact, "root": tmp_path}
+    result = script("evaluate.py", "--arch", ARCH, "--workers", "0", *[a.format(**fields) for a in args])
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent", "--output", "{tmp}/run"], "does not exist"),
+        (["--data", "{data}", "--output", "/sys/kernel/run"], "not writable"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--batch-size", "64"], "fewer than one batch"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--batch-size", "7"], "even --batch-size"),
+    ],
+)
+def test_finetune_bad_input(dataset, tmp_path, args, message):
+    result = script("finetune.py", "--arch", ARCH, "--workers", "0", *[a.format(data=dataset, tmp=tmp_path) for a in args])
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_visualize_draws_every_patch_in_exactly_one_piece(tmp_path):
+    out = tmp_path / "pieces.png"
+    result = script("visualize.py", "--synthetic", "--arch", ARCH, "--blocks", "0", "3", "11", "--out", out)
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.width > picture.height > 100
+    model = create_model(ARCH, "imagepiece")
+    maps = piece_maps(model, torch.randn(1, 3, 224, 224), [0, 3, 11])
+    schedule = model.token_schedule()
+    for block, piece_map in maps.items():
+        # Every patch has one owner; every token but [CLS] owns at least one patch.
+        assert piece_map.owner.shape == (14, 14)
+        assert piece_map.owner.unique().numel() == schedule[block].tokens_out - 1
+    assert not maps[0].pruned.any() and maps[3].pruned.sum() >= schedule[3].pruned
+
+
+def test_visualize_an_image_file(tmp_path):
+    Image.new("RGB", (320, 240), (30, 120, 200)).save(tmp_path / "photo.jpg")
+    result = script("visualize.py", "--image", tmp_path / "photo.jpg", "--arch", ARCH, "--out", tmp_path / "pieces.png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "pieces.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "{tmp}/missing.jpg", "--out", "{tmp}/x.png"], "does not exist"),
+        (["--image", "{tmp}/notes.jpg", "--out", "{tmp}/x.png"], "not an image"),
+        (["--synthetic", "--blocks", "12", "--out", "{tmp}/x.png"], "outside 0..11"),
+        (["--synthetic", "--out", "/nonexistent/x.png"], "does not exist"),
+    ],
+)
+def test_visualize_bad_input(tmp_path, args, message):
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    result = script("visualize.py", "--arch", ARCH, *[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_deit_randaugment_runs_with_this_pillow():
+    """DeiT's RandAugment asks posterize for 0 bits now and then; Pillow >= 13 raises on it (see data.py)."""
+    from imagepiece.data import train_transform
+
+    transform = train_transform({"interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3}, "rand-m9-mstd0.5-inc1", 0.25)
+    image = Image.new("RGB", (64, 64), (100, 150, 200))
+    for _ in range(500):
+        assert transform(image).shape == (3, 224, 224)
