@@ -174,8 +174,9 @@ def test_bad_options_raise_runtime_errors(compiled, options, code, message):
     assert error.value.code == code
 
 
-@pytest.mark.parametrize("instances", [1, 2])
-def test_concurrent_runs_equal_sequential_runs(compiled, instances):
+@pytest.mark.parametrize("instances, calls", [(1, 200), (2, 50)])
+def test_concurrent_runs_equal_sequential_runs(compiled, instances, calls):
+    """8 threads x `calls` runs on one Runtime: one shared container, and two serving in parallel."""
     runtime = ip_runtime.Runtime(str(compiled.path("ti_imagepiece")), instances=instances)
     inputs = [images_for(runtime, 2, seed=s) for s in range(8)]
     expected = [runtime.run(x) for x in inputs]
@@ -183,7 +184,7 @@ def test_concurrent_runs_equal_sequential_runs(compiled, instances):
 
     def worker(index):
         try:
-            for _ in range(200):
+            for _ in range(calls):
                 if not torch.equal(runtime.run(inputs[index]), expected[index]):
                     mismatches.append(index)
         except Exception as error:  # surfaces in the main thread's assertion
