@@ -2,7 +2,7 @@
 """Where an AOTI artifact spends its time: plain DeiT vs a reduction preset, kernel by kernel.
 
 Compiles both with Inductor's kernel profiling on (each generated C++ kernel records itself), runs them
-under torch.profiler, and groups self time into GEMMs (oneDNN/MKL linear), attention (SDPA), generated
+alternately under torch.profiler, and groups self time into GEMMs (oneDNN/MKL linear), attention (SDPA), generated
 kernels (layer norm, GELU, residuals, gathers...), sorts and the rest. The ratio column shows which part
 falls short of the FLOPs reduction. Output goes to benchmarks/results/<machine>/.
 
@@ -38,18 +38,22 @@ def group_of(name: str) -> str:
     return "other (allocation, views, bmm, wrapper)"
 
 
-def profile_artifact(path: Path, batch: int, runs: int) -> dict:
-    model = load(path)
+def profile_interleaved(paths: dict, batch: int, runs: int) -> dict:
+    """Self time per group and artifact, profiling one call of each artifact in turn, `runs` times:
+    this machine's speed drifts, and alternating keeps the drift out of the ratios."""
+    models = {name: load(path) for name, path in paths.items()}
     images = torch.randn(batch, 3, 224, 224)
-    for _ in range(3):
-        model(images)
-    with profile(activities=[ProfilerActivity.CPU]) as trace:
-        for _ in range(runs):
+    for model in models.values():
+        for _ in range(3):
             model(images)
-    groups: dict = {}
-    for event in trace.key_averages():
-        key = group_of(event.key)
-        groups[key] = groups.get(key, 0.0) + event.self_cpu_time_total / runs / 1e3
+    groups = {name: {} for name in models}
+    for _ in range(runs):
+        for name, model in models.items():
+            with profile(activities=[ProfilerActivity.CPU]) as trace:
+                model(images)
+            for event in trace.key_averages():
+                key = group_of(event.key)
+                groups[name][key] = groups[name].get(key, 0.0) + event.self_cpu_time_total / runs / 1e3
     return groups
 
 
@@ -66,14 +70,14 @@ def main(argv=None) -> int:
     machine = machine_info()
     workdir = Path(tempfile.mkdtemp(prefix="profile_aoti."))
     torch.manual_seed(0)
-    results, flops = {}, {}
+    paths, flops = {}, {}
     for preset in ("deit", args.preset):
         model = imagepiece.create_model(args.arch, **PRESETS[preset])
         flops[preset] = gflops_per_image(model, (3, 224, 224), torch.device("cpu"), torch.float32)
-        report = compile_artifact(model, workdir / f"{preset}.so", batch=args.batch)
-        results[preset] = profile_artifact(report.path, args.batch, args.runs)
+        paths[preset] = compile_artifact(model, workdir / f"{preset}.so", batch=args.batch).path
+    results = profile_interleaved(paths, args.batch, args.runs)
 
-    lines = [f"# AOTI kernel-time breakdown, {args.arch}, batch {args.batch}, CPU fp32, mean of {args.runs} runs "
+    lines = [f"# AOTI kernel-time breakdown, {args.arch}, batch {args.batch}, CPU fp32, mean of {args.runs} interleaved runs "
              f"(profiler on: absolute times are inflated), {datetime.datetime.now().isoformat(timespec='seconds')}",
              f"# machine: {machine['cpu']} ({machine['cpu_cores']} cores); torch {machine['torch']}",
              f"# GFLOPs/image: deit {flops['deit']:.2f}, {args.preset} {flops[args.preset]:.2f} "
