@@ -1,5 +1,4 @@
 """scripts/aot_compile.py and imagepiece.export: metadata, atomic output, and every bad input."""
-import json
 import shutil
 import subprocess
 import sys
