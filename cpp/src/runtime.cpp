@@ -119,6 +119,8 @@ struct CudaSlot {
   c10::cuda::CUDAStream stream;
   at::Tensor pinned;
   at::cuda::CUDAEvent pinned_read;  // the last copy out of `pinned` finished: safe to overwrite
+  // Reused every call (creating CUDA events per call costs more than recording them).
+  at::cuda::CUDAEvent input_ready, output_ready;
   std::unique_ptr<ModelRunner> own_runner;
   std::map<int64_t, std::unique_ptr<Graph>> graphs;  // bucket batch -> graph
   explicit CudaSlot(c10::cuda::CUDAStream s) : stream(s) {}
@@ -170,14 +172,15 @@ struct Runtime::Impl {
   }
 
   void check_images(const at::Tensor& images) const {
+    // Messages are built only on failure: this runs on every call.
     const auto& shape = info.input_shape;
-    const std::string expected = "[B, " + std::to_string(shape[0]) + ", " + std::to_string(shape[1]) + ", " + std::to_string(shape[2]) + "]";
+    auto expected = [&] { return "[B, " + std::to_string(shape[0]) + ", " + std::to_string(shape[1]) + ", " + std::to_string(shape[2]) + "]"; };
     if (!images.defined()) throw Error(ErrorCode::kInvalidShape, "images is an undefined tensor");
     if (images.dim() != 4) {
-      throw Error(ErrorCode::kInvalidShape, "images must be 4-D " + expected + ", got " + std::to_string(images.dim()) + "-D " + shape_string(images.sizes()));
+      throw Error(ErrorCode::kInvalidShape, "images must be 4-D " + expected() + ", got " + std::to_string(images.dim()) + "-D " + shape_string(images.sizes()));
     }
     if (images.size(1) != shape[0] || images.size(2) != shape[1] || images.size(3) != shape[2]) {
-      throw Error(ErrorCode::kInvalidShape, "images must be " + expected + ", got " + shape_string(images.sizes()));
+      throw Error(ErrorCode::kInvalidShape, "images must be " + expected() + ", got " + shape_string(images.sizes()));
     }
     const int64_t batch = images.size(0);
     if (batch < info.batch_min || batch > info.batch_max) {
@@ -196,9 +199,8 @@ struct Runtime::Impl {
   }
 
   void check_logits(const at::Tensor& images, const at::Tensor& logits) const {
-    const std::vector<int64_t> expected = {images.size(0), info.num_classes};
-    if (!logits.defined() || logits.sizes() != at::IntArrayRef(expected)) {
-      throw Error(ErrorCode::kInvalidOutput, "logits must be " + shape_string(expected) + ", got " +
+    if (!logits.defined() || logits.dim() != 2 || logits.size(0) != images.size(0) || logits.size(1) != info.num_classes) {
+      throw Error(ErrorCode::kInvalidOutput, "logits must be " + shape_string({images.size(0), info.num_classes}) + ", got " +
                                                  (logits.defined() ? shape_string(logits.sizes()) : std::string("an undefined tensor")));
     }
     if (logits.scalar_type() != dtype && logits.scalar_type() != at::kFloat) {
@@ -297,9 +299,8 @@ struct Runtime::Impl {
   // through pinned memory so the copy is asynchronous.
   at::Tensor stage_input(CudaSlot& slot, const at::Tensor& images, const c10::cuda::CUDAStream& caller) {
     if (images.is_cuda()) {
-      at::cuda::CUDAEvent ready;
-      ready.record(caller);
-      ready.block(slot.stream);
+      slot.input_ready.record(caller);
+      slot.input_ready.block(slot.stream);
       return images;
     }
     if (!slot.pinned.defined() || slot.pinned.numel() < images.numel()) {
@@ -339,9 +340,8 @@ struct Runtime::Impl {
       if (logits.is_cpu()) {
         slot.stream.synchronize();
       } else {
-        at::cuda::CUDAEvent done;
-        done.record(slot.stream);
-        done.block(caller);
+        slot.output_ready.record(slot.stream);
+        slot.output_ready.block(caller);
         if (images.is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(images.storage().data_ptr(), slot.stream);
       }
     } catch (...) {
