@@ -4,32 +4,67 @@
 The model is exported with torch.export (static token counts, static or dynamic batch) and compiled
 by AOTInductor. A `.so` is one shared library holding kernels, weights and metadata; a `.pt2` is an
 AOTI package. Either loads in `ip_runtime.Runtime(path)` / `imagepiece::Runtime` or
-`imagepiece.export.load(path)`.
+`imagepiece.export.load(path)`. The metadata records a sha256 digest over the whole artifact, which
+every loader checks.
 
 examples:
   python scripts/aot_compile.py --out deit_s_ip.so                       # DeiT-S ImagePiece, random weights
   python scripts/aot_compile.py --checkpoint deit_small_patch16_224-cd65a155.pth --out deit_s_ip.so
   python scripts/aot_compile.py --arch deit_tiny_patch16_224 --method tome --max-batch 64 --out ti_tome.so
   python scripts/aot_compile.py --device cuda --dtype bf16 --batch 256 --out deit_s_ip_bf16.so
+  python scripts/aot_compile.py --dtype int8 --calibration val_images/ --batch 8 --out deit_s_ip_int8.so
+  python scripts/aot_compile.py --input-format uint8 --batch 8 --out deit_s_ip_u8.so   # takes uint8 [B,224,224,3] pixels
+
+exit status: 0 done, 2 the request cannot work (arguments, checkpoint), 1 the system failed (the output
+cannot be written: read-only, no permission, disk full). Either way nothing is left at --out.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 import imagepiece
 from imagepiece import METHODS, CheckpointError, create_model, format_schedule
-from imagepiece.artifact import DTYPES
-from imagepiece.export import check_device_and_dtype, check_output_path, compile_artifact
+from imagepiece.config import LCB_CHOICES, REEVALUATIONS, lcb_from_cli
+from imagepiece.export import PRECISIONS, check_device_and_dtype, check_output_path, compile_artifact
+from imagepiece.input_format import CLI_INPUT_FORMATS
+
+PROG = "aot_compile.py"
+USAGE_ERROR, IO_ERROR = 2, 1
+# What a failed write says when it surfaces only as text inside the compiler's own error.
+IO_REASONS = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (its usage block is long), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{PROG}: error: {message} (see --help)\n")
+
+
+def at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="aot_compile.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = OneLineParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
@@ -38,22 +73,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--method", default=None, choices=METHODS, help="token reduction (default: imagepiece)")
     model.add_argument("--checkpoint", type=Path, help="local DeiT/ImagePiece .pth or .safetensors (default: random weights)")
     model.add_argument("--allow-untrained-lcb", action="store_true", help="accept a checkpoint without LCB 'stem' weights")
-    model.add_argument("--num-classes", type=int, help="classifier size of the checkpoint (default 1000)")
+    model.add_argument("--num-classes", type=at_least(1), help="classifier size of the checkpoint (default 1000)")
     overrides = parser.add_argument_group("config overrides (default: the method's published setting)")
     overrides.add_argument("--p", type=float, help="ImagePiece non-semantic fraction (0.3)")
     overrides.add_argument("--merge-ratio", type=float, help="ImagePiece merges per block / image tokens (0.08)")
     overrides.add_argument("--keep-rate", type=float, help="kept fraction where pruning (ImagePiece 0.8, EViT 0.7)")
     overrides.add_argument("--prune-blocks", type=int, nargs="*", help="0-indexed pruning blocks (3 6 9)")
     overrides.add_argument("--tome-r", type=int, help="ToMe merges per block (13)")
-    overrides.add_argument("--lcb", choices=["none", "stem", "residual"], help="Local Coherence Bias variant (none)")
+    overrides.add_argument("--lcb", choices=LCB_CHOICES, help="Local Coherence Bias variant (none)")
+    overrides.add_argument("--reevaluation", choices=REEVALUATIONS,
+                           help="ImagePiece: how merged tokens are scored for pruning (attention: recomputed, the paper's step 3)")
     overrides.add_argument("--no-prop-attn", dest="prop_attn", action="store_false", default=None, help="disable proportional attention")
     target = parser.add_argument_group("target")
     target.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N] (default here: %(default)s)")
-    target.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="cast the model before export (default: fp32)")
+    target.add_argument("--dtype", default="fp32", choices=sorted(PRECISIONS),
+                        help="precision (default: fp32); int8 (CPU) quantizes the Linear layers and still takes fp32 images")
+    target.add_argument("--input-format", default="float", choices=list(CLI_INPUT_FORMATS),
+                        help="float: normalised float [B, 3, H, W] images (default); uint8: resized and cropped RGB pixels "
+                        "[B, H, W, 3], normalised inside the artifact (4x fewer bytes to move, no float work on the host)")
+    target.add_argument("--calibration", type=Path, help="int8: a folder of images to calibrate activation ranges on "
+                        "(default: synthetic Gaussian images, right only for random weights)")
+    target.add_argument("--calibration-images", type=at_least(1), help="int8: images to calibrate on (default 32)")
     batch = target.add_mutually_exclusive_group()
-    batch.add_argument("--batch", type=int, help="static batch size (default: 1 unless --max-batch)")
-    batch.add_argument("--max-batch", type=int, help="dynamic batch 1..N (tokens stay static)")
+    batch.add_argument("--batch", type=at_least(1), help="static batch size (default: 1 unless --max-batch)")
+    batch.add_argument("--max-batch", type=at_least(2), help="dynamic batch 1..N (tokens stay static)")
     parser.add_argument("--out", type=Path, required=True, help="output .so (one self-contained library) or .pt2 (AOTI package)")
     args = parser.parse_args(argv)
     if args.batch is None and args.max_batch is None:
@@ -63,13 +107,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_overrides(args: argparse.Namespace) -> dict:
     fields = {"p": args.p, "merge_ratio": args.merge_ratio, "keep_rate": args.keep_rate, "tome_r": args.tome_r,
-              "prop_attn": args.prop_attn, "prune_blocks": tuple(args.prune_blocks) if args.prune_blocks is not None else None}
+              "prop_attn": args.prop_attn, "prune_blocks": tuple(args.prune_blocks) if args.prune_blocks is not None else None,
+              "reevaluation": args.reevaluation}
     overrides = {key: value for key, value in fields.items() if value is not None}
     if args.lcb is not None:
-        overrides["lcb"] = None if args.lcb == "none" else args.lcb
+        overrides["lcb"] = lcb_from_cli(args.lcb)
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
     return overrides
+
+
+def io_failure(error: BaseException) -> Optional[str]:
+    """The reason, when `error` (or what caused it) is a failed read or write, else None.
+
+    A full disk during compilation surfaces as the C++ compiler's error inside Inductor's own
+    exception, so its text is searched too."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error.strerror or str(error)
+        for reason in IO_REASONS:
+            if reason in str(error):
+                return reason
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def fail(status: int, message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
 
 
 def main(argv=None) -> int:
@@ -84,23 +149,30 @@ def main(argv=None) -> int:
             model = create_model(name, args.method, checkpoint=args.checkpoint,
                                  allow_untrained_lcb=args.allow_untrained_lcb, **config_overrides(args))
     except (ValueError, CheckpointError) as error:
-        print(f"aot_compile.py: error: {error}", file=sys.stderr)
-        return 2
+        return fail(USAGE_ERROR, str(error))
+    except OSError as error:
+        return fail(IO_ERROR, error.strerror or str(error))
 
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "RANDOM weights (pass --checkpoint for trained ones)"
     batch = f"static batch {args.batch}" if args.batch else f"dynamic batch 1..{args.max_batch}"
     print(f"model: {model.arch}.{model.reduction_config.method} with {weights}")
-    print(f"target: {args.device} {args.dtype}, {batch}, -> {out}")
+    print(f"target: {args.device} {args.dtype}, {batch}, {args.input_format} input, -> {out}")
     print(format_schedule(model.token_schedule()), flush=True)
     try:
         report = compile_artifact(model, out, device=args.device, dtype=args.dtype, batch=args.batch, max_batch=args.max_batch,
-                                  checkpoint=args.checkpoint, log=lambda message: print(message, flush=True))
+                                  checkpoint=args.checkpoint, calibration=args.calibration,
+                                  calibration_images=args.calibration_images, input_format=CLI_INPUT_FORMATS[args.input_format],
+                                  log=lambda message: print(message, flush=True))
     except ValueError as error:
-        print(f"aot_compile.py: error: {error}", file=sys.stderr)
-        return 2
+        return fail(USAGE_ERROR, str(error))
+    except Exception as error:  # noqa: BLE001  (only I/O failures are turned into a message; bugs keep their traceback)
+        reason = io_failure(error)
+        if reason is None:
+            raise
+        return fail(IO_ERROR, f"could not write {out}: {reason}")
     print(f"export time:   {report.export_seconds:.1f} s")
     print(f"compile time:  {report.compile_seconds:.1f} s")
-    print(f"artifact:      {report.path.resolve()} ({report.size_bytes / 2**20:.1f} MiB, metadata inside)")
+    print(f"artifact:      {report.path.resolve()} ({report.size_bytes / 2**20:.1f} MiB, metadata and digest inside)")
     return 0
 
 

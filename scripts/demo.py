@@ -26,7 +26,7 @@ import ip_runtime
 from imagepiece.artifact import ArtifactError, read_metadata
 from imagepiece.environment import machine_info
 from imagepiece.export import compile_artifact
-from imagepiece.timing import summarize, time_interleaved
+from imagepiece.bench.timing import summarize, time_interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,10 +23,12 @@ import imagepiece
 import ip_runtime
 from imagepiece import CheckpointError, create_model
 from imagepiece.artifact import DTYPES, ArtifactError, read_metadata
-from imagepiece.config import PRESETS
-from imagepiece.data import DatasetError, check_num_classes, eval_transform, image_folder
+from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
+from imagepiece.data import DatasetError, check_num_classes, eval_transform, image_folder, preprocessing_config
 from imagepiece.environment import machine_info
-from imagepiece.evaluation import evaluate
+from imagepiece.evaluation import eager_predictor, evaluate
+from imagepiece.files import atomic_write_text, check_writable_dir
+from imagepiece.predict.preprocess import pixels_of
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS))
     parser.add_argument("--checkpoint", type=Path, help="weights for the eager model (default: random)")
     parser.add_argument("--num-classes", type=int, help="eager model head size (default 1000)")
-    parser.add_argument("--lcb", choices=["none", "stem", "residual"], default="none")
+    parser.add_argument("--lcb", choices=LCB_CHOICES, default="none")
     parser.add_argument("--batch", type=int, default=64, help="batch size (a static-batch artifact uses its own)")
     parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -63,17 +63,6 @@ def requested_preprocessing(args) -> dict:
     return {key: value for key, value in given.items() if value is not None}
 
 
-def check_writable(path: Path) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ValueError(f"output directory {str(folder)!r} does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise ValueError(f"output directory {str(folder)!r} is not writable ({error.strerror})") from None
-
-
 def build_predictor(args, device):
     """(predict function, preprocessing, head classes, fixed batch or None, description)."""
     wanted = requested_preprocessing(args)
@@ -86,22 +75,19 @@ def build_predictor(args, device):
             detail = ", ".join(f"{k}: artifact {a!r}, requested {r!r}" for k, (a, r) in differing.items())
             raise ArtifactError("incompatible", f"{args.artifact} was compiled for other preprocessing ({detail})")
         runtime = ip_runtime.Runtime(str(args.artifact), device=str(device))
-        dtype = DTYPES[metadata["dtype"]]
         batch = metadata["batch"]
         fixed = batch["max"] if not batch["dynamic"] else None
         args.batch = batch["max"] if fixed else min(args.batch, batch["max"])
+        if metadata["input_format"] == "uint8_nhwc":  # it normalises itself: hand it the pixels timm's transform normalised
+            mean, std = preprocessing["mean"], preprocessing["std"]
+            return (lambda images: runtime.run(pixels_of(images, mean, std))), preprocessing, metadata["num_classes"], fixed, \
+                f"ip_runtime {args.artifact.name}"
+        dtype = DTYPES[metadata["dtype"]]
         return (lambda images: runtime.run(images.to(dtype))), preprocessing, metadata["num_classes"], fixed, f"ip_runtime {args.artifact.name}"
     options = {"num_classes": args.num_classes} if args.num_classes else {}
-    model = create_model(args.arch, checkpoint=args.checkpoint, lcb=None if args.lcb == "none" else args.lcb,
-                         **PRESETS[args.preset], **options).to(device)
-    preprocessing = {key: model.pretrained_cfg[key] for key in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}
-    preprocessing.update(wanted)
-
-    def predict(images):
-        with torch.inference_mode():
-            return model(images)
-
-    return predict, preprocessing, model.num_classes, None, f"eager {args.arch} {args.preset}"
+    model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), **PRESETS[args.preset], **options).to(device)
+    preprocessing = {**preprocessing_config(model.pretrained_cfg), **wanted}
+    return eager_predictor(model), preprocessing, model.num_classes, None, f"eager {args.arch} {args.preset}"
 
 
 def main(argv=None) -> int:
@@ -111,7 +97,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     try:
         if args.json:
-            check_writable(args.json)
+            check_writable_dir(args.json.parent)
         dataset = image_folder(args.data)
         predict, preprocessing, head_classes, fixed_batch, description = build_predictor(args, device)
         check_num_classes(dataset, head_classes, args.data)
@@ -131,9 +117,7 @@ def main(argv=None) -> int:
                   created=datetime.datetime.now().isoformat(timespec="seconds"))
     print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images, {result['img_per_s']:.1f} img/s in the model)")
     if args.json:
-        staged = args.json.with_name(f".{args.json.name}.partial")
-        staged.write_text(json.dumps(result, indent=2))
-        os.replace(staged, args.json)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"saved {args.json}")
     return 0
 

@@ -16,16 +16,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 import imagepiece
 from imagepiece import CheckpointError, create_model
-from imagepiece.config import PRESETS
+from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.data import DatasetError, eval_transform, image_folder, num_classes, train_transform
-from imagepiece.training import RECIPES, Trainer, accuracy, epoch_order, log_line, save_checkpoint, seed_everything
+from imagepiece.evaluation import eager_predictor, evaluate
+from imagepiece.files import check_writable_dir
+from imagepiece.training import RECIPES, Trainer, epoch_order, log_line, save_checkpoint, seed_everything
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, help="run folder: last.pth, best.pth, log.jsonl")
     parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
     parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS))
-    parser.add_argument("--lcb", choices=["none", "stem", "residual"], default="residual")
+    parser.add_argument("--lcb", choices=LCB_CHOICES, default="residual")
     parser.add_argument("--checkpoint", type=Path, help="initial weights, e.g. a DeiT .pth (default: random init)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="finetune")
     for name, kind in (("epochs", int), ("lr", float), ("min-lr", float), ("weight-decay", float), ("warmup-epochs", int),
@@ -69,28 +70,19 @@ def resolve_recipe(args):
     return recipe
 
 
-def prepare_output(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise ValueError(f"output folder {str(folder)!r} is not writable ({error.strerror})") from None
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     seed_everything(args.seed)
     device = torch.device(args.device)
     try:
         recipe = resolve_recipe(args)
-        prepare_output(args.output)
+        check_writable_dir(args.output, create=True)
         train_set = image_folder(args.data / "train")
         val_set = image_folder(args.data / "val")
         classes = num_classes(train_set)
         if num_classes(val_set) != classes:
             raise DatasetError(f"train has {classes} classes but val has {num_classes(val_set)}")
-        lcb = None if args.lcb == "none" else args.lcb
+        lcb = lcb_from_cli(args.lcb)
         model = create_model(args.arch, lcb=lcb, drop_path_rate=recipe.drop_path, **PRESETS[args.preset])
         if args.checkpoint is not None:
             # A DeiT checkpoint has a 1000-class head; replace it when the dataset has other classes.
@@ -141,7 +133,7 @@ def main(argv=None) -> int:
                 print(f"stopped at step {trainer.global_step} (--max-steps); rerun to resume")
                 return 0
         trainer.end_epoch()
-        top1 = accuracy(model, val_loader, device)
+        top1 = evaluate(eager_predictor(model), val_loader, device)["top1"]
         if top1 >= best_accuracy:
             best_accuracy = top1
             save_checkpoint(best, {"model": model.state_dict(), **extra(), "epoch": trainer.epoch})

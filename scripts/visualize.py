@@ -19,8 +19,9 @@ import torch
 
 import imagepiece
 from imagepiece import CheckpointError, create_model
-from imagepiece.config import PRESETS
-from imagepiece.pieces import piece_maps, render_pieces
+from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
+from imagepiece.files import check_writable_dir
+from imagepiece.pieces import piece_maps, render_pieces, save_png
 
 
 def load_image(path: Path, model) -> tuple:
@@ -66,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
     parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS), help="model setting (default: imagepiece)")
     parser.add_argument("--checkpoint", type=Path, help="weights (default: random, which makes arbitrary pieces)")
-    parser.add_argument("--lcb", choices=["none", "stem", "residual"], default="none")
+    parser.add_argument("--lcb", choices=LCB_CHOICES, default="none")
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 3, 6, 11], help="blocks to draw (after the block)")
     parser.add_argument("--out", type=Path, required=True, help="output PNG")
     return parser.parse_args(argv)
@@ -75,9 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if not args.out.parent.is_dir():
-            raise ValueError(f"output directory {str(args.out.parent)!r} does not exist")
-        model = create_model(args.arch, checkpoint=args.checkpoint, lcb=None if args.lcb == "none" else args.lcb,
+        check_writable_dir(args.out.parent)
+        model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb),
                              allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
         depth = len(model.blocks)
         bad = [b for b in args.blocks if not 0 <= b < depth]
@@ -85,7 +85,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--blocks {bad} outside 0..{depth - 1}")
         images, display = synthetic_image() if args.synthetic else load_image(args.image, model)
         maps = piece_maps(model, images, args.blocks)
-        render_pieces(display, maps, args.out, title=f"{args.arch} {args.preset}" + ("" if args.checkpoint else " (random weights)"))
+        picture = render_pieces(display, maps, title=f"{args.arch} {args.preset}" + ("" if args.checkpoint else " (random weights)"))
+        save_png(picture, args.out)
     except (ValueError, CheckpointError, OSError) as error:
         print(f"visualize.py: error: {error}", file=sys.stderr)
         return 2

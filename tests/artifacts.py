@@ -9,9 +9,16 @@ load. "sharpened" weights scale the query/key projections by SHARPEN so attentio
 trained DeiT's (random init gives near-uniform attention, where every ranking is a near-tie): used
 for fp32 parity on tie-free inputs. "plain" weights (timm's init) keep a random model's decisions
 stable under half-precision noise: used where fp16/bf16 are compared with fp32.
+
+Developers may set IMAGEPIECE_TEST_ARTIFACT_CACHE=<folder> to keep artifacts between sessions: each
+is stored under a key over its spec, torch and every source file that shapes it, so any change to
+the model, the exporter or the compile script compiles afresh. CI leaves it unset.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,10 +30,12 @@ from typing import Dict
 import torch
 
 import imagepiece
+from imagepiece.bench.random_weights import SHARPEN, sharpen_attention
+from imagepiece.input_format import PixelInput
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARPEN = 6.0
 PARALLEL_BUILDS = 2
+CACHE_ENV = "IMAGEPIECE_TEST_ARTIFACT_CACHE"
 
 
 @dataclass(frozen=True)
@@ -38,34 +47,37 @@ class Spec:
     device: str = "cpu"
     dtype: str = "fp32"
     weights: str = "sharpened"
+    input_format: str = "float"  # aot_compile.py --input-format
 
     def available(self) -> bool:
         return self.device == "cpu" or torch.cuda.is_available()
 
 
 SPECS: Dict[str, Spec] = {
-    "ti_none": Spec("deit_tiny_patch16_224", "none", ("--batch", "2")),
+    "ti_plain": Spec("deit_tiny_patch16_224", "plain", ("--batch", "2")),
     "ti_tome_pt2": Spec("deit_tiny_patch16_224", "tome", ("--batch", "2"), ".pt2"),
     "ti_evit": Spec("deit_tiny_patch16_224", "evit", ("--batch", "2")),
     "ti_imagepiece": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2")),
     "ti_imagepiece_dynamic": Spec("deit_tiny_patch16_224", "imagepiece", ("--max-batch", "64")),
     "s_imagepiece": Spec("deit_small_patch16_224", "imagepiece", ("--batch", "2")),
+    # Takes uint8 [B, 224, 224, 3] pixels and normalises them itself; same weights as ti_imagepiece.
+    "ti_imagepiece_uint8": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2"), input_format="uint8"),
+    # int8 (PT2E): timm-init weights, like the half-precision GPU artifacts (sharpened ones turn int8 noise into chaos).
+    "ti_imagepiece_int8": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2"), dtype="int8", weights="plain"),
     # Compiled on the GPU itself when there is one (an artifact is tied to its device and torch).
     "cuda_ti_imagepiece": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2"), device="cuda"),
     "cuda_ti_imagepiece_dynamic": Spec("deit_tiny_patch16_224", "imagepiece", ("--max-batch", "256"), device="cuda"),
     "cuda_s_imagepiece_fp16": Spec("deit_small_patch16_224", "imagepiece", ("--batch", "64"), device="cuda", dtype="fp16", weights="plain"),
-    "cuda_s_imagepiece_bf16": Spec("deit_small_patch16_224", "imagepiece", ("--batch", "64"), device="cuda", dtype="bf16", weights="plain"),
+    # bf16 with a dynamic batch, as the GPU benchmarks build it; fp16 static: both batch kinds in half precision.
+    "cuda_s_imagepiece_bf16": Spec("deit_small_patch16_224", "imagepiece", ("--max-batch", "256"), device="cuda", dtype="bf16", weights="plain"),
 }
 
 
 def random_state_dict(arch: str, weights: str) -> dict:
     torch.manual_seed(0)
-    model = imagepiece.create_model(arch, "none")
+    model = imagepiece.create_model(arch, "plain")
     if weights == "sharpened":
-        with torch.no_grad():
-            for block in model.blocks:
-                queries_and_keys = 2 * block.attn.qkv.in_features
-                block.attn.qkv.weight[:queries_and_keys] *= SHARPEN
+        sharpen_attention(model)
     return model.state_dict()
 
 
@@ -88,29 +100,58 @@ class CompiledArtifacts:
     def _build(self, name: str) -> Path:
         spec = SPECS[name]
         out = self.folder / f"{name}{spec.suffix}"
+        cached = _cache_entry(spec)
+        if cached is not None and cached.is_file():
+            shutil.copy(cached, out)
+            return out
         command = [sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--arch", spec.arch, "--method", spec.method,
                    "--device", spec.device, "--dtype", spec.dtype, "--checkpoint", str(self.checkpoint(spec.arch, spec.weights)),
-                   *spec.batch_args, "--out", str(out)]
+                   "--input-format", spec.input_format, *spec.batch_args, "--out", str(out)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"compiling {name} failed:\n{result.stdout}\n{result.stderr}")
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            staged = cached.with_name(f".{cached.name}.{os.getpid()}")
+            shutil.copy(out, staged)
+            staged.replace(cached)
         return out
 
-    def start_all(self) -> None:
+    def start_all(self, device: str) -> None:
+        """Start every artifact for `device`: a GPU-only run (scripts/gpu_check.sh) then waits for no CPU builds."""
         for name, spec in SPECS.items():
-            if spec.available() and name not in self._builds:
+            if spec.device == device and spec.available() and name not in self._builds:
                 self.checkpoint(spec.arch, spec.weights)
                 self._builds[name] = self._pool.submit(self._build, name)
 
     def path(self, name: str) -> Path:
-        self.start_all()
+        self.start_all(SPECS[name].device)
         return self._builds[name].result()
 
-    def eager(self, name: str) -> imagepiece.ImagePieceViT:
-        """The fp32 eager model the artifact was compiled from (on the artifact's device)."""
+    def eager(self, name: str) -> torch.nn.Module:
+        """The fp32 eager model the artifact was compiled from (on the artifact's device); for an artifact
+        that takes uint8 pixels, that model behind the same normalisation (a `PixelInput`)."""
         spec = SPECS[name]
         model = imagepiece.create_model(spec.arch, spec.method, checkpoint=self.checkpoint(spec.arch, spec.weights))
+        if spec.input_format == "uint8":
+            model = PixelInput(model, model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
         return model.to(spec.device)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cache_entry(spec: Spec):
+    """Where a developer's artifact cache keeps `spec` (None when no cache is configured)."""
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        return None
+    digest = hashlib.sha256(repr((spec, torch.__version__, SHARPEN)).encode())
+    package = ROOT / "python" / "imagepiece"
+    # imagepiece.predict, .serve and .bench only run artifacts: editing them must not recompile them.
+    runs_only = [package / name for name in ("predict", "serve", "bench")]
+    sources = sorted(p for p in package.rglob("*.py") if not any(skipped in p.parents for skipped in runs_only))
+    sources += [ROOT / "scripts" / "aot_compile.py", Path(__file__)]
+    for source in sources:
+        digest.update(source.read_bytes())
+    return Path(folder) / f"{digest.hexdigest()[:20]}{spec.suffix}"

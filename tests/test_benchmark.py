@@ -1,7 +1,9 @@
-"""scripts/benchmark.py: the --quick run produces complete, well-formed results (not a timing test)."""
+"""The benchmark CLI (`python -m imagepiece.bench`, scripts/benchmark.py): complete, well-formed,
+self-consistent results from small runs (not a timing test: no figure is compared with a speed)."""
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,51 +15,242 @@ from imagepiece.bench.report import COLUMNS
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def benchmark(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *map(str, args)], capture_output=True, text=True)
+def bench(*args, script=False):
+    entry = [str(ROOT / "scripts" / "benchmark.py")] if script else ["-m", "imagepiece.bench"]
+    return subprocess.run([sys.executable, *entry, *map(str, args)], capture_output=True, text=True)
 
 
-def test_quick_run_writes_every_column(tmp_path):
-    result = benchmark("--quick", "--out", tmp_path)
+def written(root):
+    (folder,) = root.iterdir()  # one folder, named after the machine
+    return {path.suffix: path for path in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    result = bench("suite", "--quick", "--out", out)
     assert result.returncode == 0, result.stderr
-    (folder,) = tmp_path.iterdir()
-    stems = {p.suffix: p for p in folder.iterdir()}
-    assert set(stems) == {".csv", ".json", ".md", ".png"}
+    return written(out)
 
-    lines = stems[".csv"].read_text().splitlines()
-    assert lines[0].startswith("# ") and "torch" in lines[0]  # machine and versions ride along
+
+def test_quick_suite_writes_every_file_with_its_provenance(quick_suite):
+    assert set(quick_suite) == {".csv", ".json", ".md", ".png"}
+    for suffix in (".csv", ".md"):
+        first = quick_suite[suffix].read_text().splitlines()[0]
+        assert "torch 2." in first and "cores" in first, suffix
+    report = json.loads(quick_suite[".json"].read_text())
+    assert {"cpu", "torch", "cuda", "gpu", "timm"} <= set(report["machine"])
+    assert quick_suite[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_suite_rows_are_complete_and_consistent(quick_suite):
+    lines = quick_suite[".csv"].read_text().splitlines()
     rows = list(csv.DictReader(lines[1:]))
     assert list(rows[0]) == COLUMNS
-    assert {(r["variant"], r["path"]) for r in rows} == {(v, p) for v in ("deit", "imagepiece") for p in ("eager", "aoti", "ip_runtime")}
+    assert {(r["variant"], r["path"]) for r in rows} == {(v, p) for v in ("plain", "imagepiece") for p in ("eager", "aoti", "ip_runtime")}
     for row in rows:
-        for column in ("p50_ms", "p90_ms", "img_per_s", "gflops_per_image", "mean_tokens", "vs_plain", "peak_mem_mib"):
+        for column in ("p50_ms", "p90_ms", "min_ms", "img_per_s", "gflops_per_image", "mean_tokens", "vs_plain", "vs_eager_plain", "peak_mem_mib"):
             assert math.isfinite(float(row[column])) and float(row[column]) > 0, (column, row)
-        assert float(row["p90_ms"]) >= float(row["p50_ms"])
+        assert float(row["min_ms"]) <= float(row["p50_ms"]) <= float(row["p90_ms"])
+        assert float(row["img_per_s"]) == pytest.approx(2 / float(row["p50_ms"]) * 1e3)
         assert len(row["tokens_per_block"].split()) == 12
-    plain = [r for r in rows if r["variant"] == "deit"]
-    assert all(float(r["vs_plain"]) == 1.0 for r in plain)
-    ours = next(r for r in rows if r["variant"] == "imagepiece")
-    assert float(ours["gflops_per_image"]) < 0.6 * float(plain[0]["gflops_per_image"])  # 56% of the tokens
+    p50 = {(r["variant"], r["path"]): float(r["p50_ms"]) for r in rows}
+    for row in rows:  # every ratio is the quotient of two medians of the same run
+        assert float(row["vs_plain"]) == pytest.approx(p50[("plain", row["path"])] / p50[(row["variant"], row["path"])], rel=1e-6)
+        assert float(row["vs_eager_plain"]) == pytest.approx(p50[("plain", "eager")] / p50[(row["variant"], row["path"])], rel=1e-6)
+    flops = {r["variant"]: float(r["gflops_per_image"]) for r in rows}
+    assert flops["imagepiece"] < 0.6 * flops["plain"]  # 56% of the tokens
+    assert "| ImagePiece | ip_runtime | fp32 | 2 |" in quick_suite[".md"].read_text()
 
-    report = json.loads(stems[".json"].read_text())
-    assert {"cpu", "torch", "cuda", "gpu"} <= set(report["machine"]) and len(report["rows"]) == len(rows)
-    assert "| ImagePiece | ip_runtime | 2 |" in stems[".md"].read_text()
-    assert stems[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+def test_quick_suite_reports_the_compile_times_it_records(quick_suite):
+    recorded = json.loads(quick_suite[".json"].read_text())["compile_seconds"]
+    assert {(r["variant"], r["path"], r["what"]) for r in recorded} == {
+        (v, "aoti", f"fp32: {what}") for v in ("plain", "imagepiece") for what in ("torch.export", "AOTInductor compile")}
+    assert all(r["seconds"] > 0 for r in recorded)
+    markdown = quick_suite[".md"].read_text()
+    for r in recorded:
+        assert f"| {r['variant']} | aoti | {r['what']} | {r['seconds']:.1f} |" in markdown
+
+
+def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
+    result = bench("overhead", "--arch", "deit_tiny_patch16_224", "--preset", "plain", "--batch", "2", "--rounds", "3", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    files = written(tmp_path)
+    assert set(files) == {".txt", ".json"}
+    stats = json.loads(files[".json"].read_text())["stats"]
+    assert set(stats) == {f"batch 2 {name}" for name in ("AOTI runner (direct)", "imagepiece.export.load", "ip_runtime.run",
+                                                           "ip_runtime.run into buffer", "eager")}
+    assert all(s["samples"] >= 3 and 0 < s["min_ms"] <= s["p50_ms"] for s in stats.values())
+    assert "+0.0% vs the runner" in files[".txt"].read_text()  # the runner against itself
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--variants", "dynamicvit"], "invalid choice: 'dynamicvit'"),
-        (["--paths", "onnxruntime"], "invalid choice: 'onnxruntime'"),
-        (["--batch", "0"], "--batch sizes must be >= 1"),
-        (["--paths", "ip_runtime_graphs"], "cannot run on cpu"),
-        (["--dtype", "fp16"], "fp16 is not supported on cpu"),
-        (["--repeats", "0"], "--repeats must be >= 1"),
-        (["--paths", "cpp", "--cpp-bench", "/nonexistent/bench_runtime"], "needs the google-benchmark binary"),
+        (["suite", "--variants", "dynamicvit"], "invalid choice: 'dynamicvit'"),
+        (["suite", "--paths", "onnxruntime"], "invalid choice: 'onnxruntime'"),
+        (["suite", "--batch", "0"], "--batch sizes must be >= 1"),
+        (["suite", "--paths", "ip_runtime_graphs"], "cannot run on cpu"),
+        (["suite", "--dtype", "fp16"], "fp16 is not supported on cpu"),
+        (["suite", "--repeats", "0"], "--repeats must be >= 1"),
+        (["suite", "--paths", "cpp", "--cpp-bench", "/nonexistent/bench_runtime"], "needs the google-benchmark binary"),
+        (["suite", "--device", "tpu"], "--device must be cpu or cuda"),
+        (["compile", "--batch", "0"], "--batch sizes and --repeats must be >= 1"),
+        (["overhead", "--rounds", "0"], "--batch sizes and --rounds must be >= 1"),
+        (["profile", "--preset", "plain"], "invalid choice: 'plain'"),
+        (["profile", "--threads", "0"], "--threads must be >= 1"),
+        (["suite", "--dtype", "bf16", "--paths", "ort"], "runs only in a --dtype fp32 run"),
+        (["precision", "--images", "0"], "--images and --batch must be >= 1"),
+        (["precision", "--batch", "0"], "--images and --batch must be >= 1"),
+        (["contention", "--artifact", "/nonexistent/model.so"], "does not exist"),
+        (["contention", "--neighbours", "-1"], "--neighbours >= 0"),
+        (["precision", "--contenders", "ip_runtime_int8", "--calibration", "/nonexistent/images"], "is not a folder"),
+        (["tuning", "--repeats", "0"], "--batch and --repeats must be >= 1"),
+        (["tuning", "--tunings", "O3"], "invalid choice: 'O3'"),
+        (["serve", "--concurrency", "0"], "--concurrency, --requests, --rounds and --decode-threads must be >= 1"),
+        (["serve", "--artifact", __file__], "is not an artifact"),
+        (["e2e", "--artifact", "/nonexistent/model.so"], "--artifact '/nonexistent/model.so' is not a file"),
+        (["e2e", "--images", "0"], "must be >= 1"),
+        (["e2e", "--ray-concurrency", "2"], "needs --ray"),
+        (["e2e", "--uint8", "--uint8-artifact", __file__], "not both"),
     ],
 )
-def test_bad_arguments_are_refused_clearly(tmp_path, args, message):
-    result = benchmark(*args, "--out", tmp_path)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+def test_bad_arguments_are_refused_clearly(tmp_path, capsys, args, message):
+    from imagepiece.bench import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*args, "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", [False, True], ids=["python -m imagepiece.bench", "scripts/benchmark.py"])
+def test_both_entry_points_refuse_bad_requests_without_a_traceback(script):
+    result = bench(script=script)
+    assert result.returncode == 2 and "the following arguments are required: MODE" in result.stderr
+    result = bench("compile", "--arch", "deit_tiny_patch16_224", "--out", "/sys/kernel/results", script=script)
+    assert result.returncode == 2 and "not writable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_reevaluation_mode_counts_changed_decisions_at_the_pruning_blocks(tmp_path):
+    from imagepiece.bench import cli
+
+    assert cli.main(["reevaluation", "--arch", "deit_tiny_patch16_224", "--images", "4", "--batch", "2",
+                     "--weights", "sharpened", "--out", str(tmp_path)]) == 0
+    files = written(tmp_path)
+    blocks = json.loads(files[".json"].read_text())["blocks"]["sharpened"]
+    assert set(blocks) == {"3", "6", "9"}
+    assert all(0 <= b["mean"] <= b["max"] <= 1 and b["images"] == 4 for b in blocks.values())
+    assert sum(b["images_changed"] for b in blocks.values()) > 0  # peaked attention: the two modes do differ
+
+
+def test_precision_mode_reports_decisions_and_deviation_beside_plain(tmp_path):
+    from imagepiece.bench import cli
+    from imagepiece.environment import bf16_support
+
+    contenders = ["fp32_noise"] + (["eager_bf16"] if bf16_support().native else [])
+    assert cli.main(["precision", "--arch", "deit_tiny_patch16_224", "--images", "4", "--batch", "2",
+                     "--contenders", *contenders, "--out", str(tmp_path)]) == 0
+    results = json.loads(written(tmp_path)[".json"].read_text())["results"]["sharpened"]
+    assert set(results) == set(contenders)
+    for contender in contenders:
+        plain, ours = results[contender]["plain"], results[contender]["imagepiece"]
+        assert plain["same_tokens_per_block"] == [1.0] * 12  # plain DeiT decides nothing
+        assert all(0 <= share <= 1 for share in ours["same_tokens_per_block"] + ours["identical_images_per_block"])
+        assert 0 <= ours["top1_agree"] <= ours["images"] == 4 and ours["max_abs_logit_diff"] >= ours["median_abs_logit_diff"] >= 0
+
+
+def test_suite_runs_the_peers_in_the_same_loop_at_the_precision_they_state(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the peers are optional extras: pip install 'imagepiece[peers]'")
+    pytest.importorskip("openvino", reason="the peers are optional extras: pip install 'imagepiece[peers]'")
+    from imagepiece.bench import cli
+
+    assert cli.main(["suite", "--arch", "deit_tiny_patch16_224", "--variants", "plain", "--batch", "2", "--repeats", "1",
+                     "--paths", "eager", "ort", "openvino_fp32", "--out", str(tmp_path)]) == 0
+    files = written(tmp_path)
+    rows = list(csv.DictReader(files[".csv"].read_text().splitlines()[1:]))
+    assert {(r["path"], r["precision"]) for r in rows} == {("eager", "fp32"), ("ort", "fp32"), ("openvino_fp32", "fp32")}
+    eager = float(next(r["p50_ms"] for r in rows if r["path"] == "eager"))
+    for row in rows:  # same-run ratios to timm eager
+        assert float(row["vs_eager_plain"]) == pytest.approx(eager / float(row["p50_ms"]), rel=1e-6)
+    assert "onnxruntime" in json.loads(files[".json"].read_text())["machine"]  # the peers' versions are recorded
+
+
+def test_tuning_mode_compiles_each_setting_and_checks_its_logits(tmp_path, monkeypatch):
+    from imagepiece.bench import cli
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "callers-cache"))
+    assert cli.main(["tuning", "--arch", "deit_tiny_patch16_224", "--preset", "plain", "--batch", "2", "--tunings", "no-freezing",
+                     "--repeats", "1", "--out", str(tmp_path / "results")]) == 0
+    record = json.loads(written(tmp_path / "results")[".json"].read_text())
+    assert set(record["stats"]) == {"no-freezing", "eager fp32"} and record["compile_seconds"]["no-freezing"] > 0
+    assert record["max_abs_logit_diff"]["no-freezing"] < 1e-3  # plain DeiT: no decision to flip, only rounding
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "callers-cache")  # its cold caches were temporary
+
+
+def test_serve_mode_loads_the_batcher_beside_batch_one_runs(compiled, tmp_path, capsys):
+    from imagepiece.bench import cli
+
+    with pytest.raises(SystemExit) as exit_:  # batch-1 runs and the batcher need a dynamic-batch artifact
+        cli.main(["serve", "--artifact", str(compiled.path("ti_imagepiece")), "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "must take every batch in 1..16" in capsys.readouterr().err
+    assert cli.main(["serve", "--artifact", str(compiled.path("ti_imagepiece_dynamic")), "--no-http", "--concurrency", "1", "4",
+                     "--requests", "8", "--rounds", "2", "--max-batch", "4", "--out", str(tmp_path)]) == 0
+    record = json.loads(written(tmp_path)[".json"].read_text())
+    rows = {row["name"]: row for row in record["contenders"]}
+    assert set(rows) == {"sequential run()", "batcher 1", "batcher 4"}
+    assert all(row["requests"] == 16 and row["errors"] == 0 and row["p99_ms"] >= row["p50_ms"] > 0 for row in rows.values())
+    assert rows["batcher 1"]["mean_batch"] == 1 and 1 <= rows["batcher 4"]["mean_batch"] <= 4
+    assert len(rows["batcher 4"]["img_per_s_rounds"]) == 2 and rows["batcher 4"]["vs_sequential"] > 0
+
+
+def test_contention_mode_times_each_openmp_setting_beside_busy_neighbours(compiled, tmp_path):
+    from imagepiece.bench import cli
+
+    assert cli.main(["contention", "--arch", "deit_tiny_patch16_224", "--artifact", str(compiled.path("ti_plain")), "--batch", "2",
+                     "--neighbours", "0", "1", "--settings", "default", "passive", "--rounds", "1", "--calls", "2",
+                     "--out", str(tmp_path)]) == 0
+    stats = json.loads(written(tmp_path)[".json"].read_text())["stats"]
+    assert set(stats) == {f"{s} | {n} neighbours" for s in ("default", "passive") for n in (0, 1)}
+    assert all(row["samples"] == 2 and row["p50_ms"] > 0 for row in stats.values())
+
+
+def test_artifact_load_mode_times_loads_in_fresh_processes_and_traces_rss(compiled, tmp_path):
+    from imagepiece.bench import cli
+
+    so, pt2 = compiled.path("ti_imagepiece"), compiled.path("ti_tome_pt2")
+    assert cli.main(["artifact-load", "--so", str(so), "--pt2", str(pt2), "--repeats", "1", "--cycles", "2",
+                     "--old-pt2-cycles", "1", "--out", str(tmp_path)]) == 0
+    files = written(tmp_path)
+    record = json.loads(files[".json"].read_text())
+    assert set(record["load_seconds"]) == {f"{suffix} {kind}" for suffix in (".so", ".pt2") for kind in ("before", "after", "digest")}
+    assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in record["load_seconds"].values())
+    assert [len(record["cycles"][suffix]["rss_mib"]) for suffix in (".so", ".pt2")] == [2, 2]  # after warm-up, after the last cycle
+    assert "digest alone" in files[".txt"].read_text()
+
+
+def test_artifact_load_mode_refuses_what_it_cannot_measure(tmp_path):
+    result = bench("artifact-load", "--so", tmp_path / "missing.so", "--out", tmp_path)
+    assert result.returncode == 2 and "--so must be an existing .so file" in result.stderr
+
+
+def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(compiled, tmp_path):
+    """The end-to-end benchmark through the CLI (issue 12): its fields, not its speed."""
+    from imagepiece.bench import cli
+
+    floats, pixels = compiled.path("ti_imagepiece"), compiled.path("ti_imagepiece_uint8")
+    assert cli.main(["e2e", "--artifact", str(floats), "--uint8-artifact", str(pixels), "--images", "4", "--batch", "2",
+                     "--workers", "1", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    files = written(tmp_path)
+    assert set(files) == {".txt", ".json"} and files[".json"].name.startswith("predict_e2e_deit_tiny_patch16_224_imagepiece_b2_")
+    record = json.loads(files[".json"].read_text())
+    result = record["result"]
+    assert (result["artifact"], result["batch"], result["images"], result["image_size"]) == (str(floats), 2, 4, [500, 375])
+    assert result["median_run"]["errors"] == 0 and 0 < result["decode_share"] < 1
+    assert result["ratio"] == result["single_process_img_per_s"][0] / result["model_only_img_per_s"][0]
+    assert result["uint8"]["artifact"] == str(pixels) and result["uint8"]["input_format"] == "uint8_nhwc"
+    assert len(result["uint8"]["single_process_img_per_s"]) == 1 and "ray" not in result
+    assert {"cpu", "torch"} <= set(record["machine"]) and record["settings"]["rounds"] == "1"
+    text = files[".txt"].read_text()
+    assert text.startswith("# ") and "single-process / model-only" in text and "uint8-input artifact" in text

@@ -17,7 +17,7 @@ def test_default_imagepiece_schedule_matches_the_design_card():
 
 
 def test_baseline_schedules():
-    assert tokens_in(ReductionConfig(method="none")) == [197] * 12
+    assert tokens_in(ReductionConfig(method="plain")) == [197] * 12
     # ToMe removes r=13 per block.
     assert tokens_in(ReductionConfig(method="tome")) == [197 - 13 * i for i in range(12)]
     # EViT keep 0.7 at blocks 3, 6, 9 with a fused token: 196 -> 138+1 -> 98+1 -> 70+1 image tokens.
@@ -42,9 +42,23 @@ def test_keep_rate_default_depends_on_method():
     assert ReductionConfig(method="tome").keep_rate == 1.0
 
 
-def test_format_schedule_mentions_every_block():
-    text = format_schedule(token_schedule(ReductionConfig()))
-    assert len(text.splitlines()) == 14 and "56%" in text
+@pytest.mark.parametrize("config", [ReductionConfig(), ReductionConfig(method="evit"), ReductionConfig(method="tome", tome_r=5)])
+def test_format_schedule_prints_each_row_of_the_schedule(config):
+    schedule = token_schedule(config)
+    _, *rows, share = format_schedule(schedule).splitlines()
+    parsed = [row.replace("(+", " ").replace(")", "").split() for row in rows]
+    for index, (cells, block) in enumerate(zip(parsed, schedule, strict=True)):
+        pruned = [block.pruned, block.fused] if block.fused else [0]
+        assert [int(cell) for cell in cells] == [index, block.tokens_in, block.candidates, block.merged, *pruned, block.tokens_out]
+    average = sum(block.tokens_in for block in schedule) / len(schedule)
+    assert share == f"tokens per block: {round(100 * average / 197)}% of the plain model's 197"
+
+
+def test_reevaluation_defaults_to_the_papers_step_and_is_validated():
+    assert ReductionConfig().reevaluation == "attention"
+    assert tokens_in(ReductionConfig(reevaluation="sum")) == DESIGN_SCHEDULE
+    with pytest.raises(ValueError, match="reevaluation must be one of"):
+        ReductionConfig(reevaluation="recompute")
 
 
 @pytest.mark.parametrize(

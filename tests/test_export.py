@@ -1,7 +1,9 @@
 """scripts/aot_compile.py and imagepiece.export: metadata, atomic output, and every bad input."""
+import importlib.util
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,9 @@ import torch
 
 import imagepiece
 from imagepiece import export
-from imagepiece.artifact import ArtifactError, read_metadata
+from imagepiece.artifact import DIGEST_KEY, FORMAT_VERSION, INPUT_FORMATS, ArtifactError, read_metadata
+from imagepiece.config import LCB_CHOICES, REEVALUATIONS, lcb_from_cli
+from imagepiece.cpu_target import compile_target
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, str(ROOT / "scripts" / "aot_compile.py")]
@@ -21,7 +25,8 @@ def run_cli(*args):
 
 def test_metadata_describes_the_artifact(compiled):
     metadata = read_metadata(compiled.path("s_imagepiece"))
-    assert metadata["format_version"] == 1
+    assert metadata["format_version"] == FORMAT_VERSION == 2
+    assert len(metadata[DIGEST_KEY]) == 64 and metadata[DIGEST_KEY] != "0" * 64
     assert (metadata["arch"], metadata["method"], metadata["model_name"]) == ("deit_small_patch16_224", "imagepiece", "deit_small_patch16_224.imagepiece")
     assert [row["tokens_in"] for row in metadata["token_schedule"]] == [197, 182, 168, 155, 116, 107, 99, 75, 70, 65, 50, 47]
     assert metadata["config"]["p"] == 0.3 and metadata["config"]["keep_rate"] == 0.8
@@ -30,6 +35,9 @@ def test_metadata_describes_the_artifact(compiled):
     assert metadata["preprocessing"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                                          "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center"}
     assert metadata["device_type"] == "cpu" and metadata["cuda_capability"] is None
+    assert (metadata["input_format"], metadata["precision"]) == ("float_nchw", "fp32")
+    target = compile_target()  # what this machine compiles for (tests/test_cpu_target.py)
+    assert (metadata["cpu_capability"], metadata["cpu_features"]) == (target.capability, list(target.features))
     assert metadata["torch_version"] == torch.__version__
     checkpoint = compiled.checkpoint("deit_small_patch16_224")
     assert metadata["checkpoint"]["sha256"] == imagepiece.weights.file_sha256(checkpoint)
@@ -45,11 +53,27 @@ def test_random_weights_are_recorded_and_announced(compiled, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["random.so"]  # no generated sources left beside it
 
 
-def test_help_explains_the_options():
-    result = run_cli("--help")
-    assert result.returncode == 0
-    for option in ("--arch", "--method", "--checkpoint", "--device", "--dtype", "--batch", "--max-batch", "--out", "--lcb"):
-        assert option in result.stdout
+def aot_compile_module():
+    spec = importlib.util.spec_from_file_location("aot_compile", CLI[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_command_line_choices_become_the_config_and_input_format():
+    """Every --lcb and --reevaluation choice reaches the model's config (the vocabularies of
+    imagepiece.config, so a new choice needs no edit here); --input-format names the metadata's format."""
+    cli = aot_compile_module()
+    for choice in LCB_CHOICES:
+        args = cli.parse_args(["--lcb", choice, "--out", "x.so"])
+        assert cli.config_overrides(args)["lcb"] == lcb_from_cli(choice)
+    for choice in REEVALUATIONS:
+        model = imagepiece.create_model("deit_tiny_patch16_224", "imagepiece",
+                                        **cli.config_overrides(cli.parse_args(["--reevaluation", choice, "--out", "x.so"])))
+        assert model.reduction_config.reevaluation == choice
+    assert cli.config_overrides(cli.parse_args(["--out", "x.so"])) == {}  # defaults: the method's published setting
+    assert cli.parse_args(["--out", "x.so"]).input_format == "float"
+    assert {cli.CLI_INPUT_FORMATS[choice] for choice in ("float", "uint8")} == set(INPUT_FORMATS)
 
 
 @pytest.mark.parametrize(
@@ -57,20 +81,27 @@ def test_help_explains_the_options():
     [
         (("--arch", "deit_huge_patch16_224"), "invalid choice"),
         (("--method", "dynamicvit"), "invalid choice"),
+        (("--lcb", "conv"), "invalid choice"),
+        (("--reevaluation", "max"), "invalid choice"),
+        (("--input-format", "rgb"), "invalid choice"),
         (("--p", "1.5"), "p must be in"),
         (("--merge-ratio", "0.3"), "merge_ratio"),
         (("--prune-blocks", "3", "20"), "prune_blocks"),
         (("--checkpoint", "/nonexistent/deit.pth"), "does not exist"),
         (("--dtype", "fp16", "--device", "cpu"), "fp16 is not supported on cpu"),
         (("--device", "tpu"), "device must be"),
-        (("--batch", "0"), "batch must be >= 1"),
-        (("--max-batch", "1"), "max_batch must be >= 2"),
+        (("--batch", "0"), "--batch: must be an integer >= 1, got 0"),
+        (("--batch", "-1"), "--batch: must be an integer >= 1, got -1"),
+        (("--batch", "two"), "--batch: must be an integer, got 'two'"),
+        (("--max-batch", "1"), "--max-batch: must be an integer >= 2, got 1"),
+        (("--num-classes", "0"), "--num-classes: must be an integer >= 1, got 0"),
+        (("--num-classes", "-5"), "--num-classes: must be an integer >= 1, got -5"),
+        (("--tome-r", "-1"), "tome_r must be an int"),
         (("--out-suffix", ".onnx"), "must end in .so"),
         (("--out-dir", "/nonexistent-dir"), "does not exist"),
-        (("--out-dir", "/sys/kernel"), "not writable"),
     ],
 )
-def test_bad_requests_fail_clearly_without_leaving_a_file(tmp_path, args, message):
+def test_bad_requests_fail_in_one_line_with_status_2_and_leave_nothing(tmp_path, args, message):
     folder, suffix = tmp_path, ".so"
     if args[0] == "--out-suffix":
         suffix, args = args[1], ()
@@ -78,14 +109,48 @@ def test_bad_requests_fail_clearly_without_leaving_a_file(tmp_path, args, messag
         folder, args = Path(args[1]), ()
     out = folder / f"model{suffix}"
     result = run_cli("--arch", "deit_tiny_patch16_224", *args, "--out", out)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_an_unwritable_target_fails_in_one_line_with_status_1():
+    result = run_cli("--arch", "deit_tiny_patch16_224", "--out", "/sys/kernel/model.so")
+    assert result.returncode == 1
+    assert "not writable" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("failure", ["oserror", "compiler"])
+def test_a_full_disk_fails_in_one_line_with_status_1_and_leaves_nothing(tmp_path, failure):
+    """The disk fills while AOTInductor writes: as an OSError, or (what a real full disk gives, checked on
+    a tiny tmpfs) as the C++ compiler's error text wrapped in Inductor's own exception."""
+    out = tmp_path / "model.so"
+    script = f"""
+        import errno, os, runpy, sys
+        import torch
+
+        def fill_the_disk(module, args, options):
+            with open(options["aot_inductor.output_path"], "wb") as half:
+                half.write(b"half a library")
+            if {failure!r} == "oserror":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), options["aot_inductor.output_path"])
+            from torch._inductor.exc import CppCompileError, InductorError
+            raise InductorError(CppCompileError(["g++"], "Fatal error: can't fill 256 bytes in section .lrodata: 'No space left on device'"), None)
+
+        torch._inductor.aot_compile = fill_the_disk
+        sys.argv = ["aot_compile.py", "--arch", "deit_tiny_patch16_224", "--method", "plain", "--out", {str(out)!r}]
+        runpy.run_path({str(CLI[1])!r}, run_name="__main__")
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("aot_compile.py")]
+    assert lines == [f"aot_compile.py: error: could not write {out}: No space left on device"], result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_mismatched_checkpoint_is_refused(tmp_path):
-    torch.save(imagepiece.create_model("deit_small_patch16_224", "none").state_dict(), tmp_path / "small.pth")
+    torch.save(imagepiece.create_model("deit_small_patch16_224", "plain").state_dict(), tmp_path / "small.pth")
     result = run_cli("--arch", "deit_tiny_patch16_224", "--checkpoint", tmp_path / "small.pth", "--out", tmp_path / "x.so")
     assert result.returncode == 2 and "shape mismatch" in result.stderr and not (tmp_path / "x.so").exists()
 
@@ -105,7 +170,7 @@ def test_failed_compile_keeps_the_previous_artifact_and_leaves_no_debris(tmp_pat
         raise RuntimeError("compiler killed")
 
     monkeypatch.setattr(torch._inductor, "aot_compile", crash_midway)
-    model = imagepiece.create_model("deit_tiny_patch16_224", "none")
+    model = imagepiece.create_model("deit_tiny_patch16_224", "plain")
     with pytest.raises(RuntimeError, match="compiler killed"):
         export.compile_artifact(model, out, batch=1)
     assert out.read_bytes() == b"the good artifact from yesterday"
@@ -131,7 +196,7 @@ def not_artifacts(tmp_path, compiled):
         "truncated": (truncated, "not_an_artifact", "truncated"),
         "foreign": (foreign, "not_an_artifact", "no ImagePiece metadata"),
         "wrong_suffix": (ROOT / "README.md", "not_an_artifact", ".so or .pt2"),
-        "zip_not_package": (edited, "not_an_artifact", "no ImagePiece metadata"),
+        "zip_not_package": (edited, "not_an_artifact", "not a .pt2 package made by scripts/aot_compile.py"),
     }
 
 

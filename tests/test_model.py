@@ -5,19 +5,63 @@ import torch
 import imagepiece
 from imagepiece import METHODS, ReductionConfig, create_model, token_schedule
 from imagepiece.reduce import PRUNED_SOURCE
+from inputs import random_images
 
 NUM_PATCHES = 196
 
 
 @pytest.mark.parametrize("arch", ["deit_tiny_patch16_224", "deit_small_patch16_224"])
-@pytest.mark.parametrize("lcb", [None, "residual"])
-def test_no_reduction_equals_timm_deit(arch, lcb, images):
+def test_no_reduction_equals_timm_deit(arch, images):
     torch.manual_seed(0)
     reference = timm.create_model(arch).eval()
-    model = create_model(arch, "none", lcb=lcb)
-    model.load_state_dict(reference.state_dict(), strict=lcb is None)  # residual LCB: zero-init extras
+    model = create_model(arch, "plain")
+    model.load_state_dict(reference.state_dict())
     with torch.inference_mode():
         assert (model(images) - reference(images)).abs().max() <= 1e-5
+
+
+def make_lcb_smooth(model, strength=5.0):
+    """Give the residual LCB a job: add a 5x5-neighbourhood average of a random projection of
+    the tokens (biases keep GELU in its linear range), as a trained LCB would make nearby
+    patches alike."""
+    lcb, generator = model.lcb, torch.Generator().manual_seed(0)
+    hidden, dim = lcb.conv1.out_channels, lcb.conv1.in_channels
+    with torch.no_grad():
+        down = torch.randn(hidden, dim, generator=generator) / dim**0.5
+        lcb.conv1.weight.copy_(down[:, :, None, None].expand(-1, -1, 3, 3) / 9)
+        lcb.conv1.bias.fill_(10.0)
+        lcb.conv2.weight.copy_(torch.eye(hidden)[:, :, None, None].expand(-1, -1, 3, 3) / 9)
+        lcb.conv2.bias.zero_()
+        up = torch.randn(dim, hidden, generator=generator) / hidden**0.5 * strength
+        lcb.proj.weight.copy_(up[:, :, None, None])
+        lcb.proj.bias.copy_(-10.0 * up.sum(dim=1))
+
+
+def mean_merge_distance(model, images):
+    """Mean grid (Manhattan) distance between the patches that block 0 merged into one token."""
+    captured = []
+    hook = model.blocks[0].register_forward_hook(lambda module, args, out: captured.append(out[2]))
+    with torch.inference_mode():
+        model.forward_tokens(images, trace_source=True)
+    hook.remove()
+    distances = []
+    for tokens in captured[0][:, :, 1:]:
+        for patches in tokens:
+            cells = [divmod(int(i), 14) for i in torch.nonzero(patches == 1)[:, 0]]
+            distances += [abs(a[0] - b[0]) + abs(a[1] - b[1]) for a, b in zip(cells, cells[1:])]
+    return sum(distances) / len(distances)
+
+
+def test_a_nonzero_lcb_residual_makes_neighbours_merge():
+    images = random_images(4, seed=0)
+    plain = create_model("deit_tiny_patch16_224", "imagepiece", lcb="residual")
+    smooth = create_model("deit_tiny_patch16_224", "imagepiece", lcb="residual")
+    smooth.load_state_dict(plain.state_dict())
+    make_lcb_smooth(smooth)
+    # Noise images: without LCB, merged patches lie anywhere (~9 cells apart); with a local
+    # averaging LCB, the merges are between neighbours.
+    assert mean_merge_distance(plain, images) > 5
+    assert mean_merge_distance(smooth, images) < 2
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -66,13 +110,30 @@ def test_pruning_keeps_every_patch_in_exactly_one_token(images):
     torch.testing.assert_close(size[..., 0][~holds_pruned], merged_patches[~holds_pruned])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method, options", [(method, {}) for method in METHODS] + [("imagepiece", {"reevaluation": "sum"})])
 @pytest.mark.parametrize("lcb", [None, "stem", "residual"])
-def test_every_method_and_lcb_exports_with_static_shapes(method, lcb, images):
-    model = create_model("deit_tiny_patch16_224", method, lcb=lcb)
+def test_every_method_and_lcb_exports_with_static_shapes(method, options, lcb, images):
+    model = create_model("deit_tiny_patch16_224", method, lcb=lcb, **options)
+    if lcb == "residual":
+        make_lcb_smooth(model)  # a live branch, not the zero-init no-op
     exported = torch.export.export(model, (images,))
     with torch.inference_mode():
         torch.testing.assert_close(exported.module()(images), model(images))
+
+
+def test_reevaluation_modes_share_the_schedule_and_differ_only_in_pruning_scores():
+    attention = create_model("deit_small_patch16_224", "imagepiece")
+    summed = create_model("deit_small_patch16_224", "imagepiece", reevaluation="sum")
+    summed.load_state_dict(attention.state_dict())
+    assert attention.token_schedule() == summed.token_schedule()
+    images = random_images(4, seed=3)
+    with torch.inference_mode():
+        assert not torch.allclose(attention(images), summed(images))  # different tokens pruned
+        # No pruning, no difference: the two modes only score tokens for pruning.
+        no_prune = {"prune_blocks": ()}
+        a, s = (create_model("deit_small_patch16_224", "imagepiece", reevaluation=mode, **no_prune) for mode in ("attention", "sum"))
+        s.load_state_dict(a.state_dict())
+        torch.testing.assert_close(a(images), s(images))
 
 
 @pytest.mark.parametrize(
@@ -96,10 +157,35 @@ def test_model_names_and_timm_registry():
     assert imagepiece.parse_model_name("deit_small_patch16_224.tome") == ("deit_small_patch16_224", "tome")
     assert imagepiece.parse_model_name("evit_deit_base_patch16_224") == ("deit_base_patch16_224", "evit")
     for method in METHODS:
-        assert f"{method}_deit_small_patch16_224" in timm.list_models(f"{method}_deit*")
-    model = timm.create_model("imagepiece_deit_tiny_patch16_224", p=0.4)
+        assert timm.list_models(f"{method}_deit*") == [f"{method}_deit_{size}_patch16_224" for size in ("base", "small", "tiny")]
+        assert timm.list_models(f"{method}_deit*", pretrained=True) == []  # no hub weights claimed
+    model = timm.create_model("imagepiece_deit_tiny_patch16_224", p=0.4, reevaluation="sum")
     assert isinstance(model, imagepiece.ImagePieceViT) and model.reduction_config.p == 0.4
+    assert model.reduction_config.reevaluation == "sum"
+    assert model.pretrained_cfg["architecture"] == "imagepiece_deit_tiny_patch16_224"
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406) and model.pretrained_cfg["interpolation"] == "bicubic"
+    stem = timm.create_model("evit_deit_tiny_patch16_224", lcb="stem")
+    assert isinstance(stem.patch_embed, imagepiece.lcb.ConvStemPatchEmbed)  # chosen as timm's embed_layer
+
+
+def test_the_old_method_name_none_still_builds_plain_deit_with_a_warning():
+    with pytest.warns(FutureWarning, match="'none' is now called 'plain'"):
+        model = create_model("deit_tiny_patch16_224", "none")
+    assert model.reduction_config.method == "plain"
+
+
+def test_timm_feature_extraction_follows_the_token_schedule(images):
+    features = timm.create_model("imagepiece_deit_tiny_patch16_224", features_only=True, out_indices=(0, 3, 11))
+    schedule = token_schedule(ReductionConfig())
+    with torch.inference_mode():
+        outputs = features(images)
+    assert [tuple(t.shape) for t in outputs] == [(2, schedule[i].tokens_out - 1, 192) for i in (0, 3, 11)]
+    plain = timm.create_model("plain_deit_tiny_patch16_224", features_only=True, out_indices=(11,))
+    with torch.inference_mode():
+        assert plain(images)[0].shape == (2, 192, 14, 14)  # only unreduced tokens keep the patch grid
+    model = create_model("deit_tiny_patch16_224", "tome")
+    with pytest.raises(ValueError, match="use 'NLC'"):
+        model.forward_intermediates(images, output_fmt="NCHW")
 
 
 @pytest.mark.parametrize(

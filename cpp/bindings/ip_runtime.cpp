@@ -1,16 +1,149 @@
 // Python module ip_runtime._core: imagepiece::Runtime bound 1:1 (same names and arguments).
 // Uses torch's own pybind11 and tensor casters, so torch.Tensor crosses without copies; numpy
-// arrays are wrapped with torch.from_numpy (zero-copy) and numpy comes back for numpy in.
+// arrays are wrapped zero-copy and numpy comes back for numpy in.
+//
+// Every failure of a call is an ip_runtime.Error: arguments are taken as Python objects and converted
+// here (paths may be os.PathLike; an option of the wrong type is `invalid_type`), and a numpy array
+// torch cannot wrap is refused with the code of what is wrong with it, never a TypeError/ValueError.
+#include <torch/csrc/utils/tensor_numpy.h>
 #include <torch/python.h>
 
+#include <cstring>
+
+#include "batcher_bindings.h"
+#include "conversions.h"
 #include "imagepiece/runtime.h"
 
 namespace py = pybind11;
+using imagepiece::Error;
 using imagepiece::ErrorCode;
 using imagepiece::Runtime;
 using imagepiece::RuntimeOptions;
 
 namespace {
+
+std::string type_name(const py::handle& object) { return py::str(py::type::of(object).attr("__name__")).cast<std::string>(); }
+
+// A tensor over the array's memory (no copy). For images, problems are named by their own code; for
+// the output buffer every problem is `invalid_output` (it must be writable: torch would otherwise
+// write into a read-only array, a bytes object or a read-only mmap).
+at::Tensor tensor_from_array(const py::handle& array, bool is_output) {
+  auto refuse = [&](ErrorCode code, const std::string& why) -> Error {
+    return Error(is_output ? ErrorCode::kInvalidOutput : code, std::string(is_output ? "logits" : "images") + " " + why);
+  };
+  const py::object dtype = array.attr("dtype");
+  if (!dtype.attr("isnative").cast<bool>()) {
+    throw refuse(ErrorCode::kInvalidDtype, "must be in native byte order, got numpy dtype " + py::str(dtype).cast<std::string>());
+  }
+  if (is_output && !array.attr("flags").attr("writeable").cast<bool>()) {
+    throw refuse(ErrorCode::kInvalidOutput, "must be a writable array (this one is read-only: a view of bytes, a read-only mmap, "
+                                            "or writeable=False)");
+  }
+  for (const auto& stride : array.attr("strides")) {
+    if (stride.cast<int64_t>() < 0) throw refuse(ErrorCode::kNotContiguous, "must be contiguous (this array has negative strides)");
+  }
+  try {
+    return torch::utils::tensor_from_numpy(array.ptr(), /*warn_if_not_writeable=*/false);
+  } catch (const std::exception& error) {
+    PyErr_Clear();
+    throw refuse(ErrorCode::kInvalidDtype, "cannot be used as a tensor (numpy dtype " + py::str(dtype).cast<std::string>() + "): " + error.what());
+  }
+}
+
+py::handle error_type;  // ip_runtime.Error, made at import
+
+}  // namespace
+
+// Conversions shared by every binding file of the module (declared for them in conversions.h): each
+// refuses a wrong argument with an imagepiece::Error, never a TypeError.
+namespace imagepiece::python {
+
+[[noreturn]] void wrong_type(const std::string& what, const std::string& wanted, const py::handle& object) {
+  throw Error(ErrorCode::kInvalidType, what + " must be " + wanted + ", got " + type_name(object));
+}
+
+int64_t int_argument(const std::string& what, const py::handle& object) {
+  // operator.index: ints and numpy integers, never floats, strings or bools.
+  if (!py::isinstance<py::bool_>(object)) {
+    try {
+      return py::module_::import("operator").attr("index")(object).cast<int64_t>();
+    } catch (const py::error_already_set&) {
+    } catch (const py::cast_error&) {
+      throw Error(ErrorCode::kInvalidOption, what + " is out of range");
+    }
+  }
+  wrong_type(what, "an int", object);
+}
+
+bool bool_argument(const std::string& what, const py::handle& object) {
+  static py::object numpy_bool = py::module_::import("numpy").attr("bool_");
+  if (py::isinstance<py::bool_>(object) || py::isinstance(object, numpy_bool)) return PyObject_IsTrue(object.ptr()) == 1;
+  wrong_type(what, "True or False", object);
+}
+
+std::vector<int64_t> int_list_argument(const std::string& what, const py::handle& object) {
+  if (py::isinstance<py::str>(object) || !py::hasattr(object, "__iter__")) wrong_type(what, "a sequence of ints", object);
+  std::vector<int64_t> values;
+  try {
+    for (const auto& item : object) values.push_back(int_argument(what + " item", item));
+  } catch (const py::error_already_set&) {
+    wrong_type(what, "a sequence of ints", object);
+  }
+  return values;
+}
+
+bool is_ndarray(const py::handle& object) {
+  static py::object ndarray = py::module_::import("numpy").attr("ndarray");
+  return py::isinstance(object, ndarray);
+}
+
+at::Tensor as_tensor(const py::handle& object, bool is_output) {
+  if (THPVariable_Check(object.ptr())) return THPVariable_Unpack(object.ptr());
+  if (is_ndarray(object)) return tensor_from_array(object, is_output);
+  const std::string what = is_output ? "logits" : "images";
+  throw Error(is_output ? ErrorCode::kInvalidOutput : ErrorCode::kInvalidType,
+              what + " must be a torch.Tensor or numpy.ndarray, got " + type_name(object));
+}
+
+py::object error_object(const Error& error) {
+  // A message may quote bytes of a corrupt file: build it whatever their encoding.
+  auto message = py::reinterpret_steal<py::object>(
+      PyUnicode_DecodeUTF8(error.what(), static_cast<Py_ssize_t>(std::strlen(error.what())), "backslashreplace"));
+  py::object instance = py::reinterpret_borrow<py::object>(error_type)(message);
+  instance.attr("code") = error_code_name(error.code());
+  return instance;
+}
+
+}  // namespace imagepiece::python
+
+namespace {
+
+using namespace imagepiece::python;
+
+std::string path_argument(const py::handle& object) {
+  try {
+    py::module_ os = py::module_::import("os");
+    return os.attr("fsdecode")(os.attr("fspath")(object)).cast<std::string>();
+  } catch (const py::error_already_set&) {
+    wrong_type("artifact", "a path (str or os.PathLike)", object);
+  }
+}
+
+std::string device_argument(const py::handle& object) {
+  // A torch.device is accepted by its name ("cuda:1").
+  if (py::isinstance<py::str>(object) || py::isinstance(object, py::module_::import("torch").attr("device"))) {
+    return py::str(object).cast<std::string>();
+  }
+  wrong_type("device", "a str such as 'cpu' or 'cuda:0'", object);
+}
+
+int instances_argument(const py::handle& object) {
+  const int64_t instances = int_argument("instances", object);
+  if (instances < INT32_MIN || instances > INT32_MAX) {
+    throw Error(ErrorCode::kInvalidOption, "instances must be in [1, 64], got " + std::to_string(instances));
+  }
+  return static_cast<int>(instances);  // the runtime checks the range
+}
 
 py::dict info_dict(const imagepiece::ModelInfo& info) {
   py::dict out;
@@ -18,11 +151,16 @@ py::dict info_dict(const imagepiece::ModelInfo& info) {
   out["arch"] = info.arch;
   out["method"] = info.method;
   out["dtype"] = info.dtype;
+  out["precision"] = info.precision;
+  out["input_format"] = info.input_format;
   out["device_type"] = info.device_type;
   out["cuda_capability"] = info.cuda_capability.empty() ? py::object(py::none()) : py::object(py::str(info.cuda_capability));
+  out["cpu_capability"] = info.cpu_capability.empty() ? py::object(py::none()) : py::object(py::str(info.cpu_capability));
+  out["cpu_features"] = info.device_type == "cpu" ? py::object(py::cast(info.cpu_features)) : py::object(py::none());
   out["torch_version"] = info.torch_version;
   out["created"] = info.created;
   out["checkpoint_sha256"] = info.checkpoint_sha256;
+  out["artifact_sha256"] = info.artifact_sha256;
   out["input_shape"] = info.input_shape;
   out["num_classes"] = info.num_classes;
   out["batch_min"] = info.batch_min;
@@ -33,23 +171,9 @@ py::dict info_dict(const imagepiece::ModelInfo& info) {
   out["std"] = info.std;
   out["interpolation"] = info.interpolation;
   out["crop_pct"] = info.crop_pct;
+  // Valid UTF-8 JSON: the runtime read it strictly.
   out["metadata"] = py::module_::import("json").attr("loads")(info.metadata_json);
   return out;
-}
-
-bool is_ndarray(const py::handle& object) {
-  static py::object ndarray = py::module_::import("numpy").attr("ndarray");
-  return py::isinstance(object, ndarray);
-}
-
-at::Tensor as_tensor(const py::handle& object) {
-  if (THPVariable_Check(object.ptr())) return THPVariable_Unpack(object.ptr());
-  if (is_ndarray(object)) {
-    static py::object from_numpy = py::module_::import("torch").attr("from_numpy");
-    return THPVariable_Unpack(from_numpy(object).ptr());
-  }
-  throw imagepiece::Error(ErrorCode::kInvalidType, std::string("images must be a torch.Tensor or numpy.ndarray, got ") +
-                                                        py::str(py::type::of(object).attr("__name__")).cast<std::string>());
 }
 
 }  // namespace
@@ -58,44 +182,51 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "ImagePiece C++ runtime (imagepiece::Runtime) for Python";
 
   // ip_runtime.Error carries `.code`, the ErrorCode's name ("invalid_batch", "incompatible", ...).
-  static py::handle error_type = py::exception<imagepiece::Error>(m, "Error", PyExc_RuntimeError).release();
+  error_type = py::exception<Error>(m, "Error", PyExc_RuntimeError).release();
   py::register_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
-    } catch (const imagepiece::Error& e) {
-      py::object instance = py::reinterpret_borrow<py::object>(error_type)(e.what());
-      instance.attr("code") = imagepiece::error_code_name(e.code());
-      PyErr_SetObject(error_type.ptr(), instance.ptr());
+    } catch (const Error& e) {
+      PyErr_SetObject(error_type.ptr(), error_object(e).ptr());
     }
   });
 
   py::class_<RuntimeOptions>(m, "RuntimeOptions")
       .def(py::init<>())
-      .def_readwrite("device", &RuntimeOptions::device)
-      .def_readwrite("instances", &RuntimeOptions::instances)
-      .def_readwrite("cuda_graphs", &RuntimeOptions::cuda_graphs)
-      .def_readwrite("batch_buckets", &RuntimeOptions::batch_buckets);
+      .def_property(
+          "device", [](const RuntimeOptions& o) { return o.device; },
+          [](RuntimeOptions& o, const py::object& value) { o.device = device_argument(value); })
+      .def_property(
+          "instances", [](const RuntimeOptions& o) { return o.instances; },
+          [](RuntimeOptions& o, const py::object& value) { o.instances = instances_argument(value); })
+      .def_property(
+          "cuda_graphs", [](const RuntimeOptions& o) { return o.cuda_graphs; },
+          [](RuntimeOptions& o, const py::object& value) { o.cuda_graphs = bool_argument("cuda_graphs", value); })
+      .def_property(
+          "batch_buckets", [](const RuntimeOptions& o) { return o.batch_buckets; },
+          [](RuntimeOptions& o, const py::object& value) { o.batch_buckets = int_list_argument("batch_buckets", value); });
 
   py::class_<Runtime>(m, "Runtime")
-      .def(py::init([](const std::string& artifact, const std::string& device, int instances, bool cuda_graphs,
-                       std::vector<int64_t> batch_buckets) {
+      .def(py::init([](const py::object& artifact, const py::object& device, const py::object& instances, const py::object& cuda_graphs,
+                       const py::object& batch_buckets) {
+             const std::string path = path_argument(artifact);
              RuntimeOptions options;
-             options.device = device;
-             options.instances = instances;
-             options.cuda_graphs = cuda_graphs;
-             options.batch_buckets = std::move(batch_buckets);
+             options.device = device_argument(device);
+             options.instances = instances_argument(instances);
+             options.cuda_graphs = bool_argument("cuda_graphs", cuda_graphs);
+             options.batch_buckets = int_list_argument("batch_buckets", batch_buckets);
              py::gil_scoped_release release;  // loading and CUDA-graph capture take a while
-             return std::make_unique<Runtime>(artifact, std::move(options));
+             return std::make_unique<Runtime>(path, std::move(options));
            }),
            py::arg("artifact"), py::arg("device") = "", py::arg("instances") = 1, py::arg("cuda_graphs") = false,
-           py::arg("batch_buckets") = std::vector<int64_t>{})
+           py::arg("batch_buckets") = py::tuple())
       .def(
           "run",
           [](Runtime& self, const py::object& images, const py::object& logits) -> py::object {
             const bool numpy_in = is_ndarray(images);
-            at::Tensor input = as_tensor(images);
+            at::Tensor input = as_tensor(images, /*is_output=*/false);
             if (!logits.is_none()) {
-              at::Tensor output = as_tensor(logits);
+              at::Tensor output = as_tensor(logits, /*is_output=*/true);
               {
                 py::gil_scoped_release release;
                 self.run(input, output);
@@ -111,8 +242,10 @@ PYBIND11_MODULE(_core, m) {
             return numpy_in ? tensor.attr("numpy")() : tensor;
           },
           py::arg("images"), py::arg("logits") = py::none(),
-          "Logits for a batch of images (torch.Tensor or numpy.ndarray, NCHW, contiguous). With `logits` given, "
-          "fills it in place and returns it.")
+          "Logits for a batch of images (torch.Tensor or numpy.ndarray, NCHW, contiguous). With `logits` given "
+          "(writable, contiguous, without requires_grad), fills it in place and returns it.")
       .def_property_readonly("info", [](const Runtime& self) { return info_dict(self.info()); })
       .def_property_readonly("options", [](const Runtime& self) { return self.options(); });
+
+  bind_batcher(m);  // ip_runtime.Batcher (batcher_bindings.cpp)
 }

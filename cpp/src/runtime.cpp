@@ -1,17 +1,19 @@
 #include "imagepiece/runtime.h"
 
 #include <ATen/ATen.h>
-#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
 
 #include <algorithm>
 #include <condition_variable>
-#include <filesystem>
 #include <map>
 #include <mutex>
 #include <sstream>
 
+#include "artifact_file.h"
+#include "library_copies.h"
 #include "metadata.h"
+#include "process_setup.h"
 
 #ifdef IMAGEPIECE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -39,6 +41,8 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::kNotContiguous: return "not_contiguous";
     case ErrorCode::kInvalidOutput: return "invalid_output";
     case ErrorCode::kRunFailed: return "run_failed";
+    case ErrorCode::kOverloaded: return "overloaded";
+    case ErrorCode::kCancelled: return "cancelled";
   }
   return "unknown";
 }
@@ -57,7 +61,7 @@ std::string shape_string(at::IntArrayRef sizes) {
 
 at::ScalarType scalar_type_of(const std::string& dtype) {
   static const std::map<std::string, at::ScalarType> kTypes = {
-      {"fp32", at::kFloat}, {"fp16", at::kHalf}, {"bf16", at::kBFloat16}};
+      {"fp32", at::kFloat}, {"fp16", at::kHalf}, {"bf16", at::kBFloat16}, {"uint8", at::kByte}};
   auto found = kTypes.find(dtype);
   if (found == kTypes.end()) throw Error(ErrorCode::kNotAnArtifact, "artifact metadata names an unknown dtype '" + dtype + "'");
   return found->second;
@@ -74,35 +78,40 @@ c10::Device resolve_device(const RuntimeOptions& options, const ModelInfo& info)
   }
 }
 
-// One AOTI model container, from a .so (runner) or a .pt2 (package loader that owns its runner).
+// AOTI model containers in the verified private copy of an artifact's library (`library_path`; the
+// artifact's own path only names it in messages). A .pt2's library is loaded the same way: PyTorch's
+// package loader would unpack it to a new temporary path per load, which glibc never unloads.
 struct ModelRunner {
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
   std::unique_ptr<torch::inductor::AOTIModelContainerRunner> library;
 
-  ModelRunner(const std::string& path, const c10::Device& device, size_t containers, bool single_threaded) {
+  ModelRunner(const std::string& library_path, const std::string& artifact, const c10::Device& device, size_t containers,
+              bool single_threaded) {
     try {
-      if (std::filesystem::path(path).extension() == ".pt2") {
-        package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", single_threaded, containers,
-                                                                            device.is_cuda() ? device.index() : -1);
-      } else if (device.is_cuda()) {
+      if (device.is_cuda()) {
 #ifdef IMAGEPIECE_WITH_CUDA
-        library = std::make_unique<torch::inductor::AOTIModelContainerRunnerCuda>(path, containers, device.str(), "", single_threaded);
+        library = std::make_unique<torch::inductor::AOTIModelContainerRunnerCuda>(library_path, containers, device.str(), "", single_threaded);
 #endif
       } else {
-        library = std::make_unique<torch::inductor::AOTIModelContainerRunnerCpu>(path, containers, single_threaded);
+        library = std::make_unique<torch::inductor::AOTIModelContainerRunnerCpu>(library_path, containers, single_threaded);
       }
     } catch (const std::exception& error) {
-      throw Error(ErrorCode::kLoadFailed, "could not load '" + path + "': " + error.what());
+      throw Error(ErrorCode::kLoadFailed, "could not load '" + artifact + "': " + error.what());
     }
   }
 
-  at::Tensor run(const at::Tensor& images, void* stream = nullptr) {
+  // The logits, which must be [batch, num_classes] as the metadata promises.
+  at::Tensor run(const at::Tensor& images, int64_t num_classes, void* stream = nullptr) {
+    at::Tensor logits;
     try {
-      auto outputs = package ? package->run({images}, stream) : library->run({images}, stream);
-      return outputs.at(0);
+      logits = library->run({images}, stream).at(0);
     } catch (const std::exception& error) {
       throw Error(ErrorCode::kRunFailed, std::string("the compiled model failed: ") + error.what());
     }
+    if (logits.dim() != 2 || logits.size(0) != images.size(0) || logits.size(1) != num_classes) {
+      throw Error(ErrorCode::kRunFailed, "the compiled model returned " + shape_string(logits.sizes()) + " but its metadata promises " +
+                                             shape_string({images.size(0), num_classes}));
+    }
+    return logits;
   }
 };
 
@@ -132,7 +141,12 @@ struct Runtime::Impl {
   RuntimeOptions options;
   ModelInfo info;
   c10::Device device{c10::kCPU};
-  at::ScalarType dtype = at::kFloat;
+  at::ScalarType dtype = at::kFloat;         // of the images
+  at::ScalarType logits_dtype = at::kFloat;  // what the model computes in
+  std::vector<int64_t> image_dims;           // one image as the artifact takes it ([C, H, W] or [H, W, C])
+  uint64_t fork_generation = 0;
+  // Declared before every runner, so destroyed after them: the lease outlives the library's users.
+  std::unique_ptr<detail::LibraryLease> library;
   std::unique_ptr<ModelRunner> shared_runner;  // every CPU call, and CUDA calls without graphs
 
 #ifdef IMAGEPIECE_WITH_CUDA
@@ -143,16 +157,27 @@ struct Runtime::Impl {
 #endif
 
   Impl(std::string artifact, RuntimeOptions opts) : path(std::move(artifact)), options(std::move(opts)) {
-    info = detail::read_model_info(path);
+    detail::prepare_process();
+    detail::InFlight loading;
+    fork_generation = detail::fork_generation();
+    detail::VerifiedArtifact verified = detail::open_artifact(path);
+    info = std::move(verified.info);
     dtype = scalar_type_of(info.dtype);
+    logits_dtype = scalar_type_of(detail::compute_dtype(info.precision));
+    image_dims = detail::image_dims(info);
     device = resolve_device(options, info);
     check_options();
     detail::check_compatible(info, device);
+    library = detail::lease_library(info.artifact_sha256, std::move(verified.library));
     if (device.is_cuda()) {
       start_cuda();
     } else {
-      shared_runner = std::make_unique<ModelRunner>(path, device, static_cast<size_t>(options.instances), false);
+      shared_runner = runner(static_cast<size_t>(options.instances), false);
     }
+  }
+
+  std::unique_ptr<ModelRunner> runner(size_t containers, bool single_threaded) const {
+    return std::make_unique<ModelRunner>(library->path(), path, device, containers, single_threaded);
   }
 
   void check_options() {
@@ -171,10 +196,15 @@ struct Runtime::Impl {
     }
   }
 
-  void check_images(const at::Tensor& images) const {
+  // `whole_batch` = false: one row of a batch, unsqueezed (check_sample), whose batch and layout do not matter.
+  void check_images(const at::Tensor& images, bool whole_batch = true) const {
     // Messages are built only on failure: this runs on every call.
-    const auto& shape = info.input_shape;
-    auto expected = [&] { return "[B, " + std::to_string(shape[0]) + ", " + std::to_string(shape[1]) + ", " + std::to_string(shape[2]) + "]"; };
+    const auto& shape = image_dims;
+    const bool pixels = info.input_format == "uint8_nhwc";
+    auto expected = [&] {
+      return "[B, " + std::to_string(shape[0]) + ", " + std::to_string(shape[1]) + ", " + std::to_string(shape[2]) + "]" +
+             (pixels ? " uint8 RGB pixels (the artifact normalises them)" : "");
+    };
     if (!images.defined()) throw Error(ErrorCode::kInvalidShape, "images is an undefined tensor");
     if (images.dim() != 4) {
       throw Error(ErrorCode::kInvalidShape, "images must be 4-D " + expected() + ", got " + std::to_string(images.dim()) + "-D " + shape_string(images.sizes()));
@@ -183,7 +213,7 @@ struct Runtime::Impl {
       throw Error(ErrorCode::kInvalidShape, "images must be " + expected() + ", got " + shape_string(images.sizes()));
     }
     const int64_t batch = images.size(0);
-    if (batch < info.batch_min || batch > info.batch_max) {
+    if (whole_batch && (batch < info.batch_min || batch > info.batch_max)) {
       const std::string allowed = info.batch_min == info.batch_max ? "exactly " + std::to_string(info.batch_min)
                                                                    : std::to_string(info.batch_min) + ".." + std::to_string(info.batch_max);
       throw Error(ErrorCode::kInvalidBatch, "batch " + std::to_string(batch) + " is outside the artifact's batch range (" + allowed + ")");
@@ -195,7 +225,9 @@ struct Runtime::Impl {
     if (images.device() != device && !staged) {
       throw Error(ErrorCode::kInvalidDevice, "images are on " + images.device().str() + ", the runtime runs on " + device.str());
     }
-    if (!images.is_contiguous()) throw Error(ErrorCode::kNotContiguous, "images must be contiguous (NCHW); call .contiguous() first");
+    if (whole_batch && !images.is_contiguous()) {
+      throw Error(ErrorCode::kNotContiguous, std::string("images must be contiguous (") + (pixels ? "NHWC" : "NCHW") + "); call .contiguous() first");
+    }
   }
 
   void check_logits(const at::Tensor& images, const at::Tensor& logits) const {
@@ -203,19 +235,29 @@ struct Runtime::Impl {
       throw Error(ErrorCode::kInvalidOutput, "logits must be " + shape_string({images.size(0), info.num_classes}) + ", got " +
                                                  (logits.defined() ? shape_string(logits.sizes()) : std::string("an undefined tensor")));
     }
-    if (logits.scalar_type() != dtype && logits.scalar_type() != at::kFloat) {
-      throw Error(ErrorCode::kInvalidOutput, std::string("logits must be ") + c10::toString(dtype) + " or Float, got " + c10::toString(logits.scalar_type()));
+    if (logits.scalar_type() != logits_dtype && logits.scalar_type() != at::kFloat) {
+      throw Error(ErrorCode::kInvalidOutput, std::string("logits must be ") + c10::toString(logits_dtype) + " or Float, got " + c10::toString(logits.scalar_type()));
     }
     if (logits.device() != device && !logits.device().is_cpu()) {
       throw Error(ErrorCode::kInvalidOutput, "logits are on " + logits.device().str() + ", expected " + device.str() + " or cpu");
     }
     if (!logits.is_contiguous()) throw Error(ErrorCode::kInvalidOutput, "logits must be contiguous");
+    if (logits.requires_grad()) throw Error(ErrorCode::kInvalidOutput, "logits must not require grad (pass a tensor without requires_grad, or .detach())");
+  }
+
+  void check_process() const {
+    if (device.is_cuda() && detail::fork_generation() != fork_generation) {
+      throw Error(ErrorCode::kRunFailed, "this CUDA Runtime was created before fork(): CUDA cannot be used in a forked child; "
+                                         "create Runtimes in the child, or start workers with 'spawn' or 'forkserver'");
+    }
   }
 
   at::Tensor run(const at::Tensor& images) {
     check_images(images);
-    if (device.is_cpu()) return shared_runner->run(images);
-    auto logits = at::empty({images.size(0), info.num_classes}, images.options().dtype(dtype).device(device));
+    detail::InFlight running;
+    check_process();
+    if (device.is_cpu()) return shared_runner->run(images, info.num_classes);
+    auto logits = at::empty({images.size(0), info.num_classes}, images.options().dtype(logits_dtype).device(device));
     run_cuda(images, logits);
     return logits;
   }
@@ -223,8 +265,12 @@ struct Runtime::Impl {
   void run(const at::Tensor& images, at::Tensor& logits) {
     check_images(images);
     check_logits(images, logits);
+    detail::InFlight running;
+    check_process();
     if (device.is_cpu()) {
-      logits.copy_(shared_runner->run(images));
+      at::Tensor output = shared_runner->run(images, info.num_classes);
+      c10::InferenceMode no_autograd;  // logits may be an inference tensor made in torch.inference_mode()
+      logits.copy_(output);
     } else {
       run_cuda(images, logits);
     }
@@ -248,12 +294,12 @@ struct Runtime::Impl {
   void start_cuda() {
     c10::cuda::CUDAGuard guard(device.index());
     const auto count = static_cast<size_t>(options.instances);
-    if (!options.cuda_graphs) shared_runner = std::make_unique<ModelRunner>(path, device, count, false);
+    if (!options.cuda_graphs) shared_runner = runner(count, false);
     for (size_t i = 0; i < count; ++i) {
       auto slot = std::make_unique<CudaSlot>(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index()));
       // Capture needs a runner that never synchronises across its own containers: one per slot.
       if (options.cuda_graphs) {
-        slot->own_runner = std::make_unique<ModelRunner>(path, device, 1, /*single_threaded=*/true);
+        slot->own_runner = runner(1, /*single_threaded=*/true);
         for (int64_t bucket : graph_buckets()) capture(*slot, bucket);
       }
       slots.push_back(std::move(slot));
@@ -263,15 +309,15 @@ struct Runtime::Impl {
 
   void capture(CudaSlot& slot, int64_t batch) {
     auto graph = std::make_unique<CudaSlot::Graph>();
-    const auto& shape = info.input_shape;
+    const auto& shape = image_dims;
     graph->input = at::zeros({batch, shape[0], shape[1], shape[2]}, at::TensorOptions().dtype(dtype).device(device));
     c10::cuda::CUDAStreamGuard stream_guard(slot.stream);
     void* stream = slot.stream.stream();
-    for (int warmup = 0; warmup < 2; ++warmup) slot.own_runner->run(graph->input, stream);  // lazy init off-graph
+    for (int warmup = 0; warmup < 2; ++warmup) slot.own_runner->run(graph->input, info.num_classes, stream);  // lazy init off-graph
     slot.stream.synchronize();
     try {
       graph->graph.capture_begin();
-      graph->output = slot.own_runner->run(graph->input, stream);
+      graph->output = slot.own_runner->run(graph->input, info.num_classes, stream);
       graph->graph.capture_end();
     } catch (const std::exception& error) {
       throw Error(ErrorCode::kLoadFailed, "CUDA graph capture failed for batch " + std::to_string(batch) + ": " + error.what());
@@ -319,6 +365,7 @@ struct Runtime::Impl {
     const auto caller = c10::cuda::getCurrentCUDAStream(device.index());
     const size_t index = acquire_slot();
     CudaSlot& slot = *slots[index];
+    c10::InferenceMode no_autograd;  // logits may be an inference tensor made in torch.inference_mode()
     try {
       c10::cuda::CUDAStreamGuard stream_guard(slot.stream);
       at::Tensor input = stage_input(slot, images, caller);
@@ -333,7 +380,7 @@ struct Runtime::Impl {
         graph.graph.replay();
         logits.copy_(graph.output.narrow(0, 0, batch), /*non_blocking=*/true);
       } else {
-        auto output = shared_runner->run(input, slot.stream.stream());
+        auto output = shared_runner->run(input, info.num_classes, slot.stream.stream());
         logits.copy_(output, /*non_blocking=*/true);
         c10::cuda::CUDACachingAllocator::recordStream(output.storage().data_ptr(), slot.stream);
       }
@@ -356,13 +403,45 @@ struct Runtime::Impl {
 #endif
 };
 
-Runtime::Runtime(const std::string& artifact, RuntimeOptions options) : impl_(std::make_unique<Impl>(artifact, std::move(options))) {}
+namespace {
+
+// Every failure leaves as an Error: anything else escaping the layers below (c10::Error, bad_alloc,
+// filesystem errors) is wrapped with the code of the step that failed.
+template <typename Step>
+auto as_error(ErrorCode code, const char* doing, Step&& step) {
+  try {
+    return step();
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& error) {
+    throw Error(code, std::string(doing) + ": " + error.what());
+  }
+}
+
+}  // namespace
+
+Runtime::Runtime(const std::string& artifact, RuntimeOptions options)
+    : impl_(as_error(ErrorCode::kLoadFailed, ("could not load '" + artifact + "'").c_str(),
+                     [&] { return std::make_unique<Impl>(artifact, std::move(options)); })) {}
 Runtime::~Runtime() = default;
 Runtime::Runtime(Runtime&&) noexcept = default;
 Runtime& Runtime::operator=(Runtime&&) noexcept = default;
 
-at::Tensor Runtime::run(const at::Tensor& images) { return impl_->run(images); }
-void Runtime::run(const at::Tensor& images, at::Tensor& logits) { impl_->run(images, logits); }
+at::Tensor Runtime::run(const at::Tensor& images) {
+  return as_error(ErrorCode::kRunFailed, "run failed", [&] { return impl_->run(images); });
+}
+void Runtime::run(const at::Tensor& images, at::Tensor& logits) {
+  as_error(ErrorCode::kRunFailed, "run failed", [&] { impl_->run(images, logits); });
+}
+void Runtime::check_sample(const at::Tensor& image) const {
+  // run()'s own rules on a batch of one: whatever input format the artifact takes.
+  if (!image.defined()) throw Error(ErrorCode::kInvalidShape, "image is an undefined tensor");
+  try {
+    impl_->check_images(image.unsqueeze(0), /*whole_batch=*/false);
+  } catch (const Error& error) {
+    throw Error(error.code(), "image " + shape_string(image.sizes()) + " is not a row of a batch this artifact takes: " + error.what());
+  }
+}
 const ModelInfo& Runtime::info() const { return impl_->info; }
 const RuntimeOptions& Runtime::options() const { return impl_->options; }
 

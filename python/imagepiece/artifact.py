@@ -1,164 +1,311 @@
-"""The compiled artifact's metadata: where it lives, how it is read, and what it allows.
+"""The artifact file: where its metadata lives, how a digest binds metadata and payload, how it is read.
 
-A `.so` carries its metadata inside itself, as a non-loaded ELF section named `.imagepiece_metadata`
-holding one JSON object (added with objcopy after AOTInductor links the library), so one file is
-the whole product and can never be separated from its description. A `.pt2` package carries the
-same JSON under the key "imagepiece" in AOTInductor's own package metadata (which C++ reads with
-`AOTIModelPackageLoader::get_metadata`). The C++ runtime reads both the same way; the checks here
-are the ones it applies too, with the same error codes.
+Format version 2 (FORMAT_VERSION). The metadata is one JSON object (rules: `imagepiece.artifact_metadata`).
+
+* `.so`: one shared library; the metadata is a non-loaded ELF section `.imagepiece_metadata` (added
+  with objcopy after AOTInductor links the library), so the file can never lose its description.
+* `.pt2`: AOTInductor's package, a zip whose members are all stored uncompressed, plus one member
+  `<package>/imagepiece/metadata.json`. It must hold exactly one compiled library
+  (`.../data/aotinductor/model/*.so`, weights inside), which is what gets loaded.
+
+Digest. The metadata's `artifact_sha256` is a sha256 over the payload *and* the metadata, taken with
+the digest's own 64 hex digits read as "0". Its place is fixed by the metadata text: exactly one
+`"artifact_sha256": "` followed by 64 lowercase hex digits and `"`.
+  * `.so`: the whole file;
+  * `.pt2`: every member in byte order of its name, each as u64le(len(name)) name u64le(len(data)) data.
+Loading reads the file once into a sealed private copy, checks the digest on that copy and loads
+exactly those bytes (`imagepiece.private_copy`). The digest catches corruption, truncation, edited
+metadata and mix-ups; it does not stop a forger, who can recompute it: an artifact is native code,
+trust it as you would a pickle.
+
+The C++ runtime (cpp/src/artifact_file.cpp, cpp/src/metadata.cpp) applies the same rules with the
+same error codes: a file one accepts, the other accepts.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
 import subprocess
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
-import torch
+from .artifact_metadata import (  # noqa: F401  (re-exported: the artifact's public vocabulary)
+    DIGEST_KEY,
+    DTYPES,
+    FORMAT_VERSION,
+    INPUT_DTYPES,
+    INPUT_FORMATS,
+    MAX_METADATA_BYTES,
+    PRECISIONS,
+    ArtifactError,
+    check_compatible,
+    check_format_version,
+    check_images,
+    current_cuda_capability,
+    decode,
+    image_dims,
+    input_dtype_name,
+    model_dtype,
+    validated,
+)
+from .artifact_containers import ContainerError, elf_section, one_member, stored_zip_members
+from .private_copy import SealedFile
 
-FORMAT_VERSION = 1
 SECTION_NAME = ".imagepiece_metadata"
-PACKAGE_METADATA_KEY = "imagepiece"
+PACKAGE_METADATA = "imagepiece/metadata.json"
+PACKAGE_LIBRARY_FOLDER = "data/aotinductor/model/"
 SUFFIXES = (".so", ".pt2")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-REQUIRED_KEYS = ("format_version", "arch", "method", "config", "token_schedule", "input_shape", "dtype", "batch",
-                 "preprocessing", "device_type", "cuda_capability", "torch_version", "num_classes")
+DIGEST_MARKER = b'"' + DIGEST_KEY.encode() + b'": "'
+DIGEST_PLACEHOLDER = "0" * 64
+NO_METADATA = "has no ImagePiece metadata: it was not made by scripts/aot_compile.py (or by one older than format 2: recompile it)"
 
 
-class ArtifactError(ValueError):
-    """A bad artifact or a bad input to one; `code` says which kind (same names as the C++ runtime)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+def _fail(path: Path, why: str, code: str = "not_an_artifact") -> None:
+    raise ArtifactError(code, f"{str(path)!r} {why}")
 
 
-def _elf_section(path: Path, name: str) -> Optional[bytes]:
-    """The bytes of section `name` of a 64-bit little-endian ELF file, or None if it has none."""
-    with open(path, "rb") as handle:
-        header = handle.read(64)
-        if len(header) < 64 or header[:4] != b"\x7fELF":
-            raise ArtifactError("not_an_artifact", f"{str(path)!r} is not a shared library (no ELF header)")
-        if header[4] != 2 or header[5] != 1:
-            raise ArtifactError("not_an_artifact", f"{str(path)!r} is not a 64-bit little-endian ELF file")
-        section_offset, = struct.unpack_from("<Q", header, 0x28)
-        entry_size, count, names_index = struct.unpack_from("<HHH", header, 0x3A)
-        handle.seek(0, 2)
-        file_size = handle.tell()
-        if entry_size != 64 or section_offset + count * 64 > file_size or names_index >= count:
-            raise ArtifactError("not_an_artifact", f"{str(path)!r} is truncated or corrupt (section table out of range)")
-        handle.seek(section_offset)
-        table = handle.read(count * 64)
-        sections = [struct.unpack_from("<IIQQQQIIQQ", table, i * 64) for i in range(count)]
-        names_offset, names_size = sections[names_index][4], sections[names_index][5]
-        handle.seek(names_offset)
-        names = handle.read(names_size)
-        for name_at, _, _, _, offset, size, *_ in sections:
-            if names[name_at : names.find(b"\0", name_at)].decode(errors="replace") == name:
-                if offset + size > file_size:
-                    raise ArtifactError("not_an_artifact", f"{str(path)!r} is truncated (metadata section out of range)")
-                handle.seek(offset)
-                return handle.read(size)
-    return None
-
-
-def embed_metadata(so_path: Path, metadata: dict) -> None:
-    """Add the metadata section to a freshly linked `.so` (in place)."""
-    objcopy = shutil.which("objcopy")
-    if objcopy is None:
-        raise RuntimeError("objcopy (binutils) is needed to put metadata into the .so; install binutils")
-    blob = so_path.with_suffix(".metadata.json")
-    blob.write_text(json.dumps(metadata, sort_keys=True))
-    subprocess.run(
-        [objcopy, "--add-section", f"{SECTION_NAME}={blob}", "--set-section-flags", f"{SECTION_NAME}=noload,readonly",
-         str(so_path)],
-        check=True, capture_output=True,
-    )
-    blob.unlink()
-
-
-def _package_metadata(path: Path) -> Optional[str]:
+def _metadata_section(data: SealedFile, path: Path) -> Optional[Tuple[int, int]]:
     try:
-        with zipfile.ZipFile(path) as package:
-            for member in package.namelist():
-                if member.endswith("_metadata.json") and "/aotinductor/" in member:
-                    found = json.loads(package.read(member)).get(PACKAGE_METADATA_KEY)
-                    if found is not None:
-                        return found
-    except (zipfile.BadZipFile, OSError, json.JSONDecodeError, EOFError) as error:
-        raise ArtifactError("not_an_artifact", f"{str(path)!r} is not a readable .pt2 package ({error})") from None
-    return None
+        return elf_section(data, SECTION_NAME)
+    except ContainerError as error:
+        _fail(path, str(error))
+
+
+def _package_members(data: SealedFile, path: Path) -> Tuple[Dict[bytes, Tuple[int, int]], Optional[bytes], Optional[bytes]]:
+    """The package's members, and the names of its metadata member and of its library (None if absent)."""
+    try:
+        members = stored_zip_members(data)
+        metadata = one_member(members, _is_metadata_member, "ImagePiece metadata member")
+        library = one_member(members, _is_library_member, "compiled library")
+    except ContainerError as error:
+        _fail(path, f"is not a .pt2 package made by scripts/aot_compile.py ({error})")
+    return members, metadata, library
+
+
+def _is_metadata_member(name: bytes) -> bool:
+    return name == PACKAGE_METADATA.encode() or name.endswith(b"/" + PACKAGE_METADATA.encode())
+
+
+def _is_library_member(name: bytes) -> bool:
+    folder = PACKAGE_LIBRARY_FOLDER.encode()
+    return name.endswith(b".so") and (name.startswith(folder) or b"/" + folder in name)
+
+
+def _digest_position(text: bytes, path: Path) -> Optional[int]:
+    """Where the digest's 64 hex digits start in the metadata text (None when there is no digest)."""
+    count = text.count(DIGEST_MARKER)
+    if count == 0:
+        return None
+    start = text.find(DIGEST_MARKER) + len(DIGEST_MARKER)
+    digits = text[start : start + 64]
+    if count > 1 or len(digits) != 64 or text[start + 64 : start + 65] != b'"' or digits.strip(b"0123456789abcdef"):
+        _fail(path, f"is corrupt (its metadata does not hold exactly one well-formed {DIGEST_KEY})")
+    return start
+
+
+def _hash_with_placeholder(hasher, data: SealedFile, start: int, end: int, digest_at: Optional[int]) -> None:
+    """Feed data[start:end) to `hasher`, with the 64 bytes at `digest_at` (if inside) read as "0"."""
+    if digest_at is None or not start <= digest_at < end:
+        for piece in data.chunks(start, end):
+            hasher.update(piece)
+        return
+    _hash_with_placeholder(hasher, data, start, digest_at, None)
+    hasher.update(DIGEST_PLACEHOLDER.encode())
+    _hash_with_placeholder(hasher, data, digest_at + 64, end, None)
+
+
+def _library_digest(data: SealedFile, digest_at: int) -> str:
+    hasher = hashlib.sha256()
+    _hash_with_placeholder(hasher, data, 0, data.size, digest_at)
+    return hasher.hexdigest()
+
+
+def _package_digest(members: Dict[bytes, Tuple[int, int]], sources: Dict[bytes, Tuple[SealedFile, int]],
+                    metadata_name: bytes, digest_at: int) -> str:
+    """`sources[name]` = (file, offset) holding each member's data (the library's is its private copy)."""
+    hasher = hashlib.sha256()
+    for name in sorted(members):
+        size = members[name][1]
+        source, offset = sources[name]
+        hasher.update(struct.pack("<Q", len(name)) + name + struct.pack("<Q", size))
+        _hash_with_placeholder(hasher, source, offset, offset + size, offset + digest_at if name == metadata_name else None)
+    return hasher.hexdigest()
+
+
+def _checked_metadata(text: bytes, digest_at: Optional[int], actual: Callable[[], str], path: Path) -> dict:
+    """The validated metadata, once the recorded digest equals `actual()` (the contents' digest)."""
+    try:
+        document, decode_error = decode(text), None
+    except ValueError as error:
+        document, decode_error = None, error
+    if document is not None:
+        check_format_version(document, repr(str(path)))  # an older or newer format says so first
+    if digest_at is None:
+        _fail(path, f"has no {DIGEST_KEY} in its metadata: it was not made by scripts/aot_compile.py")
+    recorded, computed = text[digest_at : digest_at + 64].decode(), actual()
+    if recorded != computed:
+        _fail(path, f"was modified or is corrupt: its contents do not match the sha256 digest recorded when it was "
+                    f"compiled (recorded {recorded[:16]}..., contents {computed[:16]}...); recompile or copy it again")
+    if decode_error is not None:
+        _fail(path, f"has corrupt metadata ({decode_error})")
+    return validated(document, repr(str(path)))
+
+
+@dataclass
+class VerifiedArtifact:
+    """An artifact whose digest matched: its metadata and a sealed private copy of the library to load."""
+
+    path: Path
+    metadata: dict
+    library: SealedFile
+
+    @property
+    def digest(self) -> str:
+        return self.metadata[DIGEST_KEY]
+
+    def close(self) -> None:
+        self.library.close()
+
+
+def _checked_path(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        _fail(path, "does not exist or is not a file", "file_not_found")
+    if path.suffix not in SUFFIXES:
+        _fail(path, "is not an artifact: an artifact is a .so or .pt2 file")
+    return path
+
+
+def _open_library(path: Path, data: SealedFile) -> VerifiedArtifact:
+    span = _metadata_section(data, path)
+    if span is None:
+        _fail(path, NO_METADATA)
+    offset, size = span
+    text = _metadata_text(data, offset, size, path)
+    digest_at = _digest_position(text, path)
+    metadata = _checked_metadata(text, digest_at, lambda: _library_digest(data, offset + digest_at), path)
+    return VerifiedArtifact(path, metadata, data)
+
+
+def _metadata_text(data: SealedFile, offset: int, size: int, path: Path) -> bytes:
+    if size > MAX_METADATA_BYTES:
+        _fail(path, f"has corrupt metadata (metadata is {size} bytes, more than the {MAX_METADATA_BYTES} allowed)")
+    return data.read(offset, size)
+
+
+def _open_package(path: Path, data: SealedFile) -> VerifiedArtifact:
+    members, metadata_name, library_name = _package_members(data, path)
+    if metadata_name is None:
+        _fail(path, NO_METADATA)
+    text = _metadata_text(data, *members[metadata_name], path)
+    digest_at = _digest_position(text, path)
+    if library_name is None:
+        _fail(path, "holds no compiled library (data/aotinductor/model/*.so): it was not made by scripts/aot_compile.py")
+    library = SealedFile.slice_of(data, *members[library_name], name=f"imagepiece:{path.name}:library")
+    try:
+        sources = {name: (data, offset) for name, (offset, _) in members.items()}
+        sources[library_name] = (library, 0)  # hash the very copy that gets loaded
+        metadata = _checked_metadata(text, digest_at, lambda: _package_digest(members, sources, metadata_name, digest_at), path)
+    except BaseException:
+        library.close()
+        raise
+    return VerifiedArtifact(path, metadata, library)
+
+
+def open_artifact(path: Union[str, Path]) -> VerifiedArtifact:
+    """Read an artifact once into a private copy and verify it; ArtifactError if it is not one of ours
+    or its digest does not match. The caller closes the result (or hands its library to a loader)."""
+    path = _checked_path(path)
+    try:
+        data = SealedFile.copy_of(path)
+    except OSError as error:
+        raise ArtifactError("load_failed", f"could not read {str(path)!r}: {error.strerror or error}") from None
+    try:
+        if path.suffix == ".so":
+            return _open_library(path, data)
+        verified = _open_package(path, data)
+        data.close()  # the package's library now has its own copy
+        return verified
+    except BaseException:
+        data.close()
+        raise
 
 
 def read_metadata(path: Union[str, Path]) -> dict:
-    """The metadata of an artifact (`.so` or `.pt2`); ArtifactError if it is not one of ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError("file_not_found", f"artifact {str(path)!r} does not exist or is not a file")
-    if path.suffix not in SUFFIXES:
-        raise ArtifactError("not_an_artifact", f"{str(path)!r}: an artifact is a .so or .pt2 file")
-    raw = _elf_section(path, SECTION_NAME) if path.suffix == ".so" else _package_metadata(path)
-    if raw is None:
-        raise ArtifactError("not_an_artifact", f"{str(path)!r} has no ImagePiece metadata: it was not made by scripts/aot_compile.py")
+    """The verified metadata of an artifact (`.so` or `.pt2`); ArtifactError if it is not one of ours."""
+    verified = open_artifact(path)
+    verified.close()
+    return verified.metadata
+
+
+def _metadata_bytes(metadata: Union[dict, bytes]) -> bytes:
+    text = metadata if isinstance(metadata, bytes) else json.dumps({**metadata, DIGEST_KEY: DIGEST_PLACEHOLDER}, sort_keys=True).encode()
+    if text.count(DIGEST_MARKER) != 1:  # json.dumps escapes every quote inside values: only raw text can fail
+        raise ValueError(f"metadata text must hold {DIGEST_MARKER.decode()}{DIGEST_PLACEHOLDER}\" exactly once")
+    return text
+
+
+def _seal_library(path: Path, metadata: Union[dict, bytes]) -> None:
+    objcopy = shutil.which("objcopy")
+    if objcopy is None:
+        raise RuntimeError("objcopy (binutils) is needed to put metadata into the .so; install binutils")
+    blob = path.with_name(path.name + ".metadata.json")
+    blob.write_bytes(_metadata_bytes(metadata))
     try:
-        metadata = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError("not_an_artifact", f"{str(path)!r} has corrupt metadata ({error})") from None
-    missing = [key for key in REQUIRED_KEYS if key not in metadata] if isinstance(metadata, dict) else list(REQUIRED_KEYS)
-    if missing:
-        raise ArtifactError("not_an_artifact", f"{str(path)!r} metadata lacks {missing}")
-    return metadata
+        subprocess.run([objcopy, "--remove-section", SECTION_NAME, "--add-section", f"{SECTION_NAME}={blob}",
+                        "--set-section-flags", f"{SECTION_NAME}=noload,readonly", str(path)], check=True, capture_output=True)
+    finally:
+        blob.unlink()
+    data = SealedFile.copy_of(path)
+    try:
+        offset, size = _metadata_section(data, path)
+        digest_at = offset + _digest_position(data.read(offset, size), path)
+        digest = _library_digest(data, digest_at)
+    finally:
+        data.close()
+    with open(path, "r+b") as handle:
+        handle.seek(digest_at)
+        handle.write(digest.encode())
 
 
-def current_cuda_capability(device_index: int = 0) -> Optional[str]:
-    if not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return f"{major}.{minor}"
+def _seal_package(path: Path, metadata: Union[dict, bytes]) -> None:
+    text = _metadata_bytes(metadata)
+    digest_at = _digest_position(text, path)
+    data = SealedFile.copy_of(path)
+    staged = SealedFile.holding(text, f"imagepiece:{path.name}:metadata")
+    try:
+        members, old, _ = _package_members(data, path)
+        folder = min(members).split(b"/")[0] + b"/" if all(b"/" in member for member in members) else b""
+        name = old or folder + PACKAGE_METADATA.encode()
+        sources = {member: (data, offset) for member, (offset, _) in members.items()}
+        members[name], sources[name] = (0, len(text)), (staged, 0)
+        digest = _package_digest(members, sources, name, digest_at)
+    finally:
+        data.close()
+        staged.close()
+    text = text[:digest_at] + digest.encode() + text[digest_at + 64 :]
+    if old is None:
+        with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_STORED) as package:
+            package.writestr(name.decode(), text)
+        return
+    rewritten = path.with_name(path.name + ".rewrite")  # a zip member cannot be replaced in place
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(rewritten, "w", compression=zipfile.ZIP_STORED) as target:
+        for member in members:
+            target.writestr(member.decode(), text if member == name else source.read(member.decode()))
+    rewritten.replace(path)
 
 
-def check_compatible(metadata: dict, device: torch.device) -> None:
-    """Refuse an artifact this process cannot run on `device`, saying what does not match."""
-    if metadata["format_version"] != FORMAT_VERSION:
-        raise ArtifactError("incompatible", f"artifact format version {metadata['format_version']} is not the supported {FORMAT_VERSION}; recompile it")
-    if metadata["torch_version"] != torch.__version__:
-        raise ArtifactError(
-            "incompatible",
-            f"artifact was compiled with torch {metadata['torch_version']} but this is torch {torch.__version__}; "
-            "AOTInductor artifacts run only with the torch that built them: recompile it",
-        )
-    if device.type != metadata["device_type"]:
-        raise ArtifactError("incompatible", f"artifact was compiled for {metadata['device_type']} and cannot run on {device.type}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ArtifactError("incompatible", "artifact was compiled for cuda but no CUDA device is available")
-        here = current_cuda_capability(device.index or 0)
-        if metadata["cuda_capability"] != here:
-            raise ArtifactError(
-                "incompatible",
-                f"artifact was compiled for CUDA compute capability {metadata['cuda_capability']}, this GPU is {here}",
-            )
+def write_metadata(path: Union[str, Path], metadata: Union[dict, bytes]) -> None:
+    """Put `metadata` into the artifact at `path` (replacing any) and seal it with a fresh digest.
 
-
-def check_images(metadata: dict, images, device: torch.device) -> None:
-    """Validate a batch against the artifact before the compiled model sees it (no copies made)."""
-    expected = list(metadata["input_shape"])
-    if not isinstance(images, torch.Tensor):
-        raise ArtifactError("invalid_type", f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ArtifactError("invalid_shape", f"images must be 4-D [B, {', '.join(map(str, expected))}], got {images.dim()}-D {list(images.shape)}")
-    if list(images.shape[1:]) != expected:
-        raise ArtifactError("invalid_shape", f"images must be [B, {', '.join(map(str, expected))}], got {list(images.shape)}")
-    low, high = metadata["batch"]["min"], metadata["batch"]["max"]
-    if not low <= images.shape[0] <= high:
-        allowed = f"exactly {low}" if low == high else f"{low}..{high}"
-        raise ArtifactError("invalid_batch", f"batch {images.shape[0]} is outside the artifact's batch range ({allowed})")
-    if images.dtype != DTYPES[metadata["dtype"]]:
-        raise ArtifactError("invalid_dtype", f"images must be {DTYPES[metadata['dtype']]} ({metadata['dtype']}), got {images.dtype}")
-    if images.device.type != device.type or (device.index is not None and images.device.index != device.index):
-        raise ArtifactError("invalid_device", f"images are on {images.device}, the artifact runs on {device}")
-    if not images.is_contiguous():
-        raise ArtifactError("not_contiguous", "images must be contiguous (NCHW); call .contiguous() first")
+    `compile_artifact` uses it on a freshly built library or package. Anyone can do the same to an
+    edited file, which is why the digest is an integrity check, not a signature. `metadata` may also
+    be the exact text to store (tools and tests that need exact bytes), holding the digest placeholder
+    `"artifact_sha256": "000...0"` (64 zeros) once.
+    """
+    path = Path(path)
+    (_seal_library if path.suffix == ".so" else _seal_package)(path, metadata)

@@ -11,7 +11,8 @@ Counting conventions (used by `token_schedule` and by the model, which must agre
   * Pruning (EViT and ImagePiece), after any merging in that block: keep ceil(keep_rate * n')
     of the n' image tokens left, fuse the other `pruned` ones into one new token.
 With the defaults this gives DeiT-S the design card's schedule 197 182 168 155 116 107 99 75 70 65
-50 47 (44 leave the last block).
+50 47 (44 leave the last block). Counts are Python ints, so every image of a batch reduces by the
+same amount (what a static-shape artifact needs); which tokens go is decided per image.
 """
 from __future__ import annotations
 
@@ -20,20 +21,26 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-METHODS = ("none", "tome", "evit", "imagepiece")
+METHODS = ("plain", "tome", "evit", "imagepiece")
 LCB_VARIANTS = (None, "stem", "residual")
-DEFAULT_KEEP_RATE = {"evit": 0.7, "imagepiece": 0.8, "none": 1.0, "tome": 1.0}
+# Command lines cannot say None: "none" stands for it there (see `lcb_from_cli`).
+LCB_CHOICES = ("none", "stem", "residual")
+REEVALUATIONS = ("attention", "sum")
+DEFAULT_KEEP_RATE = {"evit": 0.7, "imagepiece": 0.8, "plain": 1.0, "tome": 1.0}
 DEFAULT_PRUNE_BLOCKS = (3, 6, 9)
 
 # Named settings: the published baselines and a faster ImagePiece. "imagepiece_hyper" trades accuracy
 # for speed (about 40% of plain DeiT's tokens per block instead of 56%), in the spirit of the paper's
-# hyper-speed experiments, whose exact settings are not published.
+# hyper-speed experiments, whose exact settings are not published. "imagepiece_sum" scores pieces
+# for pruning by summing their parts' attention instead of re-evaluating it (to measure what the
+# paper's step 3 costs and changes).
 PRESETS = {
-    "deit": dict(method="none"),
+    "plain": dict(method="plain"),
     "tome": dict(method="tome", tome_r=13),
     "evit": dict(method="evit", keep_rate=0.7),
     "imagepiece": dict(method="imagepiece"),
     "imagepiece_hyper": dict(method="imagepiece", p=0.4, merge_ratio=0.15, keep_rate=0.7),
+    "imagepiece_sum": dict(method="imagepiece", reevaluation="sum"),
 }
 
 # floor/ceil of products such as 0.08 * 75 must not fall on the wrong side of an integer
@@ -70,8 +77,8 @@ class ReductionConfig:
     """How a DeiT reduces its tokens; validated on construction.
 
     Args:
-        method: "none" (plain DeiT), "tome" (ToMe, r merges per block), "evit" (EViT pruning with a
-            fused token) or "imagepiece" (re-tokenization in every block plus EViT-style pruning).
+        method: "plain" (DeiT, no reduction), "tome" (ToMe, r merges per block), "evit" (EViT pruning
+            with a fused token) or "imagepiece" (re-tokenization in every block plus EViT-style pruning).
         p: ImagePiece's fraction of image tokens treated as non-semantic merge candidates.
         merge_ratio: ImagePiece's merges per block as a fraction of image tokens; at most p / 2,
             because each merge consumes one A and one B candidate.
@@ -82,6 +89,10 @@ class ReductionConfig:
         lcb: Local Coherence Bias: None, "stem" (convolutional stem, must be trained) or
             "residual" (zero-initialised residual convs after the patch embedding).
         prop_attn: proportional attention (+log(size) on the attention logits) for merged tokens.
+        reevaluation: how ImagePiece scores tokens for pruning after merging them (its step 3):
+            "attention" recomputes the [CLS] attention row over the merged tokens (the paper's
+            re-evaluation; see `reduce.reevaluate`), "sum" gives a merged piece the sum of its parts'
+            scores and leaves every other score as it was (cheaper, an approximation).
         depth: number of transformer blocks the schedule covers.
         num_patches: image tokens entering the first block (196 for 224px, 16px patches).
     """
@@ -94,6 +105,7 @@ class ReductionConfig:
     tome_r: int = 13
     lcb: Optional[str] = None
     prop_attn: bool = True
+    reevaluation: str = "attention"
     depth: int = 12
     num_patches: int = 196
 
@@ -109,6 +121,8 @@ class ReductionConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.lcb not in LCB_VARIANTS:
             raise ValueError(f"lcb must be one of {LCB_VARIANTS}, got {self.lcb!r}")
+        if self.reevaluation not in REEVALUATIONS:
+            raise ValueError(f"reevaluation must be one of {REEVALUATIONS}, got {self.reevaluation!r}")
         _require_int("depth", self.depth, 1, 1000)
         _require_int("num_patches", self.num_patches, 4, 1_000_000)
         _require_int("tome_r", self.tome_r, 0, self.num_patches // 2)
@@ -127,7 +141,7 @@ class ReductionConfig:
             _require_int("prune_blocks entries", block, 0, self.depth - 1)
         if list(self.prune_blocks) != sorted(set(self.prune_blocks)):
             raise ValueError(f"prune_blocks must be strictly increasing, got {self.prune_blocks!r}")
-        if self.method in ("none", "tome") and self.keep_rate != 1.0:
+        if self.method in ("plain", "tome") and self.keep_rate != 1.0:
             raise ValueError(f"keep_rate must be 1.0 for method {self.method!r} (it does not prune), got {self.keep_rate}")
 
     @property
@@ -143,6 +157,11 @@ class ReductionConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def lcb_from_cli(choice: Optional[str]) -> Optional[str]:
+    """A command line's `--lcb` choice (one of LCB_CHOICES) as the config value: "none" is None."""
+    return None if choice in (None, "none") else choice
 
 
 def _require_int(name: str, value, low: int, high: int) -> None:

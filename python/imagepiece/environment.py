@@ -4,9 +4,14 @@ from __future__ import annotations
 import os
 import platform
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import FrozenSet
 
 import torch
+
+# Optional packages whose versions a measurement records (the peers and the int8 quantizer).
+PEER_PACKAGES = ("onnxruntime", "openvino", "onnx", "torchao")
 
 
 def cpu_model() -> str:
@@ -37,7 +42,52 @@ def machine_info() -> dict:
         info["timm"] = timm.__version__
     except ImportError:
         pass
+    from importlib import metadata
+
+    for package in PEER_PACKAGES:
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    info["cpu_low_precision"] = sorted(cpu_flags() & LOW_PRECISION_FLAGS)
     return info
+
+
+LOW_PRECISION_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni", "avx512_fp16"})
+
+
+def cpu_flags() -> FrozenSet[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class LowPrecisionSupport:
+    native: bool  # the CPU has instructions for it; otherwise libraries emulate it (slowly) or fall back
+    reason: str
+
+
+def bf16_support() -> LowPrecisionSupport:
+    """Whether bf16 GEMMs run natively on this CPU (avx512_bf16 or AMX), or would be emulated in fp32."""
+    flags = cpu_flags() & {"avx512_bf16", "amx_bf16"}
+    if flags:
+        return LowPrecisionSupport(True, f"this CPU has {', '.join(sorted(flags))}")
+    return LowPrecisionSupport(False, f"this CPU ({cpu_model()}) has neither avx512_bf16 nor amx_bf16: bf16 would be "
+                                      "emulated, slower than fp32 and no more accurate")
+
+
+def int8_support() -> LowPrecisionSupport:
+    """Whether int8 GEMMs have VNNI (or AMX) instructions here; without them oneDNN's int8 is much slower."""
+    flags = cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    if flags:
+        return LowPrecisionSupport(True, f"this CPU has {', '.join(sorted(flags))}")
+    return LowPrecisionSupport(False, f"this CPU ({cpu_model()}) has no VNNI or AMX int8 instructions: int8 runs a slow path")
 
 
 def machine_slug(info: dict) -> str:

@@ -1,10 +1,23 @@
-"""Top-1/top-5 accuracy and throughput over a data loader, for any `images -> logits` function."""
+"""Top-1/top-5 accuracy and throughput over a data loader, for any `images -> logits` function:
+an eager model (`eager_predictor`) in evaluation and fine-tuning, or a compiled artifact; and
+`logit_agreement`, how close two models' logits are (a low-precision model against fp32)."""
 from __future__ import annotations
 
 import time
 from typing import Callable, Optional
 
 import torch
+
+
+def eager_predictor(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images -> logits of `model` in eval mode, without autograd."""
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        with torch.inference_mode():
+            return model(images)
+
+    return predict
 
 
 def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
@@ -44,3 +57,13 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, device: to
         "total_seconds": time.perf_counter() - started,
         "img_per_s": seen / model_seconds if model_seconds else float("nan"),
     }
+
+
+def logit_agreement(logits: torch.Tensor, reference: torch.Tensor) -> dict:
+    """How far [N, classes] `logits` are from `reference` (e.g. int8 or bf16 against fp32): top-1 agreement
+    (images), the largest and the median per-image max |difference|, and the mean cosine similarity."""
+    logits, reference = logits.float().cpu(), reference.float().cpu()
+    deviation = (logits - reference).abs().amax(dim=1)
+    return {"images": len(reference), "top1_agree": int((logits.argmax(1) == reference.argmax(1)).sum()),
+            "max_abs_logit_diff": float(deviation.max()), "median_abs_logit_diff": float(deviation.median()),
+            "cosine_mean": float(torch.nn.functional.cosine_similarity(logits, reference).mean())}

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -20,23 +20,35 @@ import torch
 
 from . import __version__
 from .artifact import (
-    DTYPES,
     FORMAT_VERSION,
-    PACKAGE_METADATA_KEY,
+    INPUT_FORMATS,
+    PRECISIONS,
     SUFFIXES,
     ArtifactError,
     check_compatible,
     check_images,
     current_cuda_capability,
-    embed_metadata,
+    input_dtype_name,
+    model_dtype,
+    open_artifact,
     read_metadata,
+    write_metadata,
 )
+from .cpu_target import CpuTarget, compile_target
+from .data import preprocessing_config
+from .environment import bf16_support
+from .files import check_writable_dir
+from .input_format import PixelInput, random_pixels
 from .model import ImagePieceViT
+from .private_copy import lease
 
 __all__ = ["ArtifactError", "CompiledModel", "CompileReport", "compile_artifact", "load", "read_metadata"]
 
 # A dynamic batch dim is traced with this example size: 1 would make torch.export specialise it.
 DYNAMIC_EXAMPLE_BATCH = 2
+# PRECISIONS: what an artifact computes in (`--dtype`), the metadata's "precision". Its images' dtype is
+# the metadata's "dtype": the same, except int8 (quantized Linear layers, imagepiece.quantize), which
+# takes fp32 images, and any artifact taking uint8 pixels (`input_format`).
 
 
 @dataclass
@@ -50,8 +62,8 @@ class CompileReport:
 
 def check_device_and_dtype(device: str, dtype: str) -> torch.device:
     """The torch.device to compile for; ValueError for combinations that cannot work here."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in PRECISIONS:
+        raise ValueError(f"dtype must be one of {sorted(PRECISIONS)}, got {dtype!r}")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
     target = torch.device(device)
@@ -62,23 +74,32 @@ def check_device_and_dtype(device: str, dtype: str) -> torch.device:
             raise ValueError(f"bf16 needs a GPU of compute capability >= 8.0; this one is {current_cuda_capability(target.index or 0)}")
     elif dtype == "fp16":
         raise ValueError("fp16 is not supported on cpu (Inductor's CPU fp16 kernels are slow or missing); use fp32 or bf16")
+    elif dtype == "bf16" and not bf16_support().native:
+        warnings.warn(f"bf16 on this CPU will be slow: {bf16_support().reason}", stacklevel=2)
+    if dtype == "int8":
+        if target.type != "cpu":
+            raise ValueError("int8 is a CPU artifact (x86 oneDNN kernels); use --device cpu, or fp16/bf16 on a GPU")
+        from .quantize import require_torchao
+
+        require_torchao()
     return target
 
 
 def check_output_path(out: Union[str, Path]) -> Path:
+    """`out` as a Path; ValueError for a request that cannot work (suffix, missing folder, a directory),
+    OSError when the folder cannot be written (read-only, no permission, full)."""
     out = Path(out)
     if out.suffix not in SUFFIXES:
         raise ValueError(f"output {str(out)!r} must end in .so (one shared library) or .pt2 (AOTI package)")
+    if out.is_dir():
+        raise ValueError(f"output {str(out)!r} is a directory")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"output directory {str(parent)!r} does not exist")
-    try:  # really try: permission bits say nothing for root or for read-only file systems
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as error:
-        raise ValueError(f"output directory {str(parent)!r} is not writable ({error.strerror})") from None
-    if out.is_dir():
-        raise ValueError(f"output {str(out)!r} is a directory")
+    try:
+        check_writable_dir(parent)
+    except ValueError as error:  # the folder exists: a failure to write there is the system's, not the request's
+        raise OSError(str(error)) from None
     return out
 
 
@@ -96,9 +117,10 @@ def batch_range(batch: Optional[int], max_batch: Optional[int]) -> tuple[int, in
 
 
 def build_metadata(model: ImagePieceViT, device: torch.device, dtype: str, batch: tuple[int, int],
-                   checkpoint: Optional[Path], suffix: str) -> dict:
-    """Everything the runtime checks and a user may want to inspect, as plain JSON values."""
-    cfg = model.pretrained_cfg
+                   checkpoint: Optional[Path], suffix: str, input_format: str = "float_nchw",
+                   cpu: Optional[CpuTarget] = None) -> dict:
+    """Everything the runtime checks and a user may want to inspect, as plain JSON values.
+    `cpu`: what a CPU artifact's kernels are compiled for (`imagepiece.cpu_target.compile_target`)."""
     return {
         "format_version": FORMAT_VERSION,
         "imagepiece_version": __version__,
@@ -107,13 +129,17 @@ def build_metadata(model: ImagePieceViT, device: torch.device, dtype: str, batch
         "method": model.reduction_config.method,
         "config": model.reduction_config.to_dict(),
         "token_schedule": [dataclasses.asdict(row) for row in model.token_schedule()],
-        "input_shape": [model.in_chans, *model.patch_embed.img_size],
+        "input_shape": [model.in_chans, *model.patch_embed.img_size],  # one image, [C, H, W]
+        "input_format": input_format,
         "num_classes": model.num_classes,
-        "dtype": dtype,
+        "dtype": input_dtype_name(input_format, dtype),  # of the images it takes
+        "precision": dtype,  # what it computes in
         "batch": {"min": batch[0], "max": batch[1], "dynamic": batch[0] != batch[1]},
-        "preprocessing": {key: cfg[key] for key in ("mean", "std", "interpolation", "crop_pct", "crop_mode")},
+        "preprocessing": preprocessing_config(model.pretrained_cfg),
         "device_type": device.type,
         "cuda_capability": current_cuda_capability(device.index or 0) if device.type == "cuda" else None,
+        "cpu_capability": cpu.capability if cpu else None,
+        "cpu_features": list(cpu.features) if cpu else None,
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda if device.type == "cuda" else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -130,12 +156,21 @@ def _checkpoint_provenance(checkpoint: Optional[Path]) -> dict:
     return {"sha256": file_sha256(checkpoint), "file": Path(checkpoint).name}
 
 
-def _inductor_options(device: torch.device) -> dict:
+def _inductor_options(device: torch.device, dynamic_batch: bool, cpu: Optional[CpuTarget] = None) -> dict:
+    # CPU settings measured by `python -m imagepiece.bench tuning`: freezing (weight prepacking) is the
+    # one that pays; max-autotune's CPP GEMM templates gained nothing on DeiT and took ~5x the compile time.
+    # The library checks its own inputs when AOTI_RUNTIME_CHECK_INPUTS is set (the loaders set it):
+    # sizes, strides, dtype and device against what it was compiled for. Its lower bound on a dynamic
+    # batch would be 2 (torch.export never specialises on 1), while batch 1 runs correctly: the
+    # runtimes check the artifact's declared batch range instead.
+    checks = {"aot_inductor.check_lowerbound": not dynamic_batch}
     if device.type == "cuda":
         # Self-contained .so on CUDA: cubins and weights inside the library, no side files.
-        return {"aot_inductor.embed_kernel_binary": True, "aot_inductor.package_constants_in_so": True}
+        return {**checks, "aot_inductor.embed_kernel_binary": True, "aot_inductor.package_constants_in_so": True}
     # CPU: freezing folds the weights into the graph as constants so Inductor can pre-pack them.
-    return {"freezing": True, "aot_inductor.package_constants_in_so": True}
+    # `cpp.march` replaces Inductor's -march=native with the portable level the metadata promises.
+    march = {"cpp.march": cpu.march} if cpu is not None and cpu.march else {}
+    return {**checks, **march, "freezing": True, "aot_inductor.package_constants_in_so": True}
 
 
 def compile_artifact(
@@ -147,6 +182,10 @@ def compile_artifact(
     batch: Optional[int] = None,
     max_batch: Optional[int] = None,
     checkpoint: Optional[Union[str, Path]] = None,
+    calibration: Optional[Union[str, Path]] = None,
+    calibration_images: Optional[int] = None,
+    inductor_overrides: Optional[dict] = None,
+    input_format: str = "float_nchw",
     log: Callable[[str], None] = lambda message: None,
 ) -> CompileReport:
     """Export `model` and compile it with AOTInductor into `out` (.so or .pt2), metadata inside.
@@ -154,41 +193,87 @@ def compile_artifact(
     The compile runs in a temporary folder beside `out` (AOTInductor writes generated sources next
     to its output); the finished artifact is moved into place with one atomic rename, so a failed
     or interrupted compile never leaves a partial file at `out` and never replaces a good one.
+
+    dtype "int8" quantizes the Linear layers (`imagepiece.quantize`), calibrated on up to
+    `calibration_images` images from the folder `calibration` (synthetic Gaussian images without one);
+    the artifact still takes fp32 images. `inductor_overrides` replace Inductor options (benchmarks).
+    `input_format` "uint8_nhwc" compiles the normalisation in (`imagepiece.input_format.PixelInput`).
     """
     out = check_output_path(out)
     target = check_device_and_dtype(device, dtype)
     low, high = batch_range(batch, max_batch)
-    metadata = build_metadata(model, target, dtype, (low, high), Path(checkpoint) if checkpoint else None, out.suffix)
-    model = model.to(device=target, dtype=DTYPES[dtype]).eval()
+    if (calibration is not None or calibration_images is not None) and dtype != "int8":
+        raise ValueError("calibration images are for --dtype int8 only")
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format must be one of {list(INPUT_FORMATS)}, got {input_format!r}")
+    cpu = compile_target() if target.type == "cpu" else None
+    metadata = build_metadata(model, target, dtype, (low, high), Path(checkpoint) if checkpoint else None, out.suffix,
+                              input_format, cpu)
+    float_dtype = model_dtype(metadata)
+    model = model.to(device=target, dtype=float_dtype).eval()
     example_batch = low if low == high else DYNAMIC_EXAMPLE_BATCH
-    example = torch.randn(example_batch, *metadata["input_shape"], device=target, dtype=DTYPES[dtype])
+    example = torch.randn(example_batch, *metadata["input_shape"], device=target, dtype=float_dtype)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=high)},) if low != high else None
 
     started = time.perf_counter()
+    if dtype == "int8":
+        model = _quantized(model, metadata, example, calibration, calibration_images, log)
+    if input_format == "uint8_nhwc":
+        preprocessing = metadata["preprocessing"]
+        model = PixelInput(model, preprocessing["mean"], preprocessing["std"], float_dtype).to(target)
+        channels, height, width = metadata["input_shape"]
+        example = random_pixels(example_batch, height, width, channels).to(target)
     with torch.no_grad():
         exported = torch.export.export(model, (example,), dynamic_shapes=dynamic)
     export_seconds = time.perf_counter() - started
     log(f"exported in {export_seconds:.1f} s; compiling with AOTInductor for {target.type} {dtype} ...")
 
     started = time.perf_counter()
-    options = _inductor_options(target)
+    options = {**_inductor_options(target, dynamic_batch=low != high, cpu=cpu), **(inductor_overrides or {})}
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent or ".") as workdir:
         staged = Path(workdir) / f"model{out.suffix}"
         with torch.no_grad():
             if out.suffix == ".so":
                 torch._inductor.aot_compile(exported.module(), (example,), options={**options, "aot_inductor.output_path": str(staged)})
-                embed_metadata(staged, metadata)
             else:
-                options["aot_inductor.metadata"] = {PACKAGE_METADATA_KEY: json.dumps(metadata, sort_keys=True)}
                 torch._inductor.aoti_compile_and_package(exported, package_path=str(staged), inductor_configs=options)
-        read_metadata(staged)  # the artifact must describe itself before it may replace anything
+        write_metadata(staged, metadata)
+        metadata = read_metadata(staged)  # the artifact must verify before it may replace anything
         os.replace(staged, out)
     compile_seconds = time.perf_counter() - started
     return CompileReport(out, export_seconds, compile_seconds, out.stat().st_size, metadata)
 
 
+def _quantized(model: ImagePieceViT, metadata: dict, example: torch.Tensor, calibration: Optional[Union[str, Path]],
+               images: Optional[int], log: Callable[[str], None]) -> torch.nn.Module:
+    """`model` with int8 Linear layers; records the scheme, the calibration and the quantized model's
+    agreement with `model` on the calibration images in `metadata`."""
+    from .quantize import CALIBRATION_IMAGES, SCHEME, agreement_with_fp32, folder_calibration, quantize_int8, synthetic_calibration
+
+    count = images or CALIBRATION_IMAGES
+    if calibration is not None:
+        data = folder_calibration(calibration, metadata["preprocessing"], metadata["input_shape"], count)
+    else:
+        data = synthetic_calibration(metadata["input_shape"], count)
+    log(f"quantizing to int8, calibrated on {data.images.shape[0]} images ({data.source}) ...")
+    quantized = quantize_int8(model, example, data, batch=example.shape[0],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=metadata["batch"]["max"])},)
+                              if metadata["batch"]["dynamic"] else None)
+    from importlib.metadata import version
+
+    agreement = agreement_with_fp32(model, quantized, data.images.to(example.device), example.shape[0])
+    log(f"int8 vs fp32 on the calibration images: top-1 {agreement['top1_agree']}/{agreement['images']}, "
+        f"max |logit diff| {agreement['max_abs_logit_diff']:.4f}, mean cosine {agreement['cosine_mean']:.5f}")
+    metadata["quantization"] = {"scheme": SCHEME, "calibration": data.describe(), "torchao": version("torchao"),
+                                "agreement_with_fp32": {**agreement, "on": "the calibration images, quantize/dequantize reference model"}}
+    return quantized
+
+
 class CompiledModel:
     """Runs an artifact through PyTorch's AOTI runner, checking inputs against its metadata first.
+
+    The artifact is read once and verified (`imagepiece.artifact.open_artifact`); the runner loads
+    that verified private copy, never the path again (`imagepiece.private_copy`).
 
     Args:
         path: a `.so` or `.pt2` made by `compile_artifact`.
@@ -197,27 +282,54 @@ class CompiledModel:
 
     def __init__(self, path: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> None:
         self.path = Path(path)
-        self.metadata = read_metadata(self.path)
-        self.device = torch.device(device if device is not None else self.metadata["device_type"])
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", 0)
-        check_compatible(self.metadata, self.device)
+        verified = open_artifact(self.path)
+        self.metadata = verified.metadata
         try:
-            if self.path.suffix == ".pt2":
-                self._runner = torch._inductor.aoti_load_package(str(self.path), device_index=self.device.index or -1)
-                self._run = lambda images: self._runner(images)
+            self.device = torch.device(device if device is not None else self.metadata["device_type"])
+            if self.device.type == "cuda" and self.device.index is None:
+                self.device = torch.device("cuda", 0)
+            check_compatible(self.metadata, self.device)
+        except BaseException:
+            verified.close()
+            raise
+        _prepare_process()
+        self._library = lease(verified.digest, verified.library)
+        try:
+            if self.device.type == "cuda":
+                self._runner = torch._C._aoti.AOTIModelContainerRunnerCuda(self._library.path, 1, str(self.device))
             else:
-                if self.device.type == "cuda":
-                    self._runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(self.path), 1, str(self.device))
-                else:
-                    self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(self.path), 1)
-                self._run = lambda images: self._runner.run([images])[0]
+                self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(self._library.path, 1)
         except Exception as error:  # the runner raises RuntimeError with the loader's message
+            self._library.release()
             raise ArtifactError("load_failed", f"could not load {str(self.path)!r}: {error}") from None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         check_images(self.metadata, images, self.device)
-        return self._run(images)
+        try:
+            logits = self._runner.run([images])[0]
+        except RuntimeError as error:  # e.g. the library's own input check refused what the metadata allowed
+            raise ArtifactError("run_failed", f"the compiled model failed: {error}") from None
+        promised = [images.shape[0], self.metadata["num_classes"]]
+        if list(logits.shape) != promised:
+            raise ArtifactError("run_failed", f"the compiled model returned {list(logits.shape)} but its metadata promises {promised}")
+        return logits
+
+
+_prepared = False
+
+
+def _prepare_process() -> None:
+    """Once per process, before the first library runs (what the C++ runtime does too):
+    * AOTI_RUNTIME_CHECK_INPUTS=1 unless already set, so every compiled library also checks its inputs
+      against what it was compiled for (no metadata can make it read out of bounds);
+    * a forked child runs single-threaded (as PyTorch's DataLoader workers do): the parent's OpenMP
+      thread pool does not survive fork(), and the next parallel region (AOTI kernels, MKL) would hang."""
+    global _prepared
+    if _prepared:
+        return
+    _prepared = True
+    os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
+    os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
 
 
 def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> CompiledModel:

@@ -6,8 +6,9 @@ to place them are offered:
 
 * `ConvStem` ("stem"): the convolutional stem of Xiao et al. 2021 ("Early convolutions help
   transformers see better") in place of the 16x16 patchify: four 3x3 stride-2 convs with BN+ReLU,
-  then a 1x1 conv to the embedding width -> a 14x14 token grid. It replaces weights a DeiT
-  checkpoint has, so it must be trained.
+  then a 1x1 conv to the embedding width -> a 14x14 token grid. The model gets it as its
+  `embed_layer` (`ConvStemPatchEmbed`, timm's way of choosing a patch embedding). It replaces
+  weights a DeiT checkpoint has, so it must be trained.
 * `LocalCoherenceResidual` ("residual"): 3x3 convs on the 14x14 token grid after the patch
   embedding, added as a residual whose last (1x1) layer starts at zero. At init the model equals
   plain DeiT, so a pretrained DeiT checkpoint loads unchanged and fine-tunes from there.
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+from timm.layers import PatchEmbed
 from torch import nn
 
 
@@ -44,6 +46,20 @@ class ConvStem(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(images)
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm's `PatchEmbed` with `ConvStem` as its projection: an `embed_layer` for VisionTransformer.
+
+    Everything but the projection (image-size checks, grid size, flattening to tokens) is timm's,
+    so the ViT around it cannot tell the difference. Its weights are `patch_embed.proj.layers.*`.
+    """
+
+    def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, **kwargs) -> None:
+        if patch_size != 16:
+            raise ValueError(f"the LCB stem downsamples by 16 (four stride-2 convs); patch_size {patch_size} does not fit")
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **kwargs)
+        self.proj = ConvStem(in_chans, embed_dim)
 
 
 class LocalCoherenceResidual(nn.Module):

@@ -1,24 +1,32 @@
 """The ImagePiece DeiT family: timm's VisionTransformer with static token reduction and LCB.
 
-`create_model("deit_small_patch16_224", method="imagepiece")` (or the timm-style name
-"deit_small_patch16_224.imagepiece") builds it; after `import imagepiece` every
-`{method}_{arch}` is also a timm model name, e.g. `timm.create_model("imagepiece_deit_small_patch16_224")`.
+Built the way timm builds its own models: `default_cfgs` (preprocessing metadata; no download
+location, as no hub weights exist), one four-line `@register_model` entry point per arch and method,
+and `_create_imagepiece`, which hands the class to timm's `build_model_with_cfg`. After
+`import imagepiece` every entry point is a timm model name:
+
+    timm.create_model("imagepiece_deit_small_patch16_224")          # or tome_, evit_, plain_
+    imagepiece.create_model("deit_small_patch16_224", "imagepiece", checkpoint="deit_s.pth")
+    imagepiece.create_model("deit_small_patch16_224.imagepiece")    # the same, timm-style tag
 """
 from __future__ import annotations
 
 import dataclasses
-import sys
+import warnings
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
-from timm.models import get_pretrained_cfg, register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import PatchEmbed
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .blocks import ReducingBlock, Tokens, make_reduction
 from .config import METHODS, BlockSchedule, ReductionConfig, token_schedule
-from .lcb import ConvStem, LocalCoherenceResidual
+from .lcb import ConvStemPatchEmbed, LocalCoherenceResidual
 
 ARCHS = {
     "deit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
@@ -27,18 +35,25 @@ ARCHS = {
 }
 # timm keyword arguments a user may pass through create_model (training-time regularisation, head size).
 VIT_OPTIONS = ("num_classes", "drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate")
+# Method names of earlier releases, still accepted by name parsing (with a warning).
+RENAMED_METHODS = {"none": "plain"}
 
 
 class ImagePieceViT(VisionTransformer):
     """A DeiT whose blocks reduce tokens according to `reduction` (a `ReductionConfig`).
+
+    The config chooses the layers: `ReducingBlock` for every block, `ConvStemPatchEmbed` as the
+    `embed_layer` for LCB "stem" (timm's PatchEmbed otherwise), `LocalCoherenceResidual` or
+    `nn.Identity()` after it; each block's reducer comes from the static token schedule.
 
     Args:
         reduction: method, schedule parameters and LCB variant; its depth must match the ViT's.
         **vit_kwargs: timm `VisionTransformer` arguments (patch_size, embed_dim, depth, num_heads, ...).
     """
 
-    def __init__(self, reduction: ReductionConfig, **vit_kwargs) -> None:
-        super().__init__(block_fn=ReducingBlock, **vit_kwargs)
+    def __init__(self, reduction: ReductionConfig = ReductionConfig(), **vit_kwargs) -> None:
+        embed_layer = ConvStemPatchEmbed if reduction.lcb == "stem" else PatchEmbed
+        super().__init__(block_fn=ReducingBlock, embed_layer=embed_layer, **vit_kwargs)
         grid = self.patch_embed.grid_size
         if (reduction.depth, reduction.num_patches) != (len(self.blocks), grid[0] * grid[1]):
             raise ValueError(
@@ -47,9 +62,6 @@ class ImagePieceViT(VisionTransformer):
             )
         self.reduction_config = reduction
         self.schedule: Tuple[BlockSchedule, ...] = token_schedule(reduction)
-
-        if reduction.lcb == "stem":
-            self.patch_embed.proj = ConvStem(self.in_chans, self.embed_dim)
         self.lcb = LocalCoherenceResidual(self.embed_dim, grid) if reduction.lcb == "residual" else nn.Identity()
 
         # Sizes differ from 1 only after a merge, so proportional attention starts one block later.
@@ -72,6 +84,12 @@ class ImagePieceViT(VisionTransformer):
         if not images.is_floating_point():
             raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
 
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)
+        x = self.lcb(x)
+        x = self._pos_embed(x)
+        return self.norm_pre(self.patch_drop(x))
+
     def forward_tokens(self, images: torch.Tensor, trace_source: bool = False) -> Tokens:
         """Run the encoder; returns (tokens, sizes, sources).
 
@@ -79,15 +97,49 @@ class ImagePieceViT(VisionTransformer):
         each output token covers ([CLS] is column 0): 1 where merged into it, 0.5 (PRUNED_SOURCE)
         where pruned into it (EViT's fused token).
         """
-        x = self.patch_embed(images)
-        x = self.lcb(x)
-        x = self._pos_embed(x)
-        x = self.norm_pre(self.patch_drop(x))
+        x = self._embed(images)
         size = x.new_ones(x.shape[0], x.shape[1], 1)
         source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1) if trace_source else None
         for block in self.blocks:
             x, size, source = block(x, size, source)
         return self.norm(x), size, source
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NLC",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature API (`features_only=True`, `forward_intermediates`) over reduced tokens.
+
+        Each intermediate is the image tokens after a block, [B, n, C] with n from the token schedule
+        ([CLS] dropped): merged and pruned tokens have no place on the patch grid, so "NCHW" exists
+        only for method "plain".
+        """
+        if output_fmt not in ("NLC", "NCHW"):
+            raise ValueError(f"output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
+        if output_fmt == "NCHW" and self.reduction_config.method != "plain":
+            raise ValueError(f"output_fmt 'NCHW' needs every patch token in place; method "
+                             f"{self.reduction_config.method!r} reduces them, use 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        batch = x.shape[0]
+        x = self._embed(x)
+        size = x.new_ones(batch, x.shape[1], 1)
+        intermediates = []
+        for index, block in enumerate(blocks):
+            x, size, _ = block(x, size)
+            if index in take_indices:
+                intermediates.append((self.norm(x) if norm else x)[:, self.num_prefix_tokens :])
+        if output_fmt == "NCHW":
+            grid = self.patch_embed.grid_size
+            intermediates = [y.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(images)[0]
@@ -111,16 +163,12 @@ def parse_model_name(name: str, method: Optional[str] = None) -> Tuple[str, str]
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
     method = method or "imagepiece"
+    if method in RENAMED_METHODS:
+        warnings.warn(f"method {method!r} is now called {RENAMED_METHODS[method]!r}", FutureWarning, stacklevel=3)
+        method = RENAMED_METHODS[method]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     return arch, method
-
-
-def _pretrained_cfg(arch: str, method: str) -> dict:
-    """DeiT's preprocessing metadata (mean/std/crop/interpolation), without any download location."""
-    cfg = get_pretrained_cfg(f"{arch}.fb_in1k").to_dict()
-    cfg.update(url="", hf_hub_id=None, architecture=f"{method}_{arch}", tag=None)
-    return cfg
 
 
 def create_model(
@@ -132,66 +180,164 @@ def create_model(
     allow_untrained_lcb: bool = False,
     **overrides,
 ) -> ImagePieceViT:
-    """Build an ImagePiece-family DeiT, optionally loading a local checkpoint.
+    """Build an ImagePiece-family DeiT in eval mode, optionally loading a local checkpoint.
 
     Args:
         arch: "deit_{tiny,small,base}_patch16_224", optionally tagged with the method
             ("deit_small_patch16_224.tome") or prefixed ("tome_deit_small_patch16_224").
-        method: "none", "tome", "evit" or "imagepiece" (default "imagepiece").
+        method: "plain", "tome", "evit" or "imagepiece" (default "imagepiece").
         checkpoint: a local timm/DeiT `.pth` or `.safetensors` file; None keeps random weights.
         config: a full `ReductionConfig`; `overrides` then change single fields of it.
         allow_untrained_lcb: accept a checkpoint without LCB "stem" weights (they stay random).
         **overrides: `ReductionConfig` fields (p, merge_ratio, keep_rate, prune_blocks, tome_r, lcb,
-            prop_attn) and timm options (num_classes, drop_rate, drop_path_rate, ...).
+            prop_attn, reevaluation) and timm options (num_classes, drop_rate, drop_path_rate, ...).
     """
     arch, method = parse_model_name(arch, method if config is None else (method or config.method))
-    vit_options = {key: overrides.pop(key) for key in VIT_OPTIONS if key in overrides}
     config_fields = {field.name for field in dataclasses.fields(ReductionConfig)}
-    unknown = set(overrides) - config_fields
+    unknown = set(overrides) - config_fields - set(VIT_OPTIONS)
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; config fields: {sorted(config_fields)}, timm options: {list(VIT_OPTIONS)}")
-    if config is None:
-        config = ReductionConfig(method=method, **overrides)
-    else:
-        config = config.replace(method=method, **overrides)
+    model = _create_imagepiece(arch, method, checkpoint=checkpoint, config=config, allow_untrained_lcb=allow_untrained_lcb, **overrides)
+    return model.eval()
 
-    model = ImagePieceViT(config, **ARCHS[arch], **vit_options)
+
+def _create_imagepiece(
+    arch: str,
+    method: str,
+    pretrained: bool = False,
+    *,
+    checkpoint: Optional[Union[str, Path]] = None,
+    config: Optional[ReductionConfig] = None,
+    allow_untrained_lcb: bool = False,
+    **kwargs,
+) -> ImagePieceViT:
+    """What every entry point runs: config from keyword arguments, then timm's `build_model_with_cfg`.
+
+    `kwargs` holds `ReductionConfig` fields and timm's own arguments (num_classes, drop_path_rate,
+    features_only, pretrained_cfg_overlay, ...).
+    """
+    variant = f"{method}_{arch}"
+    if pretrained:
+        raise ValueError(
+            f"{variant}: no hub weights exist; build it with pretrained=False and pass "
+            "checkpoint=<local .pth/.safetensors> (imagepiece.create_model or timm.create_model)"
+        )
+    config_fields = {field.name for field in dataclasses.fields(ReductionConfig)}
+    overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in config_fields}
+    config = config.replace(method=method, **overrides) if config else ReductionConfig(method=method, **overrides)
+    out_indices = kwargs.pop("out_indices", 3)
+    model = build_model_with_cfg(
+        ImagePieceViT,
+        variant,
+        pretrained=False,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter", output_fmt="NCHW" if method == "plain" else "NLC"),
+        reduction=config,
+        **ARCHS[arch],
+        **kwargs,
+    )
     model.arch = arch
-    model.pretrained_cfg = model.default_cfg = _pretrained_cfg(arch, method)
     if checkpoint is not None:
         from .weights import load_checkpoint  # deferred: weights imports this module's types
 
         load_checkpoint(model, checkpoint, allow_untrained_lcb=allow_untrained_lcb)
-    return model.eval()
+    return model
 
 
-def _make_entrypoint(arch: str, method: str):
-    def entrypoint(pretrained: bool = False, **kwargs) -> ImagePieceViT:
-        if pretrained:
-            raise ValueError(
-                f"{method}_{arch}: no hub weights exist; build it with pretrained=False and pass "
-                "checkpoint_path=<local .pth/.safetensors> (timm) or checkpoint=... (imagepiece.create_model)"
-            )
-        overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-        for timm_only in ("pretrained_cfg", "cache_dir"):
-            kwargs.pop(timm_only, None)
-        model = create_model(arch, method, **kwargs)
-        model.pretrained_cfg.update(overlay)
-        return model
-
-    entrypoint.__name__ = entrypoint.__qualname__ = f"{method}_{arch}"
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"{arch} with {method!r} token reduction (ImagePiece family); random weights."
-    return entrypoint
+def _cfg(**kwargs) -> dict:
+    """DeiT's preprocessing (timm's deit cfg) without a download location."""
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
+        **kwargs,
+    }
 
 
-def _register_all() -> None:
-    module = sys.modules[__name__]
-    for arch in ARCHS:
-        for method in METHODS:
-            entrypoint = _make_entrypoint(arch, method)
-            setattr(module, entrypoint.__name__, entrypoint)
-            register_model(entrypoint)
+# register_model finds each entry point's pretrained cfg here, by name.
+default_cfgs = generate_default_cfgs({
+    "plain_deit_tiny_patch16_224": _cfg(),
+    "plain_deit_small_patch16_224": _cfg(),
+    "plain_deit_base_patch16_224": _cfg(),
+    "tome_deit_tiny_patch16_224": _cfg(),
+    "tome_deit_small_patch16_224": _cfg(),
+    "tome_deit_base_patch16_224": _cfg(),
+    "evit_deit_tiny_patch16_224": _cfg(),
+    "evit_deit_small_patch16_224": _cfg(),
+    "evit_deit_base_patch16_224": _cfg(),
+    "imagepiece_deit_tiny_patch16_224": _cfg(),
+    "imagepiece_deit_small_patch16_224": _cfg(),
+    "imagepiece_deit_base_patch16_224": _cfg(),
+})
 
 
-_register_all()
+@register_model
+def plain_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-Ti without token reduction: timm's outputs from our blocks (the exportable baseline)."""
+    return _create_imagepiece("deit_tiny_patch16_224", "plain", pretrained, **kwargs)
+
+
+@register_model
+def plain_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-S without token reduction: timm's outputs from our blocks (the exportable baseline)."""
+    return _create_imagepiece("deit_small_patch16_224", "plain", pretrained, **kwargs)
+
+
+@register_model
+def plain_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-B without token reduction: timm's outputs from our blocks (the exportable baseline)."""
+    return _create_imagepiece("deit_base_patch16_224", "plain", pretrained, **kwargs)
+
+
+@register_model
+def tome_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-Ti with ToMe: r=13 bipartite merges per block."""
+    return _create_imagepiece("deit_tiny_patch16_224", "tome", pretrained, **kwargs)
+
+
+@register_model
+def tome_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-S with ToMe: r=13 bipartite merges per block."""
+    return _create_imagepiece("deit_small_patch16_224", "tome", pretrained, **kwargs)
+
+
+@register_model
+def tome_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-B with ToMe: r=13 bipartite merges per block."""
+    return _create_imagepiece("deit_base_patch16_224", "tome", pretrained, **kwargs)
+
+
+@register_model
+def evit_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-Ti with EViT: keep 70% of image tokens at blocks 3, 6, 9, fuse the rest."""
+    return _create_imagepiece("deit_tiny_patch16_224", "evit", pretrained, **kwargs)
+
+
+@register_model
+def evit_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-S with EViT: keep 70% of image tokens at blocks 3, 6, 9, fuse the rest."""
+    return _create_imagepiece("deit_small_patch16_224", "evit", pretrained, **kwargs)
+
+
+@register_model
+def evit_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-B with EViT: keep 70% of image tokens at blocks 3, 6, 9, fuse the rest."""
+    return _create_imagepiece("deit_base_patch16_224", "evit", pretrained, **kwargs)
+
+
+@register_model
+def imagepiece_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-Ti with ImagePiece: re-tokenization in every block, re-evaluated pruning at blocks 3, 6, 9."""
+    return _create_imagepiece("deit_tiny_patch16_224", "imagepiece", pretrained, **kwargs)
+
+
+@register_model
+def imagepiece_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-S with ImagePiece: re-tokenization in every block, re-evaluated pruning at blocks 3, 6, 9."""
+    return _create_imagepiece("deit_small_patch16_224", "imagepiece", pretrained, **kwargs)
+
+
+@register_model
+def imagepiece_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> ImagePieceViT:
+    """DeiT-B with ImagePiece: re-tokenization in every block, re-evaluated pruning at blocks 3, 6, 9."""
+    return _create_imagepiece("deit_base_patch16_224", "imagepiece", pretrained, **kwargs)

@@ -8,9 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
+
+from .files import atomic_write
+
+# Layout of the picture, in pixels: a caption strip above the panels, a margin around them.
+HEADER = 34
+MARGIN = 8
+# One colour per token index: a 6x6x6 grid of colours in a fixed shuffled order, so that any two
+# tokens (up to 216, more than DeiT's 197) get clearly different colours and neighbours contrast.
+_LEVELS = np.linspace(0.15, 1.0, 6)
+PALETTE = np.stack(np.meshgrid(_LEVELS, _LEVELS, _LEVELS, indexing="ij"), axis=-1).reshape(-1, 3)[
+    np.random.default_rng(0).permutation(216)]
 
 
 @dataclass
@@ -48,42 +61,55 @@ def piece_maps(model: torch.nn.Module, images: torch.Tensor, blocks: List[int]) 
     return maps
 
 
-def render_pieces(display: torch.Tensor, maps: Dict[int, PieceMap], out: Path, title: str = "") -> None:
-    """Save a PNG: the image, then one panel per block with pieces tinted and outlined, pruned greyed.
+def piece_overlay(image: np.ndarray, piece_map: PieceMap) -> np.ndarray:
+    """One panel: every piece tinted in its own colour, its outline black, pruned patches greyed.
+
+    Args:
+        image: [H, W, 3] float image in [0, 1], H and W multiples of the patch grid.
+    Returns:
+        [H, W, 3] float image in [0, 1].
+    """
+    height, width = image.shape[:2]
+    rows, cols = piece_map.owner.shape
+    cell = np.ones((height // rows, width // cols), dtype=np.int64)
+    owner = np.kron(piece_map.owner.numpy(), cell)
+    pruned = np.kron(piece_map.pruned.numpy().astype(np.int64), cell).astype(bool)
+    tinted = 0.55 * image + 0.45 * PALETTE[owner % len(PALETTE)]
+    tinted[pruned] = 0.25 * image[pruned] + 0.35
+    edges = np.zeros_like(pruned)
+    edges[1:, :] |= owner[1:, :] != owner[:-1, :]
+    edges[:, 1:] |= owner[:, 1:] != owner[:, :-1]
+    tinted[edges] = 0.0
+    return tinted.clip(0, 1)
+
+
+def panel_origin(index: int, panel_width: int) -> Tuple[int, int]:
+    """(left, top) pixel of panel `index` (0 is the input image) in `render_pieces`' picture."""
+    return MARGIN + index * (panel_width + MARGIN), HEADER
+
+
+def render_pieces(display: torch.Tensor, maps: Dict[int, PieceMap], title: str = "") -> Image.Image:
+    """The picture: the image, then one `piece_overlay` panel per block, each captioned.
+
+    Panels sit at fixed places (`panel_origin`), pixel for pixel, so the picture can be checked
+    against the piece maps.
 
     Args:
         display: [H, W, 3] uint8 image as shown (after resize/crop).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     image = display.numpy().astype(np.float32) / 255.0
     height, width = image.shape[:2]
-    figure, axes = plt.subplots(1, len(maps) + 1, figsize=(3.2 * (len(maps) + 1), 3.4), squeeze=False)
-    axes[0][0].imshow(image)
-    axes[0][0].set_title("input")
-    palette = np.random.default_rng(0).uniform(0.15, 1.0, size=(1024, 3))
-    for axis, (block, piece_map) in zip(axes[0][1:], maps.items()):
-        rows, cols = piece_map.owner.shape
-        scale_y, scale_x = height // rows, width // cols
-        owner = np.kron(piece_map.owner.numpy(), np.ones((scale_y, scale_x), dtype=np.int64))
-        pruned = np.kron(piece_map.pruned.numpy().astype(np.int64), np.ones((scale_y, scale_x), dtype=np.int64)).astype(bool)
-        tinted = 0.55 * image + 0.45 * palette[owner % len(palette)]
-        tinted[pruned] = 0.25 * image[pruned] + 0.35
-        edges = np.zeros_like(pruned)
-        edges[1:, :] |= owner[1:, :] != owner[:-1, :]
-        edges[:, 1:] |= owner[:, 1:] != owner[:, :-1]
-        tinted[edges] = 0.0
-        axis.imshow(tinted.clip(0, 1))
-        axis.set_title(f"after block {block}: {piece_map.num_pieces} pieces\n{int(piece_map.pruned.sum())} patches pruned", fontsize=9)
-    for axis in axes[0]:
-        axis.axis("off")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    staged = out.with_name(f".{out.name}.partial.png")
-    figure.savefig(staged, dpi=100)
-    plt.close(figure)
-    staged.replace(out)
+    panels = [image] + [piece_overlay(image, piece_map) for piece_map in maps.values()]
+    captions = ["input"] + [f"block {block}: {m.num_pieces} pieces, {int(m.pruned.sum())} pruned" for block, m in maps.items()]
+    canvas = Image.new("RGB", (MARGIN + len(panels) * (width + MARGIN), HEADER + height + MARGIN), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((MARGIN, 2), title, fill="black")
+    for index, (panel, caption) in enumerate(zip(panels, captions)):
+        left, top = panel_origin(index, width)
+        canvas.paste(Image.fromarray((panel * 255).round().astype(np.uint8)), (left, top))
+        draw.text((left, HEADER - 14), caption, fill="black")
+    return canvas
+
+
+def save_png(picture: Image.Image, out: Path) -> Path:
+    return atomic_write(out, lambda staged: picture.save(staged, format="PNG"))

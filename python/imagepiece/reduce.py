@@ -1,12 +1,16 @@
-"""Pure token-reduction ops: class attention, ToMe matching, ImagePiece re-tokenization, EViT pruning.
+"""Pure token-reduction ops: class attention, ToMe matching, ImagePiece re-tokenization and
+re-evaluation, EViT pruning.
 
 No timm here and no module state: every function takes tensors plus Python ints fixed at model
 construction, so each op exports with static shapes (argsort / gather / scatter_reduce of fixed
 sizes, no boolean masks, no `.item()`).
 
+Every ranking is a stable sort: equal scores keep their token order (lower index first), so ties are
+broken by position, the same way in eager PyTorch, in an AOTInductor artifact and in ONNX's TopK.
+
 Sequences are [B, N, C] with [CLS] at index 0; [CLS] is never merged or pruned. A matching returns
 a `merge(t, mode)` closure (as ToMe does) that applies the same decision to any per-token tensor:
-features, sizes, class-attention scores, or source maps for visualisation.
+features, sizes, keys, class-attention scores, or source maps for visualisation.
 """
 from __future__ import annotations
 
@@ -20,27 +24,41 @@ Merge = Callable[..., torch.Tensor]
 PRUNED_SOURCE = 0.5
 
 
-def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def class_attention(cls_query: torch.Tensor, keys: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """EViT's token importance: the [CLS] query's softmax row, averaged over heads.
 
     Computes only that one row ([B, H, 1, N]) beside the fused attention, in fp32 so that the
     ranking decisions do not depend on the model's dtype.
 
     Args:
-        q, k: [B, H, N, d] queries and keys.
+        cls_query: [B, H, 1, d] the [CLS] token's query per head.
+        keys: [B, H, N, d] keys per head.
         bias: [B, 1, 1, N] additive logit bias (proportional attention) or None.
     Returns:
         [B, N] attention of [CLS] to every token; column 0 is [CLS] itself and is ignored by callers.
     """
-    logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)
+    logits = (cls_query.float() * scale) @ keys.float().transpose(-2, -1)
     if bias is not None:
         logits = logits + bias.float()
     return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
+def size_bias(size: torch.Tensor) -> torch.Tensor:
+    """Proportional attention's logit bias, log(size), shaped [B, 1, 1, N] for a [B, N, 1] size."""
+    return size.log().view(size.shape[0], 1, 1, size.shape[1])
+
+
 def gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t[b, index[b, i], :] for a [B, N, C] tensor and a [B, M] index."""
     return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, Na, Nb] cosine similarity of every A token to every B token ([B, Na, d] and [B, Nb, d]), fp32."""
+    a, b = a.float(), b.float()
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    return a @ b.transpose(-1, -2)
 
 
 def _merge_by_index(survivors: torch.Tensor, sources: torch.Tensor, destinations: torch.Tensor) -> Merge:
@@ -67,19 +85,16 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Merge:
     """
     with torch.no_grad():
         # Step 1: split the sequence alternately by position into A (even) and B (odd).
-        metric = metric.float()
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, ::2], metric[:, 1::2]
         # Step 2: each A token's most similar B token (cosine); [CLS] (A's first) may never merge.
-        scores = a @ b.transpose(-1, -2)
+        scores = cosine_similarity(metric[:, ::2], metric[:, 1::2])
         scores[:, 0, :] = -torch.inf
         best_score, best_b = scores.max(dim=-1)
         # Step 3: the r most similar edges merge; the rest of A stays, in its original order.
-        edges = best_score.argsort(dim=-1, descending=True)
+        edges = best_score.argsort(dim=-1, descending=True, stable=True)
         unmerged, merged = edges[:, r:].sort(dim=-1).values, edges[:, :r]
         destinations = best_b.gather(1, merged)
 
-        num_a, num_b = a.shape[1], b.shape[1]
+        num_a, num_b = scores.shape[1], scores.shape[2]
         b_positions = torch.arange(num_b, device=metric.device) * 2 + 1
         survivors = torch.cat([unmerged * 2, b_positions.expand(metric.shape[0], -1)], dim=1)
         sources = merged * 2
@@ -87,33 +102,43 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Merge:
     return _merge_by_index(survivors, sources, slots)
 
 
+def split_candidates(scores: torch.Tensor, num_candidates: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ImagePiece's steps 1-2a: the bottom-k image tokens by class attention, split alternately by rank.
+
+    Splitting by rank, not position, makes A and B span the same attention range.
+
+    Args:
+        scores: [B, N] class attention (column 0 is [CLS], never a candidate).
+    Returns:
+        (a_index, b_index, semantic): token indices of A (ranks 0, 2, 4, ... from the bottom), B
+        (ranks 1, 3, ...) and of the other (semantic) image tokens.
+    """
+    ascending = scores[:, 1:].argsort(dim=-1, stable=True) + 1
+    candidates, semantic = ascending[:, :num_candidates], ascending[:, num_candidates:]
+    return candidates[:, 0::2], candidates[:, 1::2], semantic
+
+
 def retokenize(scores: torch.Tensor, metric: torch.Tensor, num_candidates: int, num_merges: int) -> Merge:
-    """ImagePiece's re-tokenization (MaxMatch-like merge of non-semantic tokens).
+    """ImagePiece's re-tokenization (MaxMatch-like merge of non-semantic tokens), steps 1 and 2.
 
     Args:
         scores: [B, N] class attention (column 0 is [CLS]).
         metric: [B, N, d] keys averaged over heads.
         num_candidates: k, the bottom-k image tokens by class attention that may merge.
-        num_merges: r <= k // 2 merges.
+        num_merges: r <= k // 2 merges (fewer than the k/2 A tokens: only the most similar pairs).
     Returns:
         merge(t, mode) mapping [B, N, c] to [B, N - r, c] ordered [CLS, semantic tokens, unmerged A,
         B (with merged A folded in)].
     """
-    k, r = num_candidates, num_merges
+    r = num_merges
     with torch.no_grad():
         # Step 1: rank image tokens by class attention; the bottom k are non-semantic candidates.
-        ascending = scores[:, 1:].argsort(dim=-1) + 1
-        candidates, semantic = ascending[:, :k], ascending[:, k:]
-        # Step 2: split the candidates alternately by that rank into A and B, so both halves span
-        # the same attention range; match each A to its most similar B (cosine of the keys).
-        a_index, b_index = candidates[:, 0::2], candidates[:, 1::2]
-        metric = metric.float()
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        similarity = gather_tokens(metric, a_index) @ gather_tokens(metric, b_index).transpose(-1, -2)
+        # Step 2: split them alternately by that rank into A and B; match each A to its most
+        # similar B (cosine of the keys) and merge the r most similar pairs.
+        a_index, b_index, semantic = split_candidates(scores, num_candidates)
+        similarity = cosine_similarity(gather_tokens(metric, a_index), gather_tokens(metric, b_index))
         best_similarity, best_b = similarity.max(dim=-1)
-        # Step 3: merge the r most similar pairs; Step 4 (re-evaluation) happens in the caller by
-        # merging the scores too: a piece's relevance is the attention mass of its parts.
-        edges = best_similarity.argsort(dim=-1, descending=True)
+        edges = best_similarity.argsort(dim=-1, descending=True, stable=True)
         merged, unmerged = edges[:, :r], edges[:, r:]
         cls_index = torch.zeros_like(scores[:, :1], dtype=torch.long)
         survivors = torch.cat([cls_index, semantic, a_index.gather(1, unmerged), b_index], dim=1)
@@ -122,27 +147,58 @@ def retokenize(scores: torch.Tensor, metric: torch.Tensor, num_candidates: int, 
     return _merge_by_index(survivors, sources, slots)
 
 
-def merge_wavg(merge: Merge, x: torch.Tensor, size: torch.Tensor, scores: Optional[torch.Tensor] = None):
-    """Size-weighted average of merged features; sizes (and attention scores, if given) add up.
+def merge_wavg(merge: Merge, x: torch.Tensor, size: torch.Tensor,
+               extra: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """ToMe's size-weighted average of merged features; sizes add up.
 
-    Features, sizes and scores go through one gather/scatter by stacking them on the channel axis.
+    `extra` (e.g. the per-head keys that re-evaluation needs) is averaged with the same weights in
+    the same gather/scatter, by stacking it beside the features on the channel axis.
 
     Args:
-        x: [B, N, C] features; size: [B, N, 1] patches per token; scores: [B, N] or None.
+        x: [B, N, C] features; size: [B, N, 1] patches per token; extra: [B, N, E] or None.
     Returns:
-        (x, size, scores) after merging; scores is None if not given.
+        (x, size, extra) after merging; extra is None if not given.
     """
-    # Scores stay in their own (fp32) tensor for half-precision models: they decide what is pruned.
-    stack_scores = scores is not None and scores.dtype == x.dtype
-    parts = [x * size, size] + ([scores.unsqueeze(-1)] if stack_scores else [])
-    merged = merge(torch.cat(parts, dim=-1), mode="sum")
     channels = x.shape[-1]
-    size = merged[..., channels : channels + 1]
-    if stack_scores:
-        scores = merged[..., channels + 1]
-    elif scores is not None:
-        scores = merge(scores.unsqueeze(-1), mode="sum").squeeze(-1)
-    return merged[..., :channels] / size, size, scores
+    parts = [x * size] + ([extra * size] if extra is not None else []) + [size]
+    merged = merge(torch.cat(parts, dim=-1), mode="sum")
+    size = merged[..., -1:]
+    if extra is None:
+        return merged[..., :-1] / size, size, None
+    # Slice, then divide (not the reverse): OpenVINO 2026.4 folds a Slice that feeds a gather into the
+    # gather and then rejects the ONNX graph; dividing each part on its own is the same arithmetic.
+    return merged[..., :channels] / size, size, merged[..., channels:-1] / size
+
+
+def merge_scores(merge: Merge, scores: torch.Tensor) -> torch.Tensor:
+    """The "sum" stand-in for re-evaluation: a merged piece scores the sum of its parts' class
+    attention (the mass [CLS] paid them); every other token keeps its score. [B, N] -> [B, N - r]."""
+    return merge(scores.unsqueeze(-1), mode="sum").squeeze(-1)
+
+
+def reevaluate(cls_query: torch.Tensor, merged_keys: torch.Tensor, size: torch.Tensor, scale: float,
+               proportional: bool = True) -> torch.Tensor:
+    """ImagePiece's step 3: recompute the class attention of the merged abstractions and of the
+    remaining tokens, so that pruning sees which pieces gained relevance.
+
+    The [CLS] row of the block's attention is evaluated again over the N' tokens after merging: the
+    [CLS] query is unchanged ([CLS] never merges), a merged token's key is the size-weighted average
+    of its parts' keys (as its features are), and with proportional attention its logit gets
+    + log(size), as it will in the next block's attention. Softmax over the N' tokens, mean over
+    heads. One row, O(N' d) per head: no N x N matrix.
+
+    Args:
+        cls_query: [B, H, 1, d] the block's [CLS] query per head.
+        merged_keys: [B, N', H * d] per-head keys after `merge_wavg` (token-major, heads concatenated).
+        size: [B, N', 1] sizes after merging.
+        proportional: add log(size) to the logits (the model's `prop_attn`).
+    Returns:
+        [B, N'] fp32 class attention over the merged tokens (column 0 is [CLS]).
+    """
+    batch, count, _ = merged_keys.shape
+    heads, head_dim = cls_query.shape[1], cls_query.shape[-1]
+    keys = merged_keys.reshape(batch, count, heads, head_dim).transpose(1, 2)
+    return class_attention(cls_query, keys, scale, size_bias(size) if proportional else None)
 
 
 def merge_source(merge: Merge, source: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -170,7 +226,7 @@ def prune_and_fuse(
         (x, size, source) with N' = 1 + num_kept + 1 tokens.
     """
     with torch.no_grad():
-        descending = scores[:, 1:].argsort(dim=-1, descending=True) + 1
+        descending = scores[:, 1:].argsort(dim=-1, descending=True, stable=True) + 1
         cls_index = torch.zeros_like(descending[:, :1])
         kept = torch.cat([cls_index, descending[:, :num_kept]], dim=1)
         dropped = descending[:, num_kept:]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+
+from .files import atomic_write
 
 
 @dataclass
@@ -55,10 +56,8 @@ RECIPES = {
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to `<path>.partial`, then an atomic rename: never a half-written checkpoint."""
-    staged = path.with_name(f"{path.name}.partial")
-    torch.save(state, staged)
-    os.replace(staged, path)
+    """torch.save beside `path`, then an atomic rename: never a half-written checkpoint."""
+    atomic_write(path, lambda staged: torch.save(state, staged))
 
 
 def _numpy_rng_state() -> tuple:
@@ -127,17 +126,6 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         self.scheduler.step(self.epoch)
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, loader, device: torch.device) -> float:
-    model.eval()
-    correct = seen = 0
-    for images, targets in loader:
-        predictions = model(images.to(device)).argmax(dim=1).cpu()
-        correct += int((predictions == targets).sum())
-        seen += targets.numel()
-    return 100.0 * correct / max(seen, 1)
 
 
 def seed_everything(seed: int) -> None:

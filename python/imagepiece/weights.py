@@ -13,11 +13,8 @@ from pathlib import Path
 from typing import Dict, Union
 
 import torch
+from timm.models import load_state_dict
 from torch import nn
-
-# Containers that DeiT, timm and common trainers wrap a state dict in.
-_STATE_DICT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class CheckpointError(ValueError):
@@ -25,30 +22,25 @@ class CheckpointError(ValueError):
 
 
 def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Read a `.safetensors` or torch-saved checkpoint into a flat {name: tensor} dict on CPU."""
+    """Read a `.safetensors` or torch-saved checkpoint into a flat {name: tensor} dict on CPU.
+
+    timm's `load_state_dict` does the reading: safetensors or `torch.load(weights_only=True)`, the
+    state dict found under "state_dict_ema" / "model_ema" / "state_dict" / "model" (DeiT, timm and
+    common trainers wrap it so), and `clean_state_dict`'s removal of DDP / torch.compile prefixes.
+    What this adds: one error type whose message names the file and says what is wrong.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+    except AttributeError:  # timm cleans keys with .items(): the file holds something other than a dict
+        state = None
     except Exception as error:  # torch.load / safetensors raise many types for a bad file
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint ({type(error).__name__}: {error})") from None
-
-    if isinstance(state, dict):
-        for key in _STATE_DICT_KEYS:
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{str(path)!r} holds no state dict of tensors (looked at the top level and {_STATE_DICT_KEYS})")
-    for prefix in _WRAPPER_PREFIXES:
-        if all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix) :]: value for key, value in state.items()}
+        raise CheckpointError(f"{str(path)!r} holds no state dict of tensors (looked at the top level and under "
+                              "'state_dict_ema', 'model_ema', 'state_dict', 'model')")
     return state
 
 

@@ -1,4 +1,6 @@
-"""Type stub of the ip_runtime extension (cpp/bindings/ip_runtime.cpp)."""
+"""Type stub of the ip_runtime extension (cpp/bindings/ip_runtime.cpp, batcher_bindings.cpp)."""
+import concurrent.futures
+import os
 from typing import Any, Optional, Sequence, TypeVar, Union, overload
 
 import numpy as np
@@ -21,8 +23,8 @@ class RuntimeOptions:
 class Runtime:
     def __init__(
         self,
-        artifact: str,
-        device: str = "",
+        artifact: Union[str, bytes, os.PathLike],
+        device: Union[str, torch.device] = "",
         instances: int = 1,
         cuda_graphs: bool = False,
         batch_buckets: Sequence[int] = ...,
@@ -37,3 +39,26 @@ class Runtime:
     def info(self) -> dict[str, Any]: ...
     @property
     def options(self) -> RuntimeOptions: ...
+
+class Batcher:
+    """Dynamic micro-batching over a Runtime (imagepiece::Batcher); keeps the Runtime alive."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        max_batch: int = 0,
+        max_delay_ms: float = 1.0,
+        queue_capacity: int = 1024,
+        preferred_batches: Sequence[int] = ...,
+    ) -> None: ...
+    @overload
+    def submit(self, image: torch.Tensor) -> concurrent.futures.Future[torch.Tensor]: ...
+    @overload
+    def submit(self, image: np.ndarray) -> concurrent.futures.Future[np.ndarray]: ...
+    def close(self, drain: bool = True) -> None: ...
+    @property
+    def stats(self) -> dict[str, Any]: ...
+    @property
+    def options(self) -> dict[str, Any]: ...
+    def __enter__(self) -> Batcher: ...
+    def __exit__(self, *exc: object) -> None: ...

@@ -2,12 +2,22 @@
 //
 // Contract
 //  * Every failure throws imagepiece::Error, whose code() says which kind; nothing returns error values.
-//  * Runtime is RAII and move-only: the constructor loads and checks the artifact, the destructor unloads it.
+//  * Runtime is RAII and move-only: the constructor loads and checks the artifact, the destructor releases it.
+//  * Loading reads the file once into a sealed private copy, checks the sha256 digest its metadata records
+//    over payload and metadata (kNotAnArtifact "modified or corrupt" on mismatch) and loads exactly those
+//    bytes; the file may then be replaced or deleted. One copy per distinct artifact stays loaded for the
+//    life of the process (AOTInductor libraries cannot be unloaded) and is shared by later loads of it.
+//    The digest catches corruption and mix-ups, not forgery: an artifact is native code, load only ones
+//    you trust.
 //  * run() is thread-safe: concurrent calls share the loaded model (CPU) or take turns over `instances`
 //    model containers, each with its own CUDA stream (CUDA). info() may be read from any thread.
-//  * Inputs are validated against the artifact's metadata before the model sees them: rank, [C, H, W],
-//    batch range, dtype and contiguity must match exactly (non-contiguous input is refused, never copied
-//    silently); a CPU tensor given to a CUDA runtime is staged through pinned memory.
+//  * Inputs are validated against the artifact's metadata before the model sees them: rank, per-image
+//    shape ([C, H, W] normalised floats, or [H, W, C] uint8 pixels for an artifact whose input_format is
+//    "uint8_nhwc"), batch range, dtype and contiguity must match exactly (non-contiguous input is refused,
+//    never copied silently); a CPU tensor given to a CUDA runtime is staged through pinned memory. The compiled code
+//    checks them again against what it was compiled for (AOTI_RUNTIME_CHECK_INPUTS, set unless already set).
+//  * fork(): a CPU Runtime keeps working in the child, single-threaded (the parent's OpenMP pool does not
+//    survive fork()); a CUDA Runtime throws kRunFailed there (CUDA cannot be used in a forked child).
 #pragma once
 
 #include <ATen/Tensor.h>
@@ -23,17 +33,19 @@ namespace imagepiece {
 enum class ErrorCode {
   kFileNotFound,   // the artifact path does not exist
   kNotAnArtifact,  // not a .so/.pt2 made by aot_compile.py, truncated, or corrupt metadata
-  kIncompatible,   // made for another format version, torch, device type or GPU
+  kIncompatible,   // made for another format version, torch, device type, GPU, or a CPU with more instructions
   kLoadFailed,     // PyTorch's AOTI loader refused the library
   kInvalidOption,  // a RuntimeOptions value that cannot work
-  kInvalidType,    // not a tensor (bindings)
-  kInvalidShape,   // wrong rank or [C, H, W]
+  kInvalidType,    // an argument of the wrong type (bindings: not a tensor, path or int)
+  kInvalidShape,   // wrong rank or per-image shape
   kInvalidBatch,   // batch outside the artifact's range
   kInvalidDtype,
   kInvalidDevice,
   kNotContiguous,
-  kInvalidOutput,  // the logits tensor given to run(images, logits) does not fit
+  kInvalidOutput,  // the logits given to run(images, logits) do not fit or cannot be written
   kRunFailed,      // the compiled model failed while running
+  kOverloaded,     // Batcher: its queue is full; retry later
+  kCancelled,      // Batcher: shut down before the request ran, or no longer taking requests
 };
 const char* error_code_name(ErrorCode code);
 
@@ -48,8 +60,14 @@ class Error : public std::runtime_error {
 
 // The artifact's metadata (scripts/aot_compile.py writes it; `metadata_json` holds all of it).
 struct ModelInfo {
-  std::string model_name, arch, method, dtype, device_type, cuda_capability, torch_version, created, checkpoint_sha256;
-  std::vector<int64_t> input_shape;     // [C, H, W]
+  std::string model_name, arch, method, device_type, cuda_capability, torch_version, created, checkpoint_sha256;
+  std::string dtype;                    // of the images it takes: fp32, fp16, bf16, or uint8
+  std::string precision;                // what it computes in and returns logits in: fp32, fp16, bf16 (int8: fp32 logits)
+  std::string input_format;             // "float_nchw" (normalised [B, C, H, W]) or "uint8_nhwc" (RGB pixels [B, H, W, C])
+  std::string cpu_capability;           // CPU artifacts: ATen's ISA level the kernels need (AVX512, AVX2, DEFAULT)
+  std::vector<std::string> cpu_features;  // CPU artifacts: every x86 extension they may use (cpuinfo names)
+  std::string artifact_sha256;          // the verified digest of the artifact
+  std::vector<int64_t> input_shape;     // one image, [C, H, W], whatever the input_format
   int64_t num_classes = 0, batch_min = 0, batch_max = 0;
   bool dynamic_batch = false;
   std::vector<int64_t> tokens_per_block;  // tokens entering each block
@@ -78,7 +96,13 @@ class Runtime {
   Runtime& operator=(const Runtime&) = delete;
 
   at::Tensor run(const at::Tensor& images);                // allocates the [B, num_classes] logits
-  void run(const at::Tensor& images, at::Tensor& logits);  // into caller memory: no allocation
+  // Into caller memory (e.g. a reused or pinned buffer). With CUDA graphs nothing is allocated;
+  // otherwise the compiled model allocates its output, which is copied into `logits` (AOTInductor
+  // takes no output buffers).
+  void run(const at::Tensor& images, at::Tensor& logits);
+  // Checks one image, a row of a batch, as run() checks each row (shape, dtype, device; batch range
+  // and contiguity aside: a Batcher copies rows into its batch). Throws the Error run() would.
+  void check_sample(const at::Tensor& image) const;
   const ModelInfo& info() const;
   const RuntimeOptions& options() const;
 

@@ -1,2 +1,3 @@
-"""The benchmark suite behind scripts/benchmark.py: model variants, ways to run them, measurements
-and reports. Kept in the package so each part stays small and testable; the script is only a CLI."""
+"""Benchmarks of the ImagePiece family: one CLI (`python -m imagepiece.bench MODE`, see `cli`), its
+modes (one module each, listed in `cli.MODES`: suite, compile, ..., e2e), the ways to run a model (`paths`), the models compared
+(`variants`), one timing helper (`timing`) and one results writer (`results`)."""

@@ -1,43 +1,35 @@
-"""Writing a suite run: CSV, JSON, a markdown table and PNG plots, each naming machine and versions."""
+"""The suite's tables and plots (the files themselves are written by `results.ResultsWriter`)."""
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 from typing import Dict, List
 
-COLUMNS = ["variant", "label", "path", "batch", "device", "dtype", "p50_ms", "p90_ms", "img_per_s", "peak_mem_mib",
-           "gflops_per_image", "mean_tokens", "tokens_per_block", "vs_plain", "samples"]
+from .results import provenance
+from .variants import BASELINE
 
-
-def provenance(machine: dict) -> str:
-    gpu = machine.get("gpu") or "no GPU"
-    return (f"{machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads), {gpu}; "
-            f"torch {machine['torch']}, CUDA {machine.get('cuda')}, timm {machine.get('timm')}")
-
-
-def write_csv(rows: List[dict], path: Path, machine: dict) -> None:
-    with open(path, "w", newline="") as handle:
-        handle.write(f"# {provenance(machine)}\n")
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: row[key] for key in COLUMNS})
-
-
-def write_json(rows: List[dict], path: Path, machine: dict, settings: dict) -> None:
-    path.write_text(json.dumps({"machine": machine, "settings": settings, "columns": COLUMNS, "rows": rows}, indent=2))
+COLUMNS = ["variant", "label", "path", "batch", "device", "dtype", "precision", "p50_ms", "p90_ms", "min_ms", "img_per_s", "peak_mem_mib",
+           "gflops_per_image", "mean_tokens", "tokens_per_block", "vs_plain", "vs_eager_plain", "samples"]
 
 
 def markdown_table(rows: List[dict], machine: dict, title: str) -> str:
+    """Latency table; "vs plain" compares with plain DeiT on the same path, "vs timm eager" with
+    plain DeiT in timm eager (when the eager path ran), both timed in the same interleaved loop."""
     lines = [f"### {title}", "", f"{provenance(machine)}", "",
-             "| model | path | batch | p50 ms | p90 ms | img/s | vs plain | GFLOPs/img | mean tokens | peak MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | path | precision | batch | p50 ms | p90 ms | img/s | vs plain | vs timm eager | GFLOPs/img | mean tokens | peak MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['label']} | {row['path']} | {row['batch']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
-                     f"{row['img_per_s']:.1f} | {row['vs_plain']:.2f}x | {row['gflops_per_image']:.2f} | {row['mean_tokens']:.1f} | "
-                     f"{row['peak_mem_mib']:.0f} |")
+        lines.append(f"| {row['label']} | {row['path']} | {row['precision']} | {row['batch']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
+                     f"{row['img_per_s']:.1f} | {row['vs_plain']:.2f}x | {row['vs_eager_plain']:.2f}x | {row['gflops_per_image']:.2f} | "
+                     f"{row['mean_tokens']:.1f} | {row['peak_mem_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def compile_table(seconds: Dict[tuple, float]) -> str:
+    """What it took to get each compiled contender running, in seconds."""
+    lines = ["| model | path | what | seconds |", "|---|---|---|---:|"]
+    for (variant, path, what), value in sorted(seconds.items()):
+        lines.append(f"| {variant} | {path} | {what} | {value:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -61,7 +53,7 @@ def plot(rows: List[dict], path: Path, machine: dict) -> None:
     axes[0][0].legend(fontsize=7)
     scatter = axes[0][-1]
     largest = max(row["batch"] for row in rows)
-    plain_flops = {r["path"]: r["gflops_per_image"] for r in rows if r["variant"] == "deit" and r["batch"] == largest}
+    plain_flops = {r["path"]: r["gflops_per_image"] for r in rows if r["variant"] == BASELINE and r["batch"] == largest}
     for path_name in paths:
         points = [(plain_flops[path_name] / r["gflops_per_image"], r["vs_plain"]) for r in rows
                   if r["path"] == path_name and r["batch"] == largest and path_name in plain_flops and r["gflops_per_image"] > 0]

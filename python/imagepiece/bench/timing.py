@@ -1,5 +1,7 @@
-"""Interleaved latency measurement: the variants compared in one table take turns, so a noisy
-neighbour or a CPU frequency change hits all of them alike and ratios stay meaningful."""
+"""The one timing helper of the benchmarks (and the demo): interleaved latency measurement.
+
+The contenders compared in one table take turns, call by call, so a noisy neighbour or a CPU
+frequency change hits all of them alike and their ratios stay meaningful."""
 from __future__ import annotations
 
 import statistics
@@ -45,7 +47,22 @@ def time_interleaved(
 
 
 def summarize(seconds: List[float]) -> Dict[str, float]:
-    """Median and p90 latency (ms) of the samples."""
+    """Median, p90 and fastest latency (ms) of the samples.
+
+    The fastest call is a second view on a machine that drifts: interference only ever adds time.
+    """
     ordered = sorted(seconds)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return {"p50_ms": statistics.median(ordered) * 1e3, "p90_ms": p90 * 1e3, "samples": len(ordered)}
+    return {"p50_ms": statistics.median(ordered) * 1e3, "p90_ms": p90 * 1e3, "min_ms": ordered[0] * 1e3, "samples": len(ordered)}
+
+
+def latency_percentiles(seconds: List[float]) -> Dict[str, float]:
+    """p50, p90, p99 and mean latency (ms) of many requests' latencies (a load test's, where the tail matters)."""
+    if not seconds:
+        return {"p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan"), "mean_ms": float("nan")}
+    ordered = sorted(seconds)
+
+    def percentile(q: float) -> float:  # nearest rank, as the p90 above
+        return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] * 1e3
+
+    return {"p50_ms": percentile(50), "p90_ms": percentile(90), "p99_ms": percentile(99), "mean_ms": statistics.fmean(ordered) * 1e3}

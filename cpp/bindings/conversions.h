@@ -1,0 +1,26 @@
+// Python <-> C++ conversions shared by the binding files of ip_runtime._core (defined in ip_runtime.cpp).
+// Each refuses a wrong argument with an imagepiece::Error (invalid_type, invalid_option, ...), never a
+// TypeError, so every failure of a call is an ip_runtime.Error.
+#pragma once
+
+#include <torch/python.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "imagepiece/runtime.h"
+
+namespace imagepiece::python {
+
+[[noreturn]] void wrong_type(const std::string& what, const std::string& wanted, const pybind11::handle& object);
+int64_t int_argument(const std::string& what, const pybind11::handle& object);
+std::vector<int64_t> int_list_argument(const std::string& what, const pybind11::handle& object);
+bool bool_argument(const std::string& what, const pybind11::handle& object);
+bool is_ndarray(const pybind11::handle& object);
+// A tensor over a torch.Tensor's or numpy array's memory (no copy); `is_output`: the logits buffer.
+at::Tensor as_tensor(const pybind11::handle& object, bool is_output);
+// The ip_runtime.Error instance (with `.code`) for an Error; needs the GIL.
+pybind11::object error_object(const Error& error);
+
+}  // namespace imagepiece::python

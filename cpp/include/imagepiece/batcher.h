@@ -1,0 +1,107 @@
+// imagepiece::Batcher: dynamic micro-batching over a Runtime, for online traffic that arrives one image
+// at a time (what Triton's dynamic batcher does, inside the process).
+//
+// Contract
+//  * submit() takes one image: a batch's row, e.g. [3, H, W] float, as Runtime::check_sample accepts it
+//    (whatever input format the artifact records). Worker threads, one per runtime instance
+//    (RuntimeOptions::instances), take queued requests in arrival order until they hold max_batch, or
+//    a preferred batch size, or the oldest has waited max_delay_us; copy them into one batch (padded
+//    with zero rows up to the artifact's smallest batch: a static-batch artifact always runs its own
+//    batch), run it once, and complete each request with its own row of logits. A row is a view of
+//    that run's freshly allocated output, never of a reused buffer.
+//  * The image is read when its batch is assembled, not at submit(): leave it unmodified until its
+//    request completes (as with an argument to std::async).
+//  * Errors are imagepiece::Error. submit() throws, and queues nothing, for an image the runtime would
+//    refuse (its code: kInvalidShape, kInvalidDtype, ...), kOverloaded when queue_capacity requests
+//    already wait, kCancelled once shutdown() began. A failure while a batch runs reaches the
+//    requests of that batch only.
+//  * Every accepted request completes exactly once: with its logits, its batch's error, or kCancelled.
+//  * Lifetime: the Batcher holds the Runtime by reference; the Runtime must outlive it (the Python
+//    binding keeps the Runtime object alive for as long as the Batcher).
+//  * shutdown(drain) stops accepting, then drain = true runs every queued request, drain = false
+//    completes queued requests with kCancelled (a batch already running finishes); it returns once the
+//    workers have exited. Later calls wait for the same; the destructor calls shutdown(true).
+//  * Thread safety: submit(), stats() and shutdown() may be called from any thread at once.
+//    Completion callbacks run on a worker thread (cancellations: on the thread calling shutdown), never
+//    under the Batcher's lock; they should be quick, must not throw (what they throw is dropped), and
+//    must not call shutdown() (kInvalidOption: it would wait for itself). Destroying the Batcher from a
+//    callback cancels what is queued and returns without waiting for that callback's worker.
+#pragma once
+
+#include <ATen/Tensor.h>
+
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "imagepiece/runtime.h"
+
+namespace imagepiece {
+
+struct BatcherOptions {
+  static constexpr int64_t kMaxDelayUs = 10'000'000;
+
+  int64_t max_batch = 0;          // images per run, 1 .. the artifact's largest batch; 0 = that largest batch
+  int64_t max_delay_us = 1000;    // how long the oldest queued request may wait for its batch to fill (0 .. 10 s)
+  int64_t queue_capacity = 1024;  // waiting requests beyond this are refused with kOverloaded (>= 1)
+  std::vector<int64_t> preferred_batches;  // run at once when one of these sizes is queued (the largest
+                                           // that is), without waiting for max_batch or max_delay_us
+  // Runs around the completion callbacks of each batch (and of the requests a shutdown cancels) and
+  // must call `complete` once: to take a lock once per batch rather than per request (the Python
+  // binding takes the GIL here). Empty: the callbacks are called directly.
+  std::function<void(const std::function<void()>& complete)> around_completions;
+};
+
+// A latency distribution in fixed buckets, ready for a Prometheus histogram.
+struct LatencyHistogram {
+  std::vector<double> upper_bounds;  // seconds, ascending; counts has one more bucket, for the rest (+Inf)
+  std::vector<uint64_t> counts;      // per bucket, not cumulative
+  double sum_seconds = 0.0;
+  uint64_t count = 0;
+};
+
+struct BatcherStats {
+  uint64_t requests = 0;        // accepted by submit()
+  uint64_t completed = 0;       // completed with their logits
+  uint64_t failed = 0;          // completed with their batch's error
+  uint64_t cancelled = 0;       // completed with kCancelled by shutdown(false)
+  std::map<ErrorCode, uint64_t> rejected;  // refused by submit(), by code
+  uint64_t batches = 0;         // runs
+  uint64_t batched_images = 0;  // requests in those runs (mean batch size = batched_images / batches)
+  uint64_t padded_rows = 0;     // zero rows added to reach the artifact's smallest batch
+  std::vector<uint64_t> batch_sizes;  // [n] = runs of n requests, n = 0 .. max_batch
+  uint64_t queue_depth = 0;     // waiting now
+  uint64_t in_flight = 0;       // in a batch being assembled, run or completed now
+  LatencyHistogram queue_wait;  // submit() to the batch taking the request, per request
+  LatencyHistogram run_time;    // assembling and running a batch, per batch
+  double mean_batch_size() const { return batches ? static_cast<double>(batched_images) / static_cast<double>(batches) : 0.0; }
+};
+
+class Batcher {
+ public:
+  // The request's row of logits, or (logits undefined) the error it completed with.
+  using Completion = std::function<void(at::Tensor logits, std::exception_ptr error)>;
+
+  explicit Batcher(Runtime& runtime, BatcherOptions options = {});
+  ~Batcher();
+  Batcher(Batcher&&) noexcept;
+  Batcher& operator=(Batcher&&) noexcept;
+  Batcher(const Batcher&) = delete;
+  Batcher& operator=(const Batcher&) = delete;
+
+  std::future<at::Tensor> submit(const at::Tensor& image);
+  void submit(const at::Tensor& image, Completion done);  // the one mechanism; the future wraps it
+  void shutdown(bool drain = true);
+  BatcherStats stats() const;
+  const BatcherOptions& options() const;  // as validated: max_batch resolved, preferred_batches sorted
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;  // shared with the workers, so one destroyed from a callback can finish
+};
+
+}  // namespace imagepiece

@@ -1,0 +1,367 @@
+#include "imagepiece/batcher.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+namespace imagepiece {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Bucket bounds (seconds) for queue wait and run time: 0.5 ms .. 10 s covers a GPU batch of one and
+// a large CPU batch alike.
+const std::vector<double> kLatencyBounds = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0};
+
+struct Request {
+  at::Tensor image;
+  Batcher::Completion done;
+  Clock::time_point submitted;
+};
+
+// The State whose worker this thread is (thread ids are reused once a thread is joined; this is not).
+thread_local const void* worker_of = nullptr;
+
+double seconds_between(Clock::time_point from, Clock::time_point to) { return std::chrono::duration<double>(to - from).count(); }
+
+LatencyHistogram empty_histogram() {
+  LatencyHistogram histogram;
+  histogram.upper_bounds = kLatencyBounds;
+  histogram.counts.assign(kLatencyBounds.size() + 1, 0);
+  return histogram;
+}
+
+void observe(LatencyHistogram& histogram, double seconds) {
+  const auto bucket = std::lower_bound(histogram.upper_bounds.begin(), histogram.upper_bounds.end(), seconds) - histogram.upper_bounds.begin();
+  ++histogram.counts[static_cast<size_t>(bucket)];
+  histogram.sum_seconds += seconds;
+  ++histogram.count;
+}
+
+// A callback that throws must not take the worker down with it (the contract says it is dropped).
+void complete(Request& request, const at::Tensor& logits, std::exception_ptr error) noexcept {
+  try {
+    request.done(logits, std::move(error));
+  } catch (...) {
+  }
+  request.done = nullptr;  // release what the callback holds (e.g. a Python future) here, not later
+}
+
+BatcherOptions validated(BatcherOptions options, const ModelInfo& info) {
+  auto refuse = [](const std::string& why) { throw Error(ErrorCode::kInvalidOption, why); };
+  if (options.max_batch == 0) options.max_batch = info.batch_max;
+  if (options.max_batch < 1 || options.max_batch > info.batch_max) {
+    refuse("max_batch must be in [1, " + std::to_string(info.batch_max) + "] (the artifact's largest batch), got " +
+           std::to_string(options.max_batch));
+  }
+  if (options.max_delay_us < 0 || options.max_delay_us > BatcherOptions::kMaxDelayUs) {
+    refuse("max_delay_us must be in [0, " + std::to_string(BatcherOptions::kMaxDelayUs) + "], got " + std::to_string(options.max_delay_us));
+  }
+  if (options.queue_capacity < 1) refuse("queue_capacity must be >= 1, got " + std::to_string(options.queue_capacity));
+  auto& preferred = options.preferred_batches;
+  for (int64_t size : preferred) {
+    if (size < 1 || size > options.max_batch) {
+      refuse("preferred batch " + std::to_string(size) + " is outside [1, max_batch = " + std::to_string(options.max_batch) + "]");
+    }
+  }
+  std::sort(preferred.begin(), preferred.end());
+  preferred.erase(std::unique(preferred.begin(), preferred.end()), preferred.end());
+  return options;
+}
+
+// Anything but an Error (c10::Error from a copy, bad_alloc) leaves the batcher as one.
+std::exception_ptr as_run_error(std::exception_ptr error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const Error&) {
+    return error;
+  } catch (const std::exception& failure) {
+    return std::make_exception_ptr(Error(ErrorCode::kRunFailed, std::string("batch failed: ") + failure.what()));
+  } catch (...) {
+    return std::make_exception_ptr(Error(ErrorCode::kRunFailed, "batch failed with an unknown exception"));
+  }
+}
+
+}  // namespace
+
+struct Batcher::State {
+  Runtime& runtime;
+  const BatcherOptions options;
+  const int64_t smallest_run;  // the artifact's smallest batch: shorter batches are padded to it
+  const size_t capacity;
+  const Clock::duration max_delay;
+
+  mutable std::mutex mutex;
+  std::condition_variable work;  // a request arrived, or shutdown began
+  std::deque<Request> queue;
+  bool accepting = true;
+  bool stopping = false;
+  BatcherStats counters;
+
+  std::mutex join_mutex;  // concurrent shutdown() calls: one joins, the others wait for it
+  std::vector<std::thread> workers;
+
+  State(Runtime& runtime_, BatcherOptions options_)
+      : runtime(runtime_),
+        options(validated(std::move(options_), runtime_.info())),
+        smallest_run(std::max<int64_t>(1, runtime_.info().batch_min)),
+        capacity(static_cast<size_t>(options.queue_capacity)),
+        max_delay(std::chrono::microseconds(options.max_delay_us)) {
+    counters.batch_sizes.assign(static_cast<size_t>(options.max_batch) + 1, 0);
+    counters.queue_wait = empty_histogram();
+    counters.run_time = empty_histogram();
+  }
+
+  bool on_worker_thread() const { return worker_of == this; }
+
+  // How many queued requests to run now; 0 = keep waiting. Full batches go at once, then the largest
+  // preferred size that is queued (Triton's rule), and anything once the oldest has waited long enough.
+  size_t ready_count(bool oldest_expired) const {
+    const auto max_batch = static_cast<size_t>(options.max_batch);
+    if (queue.size() >= max_batch) return max_batch;
+    const auto& preferred = options.preferred_batches;
+    for (auto size = preferred.rbegin(); size != preferred.rend(); ++size) {
+      if (static_cast<size_t>(*size) <= queue.size()) return static_cast<size_t>(*size);
+    }
+    return oldest_expired ? queue.size() : 0;
+  }
+
+  // Blocks until a batch is due and moves it into `batch`; false once stopping with nothing queued.
+  bool next_batch(std::vector<Request>& batch) {
+    std::unique_lock<std::mutex> lock(mutex);
+    for (;;) {
+      work.wait(lock, [&] { return !queue.empty() || stopping; });
+      if (queue.empty()) return false;
+      const auto deadline = queue.front().submitted + max_delay;
+      const size_t count = ready_count(stopping || Clock::now() >= deadline);
+      if (count == 0) {
+        work.wait_until(lock, deadline);
+        continue;  // re-check: more arrived, the deadline passed, or another worker took them
+      }
+      const auto taken = Clock::now();
+      for (size_t i = 0; i < count; ++i) {
+        observe(counters.queue_wait, seconds_between(queue.front().submitted, taken));
+        batch.push_back(std::move(queue.front()));
+        queue.pop_front();
+      }
+      counters.queue_depth = queue.size();
+      counters.in_flight += count;
+      if (!queue.empty()) work.notify_one();  // an idle worker can start on the rest
+      return true;
+    }
+  }
+
+  // The batch's input in `buffer` (reused run after run: the runtime has read it when run() returns).
+  at::Tensor assemble(const std::vector<Request>& batch, at::Tensor& buffer) const {
+    const auto count = static_cast<int64_t>(batch.size());
+    const int64_t rows = std::max(count, smallest_run);
+    const at::Tensor& first = batch.front().image;
+    if (!buffer.defined() || buffer.device() != first.device()) {
+      std::vector<int64_t> shape{std::max(options.max_batch, smallest_run)};
+      shape.insert(shape.end(), first.sizes().begin(), first.sizes().end());
+      buffer = at::empty(shape, first.options());
+    }
+    at::Tensor input = buffer.narrow(0, 0, rows);
+    for (int64_t i = 0; i < count; ++i) input.select(0, i).copy_(batch[static_cast<size_t>(i)].image);
+    if (rows > count) input.narrow(0, count, rows - count).zero_();  // rows are independent: padding never changes a real row
+    return input;
+  }
+
+  void run_batch(std::vector<Request>& batch, at::Tensor& host_buffer, at::Tensor& device_buffer) {
+    const auto started = Clock::now();
+    at::Tensor logits;
+    std::exception_ptr error;
+    try {
+      c10::NoGradGuard no_grad;  // an image that requires grad must not make the buffer part of a graph
+      at::Tensor& buffer = batch.front().image.is_cpu() ? host_buffer : device_buffer;
+      logits = runtime.run(assemble(batch, buffer));
+    } catch (...) {
+      error = as_run_error(std::current_exception());
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      const auto count = static_cast<int64_t>(batch.size());
+      ++counters.batches;
+      counters.batched_images += static_cast<uint64_t>(count);
+      counters.padded_rows += static_cast<uint64_t>(std::max<int64_t>(0, smallest_run - count));
+      ++counters.batch_sizes[static_cast<size_t>(count)];
+      observe(counters.run_time, seconds_between(started, Clock::now()));
+      (error ? counters.failed : counters.completed) += static_cast<uint64_t>(count);
+    }
+    complete_all(batch, [&](size_t i) { return error ? at::Tensor() : logits.select(0, static_cast<int64_t>(i)); }, error);
+    std::lock_guard<std::mutex> lock(mutex);
+    counters.in_flight -= batch.size();
+  }
+
+  void work_loop() noexcept {
+    worker_of = this;
+    at::init_num_threads();  // intra-op threads as the process set them, not OpenMP's per-thread default
+    at::Tensor host_buffer, device_buffer;
+    std::vector<Request> batch;
+    batch.reserve(static_cast<size_t>(options.max_batch));
+    while (next_batch(batch)) {
+      run_batch(batch, host_buffer, device_buffer);
+      batch.clear();
+    }
+  }
+
+  // Stops accepting; without `drain` takes every queued request out (to be completed as cancelled).
+  std::vector<Request> stop(bool drain) {
+    std::vector<Request> cancelled;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      accepting = false;
+      stopping = true;
+      if (!drain) {
+        cancelled.assign(std::make_move_iterator(queue.begin()), std::make_move_iterator(queue.end()));
+        queue.clear();
+        counters.queue_depth = 0;
+        counters.cancelled += cancelled.size();
+      }
+    }
+    work.notify_all();
+    return cancelled;
+  }
+
+  void cancel(std::vector<Request>& requests) const {
+    if (requests.empty()) return;
+    auto error = std::make_exception_ptr(Error(ErrorCode::kCancelled, "cancelled: the batcher was shut down before this request ran"));
+    complete_all(requests, [](size_t) { return at::Tensor(); }, error);
+  }
+
+  // Completes every request once, inside options.around_completions when there is one. A request
+  // the hook left incomplete (it threw, or never called `complete`) is completed after it.
+  template <typename RowOf>
+  void complete_all(std::vector<Request>& requests, const RowOf& row_of, const std::exception_ptr& error) const {
+    auto complete_remaining = [&] {
+      for (size_t i = 0; i < requests.size(); ++i) {
+        if (requests[i].done) complete(requests[i], row_of(i), error);
+      }
+    };
+    if (options.around_completions) {
+      try {
+        options.around_completions(complete_remaining);
+      } catch (...) {
+      }
+    }
+    complete_remaining();
+  }
+
+  void join_workers_except_this_thread() {
+    std::lock_guard<std::mutex> lock(join_mutex);
+    for (auto& worker : workers) {
+      if (!worker.joinable()) continue;
+      if (worker.get_id() == std::this_thread::get_id()) {
+        worker.detach();  // a callback destroying its batcher: this worker exits when the callback returns
+      } else {
+        worker.join();
+      }
+    }
+  }
+};
+
+Batcher::Batcher(Runtime& runtime, BatcherOptions options) : state_(std::make_shared<State>(runtime, std::move(options))) {
+  const int instances = std::max(1, runtime.options().instances);
+  try {
+    for (int i = 0; i < instances; ++i) {
+      // Each worker holds the state, so it stays valid for a worker detached by a callback's destruction.
+      state_->workers.emplace_back([state = state_] { state->work_loop(); });
+    }
+  } catch (const std::system_error& error) {
+    state_->stop(true);
+    state_->join_workers_except_this_thread();
+    throw Error(ErrorCode::kInvalidOption, std::string("cannot start the batcher's worker threads: ") + error.what());
+  }
+}
+
+Batcher::~Batcher() {
+  if (!state_) return;  // moved from
+  if (state_->on_worker_thread()) {
+    // Destroyed from a completion callback: waiting for queued work would wait for this very thread.
+    auto cancelled = state_->stop(/*drain=*/false);
+    state_->cancel(cancelled);
+    state_->join_workers_except_this_thread();
+    return;
+  }
+  shutdown(true);
+}
+
+Batcher::Batcher(Batcher&&) noexcept = default;
+
+Batcher& Batcher::operator=(Batcher&& other) noexcept {
+  if (this != &other) {
+    Batcher old(std::move(*this));  // shut down like a destroyed one
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+void Batcher::submit(const at::Tensor& image, Completion done) {
+  State& state = *state_;
+  if (!done) throw Error(ErrorCode::kInvalidType, "submit() needs a completion callback");
+  auto reject = [&](const Error& error) -> Error {
+    std::lock_guard<std::mutex> lock(state.mutex);
+    ++state.counters.rejected[error.code()];
+    return error;
+  };
+  try {
+    state.runtime.check_sample(image);
+  } catch (const Error& error) {
+    throw reject(error);
+  }
+  {
+    std::lock_guard<std::mutex> lock(state.mutex);
+    if (!state.accepting) {
+      ++state.counters.rejected[ErrorCode::kCancelled];
+      throw Error(ErrorCode::kCancelled, "the batcher is shut down: it takes no new requests");
+    }
+    if (state.queue.size() >= state.capacity) {
+      ++state.counters.rejected[ErrorCode::kOverloaded];
+      throw Error(ErrorCode::kOverloaded, "overloaded: " + std::to_string(state.queue.size()) +
+                                              " requests are already waiting (queue_capacity); retry later");
+    }
+    state.queue.push_back(Request{image, std::move(done), Clock::now()});
+    ++state.counters.requests;
+    state.counters.queue_depth = state.queue.size();
+  }
+  state.work.notify_one();
+}
+
+std::future<at::Tensor> Batcher::submit(const at::Tensor& image) {
+  auto promise = std::make_shared<std::promise<at::Tensor>>();
+  std::future<at::Tensor> result = promise->get_future();
+  submit(image, [promise](at::Tensor logits, std::exception_ptr error) {
+    if (error) {
+      promise->set_exception(std::move(error));
+    } else {
+      promise->set_value(std::move(logits));
+    }
+  });
+  return result;
+}
+
+void Batcher::shutdown(bool drain) {
+  if (state_->on_worker_thread()) {
+    throw Error(ErrorCode::kInvalidOption, "shutdown() cannot be called from a completion callback: it would wait for its own thread");
+  }
+  auto cancelled = state_->stop(drain);
+  state_->cancel(cancelled);
+  state_->join_workers_except_this_thread();
+}
+
+BatcherStats Batcher::stats() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->counters;
+}
+
+const BatcherOptions& Batcher::options() const { return state_->options; }
+
+}  // namespace imagepiece

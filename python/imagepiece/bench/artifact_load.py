@@ -1,0 +1,180 @@
+"""artifact-load: what verifying an artifact costs at load, and whether reloading it keeps memory flat.
+
+Load time, each trial in a fresh process (page cache warm, nothing loaded yet), kinds interleaved:
+  before   PyTorch's AOTI runner handed the file itself, as the runtime loaded artifacts before they were
+           verified (.so: AOTIModelContainerRunnerCpu(path); .pt2: torch._inductor.aoti_load_package(path))
+  after    ip_runtime.Runtime(path): one read into a sealed private copy, sha256 over it, load that copy
+  digest   imagepiece.artifact.read_metadata(path): the read and the digest alone (Python hashlib)
+Memory: RSS of one process over --cycles load/run/unload cycles of ip_runtime.Runtime (and, for a .pt2,
+of the old way over a few cycles: it kept every load mapped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .results import ResultsWriter
+from .timing import summarize
+
+HELP = "load time with and without the digest check and private copy; RSS over load/unload cycles (CPU)"
+KINDS = ("before", "after", "digest")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--so", type=Path, help="a CPU .so artifact (default: compile --arch ImagePiece, batch 1)")
+    parser.add_argument("--pt2", type=Path, help="a CPU .pt2 artifact (default: compile --arch ImagePiece, batch 1)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "imagepiece_bench_artifact_load",
+                        help="where compiled artifacts are kept between runs")
+    parser.add_argument("--repeats", type=int, default=7, help="fresh processes per kind and artifact")
+    parser.add_argument("--cycles", type=int, default=200, help="load/run/unload cycles for the memory check")
+    parser.add_argument("--old-pt2-cycles", type=int, default=10, help="cycles of the old .pt2 loading (it leaks)")
+
+
+def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.device != "cpu":
+        parser.error("artifact-load measures CPU artifacts (--device cpu)")
+    if min(args.repeats, args.cycles, args.old_pt2_cycles) < 1:
+        parser.error("--repeats, --cycles and --old-pt2-cycles must be >= 1")
+    for given, suffix in ((args.so, ".so"), (args.pt2, ".pt2")):
+        if given is not None and (given.suffix != suffix or not given.is_file()):
+            parser.error(f"--{suffix[1:]} must be an existing {suffix} file, got {str(given)!r}")
+
+
+# --- in a child process ----------------------------------------------------------------------------
+
+def resident_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def load(kind: str, path: Path):
+    import torch
+
+    if kind == "after":
+        import ip_runtime
+
+        return ip_runtime.Runtime(path)
+    if kind == "digest":
+        from ..artifact import read_metadata
+
+        return read_metadata(path)
+    if path.suffix == ".pt2":
+        return torch._inductor.aoti_load_package(str(path))
+    return torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+
+
+def run_once(kind: str, model, images) -> None:
+    if kind == "after":
+        model.run(images)
+    elif kind == "before":  # a container runner takes a list; a loaded package is called
+        model.run([images]) if hasattr(model, "run") else model(images)
+
+
+def measure_load(kind: str, path: Path) -> dict:
+    """Seconds to load once (imports done first)."""
+    import torch  # noqa: F401
+    import ip_runtime  # noqa: F401
+    from .. import artifact  # noqa: F401
+
+    started = time.perf_counter()
+    load(kind, path)
+    return {"seconds": time.perf_counter() - started}
+
+
+def measure_cycles(kind: str, path: Path, cycles: int) -> dict:
+    """RSS after warm-up and every 10 load/run/unload cycles."""
+    import torch
+
+    from ..artifact import INPUT_DTYPES, image_dims, read_metadata
+
+    metadata = read_metadata(path)
+    images = torch.zeros(metadata["batch"]["min"], *image_dims(metadata), dtype=INPUT_DTYPES[metadata["dtype"]])
+    for _ in range(3):
+        run_once(kind, load(kind, path), images)
+    trace = [resident_mib()]
+    started = time.perf_counter()
+    for cycle in range(1, cycles + 1):
+        model = load(kind, path)
+        run_once(kind, model, images)
+        del model
+        if cycle % 10 == 0 or cycle == cycles:
+            trace.append(resident_mib())
+    return {"rss_mib": trace, "seconds_per_cycle": (time.perf_counter() - started) / cycles}
+
+
+def child_main(argv) -> int:
+    what, kind, path, *rest = argv
+    result = measure_load(kind, Path(path)) if what == "load" else measure_cycles(kind, Path(path), int(rest[0]))
+    print(json.dumps(result))
+    return 0
+
+
+# --- the benchmark -----------------------------------------------------------------------------------
+
+def in_child(*args: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", __name__, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def compiled(arch: str, suffix: str, workdir: Path) -> Path:
+    from ..export import compile_artifact
+    from ..model import create_model
+
+    out = workdir / f"{arch}_imagepiece{suffix}"
+    if not out.exists():
+        print(f"compiling {out.name} ...", flush=True)
+        compile_artifact(create_model(arch, "imagepiece"), out, batch=1)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    artifacts = {".so": args.so or compiled(args.arch, ".so", args.workdir),
+                 ".pt2": args.pt2 or compiled(args.arch, ".pt2", args.workdir)}
+    writer = ResultsWriter(args.out, "artifact_load", artifacts[".so"].stem)
+    print(f"# {writer.provenance}", flush=True)
+    loads = {(suffix, kind): [] for suffix in artifacts for kind in KINDS}
+    for repeat in range(args.repeats):
+        for suffix, path in artifacts.items():
+            for kind in KINDS:  # interleaved: drift in machine load hits every kind alike
+                loads[suffix, kind].append(in_child("load", kind, str(path))["seconds"])
+        print(f"load trials {repeat + 1}/{args.repeats} done", flush=True)
+    cycles = {suffix: in_child("cycles", "after", str(path), str(args.cycles)) for suffix, path in artifacts.items()}
+    old_pt2 = in_child("cycles", "before", str(artifacts[".pt2"]), str(args.old_pt2_cycles))
+
+    lines = ["Load time, median of fresh processes (ms); 'after' / 'before' is the cost of verifying and the private copy"]
+    stats = {f"{suffix} {kind}": summarize(seconds) for (suffix, kind), seconds in loads.items()}
+    for suffix, path in artifacts.items():
+        median = {kind: stats[f"{suffix} {kind}"]["p50_ms"] for kind in KINDS}
+        lines.append(f"  {path.name} ({path.stat().st_size / 2**20:.1f} MiB): before {median['before']:.0f}  after {median['after']:.0f}  "
+                     f"(x{median['after'] / median['before']:.2f}, +{median['after'] - median['before']:.0f} ms)  "
+                     f"digest alone {median['digest']:.0f}")
+    lines.append("RSS over load/run/unload cycles (ip_runtime.Runtime, one run of its smallest batch per cycle)")
+    for suffix, record in cycles.items():
+        trace = record["rss_mib"]
+        lines.append(f"  {artifacts[suffix].name}: {args.cycles} cycles, RSS {trace[0]:.0f} -> {trace[-1]:.0f} MiB "
+                     f"(growth {trace[-1] - trace[0]:+.1f} MiB), {record['seconds_per_cycle'] * 1e3:.0f} ms/cycle")
+    trace = old_pt2["rss_mib"]
+    lines.append(f"  old .pt2 loading (aoti_load_package): {args.old_pt2_cycles} cycles, RSS {trace[0]:.0f} -> {trace[-1]:.0f} MiB "
+                 f"({(trace[-1] - trace[0]) / args.old_pt2_cycles:+.1f} MiB per load)")
+    report = "\n".join(lines)
+    print(report)
+    writer.report(report, vars(args),
+                  artifacts={suffix: {"path": str(path), "bytes": path.stat().st_size} for suffix, path in artifacts.items()},
+                  load_seconds={f"{suffix} {kind}": values for (suffix, kind), values in loads.items()}, load_stats=stats,
+                  cycles={suffix: {"count": args.cycles, **record} for suffix, record in cycles.items()},
+                  old_pt2_cycles={"count": args.old_pt2_cycles, **old_pt2})
+    return 0
+
+
+if __name__ == "__main__":  # a measuring child (see in_child)
+    sys.exit(child_main(sys.argv[1:]))

@@ -1,0 +1,88 @@
+"""`python -m imagepiece.bench MODE ...` (and scripts/benchmark.py, the same CLI).
+
+Each mode is a module with HELP, `add_arguments(parser)`, `check(args, parser)` and `run(args)`,
+listed in MODES; the arguments every mode shares are added here. Every mode writes its raw results
+through `results.ResultsWriter` to benchmarks/results/<machine>/.
+
+examples:
+  python -m imagepiece.bench suite                     # CPU: DeiT-S, every variant and path, batch 1 8 64
+  python -m imagepiece.bench suite --quick             # CI-sized: DeiT-Ti, batch 2, plain and ImagePiece
+  python -m imagepiece.bench suite --device cuda       # GPU: fp16 and bf16, batch 1..256, CUDA graphs too
+  python -m imagepiece.bench compile --batch 1 8       # cold export + AOTInductor time, size, eager vs AOTI
+  python -m imagepiece.bench overhead                  # ip_runtime vs PyTorch's AOTI runner at batch 1
+  python -m imagepiece.bench profile --preset imagepiece --batch 8   # kernel-time breakdown vs plain
+  python -m imagepiece.bench reevaluation              # decisions re-evaluation changes vs summed scores
+  python -m imagepiece.bench precision                 # bf16 vs fp32: flipped decisions, logit deviation
+  python -m imagepiece.bench contention --neighbours 0 1   # OpenMP settings when other processes share the cores
+  python -m imagepiece.bench tuning --batch 8          # freezing/prepacking, max-autotune: latency, compile time
+  python -m imagepiece.bench serve                     # dynamic batcher + HTTP server, 1..64 clients, vs batch-1 runs
+  python -m imagepiece.bench artifact-load --cycles 200   # load time with/without the digest check; RSS over reloads
+  python -m imagepiece.bench e2e --uint8 --ray           # JPEG files -> predictions vs model-only img/s (DeiT-S, batch 8)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from ..files import check_writable_dir
+from ..model import ARCHS
+from . import (artifact_load, compile_time, contention, overhead, precision, predict_e2e, profiling, reevaluation, serving, suite,
+               tuning)
+from .results import RESULTS_ROOT
+
+DESCRIPTION = "Benchmarks of the ImagePiece family; raw results go to benchmarks/results/<machine>/."
+MODES: Dict[str, ModuleType] = {"suite": suite, "compile": compile_time, "overhead": overhead, "profile": profiling,
+                                "reevaluation": reevaluation, "precision": precision,
+                                "contention": contention, "serve": serving, "tuning": tuning,
+                                "artifact-load": artifact_load, "e2e": predict_e2e}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(ARCHS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=RESULTS_ROOT, help="results root; a folder per machine is made below it")
+
+
+def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda was requested but no CUDA GPU is available")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m imagepiece.bench") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog="examples:" + __doc__.split("examples:", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+    subparsers = {}
+    for name, mode in MODES.items():
+        subparsers[name] = modes.add_parser(name, help=mode.HELP, description=mode.__doc__.split("\n\n")[0])
+        add_common_arguments(subparsers[name])
+        mode.add_arguments(subparsers[name])
+    args = parser.parse_args(argv)
+    check_common_arguments(args, subparsers[args.mode])
+    MODES[args.mode].check(args, subparsers[args.mode])
+    try:  # last: a run that is refused must not leave a folder behind
+        check_writable_dir(args.out, create=True)
+    except ValueError as error:
+        subparsers[args.mode].error(str(error))
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m imagepiece.bench") -> int:
+    args = parse_args(argv, prog)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return MODES[args.mode].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""contention: an artifact's latency through ip_runtime when other processes share the cores, per OpenMP setting.
+
+The compiled kernels and oneDNN run on OpenMP (GNU libgomp) threads, one per core. By default a
+waiting thread spins before it sleeps; when a busy neighbour holds a core, the thread that a barrier
+waits for may not be running while its partner burns the other core spinning. Each setting runs in
+its own child process (libgomp reads its environment once, when it loads):
+
+  * default:          OMP_WAIT_POLICY unset (libgomp spins, then sleeps);
+  * passive:          OMP_WAIT_POLICY=PASSIVE (a waiting thread sleeps at once);
+  * 1 thread:         OMP_NUM_THREADS=1;
+  * passive, 1 thread.
+
+Each runs alone and beside N busy processes (spin loops), in rounds that alternate the settings, so
+the machine's drift hits them alike. Reported: p50 latency per setting and neighbour count, and each
+setting's slowdown relative to the default setting alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from ..config import PRESETS
+from ..model import create_model
+from .results import ResultsWriter
+from .timing import summarize
+
+HELP = "latency under busy neighbour processes, per OpenMP wait policy / thread count"
+SETTINGS: Dict[str, Dict[str, str]] = {
+    "default": {},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "passive, 1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
+}
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+SPIN = "while True: pass"
+CHILD = ("import json, sys, time, torch, ip_runtime\n"
+         "path, batch, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+         "runtime = ip_runtime.Runtime(path, device='cpu')\n"
+         "images = torch.randn(batch, 3, 224, 224)\n"
+         "runtime.run(images); runtime.run(images)\n"
+         "seconds = []\n"
+         "for _ in range(calls):\n"
+         "    start = time.perf_counter(); runtime.run(images); seconds.append(time.perf_counter() - start)\n"
+         "print(json.dumps(seconds))\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS))
+    parser.add_argument("--artifact", type=Path, help="a CPU artifact to run (default: compile --preset at --batch)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--neighbours", type=int, nargs="+", default=[0, 1], help="busy processes beside the model")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over every setting and neighbour count")
+    parser.add_argument("--calls", type=int, default=10, help="timed calls per child process")
+
+
+def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.device != "cpu":
+        parser.error("contention runs on cpu only (it is about OpenMP threads sharing cores)")
+    if args.batch < 1 or args.rounds < 1 or args.calls < 1 or any(n < 0 for n in args.neighbours):
+        parser.error("--batch, --rounds and --calls must be >= 1, --neighbours >= 0")
+    if args.artifact is not None and not args.artifact.is_file():
+        parser.error(f"--artifact {str(args.artifact)!r} does not exist")
+
+
+def child_seconds(artifact: Path, batch: int, calls: int, setting: Dict[str, str]) -> List[float]:
+    environment = {key: value for key, value in os.environ.items() if key not in OPENMP_VARIABLES}
+    result = subprocess.run([sys.executable, "-c", CHILD, str(artifact), str(batch), str(calls)],
+                            env={**environment, **setting}, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def with_neighbours(count: int, measure):
+    neighbours = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(count)]
+    try:
+        time.sleep(0.5 if count else 0.0)  # let them take their cores
+        return measure()
+    finally:
+        for process in neighbours:
+            process.kill()
+            process.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    writer = ResultsWriter(args.out, "contention", f"{args.arch}_{args.preset}_b{args.batch}")
+    with tempfile.TemporaryDirectory(prefix="benchmark_contention.") as folder:
+        artifact = args.artifact
+        if artifact is None:
+            from ..export import compile_artifact
+
+            torch.manual_seed(0)
+            artifact = compile_artifact(create_model(args.arch, **PRESETS[args.preset]), Path(folder) / "model.so", batch=args.batch).path
+        samples: Dict[tuple, List[float]] = {}
+        for _ in range(args.rounds):
+            for count in args.neighbours:
+                for name in args.settings:
+                    seconds = with_neighbours(count, lambda: child_seconds(artifact, args.batch, args.calls, SETTINGS[name]))
+                    samples.setdefault((name, count), []).extend(seconds)
+    stats = {key: summarize(seconds) for key, seconds in samples.items()}
+    base = stats[(args.settings[0], args.neighbours[0])]["p50_ms"]
+    lines = [f"ip_runtime latency with busy neighbour processes, {args.arch} {args.preset} batch {args.batch}, "
+             f"{os.cpu_count()} cores, {args.rounds} rounds x {args.calls} calls per setting",
+             f"{'setting':<20} {'neighbours':>10} {'p50 ms':>9} {'p90 ms':>9}  vs {args.settings[0]!r} with {args.neighbours[0]}"]
+    for (name, count), row in sorted(stats.items(), key=lambda item: (item[0][1], args.settings.index(item[0][0]))):
+        lines.append(f"{name:<20} {count:>10} {row['p50_ms']:9.2f} {row['p90_ms']:9.2f}  {row['p50_ms'] / base:5.2f}x")
+    print(f"# {writer.provenance}\n" + "\n".join(lines))
+    writer.report("\n".join(lines), vars(args), stats={f"{name} | {count} neighbours": row for (name, count), row in stats.items()},
+                  settings_env=SETTINGS)
+    return 0

@@ -1,0 +1,98 @@
+"""profile: where an AOTI artifact spends its time, plain DeiT vs a reduction preset, kernel by kernel.
+
+Compiles both with Inductor's kernel profiling on (each generated C++ kernel records itself), runs
+them alternately under torch.profiler, and groups self time into GEMMs (oneDNN/MKL linear),
+attention (SDPA), generated kernels (layer norm, GELU, residuals, gathers...), sorts and the rest.
+The ratio column shows which part falls short of the FLOPs reduction. CPU only.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..config import PRESETS
+from ..model import create_model
+from .measure import gflops_per_image
+from .results import ResultsWriter
+from .variants import BASELINE
+
+HELP = "kernel-time breakdown (GEMM, attention, generated kernels, sorts) of plain vs a preset"
+GROUPS = (("linear", ("linear", "mkl")), ("attention (SDPA)", ("scaled_dot_product",)), ("sort", ("sort",)),
+          ("generated kernels", ("cpp_fused",)), ("convolution (patchify)", ("conv",)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="imagepiece", choices=sorted(p for p in PRESETS if p != BASELINE))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=10, help="profiled calls of each artifact, alternating")
+
+
+def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.device != "cpu":
+        parser.error("profile runs on cpu only (it reads Inductor's C++ kernel profiling)")
+    if args.batch < 1 or args.runs < 1:
+        parser.error("--batch and --runs must be >= 1")
+
+
+def group_of(name: str) -> str:
+    for group, needles in GROUPS:
+        if any(needle in name for needle in needles):
+            return group
+    return "other (allocation, views, bmm, wrapper)"
+
+
+def profile_interleaved(paths: dict, batch: int, runs: int) -> dict:
+    """Self time (ms) per group and artifact, profiling one call of each artifact in turn, `runs`
+    times: this machine's speed drifts, and alternating keeps the drift out of the ratios."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..export import load
+
+    models = {name: load(path) for name, path in paths.items()}
+    images = torch.randn(batch, 3, 224, 224)
+    for model in models.values():
+        for _ in range(3):
+            model(images)
+    groups = {name: {} for name in models}
+    for _ in range(runs):
+        for name, model in models.items():
+            with profile(activities=[ProfilerActivity.CPU]) as trace:
+                model(images)
+            for event in trace.key_averages():
+                key = group_of(event.key)
+                groups[name][key] = groups[name].get(key, 0.0) + event.self_cpu_time_total / runs / 1e3
+    return groups
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch._inductor.config as inductor_config
+
+    from ..export import compile_artifact
+
+    inductor_config.cpp.enable_kernel_profile = True  # the artifacts record each kernel
+    writer = ResultsWriter(args.out, "profile", f"{args.arch}_{args.preset}_b{args.batch}")
+    torch.manual_seed(0)
+    paths, flops = {}, {}
+    with tempfile.TemporaryDirectory(prefix="benchmark_profile.") as folder:
+        for preset in (BASELINE, args.preset):
+            model = create_model(args.arch, **PRESETS[preset])
+            flops[preset] = gflops_per_image(model, (3, 224, 224), torch.device("cpu"), torch.float32)
+            paths[preset] = compile_artifact(model, Path(folder) / f"{preset}.so", batch=args.batch).path
+        results = profile_interleaved(paths, args.batch, args.runs)
+
+    plain, ours = results[BASELINE], results[args.preset]
+    lines = [f"AOTI kernel-time breakdown, {args.arch}, batch {args.batch}, CPU fp32, mean of {args.runs} interleaved runs "
+             "(profiler on: absolute times are inflated)",
+             f"GFLOPs/image: {BASELINE} {flops[BASELINE]:.2f}, {args.preset} {flops[args.preset]:.2f} "
+             f"(ratio {flops[BASELINE] / flops[args.preset]:.2f}x)",
+             f"{'part':<42} {BASELINE + ' ms':>9} {args.preset + ' ms':>16} {'ratio':>7}"]
+    for name in sorted(set(plain) | set(ours), key=lambda k: -plain.get(k, 0)) + ["total"]:
+        a = sum(plain.values()) if name == "total" else plain.get(name, 0.0)
+        b = sum(ours.values()) if name == "total" else ours.get(name, 0.0)
+        lines.append(f"{name:<42} {a:9.2f} {b:16.2f} {f'{a / b:6.2f}x' if b else '     -':>7}")
+    print(f"# {writer.provenance}\n" + "\n".join(lines))
+    writer.report("\n".join(lines), vars(args), gflops=flops, ms=results)
+    return 0

@@ -1,0 +1,86 @@
+"""The one place benchmark results are written: benchmarks/results/<machine>/<mode>_<subject>_<time>.*
+
+Every file names the machine and the software it was measured with: text files (txt, md, csv) open
+with a provenance comment, JSON files carry a "machine" object, plots a provenance title. Files are
+written atomically, so an interrupted run never leaves a half file among the records.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from ..environment import PEER_PACKAGES, machine_info, machine_slug
+from ..files import atomic_write, atomic_write_text, check_writable_dir
+
+RESULTS_ROOT = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
+
+
+def provenance(machine: dict) -> str:
+    """One line: CPU, cores, threads, GPU and library versions."""
+    gpu = machine.get("gpu") or "no GPU"
+    peers = "".join(f", {name} {machine[name]}" for name in PEER_PACKAGES if machine.get(name))
+    low_precision = "/".join(machine.get("cpu_low_precision", [])) or "no bf16/VNNI/AMX"
+    return (f"{machine['cpu']} ({machine['cpu_cores']} cores, {low_precision}, {machine['torch_threads']} torch threads), "
+            f"{gpu}; torch {machine['torch']}, CUDA {machine.get('cuda')}, timm {machine.get('timm')}{peers}")
+
+
+class ResultsWriter:
+    """The files of one benchmark run.
+
+    Args:
+        root: results root; a folder named after the machine is made below it.
+        mode: the benchmark mode ("suite", "compile", ...), first part of every file name.
+        subject: what was measured, e.g. "deit_small_patch16_224_cpu".
+    """
+
+    def __init__(self, root: Path, mode: str, subject: str, machine: Optional[dict] = None) -> None:
+        self.machine = machine or machine_info()
+        self.created = datetime.datetime.now()
+        self.folder = check_writable_dir(Path(root) / machine_slug(self.machine), create=True)
+        self.stem = f"{mode}_{subject}_{self.created:%Y%m%d-%H%M%S}"
+        self.saved: List[Path] = []
+
+    @property
+    def provenance(self) -> str:
+        return provenance(self.machine)
+
+    def path(self, suffix: str, variant: str = "") -> Path:
+        return self.folder / f"{self.stem}{variant}{suffix}"
+
+    def text(self, body: str, suffix: str = ".txt") -> Path:
+        """A text report (txt or markdown) under a provenance line."""
+        header = f"<!-- {self.provenance} -->" if suffix == ".md" else f"# {self.provenance}"
+        return self._keep(atomic_write_text(self.path(suffix), f"{header}\n{body.rstrip()}\n"))
+
+    def json(self, payload: Dict) -> Path:
+        record = {"machine": self.machine, "created": self.created.isoformat(timespec="seconds"), **payload}
+        return self._keep(atomic_write_text(self.path(".json"), json.dumps(record, indent=2, default=str) + "\n"))
+
+    def csv(self, rows: List[dict], columns: List[str]) -> Path:
+        buffer = io.StringIO()
+        buffer.write(f"# {self.provenance}\n")
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return self._keep(atomic_write_text(self.path(".csv"), buffer.getvalue()))
+
+    def figure(self, draw: Callable[[Path], None], variant: str = "") -> Path:
+        """A plot: `draw(path)` saves it (with `provenance` in its title)."""
+        return self._keep(atomic_write(self.path(".png", variant), draw))
+
+    def report(self, text: str, settings: Dict, **payload) -> None:
+        """The usual pair, a text report and a JSON record of the settings and data; says where they went."""
+        self.text(text)
+        self.json({"settings": {key: str(value) for key, value in settings.items()}, **payload})
+        print(self.summary())
+
+    def _keep(self, path: Path) -> Path:
+        self.saved.append(path)
+        return path
+
+    def summary(self) -> str:
+        return "saved " + ", ".join(str(path) for path in self.saved)

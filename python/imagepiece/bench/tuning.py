@@ -1,0 +1,112 @@
+"""tuning: what each AOTInductor CPU setting does to one model's latency and compile time.
+
+One static-batch artifact per setting of `TUNINGS`, each compiled from a cold Inductor cache, then all of
+them (and the eager model, for scale) timed interleaved through ip_runtime in one process:
+
+  * no-freezing:   weights stay graph inputs: no constant folding, no weight prepacking;
+  * default:       what `scripts/aot_compile.py` does: freezing on, so Inductor folds the weights in
+                   and prepacks them for oneDNN (the reference row);
+  * max-autotune:  + Inductor's CPU GEMM templates (C++ micro-kernels with fused epilogues) autotuned
+                   against ATen/oneDNN per GEMM shape (`max_autotune_gemm_backends="CPP,ATEN"`).
+
+Each artifact's logits are compared with the eager fp32 model's on the timed images (max |difference|
+reported beside its latency): a setting that changes kernels must not change the answer beyond rounding
+(on random weights, rounding alone can flip a near-tie decision of a reducing model; plain DeiT has none).
+Thread settings and shared cores are the `contention` mode's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..config import PRESETS
+from ..model import create_model
+from .results import ResultsWriter
+from .timing import summarize, time_interleaved
+
+HELP = "AOTInductor CPU settings (freezing/prepacking, max-autotune GEMM templates): latency and compile time"
+TUNINGS = {
+    "no-freezing": {"freezing": False},
+    "default": {},
+    "max-autotune": {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--tunings", nargs="+", choices=list(TUNINGS), default=list(TUNINGS))
+    parser.add_argument("--repeats", type=int, default=10)
+
+
+def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.device != "cpu":
+        parser.error("tuning compares CPU Inductor settings; run it with --device cpu")
+    if args.batch < 1 or args.repeats < 1:
+        parser.error("--batch and --repeats must be >= 1")
+    if args.dtype == "int8" and importlib.util.find_spec("torchao") is None:
+        parser.error("--dtype int8 needs torchao: pip install 'imagepiece[int8]'")
+
+
+@contextlib.contextmanager
+def inductor_cache(folder: Path) -> Iterator[None]:
+    """Inductor's cache in `folder` (cold: nothing reused) while inside; the caller's setting after."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+def run(args: argparse.Namespace) -> int:
+    import ip_runtime
+
+    from ..export import compile_artifact
+
+    writer = ResultsWriter(args.out, "tuning", f"{args.arch}_{args.preset}_{args.dtype}_b{args.batch}")
+    torch.manual_seed(0)
+    model = create_model(args.arch, **PRESETS[args.preset])
+    compile_seconds, calls, deviation = {}, {}, {}
+    images = torch.randn(args.batch, 3, 224, 224)
+    model_input = images.to(torch.bfloat16) if args.dtype == "bf16" else images
+    with torch.inference_mode():
+        expected = model(images)
+    with tempfile.TemporaryDirectory(prefix="benchmark_tuning.") as folder:
+        for name in args.tunings:
+            started = time.perf_counter()
+            with inductor_cache(Path(folder) / f"cache-{name}"):
+                report = compile_artifact(copy.deepcopy(model), Path(folder) / f"{name}.so", dtype=args.dtype, batch=args.batch,
+                                          inductor_overrides=TUNINGS[name])
+            compile_seconds[name] = time.perf_counter() - started
+            runtime = ip_runtime.Runtime(str(report.path), device="cpu")
+            deviation[name] = float((runtime.run(model_input).float() - expected).abs().max())
+            calls[name] = lambda runtime=runtime: runtime.run(model_input)
+        calls["eager fp32"] = lambda: model(images)
+        with torch.inference_mode():
+            samples = time_interleaved(calls, repeats=args.repeats)
+    stats = {name: summarize(seconds) for name, seconds in samples.items()}
+    base = stats["default"]["p50_ms"] if "default" in stats else stats[args.tunings[0]]["p50_ms"]
+    lines = [f"AOTInductor CPU settings, {args.arch} {args.preset} {args.dtype}, batch {args.batch}, {args.repeats} interleaved "
+             "rounds through ip_runtime, cold Inductor cache per compile; max|dl| = largest |logit - eager fp32|",
+             f"{'setting':<14} {'p50 ms':>9} {'p90 ms':>9} {'vs default':>11} {'compile s':>10} {'max|dl|':>9}"]
+    for name, row in stats.items():
+        lines.append(f"{name:<14} {row['p50_ms']:9.2f} {row['p90_ms']:9.2f} {base / row['p50_ms']:10.2f}x "
+                     f"{compile_seconds.get(name, float('nan')):10.1f} {deviation.get(name, 0.0):9.2g}")
+    print(f"# {writer.provenance}\n" + "\n".join(lines))
+    writer.report("\n".join(lines), vars(args), stats=stats, compile_seconds=compile_seconds, max_abs_logit_diff=deviation,
+                  tunings={name: TUNINGS[name] for name in args.tunings})
+    return 0

@@ -1,0 +1,50 @@
+"""Writing output files safely: check the folder before long work, and never leave half a file."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+
+def check_writable_dir(folder: Union[str, Path], create: bool = False) -> Path:
+    """`folder` as a Path, or ValueError saying why nothing can be written there.
+
+    Writing a temporary file is the only real test: permission bits say nothing for root or for a
+    read-only file system.
+
+    Args:
+        create: make the folder (and its parents) if it does not exist yet.
+    """
+    folder = Path(folder) if str(folder) else Path(".")
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.is_dir():
+            raise ValueError(f"output directory {str(folder)!r} does not exist")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"output directory {str(folder)!r} is not writable ({error.strerror})") from None
+    return folder
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
+    """Call `write(staged_path)`, then rename the staged file to `path` in one step.
+
+    A reader never sees a partial file, and a crash (or a kill) while writing leaves the previous
+    `path`, if any, untouched. The staged file sits beside `path` (a rename must not cross file
+    systems) and keeps its suffix, for writers that choose the format by it (PIL, matplotlib).
+    """
+    path = Path(path)
+    staged = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(staged)
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> Path:
+    return atomic_write(path, lambda staged: staged.write_text(text))

@@ -1,0 +1,134 @@
+"""imagepiece-predict: label image files with a compiled artifact (scripts/predict.py is the same CLI).
+
+examples:
+  imagepiece-predict --artifact deit_s_ip.so --input photos/ --output preds.csv
+  imagepiece-predict --artifact deit_s_ip.so --input 'shots/**/*.jpg' --output preds.parquet --topk 1
+  imagepiece-predict --artifact deit_s_ip.so --input table.parquet --column url_local --output preds.jsonl --resume
+  imagepiece-predict --artifact deit_s_ip.so --input photos/ --output preds_dir/ --ray --address auto --concurrency 8
+
+--input: a folder (recursive, image suffixes only), a glob, an image, a text file of paths (one per
+line, # comments), or a .csv/.parquet table (column `path`, the only column, or --column); relative
+paths in a list or table are relative to that file. --output: .csv, .jsonl or .parquet, one row per
+input (path, top-k classes, labels, probs, error); with --ray a folder of Parquet files. Files that
+cannot be predicted (corrupt, truncated, not an image, 16-bit, over --max-pixels, unreadable) get
+an error row and the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import ip_runtime
+import torch
+from tqdm import tqdm
+
+from imagepiece.artifact import ArtifactError, check_compatible, read_metadata
+from imagepiece.files import check_writable_dir
+
+from .classifier import Classifier
+from .decode import DEFAULT_MAX_PIXELS
+from .labels import class_names
+from .pipeline import RunStats, predict_items
+from .sources import list_inputs
+from .writers import ResumableOutput, output_format
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def program_name(argv) -> str:
+    return Path(sys.argv[0]).name if argv is None else "imagepiece-predict"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = _OneLineErrors(prog=program_name(argv), description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", type=Path, required=True, help="compiled .so/.pt2 (scripts/aot_compile.py)")
+    parser.add_argument("--input", required=True, help="folder, glob, image, text file of paths, or .csv/.parquet table")
+    parser.add_argument("--output", type=Path, required=True, help="preds.csv | preds.jsonl | preds.parquet (--ray: a folder)")
+    parser.add_argument("--column", help="table column holding the paths (default: 'path' or the only column)")
+    parser.add_argument("--topk", type=int, default=5, help="classes per row (default 5)")
+    parser.add_argument("--batch", type=int, help="batch size for a dynamic-batch artifact (default: min(32, its max); "
+                                                  "a static-batch artifact always uses its own)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="decode threads (default: min(4, cores)); 0 decodes in the model's thread")
+    parser.add_argument("--resume", action="store_true", help="keep the predictions already in --output, do only the rest")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse images with more pixels, before decoding them (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--labels", type=Path, help="class names, one per line (default: timm's ImageNet names)")
+    parser.add_argument("--device", default="", help="run on this device (default: the artifact's), e.g. cuda:1")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scale = parser.add_argument_group("scale-out on Ray Data")
+    scale.add_argument("--ray", action="store_true", help="decode on Ray CPU workers, predict in an actor pool, write Parquet")
+    scale.add_argument("--address", help="join this Ray cluster (default: start a local Ray on this machine)")
+    scale.add_argument("--concurrency", type=int, help="model actors, each holding one Runtime "
+                                                       "(default: one per GPU for a CUDA artifact, per CPU otherwise)")
+    args = parser.parse_args(argv)
+    for name in ("topk", "batch", "concurrency", "max_pixels"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    if not args.ray and (args.address is not None or args.concurrency is not None):
+        parser.error("--address and --concurrency apply only with --ray")
+    return args
+
+
+def check_output(path: Path, ray: bool) -> None:
+    if ray:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"output {str(path)!r} exists and is not a folder; with --ray the output is a folder of Parquet files")
+    else:
+        output_format(path)
+        if path.is_dir():
+            raise ValueError(f"output {str(path)!r} is a folder; give a file name ending in .csv, .jsonl or .parquet")
+    check_writable_dir(path.parent)
+
+
+def run_single_process(args, items, classifier, names) -> int:
+    output = ResumableOutput(args.output, args.resume)
+    todo = [item for item in items if not output.done(item.path)]
+    stats = RunStats(skipped=len(items) - len(todo))
+    try:
+        with tqdm(total=len(todo), unit="img", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True) as progress:
+            for rows in predict_items(todo, classifier, names, workers=args.workers, max_pixels=args.max_pixels, stats=stats):
+                output.add(rows)
+                progress.update(len(rows))
+    except KeyboardInterrupt:
+        print(f"interrupted after {stats.images} images; they are kept in {output.journal.path}: "
+              "rerun with --resume to finish", file=sys.stderr)
+        return 130
+    output.finish([item.path for item in items])
+    print(f"predicted {stats.summary()}; wrote {args.output}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    prog = program_name(argv)
+    try:
+        check_output(args.output, args.ray)
+        metadata = read_metadata(args.artifact)
+        check_compatible(metadata, torch.device(args.device or metadata["device_type"]))
+        names = class_names(int(metadata["num_classes"]), args.labels)
+        items = list_inputs(args.input, args.column)
+        if args.ray:
+            from .ray_job import run_on_ray
+
+            stats = run_on_ray(args, items)
+            print(f"predicted {stats.summary()}; wrote {args.output}/")
+            return 0
+        classifier = Classifier(str(args.artifact), topk=args.topk, batch=args.batch, device=args.device)
+        return run_single_process(args, items, classifier, names)
+    except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

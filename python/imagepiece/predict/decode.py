@@ -1,0 +1,103 @@
+"""One image file -> an 8-bit RGB PIL image, or an `ImageError` that says, in one line, why not.
+
+Decoder: Pillow (PIL). It is maintained, ships libjpeg-turbo (SIMD JPEG), libpng, libwebp and
+libtiff in its wheels, releases the GIL while it decodes and resamples (so decode threads overlap
+with each other and with inference), and above all it is what timm's eval transform resizes with:
+decoding and resizing with Pillow gives *the same pixels* `evaluate.py` and timm give, which
+`torchvision.io.decode_jpeg` + tensor resizing (a different antialias filter) would not.
+Pillow-SIMD is faster at resampling but a fork that lags Pillow, has no wheels and replaces the
+`PIL` package every other library imports; not worth a silent accuracy difference.
+
+Refused before any pixel is decoded: images over `max_pixels` (decompression bombs: a few KB on
+disk that would expand to gigabytes); Pillow reads the size from the header, and we check it before
+`load()`. Refused after opening: 16-bit and float images (modes I;16, I, F), which Pillow would
+convert to RGB by clipping, a silently wrong picture. Grayscale, palette, CMYK, RGBA, LA, 1-bit
+are converted to RGB as timm's loader does (alpha dropped, no EXIF rotation: same as timm).
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import BinaryIO, Union
+
+from PIL import Image, UnidentifiedImageError
+
+# Pillow's own default guard, 89.5 Mpx (~0.25 GiB as RGB): far above any photo a classifier needs.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+UNSUPPORTED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+                     "F": "32-bit float"}
+
+# This module enforces the pixel limit itself (as an error row); Pillow's warning for images between
+# its limit and twice it would only repeat that on stderr.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageError(Exception):
+    """A file that cannot be predicted; the message is what its output row's `error` says."""
+
+
+def _check_readable(location: str) -> None:
+    try:
+        status = os.stat(location)
+    except FileNotFoundError:
+        if os.path.islink(location):
+            raise ImageError(f"file not found (dangling symlink to {os.readlink(location)!r})") from None
+        raise ImageError("file not found") from None
+    except OSError as error:
+        raise ImageError(f"cannot read file ({error.strerror})") from None
+    if os.path.isdir(location):
+        raise ImageError("is a directory, not an image file")
+    if status.st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+
+
+def _allow_pillow_up_to(max_pixels: int) -> None:
+    # Pillow raises DecompressionBombError inside Image.open above 2x its global limit; keep that
+    # global at least as high as ours so the refusal (and its message) is always ours.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def decode_rgb(location: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image at `location` as a loaded 8-bit RGB PIL image; ImageError if it cannot be one."""
+    _check_readable(location)
+    return _decode(location, max_pixels)
+
+
+def decode_rgb_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An image file's bytes (an upload) as decode_rgb decodes a file, with the same refusals."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def _decode(source: Union[str, BinaryIO], max_pixels: int) -> Image.Image:
+    _allow_pillow_up_to(max_pixels)
+    try:
+        with Image.open(source) as image:
+            # Step 1: header only so far; refuse a decompression bomb before decoding anything.
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
+                                 f"{max_pixels:,}: refused before decoding (decompression-bomb guard; --max-pixels raises it)")
+            # Step 2: refuse what would convert to a wrong picture.
+            if image.mode in UNSUPPORTED_MODES:
+                raise ImageError(f"unsupported {UNSUPPORTED_MODES[image.mode]} image (mode {image.mode}): "
+                                 "convert it to 8 bits per channel first")
+            # Step 3: decode, then convert to RGB exactly as timm's loader does (RGB needs no copy).
+            image.load()
+            return image if image.mode == "RGB" else image.convert("RGB")
+    except ImageError:
+        raise
+    except PermissionError as error:
+        raise ImageError(f"cannot read file ({error.strerror})") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image (no decoder recognises the file's format)") from None
+    except Image.DecompressionBombError as error:  # Pillow's guard fired first: only ever above our limit
+        raise ImageError(f"image has more than {max_pixels:,} pixels: refused before decoding "
+                         f"(decompression-bomb guard; --max-pixels raises it; Pillow says: {error})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
+        # Pillow's plugins signal broken data with any of these (truncated JPEG: OSError,
+        # broken PNG chunk: SyntaxError, bad TIFF tags: ValueError/IndexError ...).
+        raise ImageError(f"corrupt or truncated image data ({type(error).__name__}: {error})") from None

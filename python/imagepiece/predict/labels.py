@@ -1,0 +1,29 @@
+"""Class names for an artifact's head: a user's file, or the ImageNet names timm ships."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Union
+
+from timm.data import ImageNetInfo, infer_imagenet_subset
+
+
+def class_names(num_classes: int, labels_file: Optional[Union[str, Path]] = None) -> List[str]:
+    """One name per class index.
+
+    `labels_file`: one name per line (for a fine-tuned head). Otherwise timm's ImageNet names when the
+    head's size is an ImageNet subset timm knows (1k: "tench, Tinca tinca", ...), else empty strings:
+    the class index is in the row anyway, and a made-up name would look like knowledge.
+    """
+    if labels_file is not None:
+        try:
+            names = Path(labels_file).read_text().splitlines()
+        except OSError as error:
+            raise ValueError(f"labels file {str(labels_file)!r} cannot be read ({error.strerror})") from None
+        if len(names) != num_classes:
+            raise ValueError(f"labels file {str(labels_file)!r} has {len(names)} lines, the model has {num_classes} classes")
+        return names
+    subset = infer_imagenet_subset({"num_classes": num_classes})
+    if subset is None:
+        return [""] * num_classes
+    info = ImageNetInfo(subset)
+    return [info.index_to_description(index) for index in range(num_classes)]

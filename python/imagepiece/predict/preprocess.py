@@ -1,0 +1,59 @@
+"""timm's evaluation transform split in two at the uint8 boundary.
+
+`Preprocess` (per image, in decode workers): resize + crop exactly as the artifact's metadata says,
+using timm's own transform objects (built by `imagepiece.data.eval_transform`, the same call
+`evaluate.py` makes), and stops at uint8 HWC pixels: a [H, W, 3] array, the image the model sees.
+`normalise` (per batch, next to the model): uint8 [B, H, W, 3] -> float [B, 3, H, W] with the same
+torch ops as timm's `ToTensor` + `Normalize` (so the result equals timm's up to nothing at all), on
+the model's device: on CUDA only the uint8 batch crosses the bus. An artifact that takes uint8
+input (normalisation compiled in) skips `normalise` and takes the first stage's batch as it is.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from imagepiece.data import eval_transform
+
+_TENSOR_AND_NORMALISE = ("MaybeToTensor", "ToTensor", "Normalize")
+
+
+class Preprocess:
+    """PIL RGB image -> uint8 [H, W, 3], the resize/crop part of timm's eval transform."""
+
+    def __init__(self, preprocessing: dict, input_shape: Sequence[int] = (3, 224, 224)) -> None:
+        steps = eval_transform(preprocessing, tuple(input_shape)).transforms
+        tail = [type(step).__name__ for step in steps[-2:]]
+        if tail[0] not in _TENSOR_AND_NORMALISE[:2] or tail[1] != "Normalize":
+            raise ValueError(f"timm's eval transform no longer ends in ToTensor + Normalize (got {tail}); "
+                             "imagepiece.predict.preprocess must be updated")
+        self.geometry = transforms.Compose(steps[:-2])
+        self.size = tuple(input_shape[1:])
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        pixels = np.array(self.geometry(image))  # a writable copy (PIL exposes read-only memory)
+        if pixels.shape != (*self.size, 3):  # a transform that changed shape would corrupt a whole batch
+            raise ValueError(f"preprocessing produced {pixels.shape}, expected {(*self.size, 3)}")
+        return pixels
+
+
+def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> `dtype` [B, 3, H, W]: /255, - mean, / std (timm's op order: same floats)."""
+    mean_ = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std_ = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    images = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255).sub_(mean_).div_(std_)
+    return images.to(dtype)
+
+
+def pixels_of(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """`normalise` undone: float [B, 3, H, W] -> the uint8 [B, H, W, 3] pixels they were made from (exact:
+    the float error of normalising is far below the half step that rounding removes). For code that
+    holds timm-normalised images and an artifact that takes pixels (`evaluate.py`)."""
+    mean_ = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std_ = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    pixels = (images.float() * std_ + mean_).mul_(255).round_().clamp_(0, 255)
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()

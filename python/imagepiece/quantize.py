@@ -1,0 +1,120 @@
+"""int8 for x86 CPUs: PT2E static quantization of the Linear layers, calibrated on images.
+
+PyTorch's PT2E flow (now in torchao; torch 2.14 no longer ships `torch.ao.quantization.quantize_pt2e`):
+export -> `prepare_pt2e` with `X86InductorQuantizer` (observers) -> calibration batches -> `convert_pt2e`
+(quantize/dequantize pairs) -> export again -> AOTInductor with freezing, which folds each
+dequantize -> linear -> quantize pattern into one oneDNN int8 GEMM with prepacked weights (VNNI where
+the CPU has it: `environment.int8_support`).
+
+Only `nn.Linear` is annotated (qkv, proj, both MLP layers, the head: nearly all of the FLOPs), with
+the quantizer's default static config: int8 weights per output channel (symmetric), uint8
+activations per tensor (affine, histogram-calibrated). Everything that decides tokens stays float:
+class attention, similarity, sorts, gathers and the merging scatter, and so do attention itself
+(SDPA), LayerNorm, GELU and the patch-embedding conv. The artifact takes fp32 images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from .evaluation import logit_agreement
+
+CALIBRATION_IMAGES = 32
+QUANTIZED_MODULES = ("Linear",)
+SCHEME = ("PT2E static, X86InductorQuantizer default config on nn.Linear: weights int8 per-channel symmetric, "
+          "activations uint8 per-tensor affine (histogram observer)")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the activation ranges were measured on (recorded in the artifact's metadata)."""
+
+    images: torch.Tensor  # [N, 3, H, W] float32, normalised as the model expects
+    source: str  # "synthetic (N(0,1), seed S)" or the folder's name
+
+    def describe(self) -> dict:
+        return {"source": self.source, "images": int(self.images.shape[0])}
+
+
+def require_torchao():
+    try:
+        from torchao.quantization.pt2e import quantize_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+    except ImportError as error:
+        raise ValueError(f"int8 needs torchao (pip install torchao): {error}") from None
+    return quantize_pt2e, x86_inductor_quantizer
+
+
+def synthetic_calibration(input_shape: Sequence[int], count: int = CALIBRATION_IMAGES, seed: int = 0) -> Calibration:
+    """Gaussian images in the model's normalised input space: right for random-weight models and
+    tests; a trained checkpoint should be calibrated on real images (`folder_calibration`)."""
+    images = torch.randn(count, *input_shape, generator=torch.Generator().manual_seed(seed))
+    return Calibration(images, f"synthetic (N(0,1) images, seed {seed})")
+
+
+def image_files(folder: Path) -> List[Path]:
+    """Image files under `folder` (any depth), in a stable order."""
+    from PIL import Image
+
+    extensions = {suffix.lower() for suffix, _ in Image.registered_extensions().items()}
+    return sorted(path for path in Path(folder).rglob("*") if path.is_file() and path.suffix.lower() in extensions)
+
+
+def folder_calibration(folder: Union[str, Path], preprocessing: dict, input_shape: Sequence[int],
+                       count: int = CALIBRATION_IMAGES) -> Calibration:
+    """Up to `count` images from `folder`, decoded, resized and normalised exactly as
+    `imagepiece.predict` prepares images for this model (its preprocessing metadata)."""
+    from .predict.decode import decode_rgb
+    from .predict.preprocess import Preprocess, normalise
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"calibration folder {str(folder)!r} does not exist or is not a folder")
+    files = image_files(folder)[:count]
+    if not files:
+        raise ValueError(f"calibration folder {str(folder)!r} holds no image files")
+    prepare = Preprocess(preprocessing, input_shape)
+    pixels = torch.stack([torch.from_numpy(prepare(decode_rgb(str(path)))) for path in files])
+    return Calibration(normalise(pixels, preprocessing["mean"], preprocessing["std"]), f"folder {folder.name!r}")
+
+
+def int8_quantizer():
+    """X86InductorQuantizer annotating nn.Linear only (see the module docstring)."""
+    _, x86 = require_torchao()
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_module_type_qconfig(torch.nn.Linear, x86.get_default_x86_inductor_quantization_config())
+    return quantizer
+
+
+def quantize_int8(model: torch.nn.Module, example: torch.Tensor, calibration: Calibration, batch: int,
+                  dynamic_shapes: Optional[tuple] = None) -> torch.nn.Module:
+    """`model` with int8 Linear layers (quantize/dequantize nodes in an exported graph module), its
+    activation ranges calibrated on `calibration.images` in chunks of `batch` (the static batch, if any)."""
+    quantize_pt2e, _ = require_torchao()
+    with torch.no_grad():
+        graph = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes).module()
+        prepared = quantize_pt2e.prepare_pt2e(graph, int8_quantizer())
+        images = calibration.images.to(example.device)
+        if len(images) < batch:
+            raise ValueError(f"calibration needs at least one batch of {batch} images, got {len(images)}")
+        for start in range(0, len(images) - batch + 1, batch):  # whole batches only: a static graph takes no other size
+            prepared(images[start : start + batch])
+        return quantize_pt2e.convert_pt2e(prepared)
+
+
+def agreement_with_fp32(reference: torch.nn.Module, quantized: torch.nn.Module, images: torch.Tensor, batch: int) -> dict:
+    """How the quantized model's logits compare with the fp32 model's on `images` (whole batches of `batch`).
+
+    `quantized` is `quantize_int8`'s graph module, which computes int8 in reference form (quantize ->
+    dequantize -> fp32 op); the compiled artifact runs the fused int8 kernels instead, equal up to rounding
+    (tests/test_int8.py measures the artifact itself; `python -m imagepiece.bench precision` the figures)."""
+    expected, actual = [], []
+    with torch.no_grad():
+        for start in range(0, len(images) - batch + 1, batch):
+            chunk = images[start : start + batch]
+            expected.append(reference(chunk).float())
+            actual.append(quantized(chunk).float())
+    return logit_agreement(torch.cat(actual), torch.cat(expected))

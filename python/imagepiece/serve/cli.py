@@ -1,0 +1,97 @@
+"""imagepiece-serve: classify images over HTTP with a compiled artifact (scripts/serve.py is the same CLI).
+
+examples:
+  imagepiece-serve --artifact deit_s_ip_dyn.so                         # http://127.0.0.1:8000
+  curl -F file=@photo.jpg http://127.0.0.1:8000/v1/classify            # or: --data-binary @photo.jpg
+  imagepiece-serve --artifact deit_s_ip_dyn.so --max-batch 16 --max-delay-ms 2 --queue-capacity 256
+  curl http://127.0.0.1:8000/metrics                                   # Prometheus text format
+
+One process, one model: concurrent requests are grouped into batches by ip_runtime.Batcher (up to
+--max-batch images per run; a request waits at most --max-delay-ms for others to join it). Compile a
+dynamic-batch artifact for it (scripts/aot_compile.py --max-batch 32); a static-batch artifact runs
+its own batch, padded. A full queue answers 503 with Retry-After. Listens on 127.0.0.1 unless --host
+says otherwise (there is no authentication: put a proxy in front before exposing it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import ip_runtime
+import uvicorn
+
+from imagepiece.artifact import ArtifactError
+
+from .app import create_app
+from .service import MiB, ClassificationService, ServeConfig
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = _OneLineErrors(prog=Path(sys.argv[0]).name if argv is None else "imagepiece-serve",
+                            description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = ServeConfig(artifact=Path())
+    parser.add_argument("--artifact", type=Path, required=True, help="compiled .so/.pt2 (scripts/aot_compile.py)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--device", default="", help="run on this device (default: the artifact's), e.g. cuda:1")
+    parser.add_argument("--topk", type=int, default=defaults.topk, help="classes per answer unless ?topk= says (default 5)")
+    parser.add_argument("--labels", type=Path, help="class names, one per line (default: timm's ImageNet names)")
+    batching = parser.add_argument_group("batching (ip_runtime.Batcher)")
+    batching.add_argument("--max-batch", type=int, default=defaults.max_batch, help="images per run (default: the artifact's largest batch)")
+    batching.add_argument("--max-delay-ms", type=float, default=defaults.max_delay_ms,
+                          help=f"how long a request may wait for others to join its batch (default {defaults.max_delay_ms:g})")
+    batching.add_argument("--queue-capacity", type=int, default=defaults.queue_capacity,
+                          help=f"requests that may wait; beyond, 503 (default {defaults.queue_capacity})")
+    batching.add_argument("--preferred-batch", type=int, nargs="+", default=[], help="batch sizes to run as soon as they are queued")
+    limits = parser.add_argument_group("uploads")
+    limits.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / MiB,
+                        help=f"largest upload in MiB (default {defaults.max_upload_bytes / MiB:g}); larger gets 413")
+    limits.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                        help=f"refuse images with more pixels, before decoding them (default {defaults.max_pixels:,})")
+    limits.add_argument("--decode-threads", type=int, default=defaults.decode_threads,
+                        help=f"threads decoding and resizing uploads (default {defaults.decode_threads})")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    args = parser.parse_args(argv)
+    for name in ("topk", "max_pixels", "decode_threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    if not args.max_upload_mb > 0:
+        parser.error(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    if not args.artifact.is_file():
+        parser.error(f"--artifact {str(args.artifact)!r} is not a file")
+    return args
+
+
+def config_from(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(artifact=args.artifact, device=args.device, topk=args.topk, labels=args.labels, max_batch=args.max_batch,
+                       max_delay_ms=args.max_delay_ms, queue_capacity=args.queue_capacity, preferred_batches=args.preferred_batch,
+                       max_upload_bytes=int(args.max_upload_mb * MiB), max_pixels=args.max_pixels, decode_threads=args.decode_threads)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        service = ClassificationService(config_from(args))
+    except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
+        print(f"imagepiece-serve: error: {error}", file=sys.stderr)
+        return 2
+    print(f"serving {service.model_name} from {args.artifact} on http://{args.host}:{args.port} "
+          f"(batcher: {service.batcher.options}; pid {os.getpid()})", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(service.config, service), host=args.host, port=args.port, log_level=args.log_level,
+                access_log=not args.no_access_log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

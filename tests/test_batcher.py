@@ -1,0 +1,222 @@
+"""ip_runtime.Batcher (imagepiece::Batcher): dynamic micro-batching of single images over a Runtime."""
+import asyncio
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import ip_runtime
+
+LONG_DELAY_MS = 10_000  # longer than any test: a batch that is not full only runs when the test says so
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def dynamic(compiled):
+    return ip_runtime.Runtime(str(compiled.path("ti_imagepiece_dynamic")))
+
+
+@pytest.fixture(scope="module")
+def pool(dynamic):
+    """50 distinct images and each one's logits when run alone (batch 1)."""
+    images = torch.randn(50, *dynamic.info["input_shape"], generator=torch.Generator().manual_seed(13))
+    alone = torch.cat([dynamic.run(images[i : i + 1]) for i in range(len(images))])
+    return images, alone
+
+
+def close_within(batcher, drain, seconds=TIMEOUT):
+    """close() in a thread: a hang fails the test instead of stalling the suite."""
+    closer = threading.Thread(target=batcher.close, args=(drain,), daemon=True)
+    closer.start()
+    closer.join(seconds)
+    assert not closer.is_alive(), f"close(drain={drain}) did not return within {seconds} s"
+
+
+def test_concurrent_single_image_submits_equal_running_each_image_alone(dynamic, pool):
+    images, alone = pool
+    threads, per_thread = 16, 50
+    results = [[None] * per_thread for _ in range(threads)]
+    errors = []
+    with ip_runtime.Batcher(dynamic, max_batch=32, max_delay_ms=2) as batcher:
+        def client(t):
+            try:
+                futures = [batcher.submit(images[(t * 7 + i) % len(images)]) for i in range(per_thread)]
+                results[t] = [future.result(TIMEOUT) for future in futures]
+            except Exception as error:  # reported below: an assert in a thread would be lost
+                errors.append(error)
+
+        workers = [threading.Thread(target=client, args=(t,)) for t in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    stats = batcher.stats  # after close: a worker counts its batch done only after completing its futures
+    assert not errors
+    for t in range(threads):
+        for i in range(per_thread):
+            torch.testing.assert_close(results[t][i], alone[(t * 7 + i) % len(images)], rtol=0, atol=1e-5)
+    assert stats["requests"] == stats["completed"] == threads * per_thread
+    assert stats["batched_images"] == threads * per_thread and sum(stats["batch_sizes"]) == stats["batches"]
+    assert stats["mean_batch_size"] > 1  # 16 clients with requests in flight: batches did form
+    assert stats["queue_depth"] == stats["in_flight"] == stats["failed"] == 0
+
+
+def test_invalid_submits_fail_alone_and_valid_ones_complete(dynamic, pool):
+    images, alone = pool
+    bad = {
+        "invalid_shape": torch.randn(3, 224),
+        "invalid_dtype": images[0].double(),
+        "invalid_type": "not an image",
+    }
+    with ip_runtime.Batcher(dynamic, max_batch=8, max_delay_ms=5) as batcher:
+        futures = {}
+        for i in range(12):
+            futures[i] = batcher.submit(images[i])
+            code = list(bad)[i % len(bad)]
+            with pytest.raises(ip_runtime.Error) as refused:
+                batcher.submit(bad[code])
+            assert refused.value.code == code
+        for i, future in futures.items():
+            torch.testing.assert_close(future.result(TIMEOUT), alone[i], rtol=0, atol=1e-5)
+        stats = batcher.stats
+    assert stats["completed"] == 12 and stats["failed"] == 0
+    assert stats["rejected"] == {"invalid_shape": 4, "invalid_dtype": 4}  # refused in C++ (a str never gets there)
+
+
+def test_error_messages_name_the_single_image_rule(dynamic):
+    with ip_runtime.Batcher(dynamic) as batcher:
+        with pytest.raises(ip_runtime.Error, match=r"image \[3, 224\] is not a row of a batch") as refused:
+            batcher.submit(torch.randn(3, 224))
+        assert refused.value.code == "invalid_shape"
+
+
+def test_numpy_in_numpy_out_and_non_contiguous_images(dynamic, pool):
+    images, alone = pool
+    with ip_runtime.Batcher(dynamic, max_delay_ms=1) as batcher:
+        from_numpy = batcher.submit(images[0].numpy()).result(TIMEOUT)
+        # A channels-last view is copied into the batch like any other row.
+        strided = images[1].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        from_view = batcher.submit(strided).result(TIMEOUT)
+    assert isinstance(from_numpy, np.ndarray) and from_numpy.shape == (1000,)
+    np.testing.assert_allclose(from_numpy, alone[0].numpy(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(from_view, alone[1], rtol=0, atol=1e-5)
+
+
+def test_full_queue_raises_overloaded(dynamic, pool):
+    images, _ = pool
+    # A long delay and a batch that cannot fill keep the three requests queued until close().
+    batcher = ip_runtime.Batcher(dynamic, max_batch=64, max_delay_ms=LONG_DELAY_MS, queue_capacity=3)
+    queued = [batcher.submit(images[i]) for i in range(3)]
+    with pytest.raises(ip_runtime.Error, match="overloaded") as refused:
+        batcher.submit(images[3])
+    assert refused.value.code == "overloaded"
+    assert batcher.stats["queue_depth"] == 3 and batcher.stats["rejected"] == {"overloaded": 1}
+    close_within(batcher, drain=False)
+    for future in queued:
+        assert future.exception(TIMEOUT).code == "cancelled"
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_shutdown_completes_or_cancels_every_pending_request(dynamic, pool, drain):
+    images, alone = pool
+    batcher = ip_runtime.Batcher(dynamic, max_batch=64, max_delay_ms=LONG_DELAY_MS)
+    pending = [batcher.submit(images[i]) for i in range(5)]
+    assert not any(future.done() for future in pending)
+    close_within(batcher, drain)
+    assert all(future.done() for future in pending)
+    for i, future in enumerate(pending):
+        if drain:
+            torch.testing.assert_close(future.result(), alone[i], rtol=0, atol=1e-5)
+        else:
+            assert isinstance(future.exception(), ip_runtime.Error) and future.exception().code == "cancelled"
+    stats = batcher.stats
+    assert (stats["completed"], stats["cancelled"]) == ((5, 0) if drain else (0, 5))
+    with pytest.raises(ip_runtime.Error) as refused:
+        batcher.submit(images[0])
+    assert refused.value.code == "cancelled"
+    close_within(batcher, drain=True)  # a second close is harmless
+
+
+def test_dropping_the_batcher_drains_it(dynamic, pool):
+    images, alone = pool
+    batcher = ip_runtime.Batcher(dynamic, max_batch=64, max_delay_ms=LONG_DELAY_MS)
+    pending = [batcher.submit(images[i]) for i in range(3)]
+    del batcher
+    gc.collect()
+    for i, future in enumerate(pending):
+        torch.testing.assert_close(future.result(TIMEOUT), alone[i], rtol=0, atol=1e-5)
+
+
+def test_a_callback_that_drops_the_last_reference_does_not_deadlock(dynamic, pool):
+    images, _ = pool
+    holder = [ip_runtime.Batcher(dynamic, max_batch=1, max_delay_ms=0)]
+    first = holder[0].submit(images[0])
+    first.add_done_callback(lambda _: holder.clear())  # runs on the worker thread, which then destroys the batcher
+    assert first.result(TIMEOUT).shape == (1000,)
+    deadline = time.monotonic() + TIMEOUT
+    while holder and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not holder
+
+
+def test_preferred_batch_runs_without_waiting_for_the_delay(dynamic, pool):
+    images, alone = pool
+    batcher = ip_runtime.Batcher(dynamic, max_batch=8, max_delay_ms=LONG_DELAY_MS, preferred_batches=[4])
+    futures = [batcher.submit(images[i]) for i in range(5)]
+    for i in range(4):  # long before the delay: the preferred size was queued
+        torch.testing.assert_close(futures[i].result(TIMEOUT), alone[i], rtol=0, atol=1e-5)
+    assert batcher.stats["batch_sizes"][4] == 1 and batcher.stats["queue_depth"] == 1 and not futures[4].done()
+    close_within(batcher, drain=True)
+    torch.testing.assert_close(futures[4].result(), alone[4], rtol=0, atol=1e-5)
+
+
+def test_static_batch_artifact_pads_a_short_batch(compiled, pool):
+    images, _ = pool
+    runtime = ip_runtime.Runtime(str(compiled.path("ti_imagepiece")))  # batch exactly 2
+    with ip_runtime.Batcher(runtime, max_delay_ms=0) as batcher:
+        assert batcher.options["max_batch"] == 2
+        logits = batcher.submit(images[0]).result(TIMEOUT)
+        stats = batcher.stats
+    padded = torch.stack([images[0], torch.zeros_like(images[0])])
+    torch.testing.assert_close(logits, runtime.run(padded)[0], rtol=0, atol=1e-5)
+    assert stats["padded_rows"] == 1 and stats["batch_sizes"] == [0, 1, 0]
+
+
+def test_asyncio_clients(dynamic, pool):
+    images, alone = pool
+
+    async def classify_all(batcher):
+        return await asyncio.gather(*(asyncio.wrap_future(batcher.submit(images[i])) for i in range(8)))
+
+    with ip_runtime.Batcher(dynamic, max_batch=8, max_delay_ms=20) as batcher:
+        results = asyncio.run(asyncio.wait_for(classify_all(batcher), TIMEOUT))
+    torch.testing.assert_close(torch.stack(results), alone[:8], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, code, message",
+    [
+        ({"max_batch": 65}, "invalid_option", r"max_batch must be in \[1, 64\]"),
+        ({"max_batch": -1}, "invalid_option", "max_batch"),
+        ({"max_delay_ms": -1}, "invalid_option", "max_delay_ms"),
+        ({"max_delay_ms": float("nan")}, "invalid_option", "max_delay_ms"),
+        ({"max_delay_ms": True}, "invalid_type", "max_delay_ms"),
+        ({"queue_capacity": 0}, "invalid_option", "queue_capacity"),
+        ({"queue_capacity": 1.5}, "invalid_type", "queue_capacity"),
+        ({"max_batch": 8, "preferred_batches": [4, 9]}, "invalid_option", "preferred batch 9"),
+        ({"preferred_batches": "4"}, "invalid_type", "preferred_batches"),
+    ],
+)
+def test_invalid_options(dynamic, kwargs, code, message):
+    with pytest.raises(ip_runtime.Error, match=message) as refused:
+        ip_runtime.Batcher(dynamic, **kwargs)
+    assert refused.value.code == code
+
+
+def test_runtime_must_be_a_runtime():
+    with pytest.raises(ip_runtime.Error) as refused:
+        ip_runtime.Batcher("model.so")
+    assert refused.value.code == "invalid_type"

@@ -1,0 +1,83 @@
+"""scripts/gpu_check.sh without a GPU: valid bash, a plan, clear refusals, and a clean "nothing to check".
+
+The GPU run itself is exercised only on a GPU machine (issue 15); these tests keep the script from
+rotting in between, since it is used on machines where a failed start costs scarce GPU time.
+"""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def gpu_check(*args, env=None, timeout=120):
+    environment = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    environment.pop("OUT", None)
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=environment,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_script_is_valid_bash():
+    result = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_without_a_gpu_it_checks_nothing_says_so_and_keeps_the_environment(tmp_path):
+    out = tmp_path / "out"
+    result = gpu_check(out, env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU, whatever this machine has
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "no CUDA GPU: nothing to check" in result.stdout
+    assert "no CUDA GPU: nothing to check" in (out / "summary.txt").read_text()
+    assert "no CUDA GPU" in (out / "gpu_check.log").read_text()
+    with tarfile.open(out / "details.tar.gz") as archive:
+        names = set(archive.getnames())
+        versions = json.load(archive.extractfile("details/env/versions.json"))
+    assert {"details/env/pip-freeze.txt", "details/env/machine.txt", "details/summary.txt"} <= names
+    assert not any(name.endswith(("install.log", "tests.log")) for name in names), "a step ran without a GPU"
+    assert versions["torch"] == torch.__version__ and versions["cuda_available"] is False
+    assert not (out / "details").exists(), "details/ should be packed into details.tar.gz"
+
+
+def test_dry_run_plans_every_step_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = gpu_check("--dry-run", "--budget-minutes", "9", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    plan = result.stdout
+    assert "-m pip install --no-index --no-build-isolation --no-deps -v -e ." in plan
+    assert "-m pytest -q tests/test_cuda.py tests/test_runtime_cuda.py" in plan
+    assert "scripts/benchmark.py --device cuda --arch deit_small_patch16_224 --batch 1 8 64 256" in plan
+    for dtype in ("bf16", "fp16"):
+        assert f"step bench-{dtype}-runtime" in plan and f"--dtype {dtype} --variants deit tome evit imagepiece imagepiece_hyper" in plan
+        assert f"step bench-{dtype}-compile" in plan and f"--dtype {dtype} --variants deit --paths eager compile" in plan
+    assert plan.index("step install") < plan.index("step tests") < plan.index("step bench-bf16-runtime") < plan.index("step bench-fp16-runtime")
+    assert "budget: 9 min" in plan
+    assert not out.exists()
+
+
+def test_a_missing_package_stops_it_with_one_line_naming_it(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "matplotlib.py").write_text("raise ImportError('hidden by the test')\n")
+    result = gpu_check("--dry-run", "--steps", "tests", tmp_path / "out", env={"PYTHONPATH": str(blocker)})
+    assert result.returncode == 2
+    missing = [line for line in result.stdout.splitlines() if line.startswith("missing:")]
+    assert missing == ["missing: python package matplotlib: ImportError: hidden by the test"]
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    cases = [
+        (["--steps", "tests,bogus", tmp_path], "unknown step 'bogus'"),
+        (["--budget-minutes", "soon", tmp_path], "--budget-minutes must be a whole number"),
+        (["--frobnicate", tmp_path], "unknown option --frobnicate"),
+        ([tmp_path / "a", tmp_path / "b"], "one output folder"),
+        ([], "no output folder"),
+    ]
+    for args, message in cases:
+        result = gpu_check(*args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)

@@ -1,0 +1,93 @@
+"""int8 artifacts (PT2E, X86InductorQuantizer, Linear layers only): one DeiT-Ti ImagePiece compile per
+session (tests/artifacts.py "ti_imagepiece_int8", timm-init weights, synthetic calibration).
+
+The artifact takes fp32 images (its metadata's "dtype") and computes in int8 ("precision"). Agreement
+with the fp32 eager model is measured, not exactness: int8 noise moves scores, and on random weights
+with noise images that alone reshuffles merges (as bf16 does; see `python -m imagepiece.bench
+precision`), so top-1 agrees on most images, not all. The thresholds hold with or without VNNI
+(oneDNN's slower int8 path on CPUs without it computes the same products).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("torchao", reason="int8 artifacts need torchao: pip install 'imagepiece[int8]'")
+
+from imagepiece.environment import int8_support  # noqa: E402
+from imagepiece.export import load  # noqa: E402
+from inputs import random_images, write_image_folder  # noqa: E402
+
+NAME = "ti_imagepiece_int8"
+MIN_TOP1_AGREEMENT = 0.6
+MIN_MEAN_COSINE = 0.99
+
+
+def test_int8_metadata_says_fp32_images_int8_arithmetic_how_it_was_calibrated_and_how_close_it_is(compiled):
+    metadata = load(compiled.path(NAME)).metadata
+    assert (metadata["dtype"], metadata["precision"]) == ("fp32", "int8")
+    assert metadata["quantization"]["calibration"] == {"source": "synthetic (N(0,1) images, seed 0)", "images": 32}
+    assert "nn.Linear" in metadata["quantization"]["scheme"]
+    agreement = metadata["quantization"]["agreement_with_fp32"]  # measured at compile time, on the calibration images
+    assert agreement["images"] == 32 and agreement["top1_agree"] >= MIN_TOP1_AGREEMENT * 32, agreement
+    assert agreement["cosine_mean"] >= MIN_MEAN_COSINE and agreement["max_abs_logit_diff"] >= agreement["median_abs_logit_diff"] > 0
+
+
+def test_int8_artifact_runs_through_ip_runtime_and_agrees_with_fp32(compiled):
+    import ip_runtime
+
+    runtime = ip_runtime.Runtime(str(compiled.path(NAME)), device="cpu")
+    eager = compiled.eager(NAME)
+    images = random_images(64, seed=1)
+    with torch.inference_mode():
+        expected = torch.cat([eager(chunk) for chunk in images.split(2)])
+        actual = torch.cat([runtime.run(chunk) for chunk in images.split(2)])
+        python_loader = load(compiled.path(NAME))(images[:2])
+    torch.testing.assert_close(python_loader, actual[:2], rtol=0, atol=0)  # one library, two loaders
+    agreement = (actual.argmax(1) == expected.argmax(1)).float().mean().item()
+    cosine = F.cosine_similarity(actual, expected).mean().item()
+    summary = f"top-1 agreement {agreement:.3f}, mean cosine {cosine:.5f} ({int8_support().reason})"
+    assert agreement >= MIN_TOP1_AGREEMENT and cosine >= MIN_MEAN_COSINE, summary
+
+
+def test_int8_artifact_refuses_low_precision_images(compiled):
+    import ip_runtime
+
+    runtime = ip_runtime.Runtime(str(compiled.path(NAME)), device="cpu")
+    with pytest.raises(ip_runtime.Error) as error:
+        runtime.run(torch.randn(2, 3, 224, 224, dtype=torch.bfloat16))
+    assert error.value.code == "invalid_dtype"
+
+
+def test_folder_calibration_prepares_images_as_predict_does(tmp_path):
+    from imagepiece.quantize import folder_calibration, image_files
+
+    write_image_folder(tmp_path, classes=2, per_class=3)
+    (tmp_path / "notes.txt").write_text("not an image")
+    preprocessing = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bicubic",
+                     "crop_pct": 0.9, "crop_mode": "center"}
+    assert len(image_files(tmp_path)) == 6
+    calibration = folder_calibration(tmp_path, preprocessing, (3, 224, 224), count=4)
+    assert calibration.images.shape == (4, 3, 224, 224) and calibration.images.dtype == torch.float32
+    assert calibration.describe() == {"source": f"folder {tmp_path.name!r}", "images": 4}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no image files"):
+        folder_calibration(tmp_path / "empty", preprocessing, (3, 224, 224))
+    with pytest.raises(ValueError, match="does not exist"):
+        folder_calibration(tmp_path / "missing", preprocessing, (3, 224, 224))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "fp32", "--calibration", "."], "calibration images are for --dtype int8 only"),
+    (["--dtype", "int8", "--calibration", "/nonexistent/images"], "does not exist"),
+])
+def test_aot_compile_refuses_bad_int8_requests_before_compiling(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    from artifacts import ROOT
+
+    out = tmp_path / "model.so"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--arch", "deit_tiny_patch16_224",
+                             "--device", "cpu", "--batch", "2", *args, "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not out.exists()

@@ -1,0 +1,371 @@
+"""imagepiece-predict (single process): sources, decoding, timm-equal preprocessing, eager-equal
+predictions, one error row per bad file, batching/padding, output formats, --resume, CLI errors."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+from diagnostics import decision_margins
+from image_files import photo, write_bad_images, write_good_images
+from imagepiece.predict import Classifier, list_inputs, predict_items
+from imagepiece.predict.cli import main
+from imagepiece.predict.decode import decode_rgb
+from imagepiece.predict.labels import class_names
+from imagepiece.input_format import random_pixels
+from imagepiece.predict.preprocess import Preprocess, normalise, pixels_of
+from imagepiece.predict.writers import read_rows
+
+# The bomb fixtures are meant to trip Pillow's warning; predict refuses them itself (error rows).
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+ROOT = Path(__file__).resolve().parent.parent
+TIE_FREE = 1e-5  # as in test_parity: decision gaps above this cannot flip between eager and compiled
+DEIT = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bicubic", "crop_pct": 0.875,
+        "crop_mode": "center"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """(root, good image names, {bad name: phrase its error must contain}) plus files a walk skips."""
+    root = tmp_path_factory.mktemp("photos")
+    good = write_good_images(root)
+    bad = write_bad_images(root)
+    (root / "README.txt").write_text("not listed: no image suffix")
+    Image.fromarray(photo(32, 32, seed=9)).save(root / ".hidden.jpg")
+    return root, good, bad
+
+
+def rows_by_path(path):
+    rows = read_rows(path)
+    return {row.path: row for row in rows}, rows
+
+
+def eager_probs(model, pixels, preprocessing):
+    images = normalise(torch.from_numpy(pixels), preprocessing["mean"], preprocessing["std"])
+    with torch.inference_mode():
+        probs = model(images).softmax(dim=1)
+    return probs, decision_margins(model, images)
+
+
+def assert_rows_match_eager(rows, root, names, eager, preprocessing, topk=5):
+    """Each row is the eager model's top-k on the same decoded pixels (tie-free images exactly)."""
+    prepare = Preprocess(preprocessing)
+    pixels = np.stack([prepare(decode_rgb(str(root / name))) for name in names])
+    probs, margins = eager_probs(eager, pixels, preprocessing)
+    tie_free = 0
+    for name, expected, margin in zip(names, probs, margins):
+        row = rows[str(root / name)]
+        assert row.error == "" and len(row.classes) == len(row.probs) == len(row.labels) == topk, row
+        assert row.classes[0] == int(expected.argmax()), name
+        assert row.probs == sorted(row.probs, reverse=True)
+        if margin > TIE_FREE:
+            tie_free += 1
+            torch.testing.assert_close(torch.tensor(row.probs), expected[row.classes], rtol=1e-3, atol=1e-7)
+            assert row.probs[-1] >= float(expected.topk(topk).values[-1]) * (1 - 1e-3), "not the top-k"
+    assert tie_free >= len(names) // 3, f"only {tie_free} of {len(names)} images tie-free: test inputs degenerate"
+
+
+@pytest.mark.parametrize("preprocessing", [
+    DEIT,
+    {**DEIT, "interpolation": "bilinear", "crop_pct": 1.0},
+    {**DEIT, "crop_pct": 0.9, "crop_mode": "squash"},
+    {**DEIT, "interpolation": "bilinear", "crop_pct": 0.95, "crop_mode": "border"},
+], ids=["deit", "bilinear-full", "squash", "border"])
+def test_preprocessing_equals_timm_eval_transform_on_image_files(folder, preprocessing):
+    root, good, _ = folder
+    ours = Preprocess(preprocessing)
+    timm_eval = create_transform(input_size=(3, 224, 224), is_training=False, **preprocessing)
+    for name in good:
+        pixels = ours(decode_rgb(str(root / name)))
+        assert pixels.dtype == np.uint8 and pixels.shape == (224, 224, 3)
+        mine = normalise(torch.from_numpy(pixels)[None], preprocessing["mean"], preprocessing["std"])[0]
+        with Image.open(root / name) as image:
+            theirs = timm_eval(image.convert("RGB"))
+        assert (mine - theirs).abs().max() <= 1e-6, name
+
+
+@pytest.mark.parametrize("mean, std", [(DEIT["mean"], DEIT["std"]), ((0.5,) * 3, (0.5,) * 3), ((0.0,) * 3, (1.0,) * 3)])
+def test_pixels_of_undoes_normalise_exactly(mean, std):
+    """What evaluate.py hands an artifact that takes pixels, from timm's normalised images."""
+    pixels = random_pixels(4, seed=5)
+    assert torch.equal(pixels_of(normalise(pixels, mean, std), mean, std), pixels)
+
+
+def test_folder_rows_equal_eager_and_each_bad_file_is_one_error_row(compiled, folder, tmp_path, capsys):
+    root, good, bad = folder
+    name = "ti_imagepiece_dynamic"
+    output = tmp_path / "preds.jsonl"
+    assert main(["--artifact", str(compiled.path(name)), "--input", str(root), "--output", str(output), "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert f"{len(good) + len(bad)} images ({len(bad)} errors)" in summary and "img/s" in summary and "decode" in summary
+
+    rows, ordered = rows_by_path(output)
+    listed = [item.path for item in list_inputs(str(root))]
+    assert [row.path for row in ordered] == listed, "one row per input, in input (sorted walk) order"
+    assert sorted(listed) == sorted(str(root / n) for n in good + list(bad)), "README.txt and hidden files are not inputs"
+    for bad_name, phrase in bad.items():
+        row = rows[str(root / bad_name)]
+        assert phrase in row.error and not row.classes and not row.probs, row
+    names = class_names(1000)
+    assert all(row.labels == [names[c] for c in row.classes] for row in ordered)
+    assert_rows_match_eager(rows, root, good, compiled.eager(name), compiled_preprocessing(compiled, name))
+
+
+def compiled_preprocessing(compiled, name):
+    from imagepiece.artifact import read_metadata
+
+    return read_metadata(compiled.path(name))["preprocessing"]
+
+
+def test_static_batch_artifact_pads_its_last_batch(compiled, folder):
+    root, good, bad = folder
+    name = "ti_imagepiece"  # static batch 2: an odd number of good images leaves a last batch of 1
+    classifier = Classifier(str(compiled.path(name)), topk=3)
+    assert classifier.batch == 2 and len(good) % 2 == 1
+    items = list_inputs(str(root))
+    batches = list(predict_items(items, classifier, class_names(1000), workers=2))
+    rows = {row.path: row for batch in batches for row in batch}
+    assert len(rows) == len(items) == sum(len(batch) for batch in batches)
+    assert_rows_match_eager(rows, root, good, compiled.eager(name), compiled_preprocessing(compiled, name), topk=3)
+
+
+def test_uint8_input_artifact_gives_the_float_artifacts_rows(compiled, folder):
+    """The same model compiled to take uint8 pixels: predict hands it the pixels as they are (no
+    normalise on the host) and gets the float artifact's rows: same top-k on tie-free images, and
+    both equal to eager on the same decoded pixels."""
+    root, good, bad = folder
+    items = list_inputs(str(root))
+    rows = {}
+    for name in ("ti_imagepiece", "ti_imagepiece_uint8"):
+        classifier = Classifier(str(compiled.path(name)), topk=5)
+        assert classifier.takes_pixels == (name == "ti_imagepiece_uint8")
+        rows[name] = {row.path: row for batch in predict_items(items, classifier, class_names(1000), workers=2) for row in batch}
+    floats, pixels = rows["ti_imagepiece"], rows["ti_imagepiece_uint8"]
+    assert list(pixels) == list(floats) and all(pixels[p].error == floats[p].error for p in floats)
+    preprocessing = compiled_preprocessing(compiled, "ti_imagepiece")
+    assert compiled_preprocessing(compiled, "ti_imagepiece_uint8") == preprocessing
+    assert_rows_match_eager(pixels, root, good, compiled.eager("ti_imagepiece"), preprocessing)
+    prepare = Preprocess(preprocessing)
+    _, margins = eager_probs(compiled.eager("ti_imagepiece"), np.stack([prepare(decode_rgb(str(root / n))) for n in good]), preprocessing)
+    for name, margin in zip(good, margins):
+        mine, theirs = pixels[str(root / name)], floats[str(root / name)]
+        assert mine.classes[0] == theirs.classes[0], name
+        if margin > TIE_FREE:
+            assert mine.classes == theirs.classes, name
+            np.testing.assert_allclose(mine.probs, theirs.probs, rtol=1e-3, atol=1e-6)
+
+
+def test_sources_list_folders_globs_lists_and_table_columns(folder, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, good, bad = folder
+    walked = [item.path for item in list_inputs(str(root))]
+    by_folder = {}
+    for name in good + list(bad):
+        by_folder.setdefault(os.path.dirname(name), []).append(str(root / name))
+    assert walked == [path for folder_name in sorted(by_folder) for path in sorted(by_folder[folder_name])], \
+        "each folder's files in sorted order, then its sub-folders; no README.txt, no hidden files"
+
+    assert [i.path for i in list_inputs(str(root / "nested" / "*.png"))] == sorted(str(root / n) for n in good if n.startswith("nested/rgb"))
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# photos\n{root / 'rgb_0.jpg'}\n\nrelative.jpg\n")
+    items = list_inputs(str(listing))
+    assert [(i.path, i.location) for i in items] == [(str(root / "rgb_0.jpg"),) * 2, ("relative.jpg", str(tmp_path / "relative.jpg"))]
+
+    table = pa.table({"id": [1, 2], "file": [str(root / "gray.png"), "x.jpg"]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    assert [i.path for i in list_inputs(str(tmp_path / "t.parquet"), column="file")] == [str(root / "gray.png"), "x.jpg"]
+    with pytest.raises(ValueError, match="name the one holding image paths with --column"):
+        list_inputs(str(tmp_path / "t.parquet"))
+    (tmp_path / "t.csv").write_text("path,label\nrgb_1.jpg,cat\n")
+    assert [i.location for i in list_inputs(str(tmp_path / "t.csv"))] == [str(tmp_path / "rgb_1.jpg")]
+    with pytest.raises(ValueError, match="no column 'nope'"):
+        list_inputs(str(tmp_path / "t.csv"), column="nope")
+    assert [i.path for i in list_inputs(str(root / "gray.png"))] == [str(root / "gray.png")]
+
+
+def test_unreadable_entries_of_a_path_list_are_error_rows(compiled, folder, tmp_path):
+    root, _, _ = folder
+    locked = tmp_path / "locked.jpg"
+    shutil.copy(root / "rgb_6.jpg", locked)  # 41x33: under the --max-pixels below
+    locked.chmod(0)
+    (tmp_path / "a_folder.jpg").mkdir()
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{root / 'rgb_1.jpg'}\nmissing.jpg\na_folder.jpg\nlocked.jpg\n")
+    output = tmp_path / "preds.csv"
+    assert main(["--artifact", str(compiled.path("ti_imagepiece_dynamic")), "--input", str(listing), "--output", str(output),
+                 "--no-progress", "--max-pixels", "40000"]) == 0
+    rows, ordered = rows_by_path(output)
+    assert [r.path for r in ordered] == [str(root / "rgb_1.jpg"), "missing.jpg", "a_folder.jpg", "locked.jpg"]
+    assert "240x320 = 76,800 pixels, over the limit of 40,000: refused before decoding" in rows[str(root / "rgb_1.jpg")].error
+    assert rows["missing.jpg"].error == "file not found"
+    assert rows["a_folder.jpg"].error == "is a directory, not an image file"
+    if os.access(locked, os.R_OK):  # root reads anything: chmod cannot make it unreadable
+        assert rows["locked.jpg"].ok
+    else:
+        assert "cannot read file (Permission denied)" == rows["locked.jpg"].error
+
+
+@pytest.fixture(scope="module")
+def few_files(folder, tmp_path_factory):
+    """A path list of 10 inputs (2 of them bad) in their own folder, for output and resume tests."""
+    root, good, _ = folder
+    here = tmp_path_factory.mktemp("few")
+    names = good[:8] + ["empty.jpg", "not_an_image.png"]
+    for name in names:
+        shutil.copy(root / name, here / Path(name).name)
+    listing = here / "list.txt"
+    listing.write_text("\n".join(Path(n).name for n in names) + "\n")
+    return here, listing
+
+
+def run_predict(compiled, listing, output, *extra):
+    return main(["--artifact", str(compiled.path("ti_imagepiece_dynamic")), "--input", str(listing), "--output", str(output),
+                 "--no-progress", "--batch", "4", *extra])
+
+
+def test_csv_jsonl_and_parquet_hold_the_same_rows(compiled, few_files, tmp_path):
+    _, listing = few_files
+    outputs = [tmp_path / f"preds{suffix}" for suffix in (".csv", ".jsonl", ".parquet")]
+    for output in outputs:
+        assert run_predict(compiled, listing, output, "--topk", "3") == 0
+        assert not list(tmp_path.glob(".*")), "no temp or journal file left behind"
+    csv_rows, jsonl_rows, parquet_rows = (read_rows(output) for output in outputs)
+    assert len(csv_rows) == 10 and csv_rows == jsonl_rows == parquet_rows
+    header = outputs[0].read_text().splitlines()[0]
+    assert header == "path,class_1,class_2,class_3,label_1,label_2,label_3,prob_1,prob_2,prob_3,error"
+
+
+def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_files, tmp_path, monkeypatch, capsys):
+    here, listing = few_files
+    output = tmp_path / "preds.csv"
+    assert run_predict(compiled, listing, output) == 0
+    clean = read_rows(output)
+
+    # Interrupt a fresh run after its first batch: the old output stays, the batch is in the journal.
+    calls = {"n": 0}
+    original = Classifier.classify
+
+    def interrupted(self, pixels):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, pixels)
+
+    monkeypatch.setattr(Classifier, "classify", interrupted)
+    output.unlink()
+    assert run_predict(compiled, listing, output) == 130
+    journal = tmp_path / ".preds.csv.partial.jsonl"
+    assert not output.exists() and len(journal.read_text().splitlines()) >= 4
+    monkeypatch.setattr(Classifier, "classify", original)
+
+    # A predicted file broken after the fact keeps its prediction: --resume does not decode it again.
+    first = clean[0].path
+    os.rename(here / first, here / "kept.bak")
+    (here / first).write_bytes(b"broken now")
+    try:
+        capsys.readouterr()
+        assert run_predict(compiled, listing, output, "--resume") == 0
+        assert "already done" in capsys.readouterr().out
+    finally:
+        os.replace(here / "kept.bak", here / first)
+    resumed = read_rows(output)
+    assert [r.path for r in resumed] == [r.path for r in clean]
+    assert [(r.classes, r.error) for r in resumed] == [(r.classes, r.error) for r in clean]
+    assert not journal.exists()
+
+    # An error row is retried on --resume; a file that became readable gets its prediction.
+    shutil.copy(here / first, here / "empty.jpg")
+    assert run_predict(compiled, listing, output, "--resume") == 0
+    after = {r.path: r for r in read_rows(output)}
+    assert after["empty.jpg"].ok and after["empty.jpg"].classes == after[first].classes
+    assert after["not_an_image.png"].error == "not an image (no decoder recognises the file's format)"
+    (here / "empty.jpg").write_bytes(b"")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--artifact", "{missing}", "--output", "{out}.csv"], "does not exist or is not a file"),
+    (["--artifact", "{artifact}", "--output", "{out}.xlsx"], "unknown format '.xlsx'"),
+    (["--artifact", "{artifact}", "--output", "{out}.csv", "--input", "{empty}"], "holds no image files"),
+    (["--artifact", "{artifact}", "--output", "{out}.csv", "--input", "{out}/nope/*.jpg"], "matches no files"),
+    (["--artifact", "{artifact}", "--output", "{out}.csv", "--input", "{out}/nothing_here"], "does not exist"),
+    (["--artifact", "{artifact}", "--output", "{out}/no/such/dir/p.csv"], "does not exist"),
+    (["--artifact", "{artifact}", "--output", "{out}.csv", "--topk", "0"], "--topk must be >= 1"),
+    (["--artifact", "{artifact}", "--output", "{out}.csv", "--address", "auto"], "only with --ray"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(compiled, folder, tmp_path, capsys, args, message):
+    root, _, _ = folder
+    (tmp_path / "empty").mkdir()
+    values = {"missing": tmp_path / "none.so", "artifact": compiled.path("ti_imagepiece_dynamic"), "out": tmp_path,
+              "empty": tmp_path / "empty"}
+    argv = [arg.format(**values) for arg in args]
+    if "--input" not in argv:
+        argv += ["--input", str(root)]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own checks
+        code = exit.code
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+
+
+def test_script_shows_progress_and_a_summary(compiled, few_files, tmp_path):
+    _, listing = few_files
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), "--artifact", str(compiled.path("ti_imagepiece")),
+                             "--input", str(listing), "--output", str(tmp_path / "p.parquet"), "--workers", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "img/s" in result.stderr and "10/10" in result.stderr, "tqdm progress on stderr"
+    assert "predicted 10 images (2 errors)" in result.stdout and "inference" in result.stdout
+    assert len(read_rows(tmp_path / "p.parquet")) == 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_artifact_stages_batches_in_pinned_memory(compiled, folder):
+    root, good, _ = folder
+    classifier = Classifier(str(compiled.path("cuda_ti_imagepiece_dynamic")), topk=5, batch=8)
+    assert classifier.device.type == "cuda" and classifier._staging.is_pinned()
+    rows = {row.path: row for batch in predict_items(list_inputs(str(root)), classifier, class_names(1000)) for row in batch}
+    eager = compiled.eager("cuda_ti_imagepiece_dynamic")
+    preprocessing = compiled_preprocessing(compiled, "cuda_ti_imagepiece_dynamic")
+    prepare = Preprocess(preprocessing)
+    pixels = torch.from_numpy(np.stack([prepare(decode_rgb(str(root / n))) for n in good])).cuda()
+    with torch.inference_mode():
+        probs = eager(normalise(pixels, preprocessing["mean"], preprocessing["std"])).softmax(1).cpu()
+    for name, expected in zip(good, probs):
+        assert rows[str(root / name)].classes[0] == int(expected.argmax())
+
+
+def test_e2e_benchmark_measures_files_to_rows_beside_the_model(compiled, tmp_path):
+    from imagepiece.predict.bench import e2e_benchmark, report
+
+    result = e2e_benchmark(str(compiled.path("ti_imagepiece_dynamic")), images=8, size=(500, 375), batch=4, workers=1, rounds=1,
+                           folder=tmp_path)
+    assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 8 and result["median_run"]["errors"] == 0
+    assert result["batch"] == 4 and result["model_only_median"] > 0 and result["single_process_median"] > 0
+    assert result["ratio_of_medians"] == result["single_process_median"] / result["model_only_median"]
+    assert result["ratio"] == result["ratio_per_round"][0] == result["single_process_img_per_s"][0] / result["model_only_img_per_s"][0]
+    assert 0 < result["decode_share"] < 1 and result["machine"]["torch"] == torch.__version__
+    assert "single-process / model-only" in report(result)
+
+
+def test_e2e_benchmark_measures_a_uint8_input_artifact_beside_the_float_one(compiled, tmp_path):
+    from imagepiece.predict.bench import e2e_benchmark, report
+
+    result = e2e_benchmark(str(compiled.path("ti_imagepiece")), images=4, batch=2, workers=1, rounds=2, folder=tmp_path,
+                           uint8_artifact=str(compiled.path("ti_imagepiece_uint8")))
+    pixels = result["uint8"]
+    assert pixels["input_format"] == "uint8_nhwc" and pixels["batch"] == result["batch"] == 2
+    assert len(pixels["model_only_img_per_s"]) == len(pixels["single_process_img_per_s"]) == 2
+    assert pixels["single_process_vs_float_per_round"] == [p / f for p, f in zip(pixels["single_process_img_per_s"], result["single_process_img_per_s"])]
+    assert pixels["ratio"] == pytest.approx(sum(pixels["ratio_per_round"]) / 2)  # the median of two rounds
+    assert "uint8-input artifact" in report(result)

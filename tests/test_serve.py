@@ -1,0 +1,191 @@
+"""The HTTP server (imagepiece.serve, scripts/serve.py): a real server on a free loopback port, real requests."""
+import io
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from image_files import huge_png, photo
+from imagepiece.data import eval_transform
+from imagepiece.serve import ClassificationService, ServeConfig, create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+UPLOAD_LIMIT = 256 * 1024
+TIMEOUT = 120
+TEXT_ONLY_FORM = b'--x\r\nContent-Disposition: form-data; name="note"\r\n\r\nno file here\r\n--x--\r\n'
+
+
+class ServerThread:
+    """uvicorn serving `app` in a thread, on a loopback socket bound before it starts (no port race)."""
+
+    def __init__(self, app):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return httpx.Client(base_url=self.url, timeout=TIMEOUT)
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(TIMEOUT)
+        self.socket.close()
+        assert not self.thread.is_alive(), "the server did not stop"
+
+
+def jpeg_bytes(seed, size=(320, 240)):
+    buffer = io.BytesIO()
+    Image.fromarray(photo(*size, seed=seed)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def png16_bytes():
+    buffer = io.BytesIO()
+    Image.new("I;16", (64, 64)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def artifact(compiled):
+    return compiled.path("ti_imagepiece_dynamic")
+
+
+@pytest.fixture(scope="module")
+def served(artifact):
+    """(client, service) of one server for the module; stopped (and its batcher drained) at the end."""
+    config = ServeConfig(artifact=artifact, max_batch=8, max_delay_ms=2, max_upload_bytes=UPLOAD_LIMIT, decode_threads=1)
+    service = ClassificationService(config)
+    with ServerThread(create_app(config, service)) as client:
+        yield client, service
+
+
+def expected_probs(service, data):
+    """The artifact's softmax on timm's own eval transform of the image: independent of the server's code."""
+    metadata = service.runtime.info["metadata"]
+    with Image.open(io.BytesIO(data)) as image:
+        images = eval_transform(metadata["preprocessing"], metadata["input_shape"])(image.convert("RGB"))[None]
+    return service.runtime.run(images)[0].softmax(dim=0)
+
+
+def test_classify_answers_top_k_from_multipart_and_raw_uploads(served):
+    client, service = served
+    data = jpeg_bytes(seed=1)
+    probs = expected_probs(service, data)
+    for response in (client.post("/v1/classify", files={"file": ("photo.jpg", data, "image/jpeg")}),
+                     client.post("/v1/classify?topk=3", content=data, headers={"content-type": "image/jpeg"})):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        predictions = answer["predictions"]
+        assert answer["model"] == "deit_tiny_patch16_224.imagepiece"
+        assert len(predictions) == (5 if "topk" not in str(response.url) else 3)
+        got = torch.tensor([p["probability"] for p in predictions])
+        torch.testing.assert_close(got, probs[[p["index"] for p in predictions]], rtol=0, atol=1e-6)
+        assert got[-1] >= probs.topk(len(predictions)).values[-1] - 1e-6, "not the top-k"
+        assert all(p["label"] == service.names[p["index"]] and p["label"] for p in predictions)
+
+
+@pytest.mark.parametrize("send, status, code, message", [
+    (lambda c: c.post("/v1/classify", content=b"plain text, not a picture"), 422, "invalid_image", "not an image"),
+    (lambda c: c.post("/v1/classify", content=png16_bytes()), 422, "invalid_image", "16-bit"),
+    (lambda c: c.post("/v1/classify", content=huge_png(20_000, 20_000)), 422, "invalid_image", "decompression-bomb"),
+    (lambda c: c.post("/v1/classify", content=b""), 400, "empty_upload", "empty"),
+    (lambda c: c.post("/v1/classify", files={"file": ("empty.jpg", b"", "image/jpeg")}), 400, "empty_upload", "empty"),
+    (lambda c: c.post("/v1/classify", content=TEXT_ONLY_FORM, headers={"content-type": "multipart/form-data; boundary=x"}),
+     400, "no_file", "no file"),
+    (lambda c: c.post("/v1/classify", content=TEXT_ONLY_FORM, headers={"content-type": "multipart/form-data"}),
+     400, "bad_form", "malformed multipart form: Missing boundary"),
+    (lambda c: c.post("/v1/classify", content=b"\xff" * (UPLOAD_LIMIT + 1)), 413, "too_large", "larger than the limit"),
+    # Streamed (chunked, no Content-Length): refused while reading.
+    (lambda c: c.post("/v1/classify", content=iter([b"\xff" * 65536] * 8)), 413, "too_large", "larger than the limit"),
+    (lambda c: c.post("/v1/classify?topk=0", content=b"x"), 400, "bad_topk", "topk"),
+])
+def test_bad_uploads_get_a_4xx_json_error(served, send, status, code, message):
+    client, _ = served
+    response = send(client)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and message in error["message"]
+
+
+def test_healthz_and_metrics_parse(served):
+    client, service = served
+    assert client.get("/healthz").json()["status"] == "ok"
+    client.post("/v1/classify", content=jpeg_bytes(seed=2))
+    client.post("/v1/classify", content=b"")
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    families = {family.name: family for family in text_string_to_metric_families(response.text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families.values() for s in family.samples}
+    assert families["imagepiece_http_requests"].type == "counter"
+    assert samples[("imagepiece_http_requests_total", (("status", "200"),))] >= 1
+    assert samples[("imagepiece_http_errors_total", (("code", "empty_upload"),))] >= 1
+    assert families["imagepiece_http_request_duration_seconds"].type == "histogram"
+    assert families["imagepiece_batcher_batch_size"].type == "histogram"
+    stats = service.batcher.stats
+    assert samples[("imagepiece_batcher_batch_size_count", ())] == stats["batches"] >= 1
+    assert samples[("imagepiece_batcher_batch_size_bucket", (("le", "+Inf"),))] == stats["batches"]
+    assert samples[("imagepiece_batcher_queue_depth", ())] == 0
+    assert ("imagepiece_batcher_queue_wait_seconds_sum", ()) in samples
+
+
+def test_a_full_queue_answers_503_with_retry_after(artifact):
+    # One waiting request fills the queue: the batch cannot fill and the delay outlasts the test, so it
+    # waits until close() drains it (however slow a loaded machine is to send the second request).
+    config = ServeConfig(artifact=artifact, max_batch=64, max_delay_ms=10_000, queue_capacity=1, decode_threads=1, warmup=False)
+    service = ClassificationService(config)
+    with ServerThread(create_app(config, service)) as client:
+        first = {}
+        waiting = threading.Thread(target=lambda: first.update(response=client.post("/v1/classify", content=jpeg_bytes(seed=3))))
+        waiting.start()
+        deadline = time.monotonic() + TIMEOUT
+        while service.batcher.stats["queue_depth"] < 1:
+            assert time.monotonic() < deadline, "the first request never reached the queue"
+            time.sleep(0.005)
+        refused = client.post("/v1/classify", content=jpeg_bytes(seed=4))
+        service.close(drain=True)  # runs the waiting request now
+        waiting.join(TIMEOUT)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert first["response"].status_code == 200
+
+
+def test_serve_script_starts_answers_and_stops_on_sigint(artifact):
+    with socket.socket() as probe:  # a free port (the script binds it itself)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--artifact", str(artifact), "--port", str(port),
+                                "--no-access-log"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + TIMEOUT
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        response = httpx.post(f"{url}/v1/classify", content=jpeg_bytes(seed=5), timeout=TIMEOUT)
+        assert response.status_code == 200 and len(response.json()["predictions"]) == 5
+    finally:
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=TIMEOUT)[0]
+    assert process.returncode == 0, output
+    assert f"on http://127.0.0.1:{port}" in output and "Finished server process" in output
