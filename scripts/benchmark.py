@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The benchmark CLI (the same as `python -m imagepiece.bench`): suite, compile, overhead, profile.
+"""The benchmark CLI (the same as `python -m imagepiece.bench`); `--help` lists every mode (suite, compile, ...).
 
     python scripts/benchmark.py suite --quick
     python scripts/benchmark.py --help

@@ -33,19 +33,19 @@ TEST_FILES=(tests/test_cuda.py tests/test_runtime_cuda.py)
 RESERVE_S=30  # kept back from the budget for packing the results
 
 # ------------------------------------------------------------------------------------------------
-# GPU BENCHMARKS: the one place that knows how the suite is called. When scripts/benchmark.py becomes
-# `python -m imagepiece.bench suite ...` (benchmark.py stays as its wrapper) only this block changes.
+# GPU BENCHMARKS: the one place that knows how the suite is called (`python -m imagepiece.bench suite`,
+# through its wrapper scripts/benchmark.py; tests/test_gpu_check.py parses these words with that CLI).
 # Issue 15 item 2: timm eager and torch.compile(max-autotune) plain DeiT-S; ToMe, EViT, ImagePiece and
 # hyper-speed through ip_runtime with and without CUDA graphs; batch 1 8 64 256; bf16 (the goals) first.
 # The suite times every chosen path for every chosen variant, and max-autotune for 5 variants x 4
 # batches would take most of an hour, so torch.compile runs for plain DeiT-S alone in its own run;
 # eager DeiT-S is in both runs of a dtype, the common row between them.
-BENCH_COMMON=(scripts/benchmark.py --device cuda --arch deit_small_patch16_224 --batch 1 8 64 256
+BENCH_COMMON=(scripts/benchmark.py suite --device cuda --arch deit_small_patch16_224 --batch 1 8 64 256
               --repeats 30 --min-seconds 1)
 bench_args() {  # step name -> the suite's own arguments for that run
   case $1 in
-    bench-*-runtime) echo "--dtype ${1:6:4} --variants deit tome evit imagepiece imagepiece_hyper --paths eager aoti ip_runtime ip_runtime_graphs" ;;
-    bench-*-compile) echo "--dtype ${1:6:4} --variants deit --paths eager compile" ;;
+    bench-*-runtime) echo "--dtype ${1:6:4} --variants plain tome evit imagepiece imagepiece_hyper --paths eager aoti ip_runtime ip_runtime_graphs" ;;
+    bench-*-compile) echo "--dtype ${1:6:4} --variants plain --paths eager compile" ;;
   esac
 }
 # ------------------------------------------------------------------------------------------------
@@ -147,6 +147,8 @@ EOF
     command -v ninja >/dev/null || "$PY" -c "import ninja" 2>/dev/null || echo "missing: ninja (executable or the ninja python package)"
     command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc || -x ${CUDA_HOME:-/nonexistent}/bin/nvcc ]] ||
       echo "missing: nvcc (a CUDA toolkit: find_package(Torch) of a CUDA torch needs it; set CUDA_HOME or PATH)"
+    [[ -f /usr/include/nlohmann/json.hpp ]] || echo "missing: nlohmann/json headers (apt-get install nlohmann-json3-dev)"
+    [[ -f /usr/include/openssl/evp.h ]] || echo "missing: OpenSSL headers (apt-get install libssl-dev)"
   fi
 }
 

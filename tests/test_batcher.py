@@ -1,6 +1,8 @@
 """ip_runtime.Batcher (imagepiece::Batcher): dynamic micro-batching of single images over a Runtime."""
 import asyncio
 import gc
+import os
+import signal
 import threading
 import time
 
@@ -60,7 +62,6 @@ def test_concurrent_single_image_submits_equal_running_each_image_alone(dynamic,
             torch.testing.assert_close(results[t][i], alone[(t * 7 + i) % len(images)], rtol=0, atol=1e-5)
     assert stats["requests"] == stats["completed"] == threads * per_thread
     assert stats["batched_images"] == threads * per_thread and sum(stats["batch_sizes"]) == stats["batches"]
-    assert stats["mean_batch_size"] > 1  # 16 clients with requests in flight: batches did form
     assert stats["queue_depth"] == stats["in_flight"] == stats["failed"] == 0
 
 
@@ -86,10 +87,18 @@ def test_invalid_submits_fail_alone_and_valid_ones_complete(dynamic, pool):
     assert stats["rejected"] == {"invalid_shape": 4, "invalid_dtype": 4}  # refused in C++ (a str never gets there)
 
 
-def test_error_messages_name_the_single_image_rule(dynamic):
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((2, 3, 224, 224), r"expected one 3-D image, got 4-D \[2, 3, 224, 224\] \(submit one image, not a batch\)"),
+        ((3, 224), r"expected one 3-D image, got 2-D \[3, 224\]$"),
+        ((3, 224, 100), r"image \[3, 224, 100\] is not a row of a batch"),
+    ],
+)
+def test_error_messages_name_the_single_image_rule(dynamic, shape, message):
     with ip_runtime.Batcher(dynamic) as batcher:
-        with pytest.raises(ip_runtime.Error, match=r"image \[3, 224\] is not a row of a batch") as refused:
-            batcher.submit(torch.randn(3, 224))
+        with pytest.raises(ip_runtime.Error, match=message) as refused:
+            batcher.submit(torch.randn(*shape))
         assert refused.value.code == "invalid_shape"
 
 
@@ -171,6 +180,55 @@ def test_preferred_batch_runs_without_waiting_for_the_delay(dynamic, pool):
     assert batcher.stats["batch_sizes"][4] == 1 and batcher.stats["queue_depth"] == 1 and not futures[4].done()
     close_within(batcher, drain=True)
     torch.testing.assert_close(futures[4].result(), alone[4], rtol=0, atol=1e-5)
+
+
+def test_a_full_batch_runs_at_once_as_one_batch(dynamic, pool):
+    images, alone = pool
+    batcher = ip_runtime.Batcher(dynamic, max_batch=8, max_delay_ms=LONG_DELAY_MS)
+    futures = [batcher.submit(images[i]) for i in range(8)]
+    for i, future in enumerate(futures):  # long before the delay: max_batch requests were queued
+        torch.testing.assert_close(future.result(TIMEOUT), alone[i], rtol=0, atol=1e-5)
+    close_within(batcher, drain=True)
+    stats = batcher.stats
+    assert stats["batches"] == 1 and stats["batch_sizes"][8] == 1 and stats["mean_batch_size"] == 8
+
+
+def wait_for_child(pid, seconds=TIMEOUT):
+    """The child's exit status; a child still running after `seconds` (hung) is killed and fails the test."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"the forked child did not exit within {seconds} s (hung)")
+
+
+CHILD_OK, CHILD_WRONG_ERROR, CHILD_NO_ERROR, CHILD_CRASHED = 0, 3, 4, 5
+
+
+def test_a_batcher_created_before_fork_refuses_work_in_the_child(dynamic, pool):
+    images, alone = pool
+    batcher = ip_runtime.Batcher(dynamic, max_batch=8, max_delay_ms=0)
+    pid = os.fork()
+    if pid == 0:  # the child: its workers were not forked with it; submit must refuse, close must not wait for them
+        status = CHILD_CRASHED
+        try:
+            try:
+                batcher.submit(images[0])
+                status = CHILD_NO_ERROR
+            except ip_runtime.Error as error:
+                status = CHILD_OK if error.code == "cancelled" and "before fork()" in str(error) else CHILD_WRONG_ERROR
+            batcher.close()
+            del batcher
+            gc.collect()
+        finally:
+            os._exit(status)
+    assert wait_for_child(pid) == CHILD_OK
+    with batcher:  # the parent's batcher is unaffected
+        torch.testing.assert_close(batcher.submit(images[0]).result(TIMEOUT), alone[0], rtol=0, atol=1e-5)
 
 
 def test_static_batch_artifact_pads_a_short_batch(compiled, pool):

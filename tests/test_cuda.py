@@ -76,3 +76,20 @@ def test_cuda_half_precision_agrees_with_fp32_eager(compiled, name):
         actual = torch.cat([model(chunk.to(DTYPES[model.metadata["dtype"]])) for chunk in images.split(batch)])
     assert actual.dtype == DTYPES[model.metadata["dtype"]]
     assert_half_precision_agrees(name, actual, fp32_eager_logits(compiled, name, images))
+
+
+def test_cuda_numpy_in_gives_numpy_out_for_run_and_batcher(compiled):
+    """The logits live on the GPU; numpy input still gets host numpy logits (a Batcher future never hangs)."""
+    import numpy as np
+
+    import ip_runtime
+
+    runtime = ip_runtime.Runtime(str(compiled.path("cuda_ti_imagepiece_dynamic")))
+    images = torch.randn(2, *runtime.info["input_shape"], generator=torch.Generator().manual_seed(5))
+    expected = runtime.run(images.cuda()).cpu()
+    from_run = runtime.run(images.numpy())
+    with ip_runtime.Batcher(runtime, max_delay_ms=0) as batcher:
+        from_batcher = batcher.submit(images[0].numpy()).result(120)
+    assert isinstance(from_run, np.ndarray) and isinstance(from_batcher, np.ndarray)
+    np.testing.assert_allclose(from_run, expected.numpy(), rtol=0, atol=1e-3)  # conversion, not parity, is tested
+    np.testing.assert_allclose(from_batcher, expected[0].numpy(), rtol=0, atol=1e-3)

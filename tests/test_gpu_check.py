@@ -3,6 +3,7 @@
 The GPU run itself is exercised only on a GPU machine (issue 15); these tests keep the script from
 rotting in between, since it is used on machines where a failed start costs scarce GPU time.
 """
+import itertools
 import json
 import os
 import subprocess
@@ -51,13 +52,35 @@ def test_dry_run_plans_every_step_and_writes_nothing(tmp_path):
     plan = result.stdout
     assert "-m pip install --no-index --no-build-isolation --no-deps -v -e ." in plan
     assert "-m pytest -q tests/test_cuda.py tests/test_runtime_cuda.py" in plan
-    assert "scripts/benchmark.py --device cuda --arch deit_small_patch16_224 --batch 1 8 64 256" in plan
+    assert "scripts/benchmark.py suite --device cuda --arch deit_small_patch16_224 --batch 1 8 64 256" in plan
     for dtype in ("bf16", "fp16"):
-        assert f"step bench-{dtype}-runtime" in plan and f"--dtype {dtype} --variants deit tome evit imagepiece imagepiece_hyper" in plan
-        assert f"step bench-{dtype}-compile" in plan and f"--dtype {dtype} --variants deit --paths eager compile" in plan
+        assert f"step bench-{dtype}-runtime" in plan and f"--dtype {dtype} --variants plain tome evit imagepiece imagepiece_hyper" in plan
+        assert f"step bench-{dtype}-compile" in plan and f"--dtype {dtype} --variants plain --paths eager compile" in plan
     assert plan.index("step install") < plan.index("step tests") < plan.index("step bench-bf16-runtime") < plan.index("step bench-fp16-runtime")
     assert "budget: 9 min" in plan
     assert not out.exists()
+
+
+def test_every_benchmark_step_is_a_command_the_benchmark_cli_accepts(tmp_path, monkeypatch):
+    from imagepiece.bench import cli
+    from imagepiece.bench.paths import PATHS
+    from imagepiece.bench.variants import VARIANTS
+
+    result = gpu_check("--dry-run", "--steps", "bench", tmp_path / "out")
+    assert result.returncode == 0, result.stdout + result.stderr
+    commands = [line.split("): ", 1)[1].split() for line in result.stdout.splitlines() if line.startswith("step bench-")]
+    assert len(commands) == 4, result.stdout
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the plan is for a GPU machine; only parsed here
+    for words in commands:
+        argv = words[words.index("scripts/benchmark.py") + 1:]
+        assert argv[0] in cli.MODES, words
+        listed = {option: words[words.index(option) + 1:] for option in ("--variants", "--paths")}
+        for option, registry in (("--variants", VARIANTS), ("--paths", PATHS)):
+            names = list(itertools.takewhile(lambda word: not word.startswith("--"), listed[option]))
+            assert names and set(names) <= set(registry), (option, names)
+        argv[argv.index("--out") + 1] = str(tmp_path / "results")
+        args = cli.parse_args(argv)  # the CLI's own checks: dtypes per path, devices, batch sizes
+        assert args.mode == "suite" and args.device == "cuda"
 
 
 def test_a_missing_package_stops_it_with_one_line_naming_it(tmp_path):

@@ -20,7 +20,8 @@ from imagepiece.predict.decode import decode_rgb
 from imagepiece.predict.labels import class_names
 from imagepiece.input_format import random_pixels
 from imagepiece.predict.preprocess import Preprocess, normalise, pixels_of
-from imagepiece.predict.writers import read_rows
+from imagepiece.predict.rows import Row
+from imagepiece.predict.writers import Journal, read_rows
 
 # The bomb fixtures are meant to trip Pillow's warning; predict refuses them itself (error rows).
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -242,6 +243,28 @@ def test_csv_jsonl_and_parquet_hold_the_same_rows(compiled, few_files, tmp_path)
     assert len(csv_rows) == 10 and csv_rows == jsonl_rows == parquet_rows
     header = outputs[0].read_text().splitlines()[0]
     assert header == "path,class_1,class_2,class_3,label_1,label_2,label_3,prob_1,prob_2,prob_3,error"
+
+
+def open_files():
+    """Paths this process has open (Linux)."""
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed since the listing (the listing's own descriptor)
+            pass
+    return paths
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files through /proc (Linux)")
+def test_an_interrupted_runs_journal_is_closed_and_kept(tmp_path):
+    journal = Journal(tmp_path / ".preds.csv.partial.jsonl")
+    journal.append([Row("a.jpg", error="truncated")])
+    assert str(journal.path.resolve()) in open_files()
+    journal.close()  # what predict does on Ctrl-C: the rows stay for --resume, the file is no longer open
+    assert str(journal.path.resolve()) not in open_files()
+    assert journal.read() == [Row("a.jpg", error="truncated")]
+    journal.close()  # twice is harmless
 
 
 def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_files, tmp_path, monkeypatch, capsys):

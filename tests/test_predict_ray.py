@@ -8,6 +8,9 @@ import ray
 
 from image_files import write_bad_images, write_good_images
 from imagepiece.predict.cli import main
+from imagepiece.predict.ray_job import resume_plan
+from imagepiece.predict.rows import Row
+from imagepiece.predict.sources import InputItem
 from imagepiece.predict.writers import read_rows, rows_from_arrow
 
 # The bomb fixtures are meant to trip Pillow's warning; predict refuses them itself (error rows).
@@ -56,3 +59,13 @@ def test_ray_rows_equal_single_process_rows_and_resume_adds_only_new_ones(compil
     assert resumed["photos/added.jpg"].classes == resumed[f"photos/{good[0]}"].classes
     assert resumed["photos/empty.jpg"].ok and resumed["photos/empty.jpg"].classes == resumed[f"photos/{good[1]}"].classes
     assert set(files_before) < set(output.glob("*.parquet")), "earlier files kept, new ones added"
+
+
+def test_resume_replaces_only_error_rows_of_paths_listed_again():
+    # No Ray needed: which rows a --ray --resume redoes, and which earlier error rows it then drops.
+    earlier = [Row("done.jpg", classes=[1], labels=["a"], probs=[0.9]), Row("broken.jpg", error="truncated"),
+               Row("unlisted.jpg", error="truncated")]
+    items = [InputItem("done.jpg", "/x/done.jpg"), InputItem("broken.jpg", "/x/broken.jpg"), InputItem("new.jpg", "/x/new.jpg")]
+    todo, retried = resume_plan(earlier, items)
+    assert [item.path for item in todo] == ["broken.jpg", "new.jpg"]
+    assert retried == {"broken.jpg"}, "an error row of a path no longer listed is kept, as in the single-process path"

@@ -166,6 +166,21 @@ def test_a_full_queue_answers_503_with_retry_after(artifact):
     assert first["response"].status_code == 200
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number > 0, got inf"),
+    (["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number > 0, got nan"),
+    (["--max-upload-mb", "0"], "--max-upload-mb must be a finite number > 0, got 0.0"),
+    (["--port", "70000"], "--port must be in [0, 65535]"),
+    (["--topk", "0"], "--topk must be >= 1"),
+])
+def test_bad_arguments_are_refused_before_anything_starts(args, message, capsys):
+    from imagepiece.serve.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--artifact", __file__, *args])  # any existing file: the arguments are refused first
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_serve_script_starts_answers_and_stops_on_sigint(artifact):
     with socket.socket() as probe:  # a free port (the script binds it itself)
         probe.bind(("127.0.0.1", 0))

@@ -59,11 +59,21 @@ struct PendingFuture {
           future.attr("set_exception")(exception_object(error));
         } else {
           py::object row = py::reinterpret_steal<py::object>(THPVariable_Wrap(logits));
-          future.attr("set_result")(numpy_out ? row.attr("numpy")() : row);
+          future.attr("set_result")(numpy_out ? row.attr("cpu")().attr("numpy")() : row);  // CUDA logits: to host first
         }
       }
     } catch (py::error_already_set& failure) {
-      failure.discard_as_unraisable("ip_runtime.Batcher completing a future");  // e.g. cancelled meanwhile
+      // Cancelled meanwhile (InvalidStateError), or the result could not be converted: then the future
+      // gets that failure, so that no future stays pending.
+      try {
+        if (!future.attr("done")().cast<bool>()) {
+          future.attr("set_exception")(failure.value());
+        } else {
+          failure.discard_as_unraisable("ip_runtime.Batcher completing a future");
+        }
+      } catch (py::error_already_set& again) {
+        again.discard_as_unraisable("ip_runtime.Batcher completing a future");
+      }
     }
     future = py::object();
   }

@@ -239,7 +239,7 @@ PYBIND11_MODULE(_core, m) {
               output = self.run(input);
             }
             py::object tensor = py::reinterpret_steal<py::object>(THPVariable_Wrap(output));
-            return numpy_in ? tensor.attr("numpy")() : tensor;
+            return numpy_in ? tensor.attr("cpu")().attr("numpy")() : tensor;  // CUDA logits: to host first
           },
           py::arg("images"), py::arg("logits") = py::none(),
           "Logits for a batch of images (torch.Tensor or numpy.ndarray, NCHW, contiguous). With `logits` given "

@@ -9,7 +9,10 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <system_error>
 #include <thread>
+
+#include "process_setup.h"
 
 namespace imagepiece {
 
@@ -98,6 +101,8 @@ struct Batcher::State {
   const int64_t smallest_run;  // the artifact's smallest batch: shorter batches are padded to it
   const size_t capacity;
   const Clock::duration max_delay;
+  // The process the workers run in: a forked child inherits this State but none of its threads.
+  const uint64_t fork_generation = detail::fork_generation();
 
   mutable std::mutex mutex;
   std::condition_variable work;  // a request arrived, or shutdown began
@@ -121,6 +126,29 @@ struct Batcher::State {
   }
 
   bool on_worker_thread() const { return worker_of == this; }
+  bool in_forked_child() const { return detail::fork_generation() != fork_generation; }
+
+  // shutdown() in a forked child: no worker exists there to wait for, and a lock a parent thread held at
+  // fork() stays held forever, so nothing here may block. Queued requests are cancelled if the queue's
+  // lock is free; the workers' std::threads are detached (never joined), so destroying them is safe.
+  void abandon_in_forked_child() {
+    std::vector<Request> cancelled;
+    std::unique_lock<std::mutex> lock(mutex, std::try_to_lock);
+    if (lock.owns_lock()) {
+      accepting = false;
+      cancelled = take_queued_as_cancelled();
+      lock.unlock();
+    }
+    cancel(cancelled);
+    std::unique_lock<std::mutex> join_lock(join_mutex, std::try_to_lock);
+    if (!join_lock.owns_lock()) return;
+    for (auto& worker : workers) {
+      try {
+        if (worker.joinable()) worker.detach();
+      } catch (const std::system_error&) {
+      }
+    }
+  }
 
   // How many queued requests to run now; 0 = keep waiting. Full batches go at once, then the largest
   // preferred size that is queued (Triton's rule), and anything once the oldest has waited long enough.
@@ -220,14 +248,18 @@ struct Batcher::State {
       std::lock_guard<std::mutex> lock(mutex);
       accepting = false;
       stopping = true;
-      if (!drain) {
-        cancelled.assign(std::make_move_iterator(queue.begin()), std::make_move_iterator(queue.end()));
-        queue.clear();
-        counters.queue_depth = 0;
-        counters.cancelled += cancelled.size();
-      }
+      if (!drain) cancelled = take_queued_as_cancelled();
     }
     work.notify_all();
+    return cancelled;
+  }
+
+  // Under `mutex`: every queued request, counted as cancelled (cancel() completes them).
+  std::vector<Request> take_queued_as_cancelled() {
+    std::vector<Request> cancelled(std::make_move_iterator(queue.begin()), std::make_move_iterator(queue.end()));
+    queue.clear();
+    counters.queue_depth = 0;
+    counters.cancelled += cancelled.size();
     return cancelled;
   }
 
@@ -304,8 +336,16 @@ Batcher& Batcher::operator=(Batcher&& other) noexcept {
   return *this;
 }
 
+namespace {
+[[noreturn]] void refuse_moved_from() { throw Error(ErrorCode::kInvalidOption, "this Batcher was moved from"); }
+}  // namespace
+
 void Batcher::submit(const at::Tensor& image, Completion done) {
+  if (!state_) refuse_moved_from();
   State& state = *state_;
+  if (state.in_forked_child()) {  // checked before any lock: one held by a parent thread at fork() is held for good
+    throw Error(ErrorCode::kCancelled, "this Batcher was created before fork(): create it in the child");
+  }
   if (!done) throw Error(ErrorCode::kInvalidType, "submit() needs a completion callback");
   auto reject = [&](const Error& error) -> Error {
     std::lock_guard<std::mutex> lock(state.mutex);
@@ -349,6 +389,11 @@ std::future<at::Tensor> Batcher::submit(const at::Tensor& image) {
 }
 
 void Batcher::shutdown(bool drain) {
+  if (!state_) return;  // moved from: nothing to shut down
+  if (state_->in_forked_child()) {
+    state_->abandon_in_forked_child();
+    return;
+  }
   if (state_->on_worker_thread()) {
     throw Error(ErrorCode::kInvalidOption, "shutdown() cannot be called from a completion callback: it would wait for its own thread");
   }
@@ -358,10 +403,14 @@ void Batcher::shutdown(bool drain) {
 }
 
 BatcherStats Batcher::stats() const {
+  if (!state_) refuse_moved_from();
   std::lock_guard<std::mutex> lock(state_->mutex);
   return state_->counters;
 }
 
-const BatcherOptions& Batcher::options() const { return state_->options; }
+const BatcherOptions& Batcher::options() const {
+  if (!state_) refuse_moved_from();
+  return state_->options;
+}
 
 }  // namespace imagepiece

@@ -436,6 +436,10 @@ void Runtime::run(const at::Tensor& images, at::Tensor& logits) {
 void Runtime::check_sample(const at::Tensor& image) const {
   // run()'s own rules on a batch of one: whatever input format the artifact takes.
   if (!image.defined()) throw Error(ErrorCode::kInvalidShape, "image is an undefined tensor");
+  if (image.dim() != 3) {  // checked here, not after unsqueeze: a whole batch would read as "got 5-D"
+    throw Error(ErrorCode::kInvalidShape, "expected one 3-D image, got " + std::to_string(image.dim()) + "-D " + shape_string(image.sizes()) +
+                                              (image.dim() == 4 ? " (submit one image, not a batch)" : ""));
+  }
   try {
     impl_->check_images(image.unsqueeze(0), /*whole_batch=*/false);
   } catch (const Error& error) {

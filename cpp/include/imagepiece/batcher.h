@@ -26,6 +26,10 @@
 //    under the Batcher's lock; they should be quick, must not throw (what they throw is dropped), and
 //    must not call shutdown() (kInvalidOption: it would wait for itself). Destroying the Batcher from a
 //    callback cancels what is queued and returns without waiting for that callback's worker.
+//  * fork(): a Batcher's workers do not exist in a forked child. There submit() throws kCancelled
+//    ("created before fork(): create it in the child"), and shutdown() and the destructor wait for nothing:
+//    they cancel what is queued (when no parent thread held the queue's lock at fork()) and return.
+//  * A moved-from Batcher: submit(), stats() and options() throw kInvalidOption; shutdown() does nothing.
 #pragma once
 
 #include <ATen/Tensor.h>

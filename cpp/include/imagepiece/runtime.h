@@ -18,6 +18,8 @@
 //    checks them again against what it was compiled for (AOTI_RUNTIME_CHECK_INPUTS, set unless already set).
 //  * fork(): a CPU Runtime keeps working in the child, single-threaded (the parent's OpenMP pool does not
 //    survive fork()); a CUDA Runtime throws kRunFailed there (CUDA cannot be used in a forked child).
+//    Process-wide: once any Runtime was created, every child forked from the process starts with
+//    at::set_num_threads(1), whether or not it uses a Runtime (a fork handler registered at the first load).
 #pragma once
 
 #include <ATen/Tensor.h>

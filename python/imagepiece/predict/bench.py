@@ -95,7 +95,7 @@ def ray_run(artifact: str, items: List[InputItem], batch: int, concurrency: Opti
     with tempfile.TemporaryDirectory() as output:
         args = argparse.Namespace(artifact=artifact, output=Path(output) / "preds", resume=False, address=None, batch=batch,
                                   topk=5, max_pixels=DEFAULT_MAX_PIXELS, concurrency=concurrency, labels=None,
-                                  no_progress=True)
+                                  no_progress=True, device="")
         stats = run_on_ray(args, items)
     return {"img_per_s": stats.images / stats.seconds, "seconds": stats.seconds, "images": stats.images,
             "errors": stats.errors, "concurrency": concurrency or "one actor per CPU"}

@@ -100,6 +100,7 @@ def run_single_process(args, items, classifier, names) -> int:
                 output.add(rows)
                 progress.update(len(rows))
     except KeyboardInterrupt:
+        output.journal.close()
         print(f"interrupted after {stats.images} images; they are kept in {output.journal.path}: "
               "rerun with --resume to finish", file=sys.stderr)
         return 130

@@ -35,7 +35,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -74,11 +74,12 @@ def decode_batch(batch: Dict[str, np.ndarray], preprocessing_json: str, input_sh
 class PredictActor:
     """Ray actor: holds one Runtime; decoded batch -> output rows as an Arrow table."""
 
-    def __init__(self, artifact: str, topk: int, batch: Optional[int], labels_file: Optional[str], cpus: int) -> None:
+    def __init__(self, artifact: str, topk: int, batch: Optional[int], labels_file: Optional[str], cpus: int,
+                 device: str = "") -> None:
         import torch
 
         torch.set_num_threads(max(1, cpus))
-        self.classifier = Classifier(artifact, topk=topk, batch=batch)
+        self.classifier = Classifier(artifact, topk=topk, batch=batch, device=device)
         self.names = class_names(self.classifier.num_classes, labels_file)
 
     def __call__(self, batch: Dict[str, np.ndarray]):
@@ -104,6 +105,18 @@ def _earlier_rows(folder: Path) -> List[Row]:
         except Exception as error:
             raise ValueError(f"cannot resume: {str(file)!r} is not a readable predict output ({type(error).__name__}: {error})") from None
     return rows
+
+
+def resume_plan(earlier: List[Row], items: List[InputItem]) -> Tuple[List[InputItem], Set[str]]:
+    """(items still to do, paths whose earlier error rows the new run replaces).
+
+    Only error rows of paths that are listed again are replaced: an earlier error row for a path no
+    longer in the input stays, as in the single-process path (its merge keeps unlisted rows).
+    """
+    done = {row.path for row in earlier if row.ok}
+    todo = [item for item in items if item.path not in done]
+    retried = {row.path for row in earlier if not row.ok} & {item.path for item in todo}
+    return todo, retried
 
 
 def _drop_rows(files: List[Path], paths: Set[str]) -> None:
@@ -159,9 +172,7 @@ def run_on_ray(args, items: List[InputItem]) -> RunStats:
     output = Path(args.output)
     metadata = read_metadata(args.artifact)
     earlier = _earlier_rows(output) if args.resume else []
-    done = {row.path for row in earlier if row.ok}
-    retried = {row.path for row in earlier if not row.ok}
-    todo = [item for item in items if item.path not in done]
+    todo, retried = resume_plan(earlier, items)
     stats = RunStats(skipped=len(items) - len(todo), decode_seconds=None, inference_seconds=None)
     old_files = _parquet_files(output)
     output.mkdir(exist_ok=True)
@@ -171,7 +182,7 @@ def run_on_ray(args, items: List[InputItem]) -> RunStats:
         _quiet_ray_data()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = not args.no_progress
-        cuda = metadata["device_type"] == "cuda"
+        cuda = (args.device or metadata["device_type"]).startswith("cuda")
         concurrency = args.concurrency or default_concurrency(cuda)
         began = time.perf_counter()
         if todo:
@@ -186,7 +197,7 @@ def run_on_ray(args, items: List[InputItem]) -> RunStats:
                                           compute=ray.data.ActorPoolStrategy(size=concurrency),
                                           num_gpus=1 if cuda else 0, num_cpus=1,
                                           fn_constructor_kwargs={"artifact": str(Path(args.artifact).resolve()), "topk": args.topk,
-                                                                 "batch": args.batch, "cpus": 1,
+                                                                 "batch": args.batch, "cpus": 1, "device": args.device,
                                                                  "labels_file": str(Path(args.labels).resolve()) if args.labels else None})
             dataset.write_parquet(str(staging))
         stats.seconds = time.perf_counter() - began

@@ -136,10 +136,14 @@ class Journal:
         self._handle.writelines(_row_to_json(row) + "\n" for row in rows)
         self._handle.flush()
 
-    def remove(self) -> None:
+    def close(self) -> None:
+        """Close the file and keep it (an interrupted run: `--resume` reads it)."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+    def remove(self) -> None:
+        self.close()
         self.path.unlink(missing_ok=True)
 
 

@@ -15,6 +15,7 @@ says otherwise (there is no authentication: put a proxy in front before exposing
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -66,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
-    if not args.max_upload_mb > 0:
-        parser.error(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):  # inf would overflow int() below
+        parser.error(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
     if not args.artifact.is_file():
         parser.error(f"--artifact {str(args.artifact)!r} is not a file")
     return args
