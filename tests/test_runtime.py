@@ -163,9 +163,9 @@ def read_only_array():
 @pytest.mark.parametrize(
     "logits, message",
     [
-        (lambda tmp: torch.empty(2, 10), r"logits must be \[2, 1000\], got \[2, 10\]"),
-        (lambda tmp: torch.empty(2, 1000, dtype=torch.int32), "logits must be Float"),
-        (lambda tmp: torch.empty(1000, 2).t(), "contiguous"),
+        (lambda tmp: torch.zeros(2, 10), r"logits must be \[2, 1000\], got \[2, 10\]"),
+        (lambda tmp: torch.zeros(2, 1000, dtype=torch.int32), "logits must be Float"),
+        (lambda tmp: torch.zeros(1000, 2).t(), "contiguous"),
         (lambda tmp: torch.zeros(2, 1000, requires_grad=True), "must not require grad"),
         (lambda tmp: read_only_array(), "writable"),
         (lambda tmp: np.frombuffer(bytes(2 * 1000 * 4), dtype=np.float32).reshape(2, 1000), "writable"),
