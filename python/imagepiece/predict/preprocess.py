@@ -41,10 +41,14 @@ class Preprocess:
         return pixels
 
 
+def _per_channel(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Per-channel constants shaped to broadcast over [B, 3, H, W]."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
 def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> `dtype` [B, 3, H, W]: /255, - mean, / std (timm's op order: same floats)."""
-    mean_ = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    std_ = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    mean_, std_ = _per_channel(mean, pixels.device), _per_channel(std, pixels.device)
     images = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255).sub_(mean_).div_(std_)
     return images.to(dtype)
 
@@ -53,7 +57,6 @@ def pixels_of(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     """`normalise` undone: float [B, 3, H, W] -> the uint8 [B, H, W, 3] pixels they were made from (exact:
     the float error of normalising is far below the half step that rounding removes). For code that
     holds timm-normalised images and an artifact that takes pixels (`evaluate.py`)."""
-    mean_ = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std_ = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    mean_, std_ = _per_channel(mean, images.device), _per_channel(std, images.device)
     pixels = (images.float() * std_ + mean_).mul_(255).round_().clamp_(0, 255)
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
