@@ -10,9 +10,17 @@
 #   bash scripts/gpu_check.sh --budget-minutes 9 "$OUT"       # under a 10-minute command limit
 #   bash scripts/gpu_check.sh --steps install,tests OUTDIR    # some steps (names below)
 #   bash scripts/gpu_check.sh --dry-run OUTDIR                # print the plan and what is missing
+#   bash scripts/gpu_check.sh --pack-dev-headers FILE.tgz     # here: pack the headers the GPU machine lacks
+#   bash scripts/gpu_check.sh --dev-headers FILE.tgz OUTDIR   # there: unpack them first (as root)
 #
-# Steps, in this order: install, tests, bench-bf16-runtime, bench-bf16-compile, bench-fp16-runtime,
-# bench-fp16-compile ("bench" = all four benchmark runs, "bench-bf16" / "bench-fp16" = two). Each step
+# The GPU machines of this workplace have no nlohmann-json3-dev and no libssl-dev (and no package
+# index): pack their headers on a machine that has them (scripts/setup.sh installs them), carry the
+# file along and name it with --dev-headers; it is unpacked into / keeping every file already there.
+#
+# Steps, in this order: install, tests, goals-runtime, goals-compile, bench-bf16-runtime,
+# bench-bf16-compile, bench-fp16-runtime, bench-fp16-compile ("goals" = the two short runs behind issue
+# 15's goals: bf16 plain DeiT-S and ImagePiece; "bench" = all four full benchmark runs, "bench-bf16" /
+# "bench-fp16" = two). Each step
 # has its own timeout, capped by what is left of the budget; a step that no longer fits is skipped.
 # PYTHON=... picks the interpreter (default: the first of python, python3 that imports torch).
 #
@@ -28,7 +36,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 
-ALL_STEPS=(install tests bench-bf16-runtime bench-bf16-compile bench-fp16-runtime bench-fp16-compile)
+ALL_STEPS=(install tests goals-runtime goals-compile bench-bf16-runtime bench-bf16-compile bench-fp16-runtime bench-fp16-compile)
 TEST_FILES=(tests/test_cuda.py tests/test_runtime_cuda.py)
 RESERVE_S=30  # kept back from the budget for packing the results
 
@@ -40,12 +48,16 @@ RESERVE_S=30  # kept back from the budget for packing the results
 # The suite times every chosen path for every chosen variant, and max-autotune for 5 variants x 4
 # batches would take most of an hour, so torch.compile runs for plain DeiT-S alone in its own run;
 # eager DeiT-S is in both runs of a dtype, the common row between them.
-BENCH_COMMON=(scripts/benchmark.py suite --device cuda --arch deit_small_patch16_224 --batch 1 8 64 256
-              --repeats 30 --min-seconds 1)
+# The goals runs come first: issue 15's goals need only bf16 DeiT-S and ImagePiece (ip_runtime with and
+# without CUDA graphs; torch.compile max-autotune at the goal's batch 256 and at batch 1), so they fit a
+# short lease where the full runs do not.
+BENCH_COMMON=(scripts/benchmark.py suite --device cuda --arch deit_small_patch16_224 --repeats 30 --min-seconds 1)
 bench_args() {  # step name -> the suite's own arguments for that run
   case $1 in
-    bench-*-runtime) echo "--dtype ${1:6:4} --variants plain tome evit imagepiece imagepiece_hyper --paths eager aoti ip_runtime ip_runtime_graphs" ;;
-    bench-*-compile) echo "--dtype ${1:6:4} --variants plain --paths eager compile" ;;
+    goals-runtime) echo "--dtype bf16 --batch 1 8 64 256 --variants plain imagepiece --paths eager ip_runtime ip_runtime_graphs" ;;
+    goals-compile) echo "--dtype bf16 --batch 1 256 --variants plain --paths eager compile" ;;
+    bench-*-runtime) echo "--dtype ${1:6:4} --batch 1 8 64 256 --variants plain tome evit imagepiece imagepiece_hyper --paths eager aoti ip_runtime ip_runtime_graphs" ;;
+    bench-*-compile) echo "--dtype ${1:6:4} --batch 1 8 64 256 --variants plain --paths eager compile" ;;
   esac
 }
 # ------------------------------------------------------------------------------------------------
@@ -54,6 +66,8 @@ step_cap_s() {  # longest a step may take (on an H100; cold caches)
   case $1 in
     install) echo 900 ;;            # the C++ runtime and bindings: ~2-3 min on 16 cores
     tests) echo 900 ;;              # 4 CUDA artifacts compiled two at a time, then the tests: ~5 min
+    goals-runtime) echo 420 ;;      # 2 AOTI compiles (DeiT-S, batch 1..256) + timing
+    goals-compile) echo 300 ;;      # 2 max-autotune compiles of DeiT-S + timing
     bench-*-runtime) echo 600 ;;    # 5 AOTI compiles (DeiT-S, batch 1..256) + timing
     bench-*-compile) echo 480 ;;    # 4 max-autotune compiles of DeiT-S + timing
   esac
@@ -62,6 +76,7 @@ step_least_s() {  # a step is skipped when less than this is left of the budget
   case $1 in
     install) echo 120 ;;
     tests) echo 300 ;;
+    goals-*) echo 120 ;;
     bench-*-runtime) echo 300 ;;
     bench-*-compile) echo 200 ;;
   esac
@@ -70,7 +85,7 @@ step_command() {  # the command a step runs, one word per line
   case $1 in
     install) printf '%s\n' "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e . ;;
     tests) printf '%s\n' "$PY" -m pytest -q "${TEST_FILES[@]}" -rA -o junit_logging=system-out --junitxml "$DETAILS/junit-cuda.xml" ;;
-    bench-*) printf '%s\n' "$PY" "${BENCH_COMMON[@]}" $(bench_args "$1") --out "$DETAILS/benchmarks" ;;
+    goals-* | bench-*) printf '%s\n' "$PY" "${BENCH_COMMON[@]}" $(bench_args "$1") --out "$DETAILS/benchmarks" ;;
   esac
 }
 
@@ -81,8 +96,10 @@ die_usage() { echo "gpu_check: $1 (see --help)" >&2; exit 2; }
 
 # --- arguments ------------------------------------------------------------------------------------
 DRY_RUN=0
+DEV_HEADERS=""
+PACK_TO=""
 BUDGET_MIN=25
-REQUESTED="install,tests,bench"
+REQUESTED="install,tests,goals,bench"
 OUTDIR=""
 while (($#)); do
   case $1 in
@@ -90,11 +107,24 @@ while (($#)); do
     --dry-run) DRY_RUN=1 ;;
     --budget-minutes) (($# >= 2)) || die_usage "--budget-minutes needs a number"; BUDGET_MIN=$2; shift ;;
     --steps) (($# >= 2)) || die_usage "--steps needs a list"; REQUESTED=$2; shift ;;
+    --dev-headers) (($# >= 2)) || die_usage "--dev-headers needs a file"; DEV_HEADERS=$2; shift ;;
+    --pack-dev-headers) (($# >= 2)) || die_usage "--pack-dev-headers needs a file"; PACK_TO=$2; shift ;;
     -*) die_usage "unknown option $1" ;;
     *) [[ -z $OUTDIR ]] || die_usage "one output folder, got '$OUTDIR' and '$1'"; OUTDIR=$1 ;;
   esac
   shift
 done
+# The development headers the install step needs, as files under / (Debian/Ubuntu multiarch layout).
+DEV_HEADER_PATHS=(usr/include/nlohmann usr/share/cmake/nlohmann_json usr/include/openssl usr/include/x86_64-linux-gnu/openssl)
+if [[ -n $PACK_TO ]]; then
+  for path in "${DEV_HEADER_PATHS[@]}"; do
+    [[ -e /$path ]] || { echo "gpu_check: cannot pack: /$path is missing (apt-get install nlohmann-json3-dev libssl-dev)" >&2; exit 2; }
+  done
+  tar -czf "$PACK_TO" -C / "${DEV_HEADER_PATHS[@]}" || exit 2
+  echo "gpu_check: packed ${DEV_HEADER_PATHS[*]} into $PACK_TO"
+  exit 0
+fi
+[[ -z $DEV_HEADERS || -f $DEV_HEADERS ]] || die_usage "--dev-headers: no such file '$DEV_HEADERS'"
 OUTDIR=${OUTDIR:-${OUT:-}}
 [[ -n $OUTDIR ]] || die_usage "no output folder: give OUTDIR or set \$OUT"
 [[ $BUDGET_MIN =~ ^[0-9]+$ ]] && ((BUDGET_MIN > 0)) || die_usage "--budget-minutes must be a whole number of minutes > 0, got '$BUDGET_MIN'"
@@ -109,7 +139,7 @@ done
 for want in "${wanted[@]}"; do
   known=0
   for step in "${ALL_STEPS[@]}"; do [[ $step == "$want" || $step == "$want"-* ]] && known=1; done
-  ((known)) || die_usage "unknown step '$want'; steps: ${ALL_STEPS[*]} (or bench, bench-bf16, bench-fp16)"
+  ((known)) || die_usage "unknown step '$want'; steps: ${ALL_STEPS[*]} (or goals, bench, bench-bf16, bench-fp16)"
 done
 ((${#STEPS[@]})) || die_usage "no steps chosen"
 has_step() { local s; for s in "${STEPS[@]}"; do [[ $s == "$1"* ]] && return 0; done; return 1; }
@@ -147,8 +177,8 @@ EOF
     command -v ninja >/dev/null || "$PY" -c "import ninja" 2>/dev/null || echo "missing: ninja (executable or the ninja python package)"
     command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc || -x ${CUDA_HOME:-/nonexistent}/bin/nvcc ]] ||
       echo "missing: nvcc (a CUDA toolkit: find_package(Torch) of a CUDA torch needs it; set CUDA_HOME or PATH)"
-    [[ -f /usr/include/nlohmann/json.hpp ]] || echo "missing: nlohmann/json headers (apt-get install nlohmann-json3-dev)"
-    [[ -f /usr/include/openssl/evp.h ]] || echo "missing: OpenSSL headers (apt-get install libssl-dev)"
+    [[ -f /usr/include/nlohmann/json.hpp ]] || echo "missing: nlohmann/json headers (apt-get install nlohmann-json3-dev, or carry them: --dev-headers)"
+    [[ -f /usr/include/openssl/evp.h ]] || echo "missing: OpenSSL headers (apt-get install libssl-dev, or carry them: --dev-headers)"
   fi
 }
 
@@ -258,6 +288,12 @@ if [[ $cuda_available != True ]]; then
 fi
 timeout 120 "$PY" -m torch.utils.collect_env >"$DETAILS/env/collect_env.txt" 2>&1
 
+if [[ -n $DEV_HEADERS ]] && has_step install; then  # before the preflight, which looks for them
+  say "unpacking $DEV_HEADERS into / (files already there are kept)"
+  tar -xzf "$DEV_HEADERS" -C / --skip-old-files || { record failed dev-headers "could not unpack $DEV_HEADERS"; exit 2; }
+  crypto_dir=/usr/lib/x86_64-linux-gnu  # libssl-dev's only non-header file is the link-time name of libcrypto
+  if [[ ! -e $crypto_dir/libcrypto.so && -e $crypto_dir/libcrypto.so.3 ]]; then ln -s libcrypto.so.3 "$crypto_dir/libcrypto.so"; fi
+fi
 problems=$(missing_requirements)
 if [[ -n $problems ]]; then
   echo "$problems" | tee "$DETAILS/missing.txt"

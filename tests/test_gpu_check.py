@@ -52,11 +52,14 @@ def test_dry_run_plans_every_step_and_writes_nothing(tmp_path):
     plan = result.stdout
     assert "-m pip install --no-index --no-build-isolation --no-deps -v -e ." in plan
     assert "-m pytest -q tests/test_cuda.py tests/test_runtime_cuda.py" in plan
-    assert "scripts/benchmark.py suite --device cuda --arch deit_small_patch16_224 --batch 1 8 64 256" in plan
+    assert "scripts/benchmark.py suite --device cuda --arch deit_small_patch16_224" in plan
+    assert "step goals-runtime" in plan and "--dtype bf16 --batch 1 8 64 256 --variants plain imagepiece --paths eager ip_runtime ip_runtime_graphs" in plan
+    assert "step goals-compile" in plan and "--dtype bf16 --batch 1 256 --variants plain --paths eager compile" in plan
     for dtype in ("bf16", "fp16"):
-        assert f"step bench-{dtype}-runtime" in plan and f"--dtype {dtype} --variants plain tome evit imagepiece imagepiece_hyper" in plan
-        assert f"step bench-{dtype}-compile" in plan and f"--dtype {dtype} --variants plain --paths eager compile" in plan
-    assert plan.index("step install") < plan.index("step tests") < plan.index("step bench-bf16-runtime") < plan.index("step bench-fp16-runtime")
+        assert f"step bench-{dtype}-runtime" in plan and f"--dtype {dtype} --batch 1 8 64 256 --variants plain tome evit imagepiece imagepiece_hyper" in plan
+        assert f"step bench-{dtype}-compile" in plan and f"--dtype {dtype} --batch 1 8 64 256 --variants plain --paths eager compile" in plan
+    order = ["step install", "step tests", "step goals-runtime", "step goals-compile", "step bench-bf16-runtime", "step bench-fp16-runtime"]
+    assert [plan.index(step) for step in order] == sorted(plan.index(step) for step in order)
     assert "budget: 9 min" in plan
     assert not out.exists()
 
@@ -66,10 +69,10 @@ def test_every_benchmark_step_is_a_command_the_benchmark_cli_accepts(tmp_path, m
     from imagepiece.bench.paths import PATHS
     from imagepiece.bench.variants import VARIANTS
 
-    result = gpu_check("--dry-run", "--steps", "bench", tmp_path / "out")
+    result = gpu_check("--dry-run", "--steps", "goals,bench", tmp_path / "out")
     assert result.returncode == 0, result.stdout + result.stderr
-    commands = [line.split("): ", 1)[1].split() for line in result.stdout.splitlines() if line.startswith("step bench-")]
-    assert len(commands) == 4, result.stdout
+    commands = [line.split("): ", 1)[1].split() for line in result.stdout.splitlines() if line.startswith(("step bench-", "step goals-"))]
+    assert len(commands) == 6, result.stdout
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the plan is for a GPU machine; only parsed here
     for words in commands:
         argv = words[words.index("scripts/benchmark.py") + 1:]
@@ -100,7 +103,16 @@ def test_bad_arguments_are_refused(tmp_path):
         (["--frobnicate", tmp_path], "unknown option --frobnicate"),
         ([tmp_path / "a", tmp_path / "b"], "one output folder"),
         ([], "no output folder"),
+        (["--dev-headers", tmp_path / "absent.tgz", tmp_path], "--dev-headers: no such file"),
     ]
     for args, message in cases:
         result = gpu_check(*args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+def test_it_packs_the_development_headers_the_gpu_machine_lacks(tmp_path):
+    result = gpu_check("--pack-dev-headers", tmp_path / "headers.tgz")
+    assert result.returncode == 0, result.stdout + result.stderr
+    with tarfile.open(tmp_path / "headers.tgz") as archive:
+        names = set(archive.getnames())
+    assert {"usr/include/nlohmann/json.hpp", "usr/include/openssl/evp.h", "usr/share/cmake/nlohmann_json/nlohmann_jsonConfig.cmake"} <= names

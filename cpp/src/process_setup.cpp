@@ -1,11 +1,13 @@
 #include "process_setup.h"
 
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <pthread.h>
 
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 #include <new>
 
@@ -48,6 +50,19 @@ void after_fork_in_child() {
   }
 }
 
+// Puts the C++ runtime this library uses into the global symbol scope, where it is in any C++ program
+// but not in Python, which loads torch and this module RTLD_LOCAL. An artifact that carries a private
+// static copy of libstdc++ then binds to the process's copy instead of mixing the two: on the H200
+// machine (g++ 13, torch 2.11) such CUDA artifacts crashed in std::locale inside their constructor.
+// New artifacts link libstdc++ dynamically (python/imagepiece/export.py); this covers the others.
+void promote_cxx_runtime() {
+  Dl_info info{};
+  if (::dladdr(reinterpret_cast<const void*>(&std::terminate), &info) != 0 && info.dli_fname != nullptr) {
+    // RTLD_NOLOAD: only changes the flags of the copy already loaded; the reference is kept for good.
+    (void)::dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL);
+  }
+}
+
 }  // namespace
 
 void prepare_process() {
@@ -55,6 +70,7 @@ void prepare_process() {
   std::call_once(once, [] {
     ::setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", /*overwrite=*/0);
     ::pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
+    promote_cxx_runtime();
   });
 }
 

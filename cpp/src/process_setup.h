@@ -8,6 +8,8 @@
 //    the parent's OpenMP thread pool does not survive fork(), and the next parallel region of the
 //    forking thread (AOTI kernels, MKL) would wait for it forever. CUDA cannot be used in a forked child
 //    at all (fork_generation() tells a Runtime).
+//  * the C++ runtime (libstdc++) in the global symbol scope, as in any C++ program: an artifact built
+//    with a private static copy of it then binds to the process's copy (process_setup.cpp says why).
 #pragma once
 
 #include <cstdint>

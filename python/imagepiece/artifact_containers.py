@@ -6,11 +6,13 @@ same rules as cpp/src/artifact_file.cpp. Problems raise ContainerError (a ValueE
 from __future__ import annotations
 
 import struct
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .private_copy import SealedFile
 
 _SHT_PROGBITS = 1
+_SHT_DYNAMIC = 6
+_DT_NULL, _DT_NEEDED = 0, 1
 _END = struct.Struct("<4sHHHHIIH")  # zip end of central directory
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # zip central directory entry
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # zip local file header
@@ -22,9 +24,9 @@ class ContainerError(ValueError):
     """The file is not the container its suffix promises (the message says what is wrong)."""
 
 
-def elf_section(data: SealedFile, section: str) -> Optional[Tuple[int, int]]:
-    """(offset, size) of the one PROGBITS section named `section` of a 64-bit little-endian ELF file,
-    None if it has no such section."""
+def _elf_sections(data: SealedFile) -> Tuple[list, bytes]:
+    """The section table of a 64-bit little-endian ELF file (one tuple of Elf64_Shdr fields per
+    section) and its section-name string table."""
     if data.size < 64:
         raise ContainerError("is not a shared library (no ELF header)")
     header = data.read(0, 64)
@@ -41,7 +43,20 @@ def elf_section(data: SealedFile, section: str) -> Optional[Tuple[int, int]]:
     names_offset, names_size = sections[names_index][4], sections[names_index][5]
     if names_offset > data.size or names_size > data.size - names_offset:
         raise ContainerError("is truncated or corrupt (section names out of range)")
-    names = data.read(names_offset, names_size)
+    return sections, data.read(names_offset, names_size)
+
+
+def _section_bytes(data: SealedFile, entry: tuple, what: str) -> bytes:
+    offset, size = entry[4], entry[5]
+    if offset > data.size or size > data.size - offset:
+        raise ContainerError(f"is truncated or corrupt ({what} out of range)")
+    return data.read(offset, size)
+
+
+def elf_section(data: SealedFile, section: str) -> Optional[Tuple[int, int]]:
+    """(offset, size) of the one PROGBITS section named `section` of a 64-bit little-endian ELF file,
+    None if it has no such section."""
+    sections, names = _elf_sections(data)
     wanted = section.encode() + b"\0"
     found = [entry for entry in sections if names[entry[0] : entry[0] + len(wanted)] == wanted]
     if not found:
@@ -52,6 +67,28 @@ def elf_section(data: SealedFile, section: str) -> Optional[Tuple[int, int]]:
     if kind != _SHT_PROGBITS or offset > data.size or size > data.size - offset:
         raise ContainerError(f"is truncated or corrupt ({section} section out of range)")
     return offset, size
+
+
+def needed_libraries(data: SealedFile) -> List[str]:
+    """The DT_NEEDED entries (the shared libraries it links) of a 64-bit little-endian ELF file."""
+    sections, _ = _elf_sections(data)
+    dynamic = [entry for entry in sections if entry[1] == _SHT_DYNAMIC]
+    if not dynamic:
+        return []
+    if len(dynamic) > 1 or dynamic[0][6] >= len(sections):
+        raise ContainerError("is corrupt (dynamic section)")
+    entries = _section_bytes(data, dynamic[0], "dynamic section")
+    strings = _section_bytes(data, sections[dynamic[0][6]], "dynamic string table")
+    needed = []
+    for tag, value in struct.iter_unpack("<qQ", entries[: len(entries) // 16 * 16]):
+        if tag == _DT_NULL:
+            break
+        if tag == _DT_NEEDED:
+            end = strings.find(b"\0", value)
+            if value >= len(strings) or end < 0:
+                raise ContainerError("is corrupt (library name out of range)")
+            needed.append(strings[value:end].decode(errors="replace"))
+    return needed
 
 
 def stored_zip_members(data: SealedFile) -> Dict[bytes, Tuple[int, int]]:

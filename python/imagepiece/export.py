@@ -6,9 +6,11 @@ same input checks as the C++ runtime, so parity can be tested without it. Metada
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -25,6 +27,7 @@ from .artifact import (
     PRECISIONS,
     SUFFIXES,
     ArtifactError,
+    VerifiedArtifact,
     check_compatible,
     check_images,
     current_cuda_capability,
@@ -34,6 +37,7 @@ from .artifact import (
     read_metadata,
     write_metadata,
 )
+from .artifact_containers import needed_libraries
 from .cpu_target import CpuTarget, compile_target
 from .data import preprocessing_config
 from .environment import bf16_support
@@ -156,6 +160,31 @@ def _checkpoint_provenance(checkpoint: Optional[Path]) -> dict:
     return {"sha256": file_sha256(checkpoint), "file": Path(checkpoint).name}
 
 
+# The library must use the process's C++ runtime, never a private static copy of it. On the H200
+# machine (Ubuntu 24.04, g++ 13, torch 2.11) AOTInductor's CUDA libraries came out with libstdc++ linked
+# statically, and their constructor crashed (SIGSEGV in std::regex's locale code) in every Python
+# process: torch loads libstdc++.so there, but not into the global symbol scope, so the library mixed
+# its own copy with the process's (a C++ program has it in global scope). Naming the shared library on the link
+# line makes the linker resolve the C++ runtime there first, whatever else asks for the static archive
+# (Inductor's only hook for extra link libraries is this one; it becomes `-l:libstdc++.so.6`).
+# `_check_shared_cxx_runtime` checks the result, and the loaders promote libstdc++ to global scope
+# for libraries built elsewhere (`_prepare_process`).
+_SHARED_CXX_RUNTIME = {"aot_inductor.custom_op_libs": [":libstdc++.so.6"]} if sys.platform.startswith("linux") else {}
+
+
+def _check_shared_cxx_runtime(verified: VerifiedArtifact, path: Path) -> None:
+    """Warn about a freshly compiled library that carries its own copy of the C++ runtime (see above):
+    ip_runtime and `load` run it (they promote the process's copy), other loaders in Python crash."""
+    if not sys.platform.startswith("linux"):
+        return
+    needed = needed_libraries(verified.library)
+    if not any(name.startswith(("libstdc++.so", "libc++.so")) for name in needed):
+        warnings.warn(f"the C++ toolchain linked the C++ runtime statically into {str(path)!r} (it needs only "
+                      f"{', '.join(needed)}): ip_runtime and imagepiece.export.load run it, but torch's own AOTI loaders "
+                      "crash on it in a Python process. Check which libstdc++ the linker finds "
+                      "(g++ -print-file-name=libstdc++.so) and that nothing adds -static-libstdc++.", RuntimeWarning, stacklevel=3)
+
+
 def _inductor_options(device: torch.device, dynamic_batch: bool, cpu: Optional[CpuTarget] = None) -> dict:
     # CPU settings measured by `python -m imagepiece.bench tuning`: freezing (weight prepacking) is the
     # one that pays; max-autotune's CPP GEMM templates gained nothing on DeiT and took ~5x the compile time.
@@ -163,7 +192,7 @@ def _inductor_options(device: torch.device, dynamic_batch: bool, cpu: Optional[C
     # sizes, strides, dtype and device against what it was compiled for. Its lower bound on a dynamic
     # batch would be 2 (torch.export never specialises on 1), while batch 1 runs correctly: the
     # runtimes check the artifact's declared batch range instead.
-    checks = {"aot_inductor.check_lowerbound": not dynamic_batch}
+    checks = {"aot_inductor.check_lowerbound": not dynamic_batch, **_SHARED_CXX_RUNTIME}
     if device.type == "cuda":
         # Self-contained .so on CUDA: cubins and weights inside the library, no side files.
         return {**checks, "aot_inductor.embed_kernel_binary": True, "aot_inductor.package_constants_in_so": True}
@@ -238,7 +267,12 @@ def compile_artifact(
             else:
                 torch._inductor.aoti_compile_and_package(exported, package_path=str(staged), inductor_configs=options)
         write_metadata(staged, metadata)
-        metadata = read_metadata(staged)  # the artifact must verify before it may replace anything
+        verified = open_artifact(staged)  # the artifact must verify before it may replace anything
+        try:
+            _check_shared_cxx_runtime(verified, out)
+        finally:
+            verified.close()
+        metadata = verified.metadata
         os.replace(staged, out)
     compile_seconds = time.perf_counter() - started
     return CompileReport(out, export_seconds, compile_seconds, out.stat().st_size, metadata)
@@ -323,13 +357,27 @@ def _prepare_process() -> None:
     * AOTI_RUNTIME_CHECK_INPUTS=1 unless already set, so every compiled library also checks its inputs
       against what it was compiled for (no metadata can make it read out of bounds);
     * a forked child runs single-threaded (as PyTorch's DataLoader workers do): the parent's OpenMP
-      thread pool does not survive fork(), and the next parallel region (AOTI kernels, MKL) would hang."""
+      thread pool does not survive fork(), and the next parallel region (AOTI kernels, MKL) would hang;
+    * the C++ runtime in the global symbol scope (`_promote_cxx_runtime`)."""
     global _prepared
     if _prepared:
         return
     _prepared = True
     os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
     os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+    _promote_cxx_runtime()
+
+
+def _promote_cxx_runtime() -> None:
+    """Put the loaded libstdc++ into the global symbol scope, as it is in any C++ program: a library
+    that carries a private static copy of it (see `_SHARED_CXX_RUNTIME`) then binds to the process's
+    copy instead of mixing the two, which crashed in std::locale. Python loads torch RTLD_LOCAL,
+    so without this nothing in the global scope defines the C++ runtime."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_NOLOAD | os.RTLD_NOW | os.RTLD_GLOBAL)
+        except OSError:  # no libstdc++ loaded (another C++ runtime): nothing to promote
+            pass
 
 
 def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> CompiledModel:
