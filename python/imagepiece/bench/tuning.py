@@ -7,7 +7,10 @@ them (and the eager model, for scale) timed interleaved through ip_runtime in on
   * default:       what `scripts/aot_compile.py` does: freezing on, so Inductor folds the weights in
                    and prepacks them for oneDNN (the reference row);
   * max-autotune:  + Inductor's CPU GEMM templates (C++ micro-kernels with fused epilogues) autotuned
-                   against ATen/oneDNN per GEMM shape (`max_autotune_gemm_backends="CPP,ATEN"`).
+                   against ATen/oneDNN per GEMM shape (`max_autotune_gemm_backends="CPP,ATEN"`);
+  * march-native:  Inductor's own -march=native instead of the portable level artifacts pin
+                   (`imagepiece.cpu_target`): what portability costs. Its metadata still names the
+                   portable level, so it is for this comparison only, never to ship.
 
 Each artifact's logits are compared with the eager fp32 model's on the timed images (max |difference|
 reported beside its latency): a setting that changes kernels must not change the answer beyond rounding
@@ -33,11 +36,12 @@ from ..model import create_model
 from .results import ResultsWriter
 from .timing import summarize, time_interleaved
 
-HELP = "AOTInductor CPU settings (freezing/prepacking, max-autotune GEMM templates): latency and compile time"
+HELP = "AOTInductor CPU settings (freezing/prepacking, max-autotune GEMM templates, -march): latency and compile time"
 TUNINGS = {
     "no-freezing": {"freezing": False},
     "default": {},
     "max-autotune": {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"},
+    "march-native": {"cpp.march": "native"},
 }
 
 
