@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
                         tqdm.write(f"{row['dtype']} {row['path']:<18} b{row['batch']:<4} {row['label']:<26} "
                                    f"p50 {row['p50_ms']:9.2f} ms  {row['img_per_s']:9.1f} img/s  {row['vs_plain']:5.2f}x")
             for (variant, path, what), seconds in context.compile_seconds.items():
-                compile_seconds[(variant, path, f"{dtype}: {what}")] = seconds
+                precision = (PATHS[path].precision if path in PATHS else None) or dtype  # bf16/int8 paths run in an fp32 run
+                compile_seconds[(variant, path, f"{precision}: {what}")] = seconds
 
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     title = f"{args.arch} on {device.type} ({', '.join(args.dtype)}), {writer.created:%Y-%m-%d %H:%M}"
