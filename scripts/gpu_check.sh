@@ -16,6 +16,7 @@
 # The GPU machines of this workplace have no nlohmann-json3-dev and no libssl-dev (and no package
 # index): pack their headers on a machine that has them (scripts/setup.sh installs them), carry the
 # file along and name it with --dev-headers; it is unpacked into / keeping every file already there.
+# Relative paths (OUTDIR, FILE) are taken from the repository root.
 #
 # Steps, in this order: install, tests, goals-runtime, goals-compile, bench-bf16-runtime,
 # bench-bf16-compile, bench-fp16-runtime, bench-fp16-compile ("goals" = the two short runs behind issue
