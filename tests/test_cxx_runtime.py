@@ -18,7 +18,7 @@ import pytest
 
 import imagepiece
 from imagepiece.artifact import open_artifact
-from imagepiece.artifact_containers import needed_libraries
+from imagepiece.artifact_containers import ContainerError, needed_libraries
 from imagepiece.export import _check_shared_cxx_runtime, compile_artifact
 from imagepiece.private_copy import SealedFile
 
@@ -71,6 +71,19 @@ def test_compiled_artifacts_link_the_shared_cxx_runtime(compiled, name):
     finally:
         verified.close()
     assert "libstdc++.so.6" in libraries, libraries
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: b"not a library" * 8, "no ELF header"),
+    (lambda data: data[: len(data) // 2], "out of range"),  # the section table sits at the end
+])
+def test_reading_the_linked_libraries_of_a_damaged_file_says_what_is_wrong(static_cxx_library, damage, message):
+    data = SealedFile.holding(damage(static_cxx_library.read_bytes()), "damaged")
+    try:
+        with pytest.raises(ContainerError, match=message):
+            needed_libraries(data)
+    finally:
+        data.close()
 
 
 def test_the_compile_links_the_shared_runtime_where_the_toolchain_would_link_it_statically(tmp_path):

@@ -40,17 +40,15 @@ def _elf_sections(data: SealedFile) -> Tuple[list, bytes]:
         raise ContainerError("is truncated or corrupt (section table out of range)")
     table = data.read(table_offset, count * 64)
     sections = [struct.unpack_from("<IIQQQQIIQQ", table, i * 64) for i in range(count)]
-    names_offset, names_size = sections[names_index][4], sections[names_index][5]
-    if names_offset > data.size or names_size > data.size - names_offset:
-        raise ContainerError("is truncated or corrupt (section names out of range)")
-    return sections, data.read(names_offset, names_size)
+    return sections, data.read(*_section_range(data, sections[names_index], "section names"))
 
 
-def _section_bytes(data: SealedFile, entry: tuple, what: str) -> bytes:
+def _section_range(data: SealedFile, entry: tuple, what: str) -> Tuple[int, int]:
+    """(offset, size) of a section table entry, checked to lie inside the file."""
     offset, size = entry[4], entry[5]
     if offset > data.size or size > data.size - offset:
         raise ContainerError(f"is truncated or corrupt ({what} out of range)")
-    return data.read(offset, size)
+    return offset, size
 
 
 def elf_section(data: SealedFile, section: str) -> Optional[Tuple[int, int]]:
@@ -63,10 +61,9 @@ def elf_section(data: SealedFile, section: str) -> Optional[Tuple[int, int]]:
         return None
     if len(found) > 1:
         raise ContainerError(f"is corrupt (more than one {section} section)")
-    _, kind, _, _, offset, size, *_ = found[0]
-    if kind != _SHT_PROGBITS or offset > data.size or size > data.size - offset:
+    if found[0][1] != _SHT_PROGBITS:
         raise ContainerError(f"is truncated or corrupt ({section} section out of range)")
-    return offset, size
+    return _section_range(data, found[0], f"{section} section")
 
 
 def needed_libraries(data: SealedFile) -> List[str]:
@@ -77,8 +74,8 @@ def needed_libraries(data: SealedFile) -> List[str]:
         return []
     if len(dynamic) > 1 or dynamic[0][6] >= len(sections):
         raise ContainerError("is corrupt (dynamic section)")
-    entries = _section_bytes(data, dynamic[0], "dynamic section")
-    strings = _section_bytes(data, sections[dynamic[0][6]], "dynamic string table")
+    entries = data.read(*_section_range(data, dynamic[0], "dynamic section"))
+    strings = data.read(*_section_range(data, sections[dynamic[0][6]], "dynamic string table"))
     needed = []
     for tag, value in struct.iter_unpack("<qQ", entries[: len(entries) // 16 * 16]):
         if tag == _DT_NULL:
