@@ -384,7 +384,26 @@ def test_load_unload_cycles_keep_memory_flat(compiled, loader, name):
     assert private_copies() == mappings  # every load reused the one loaded copy
 
 
-# --- 4. fork --------------------------------------------------------------------------------------------
+# --- 4. Threads and fork --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loader", ["ip_runtime", "python"])
+def test_an_artifact_runs_with_the_thread_count_of_the_process_running_it(compiled, loader):
+    """Not the build machine's: with one thread, a run starts no OpenMP worker (torch 2.11's Inductor
+    baked the build machine's count into each kernel unless asked not to)."""
+    path = compiled.path("ti_imagepiece")
+    out = run_isolated(f"""
+        import os, torch, ip_runtime
+        from imagepiece.export import load
+        torch.set_num_threads(1)
+        model = ip_runtime.Runtime({str(path)!r}) if {loader!r} == "ip_runtime" else load({str(path)!r})
+        call = model.run if {loader!r} == "ip_runtime" else model
+        before = len(os.listdir("/proc/self/task"))
+        call({IMAGES})
+        print(before, len(os.listdir("/proc/self/task")))
+    """)
+    before, after = out.split()
+    assert after == before, f"threads before the run {before}, after {after}"
+
 
 @pytest.mark.parametrize("loader", ["ip_runtime", "python"])
 def test_a_child_forked_after_runs_runs_too(compiled, loader):

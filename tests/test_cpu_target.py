@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from imagepiece.artifact import read_metadata
-from imagepiece.cpu_target import LEVELS, compile_target, target_of, unsupported
+import imagepiece.cpu_target as cpu_target
+from imagepiece.cpu_target import LEVELS, compile_target, pinned_march, target_of, unsupported
 
 AVX512_VNNI_FLAGS = "-mavx512f -mavx512dq -mavx512vl -mavx512bw -mfma -mavx512vnni -mavx512vl"  # Inductor's, on a Xeon
 ALL_OF_IT = {feature: True for _, features in LEVELS.values() for feature in features} | {"avx512_vnni": True}
@@ -53,6 +54,38 @@ def test_this_machine_compiles_for_what_it_runs():
     if not os.environ.get("ATEN_CPU_CAPABILITY"):
         assert target.capability == torch.backends.cpu.get_cpu_capability()
     assert unsupported(target.capability, target.features, torch.backends.cpu.get_cpu_capability(), torch.cpu.get_capabilities()) is None
+
+
+def test_the_march_level_is_pinned_where_inductor_has_no_option_for_it(monkeypatch):
+    """torch 2.11's Inductor has no cpp.march and always passes -march=native: the level is swapped in."""
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setattr(cpu_target, "inductor_has_march_option", lambda: False)
+    original = cpp_builder._get_optimization_cflags
+    assert "march=native" in original("g++")[0], "this torch's Inductor changed its flags: pinned_march needs a look"
+    with pinned_march({"cpp.march": "x86-64-v3", "freezing": True}) as options:
+        assert options == {"freezing": True}
+        cflags = cpp_builder._get_optimization_cflags("g++")[0]
+        assert "march=x86-64-v3" in cflags and "march=native" not in cflags
+    assert cpp_builder._get_optimization_cflags is original
+
+    # Inductor's flags changed (no -march=native to swap): refused, never a silently native artifact.
+    monkeypatch.setattr(cpp_builder, "_get_optimization_cflags", lambda *args, **kwargs: (["O3"], []))
+    with pytest.raises(RuntimeError, match="could not pin -march=x86-64-v3"):
+        with pinned_march({"cpp.march": "x86-64-v3"}):
+            cpp_builder._get_optimization_cflags("g++")
+    with pytest.raises(RuntimeError, match="could not pin"):
+        with pinned_march({"cpp.march": "x86-64-v3"}):
+            pass  # nothing compiled: nothing shows the flag was swapped
+
+
+def test_an_inductor_with_the_march_option_gets_it_unchanged(monkeypatch):
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setattr(cpu_target, "inductor_has_march_option", lambda: True)
+    original = cpp_builder._get_optimization_cflags
+    with pinned_march({"cpp.march": "x86-64-v4"}) as options:
+        assert options == {"cpp.march": "x86-64-v4"} and cpp_builder._get_optimization_cflags is original
 
 
 def test_both_loaders_refuse_an_artifact_built_for_more_than_this_cpu_offers(compiled):

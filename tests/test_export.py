@@ -1,5 +1,6 @@
 """scripts/aot_compile.py and imagepiece.export: metadata, atomic output, and every bad input."""
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -159,6 +160,19 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
 def test_cuda_without_a_gpu_is_refused(tmp_path):
     result = run_cli("--arch", "deit_tiny_patch16_224", "--device", "cuda", "--out", tmp_path / "x.so")
     assert result.returncode == 2 and "no CUDA GPU is available" in result.stderr
+
+
+def test_kernels_are_asked_to_follow_the_running_thread_count_where_inductor_would_bake_it(monkeypatch):
+    from torch.torch_version import TorchVersion
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: os.cpu_count())
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.14.1"))
+    assert export._thread_options() == {}  # Inductor 2.14 emits thread-count-free kernels itself here
+    monkeypatch.setattr(torch, "get_num_threads", lambda: os.cpu_count() + 1)
+    assert export._thread_options() == {"cpp.dynamic_threads": True}  # it would bake the compiling process's count
+    monkeypatch.setattr(torch, "get_num_threads", lambda: os.cpu_count())
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.11.0"))
+    assert export._thread_options() == {"cpp.dynamic_threads": True}  # 2.11 always bakes it
 
 
 def test_failed_compile_keeps_the_previous_artifact_and_leaves_no_debris(tmp_path, monkeypatch):

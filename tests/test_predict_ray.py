@@ -32,7 +32,7 @@ def assert_same_rows(actual, expected):
         assert got.probs == pytest.approx(want.probs, rel=1e-4)
 
 
-def test_ray_rows_equal_single_process_rows_and_resume_adds_only_new_ones(compiled, tmp_path, local_ray):
+def test_ray_rows_equal_single_process_rows_and_resume_adds_only_new_ones(compiled, tmp_path, local_ray, capfd):
     photos = tmp_path / "photos"
     good = write_good_images(photos)[:12]
     bad = write_bad_images(photos)
@@ -44,7 +44,11 @@ def test_ray_rows_equal_single_process_rows_and_resume_adds_only_new_ones(compil
     assert main(common + ["--output", str(tmp_path / "single.parquet")]) == 0
     single = read_rows(tmp_path / "single.parquet")
     output = tmp_path / "ray_out"
+    capfd.readouterr()
     assert main(common + ["--output", str(output), "--ray", "--concurrency", "1"]) == 0
+    terminal = "".join(capfd.readouterr())
+    # Ray Data's INFO lines (execution plans) stay in its log file; --no-progress asks for no progress hint.
+    assert "Starting execution of Dataset" not in terminal and "Progress bars disabled" not in terminal, terminal
     assert not [p for p in output.iterdir() if p.name.startswith(".")], "staging folder removed"
     assert_same_rows(rows_from_arrow(pq.read_table(output)), single)
 

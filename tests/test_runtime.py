@@ -315,7 +315,7 @@ def test_out_of_range_instances_is_an_invalid_option(compiled):
     assert error.value.code == "invalid_option"
 
 
-@pytest.mark.parametrize("instances, calls", [(1, 200), (2, 50)])
+@pytest.mark.parametrize("instances, calls", [(1, 60), (2, 40)])
 def test_concurrent_runs_equal_sequential_runs(compiled, instances, calls):
     """8 threads x `calls` runs on one Runtime: one shared container, and two serving in parallel."""
     runtime = ip_runtime.Runtime(str(compiled.path("ti_imagepiece")), instances=instances)

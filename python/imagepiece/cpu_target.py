@@ -21,10 +21,11 @@ and checked by capability only.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 # ATen's x86 capabilities, lowest first (`torch.backends.cpu.get_cpu_capability()`).
 X86_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
@@ -97,3 +98,47 @@ def check_this_cpu(capability: str, features: Sequence[str]) -> Optional[str]:
     import torch
 
     return unsupported(capability, features, torch.backends.cpu.get_cpu_capability(), torch.cpu.get_capabilities())
+
+
+def inductor_has_march_option() -> bool:
+    import torch._inductor.config as inductor_config
+
+    return hasattr(inductor_config.cpp, "march")
+
+
+@contextlib.contextmanager
+def pinned_march(options: Dict[str, object]) -> Iterator[Dict[str, object]]:
+    """Inductor options in which `cpp.march` works on every torch this package supports.
+
+    Inductor's `cpp.march` option is recent (torch 2.14 has it, 2.11 does not); older Inductors always
+    compile with `-march=native`. There, for as long as the block runs, that one flag is swapped for the
+    requested level where Inductor builds its C++ flags (`cpp_builder._get_optimization_cflags`), and the
+    block gets the options without `cpp.march`. If the block compiled C++ without the flag being swapped
+    (Inductor's flags changed), the artifact would silently use the build machine's instructions while its
+    metadata promised a portable level: that raises RuntimeError instead.
+    """
+    march = options.get("cpp.march")
+    if march is None or inductor_has_march_option():
+        yield options
+        return
+    from torch._inductor import cpp_builder
+
+    original = getattr(cpp_builder, "_get_optimization_cflags", None)
+    if original is None:
+        raise RuntimeError(f"cannot pin -march={march} with this torch's Inductor (no cpp.march option and no "
+                           "_get_optimization_cflags): upgrade torch")
+    swapped = []
+
+    def with_march(*args, **kwargs):
+        cflags, ldflags = original(*args, **kwargs)
+        swapped.append("march=native" in cflags)
+        return [f"march={march}" if flag == "march=native" else flag for flag in cflags], ldflags
+
+    cpp_builder._get_optimization_cflags = with_march
+    try:
+        yield {name: value for name, value in options.items() if name != "cpp.march"}
+    finally:
+        cpp_builder._get_optimization_cflags = original
+    if not swapped or not all(swapped):
+        raise RuntimeError(f"could not pin -march={march}: this torch's Inductor did not compile with -march=native "
+                           "where expected; upgrade torch")

@@ -38,7 +38,7 @@ from .artifact import (
     write_metadata,
 )
 from .artifact_containers import needed_libraries
-from .cpu_target import CpuTarget, compile_target
+from .cpu_target import CpuTarget, compile_target, pinned_march
 from .data import preprocessing_config
 from .environment import bf16_support
 from .files import check_writable_dir
@@ -199,7 +199,21 @@ def _inductor_options(device: torch.device, dynamic_batch: bool, cpu: Optional[C
     # CPU: freezing folds the weights into the graph as constants so Inductor can pre-pack them.
     # `cpp.march` replaces Inductor's -march=native with the portable level the metadata promises.
     march = {"cpp.march": cpu.march} if cpu is not None and cpu.march else {}
-    return {**checks, **march, "freezing": True, "aot_inductor.package_constants_in_so": True}
+    return {**checks, **march, **_thread_options(), "freezing": True, "aot_inductor.package_constants_in_so": True}
+
+
+def _thread_options() -> dict:
+    """Inductor options that make CPU kernels run with the OpenMP thread count of the process running them.
+
+    Inductor 2.14 does that by itself when the compiling process uses one thread per core (the default).
+    Older ones (2.11), or any compile under another thread count, bake `num_threads(<count at compile
+    time>)` into every kernel: oversubscribed on a smaller machine, deaf to torch.set_num_threads, and a
+    child forked after a run hangs in its first run. `cpp.dynamic_threads` avoids that everywhere, but
+    costs ~7-10% at DeiT-Ti batch 1 on 2.14 (`bench tuning`, dynamic-threads): only where it is needed.
+    """
+    if torch.__version__ >= "2.14" and torch.get_num_threads() == os.cpu_count():
+        return {}
+    return {"cpp.dynamic_threads": True}
 
 
 def compile_artifact(
@@ -261,7 +275,7 @@ def compile_artifact(
     options = {**_inductor_options(target, dynamic_batch=low != high, cpu=cpu), **(inductor_overrides or {})}
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent or ".") as workdir:
         staged = Path(workdir) / f"model{out.suffix}"
-        with torch.no_grad():
+        with torch.no_grad(), pinned_march(options) as options:
             if out.suffix == ".so":
                 torch._inductor.aot_compile(exported.module(), (example,), options={**options, "aot_inductor.output_path": str(staged)})
             else:

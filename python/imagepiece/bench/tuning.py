@@ -11,6 +11,9 @@ them (and the eager model, for scale) timed interleaved through ip_runtime in on
   * march-native:  Inductor's own -march=native instead of the portable level artifacts pin
                    (`imagepiece.cpu_target`): what portability costs. Its metadata still names the
                    portable level, so it is for this comparison only, never to ship.
+  * dynamic-threads: `cpp.dynamic_threads`, which `scripts/aot_compile.py` sets only where Inductor would
+                   otherwise bake the compiling process's thread count into the kernels (torch < 2.14, or
+                   a thread count other than the core count): what it costs where it is not needed.
 
 Each artifact's logits are compared with the eager fp32 model's on the timed images (max |difference|
 reported beside its latency): a setting that changes kernels must not change the answer beyond rounding
@@ -42,6 +45,7 @@ TUNINGS = {
     "default": {},
     "max-autotune": {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"},
     "march-native": {"cpp.march": "native"},
+    "dynamic-threads": {"cpp.dynamic_threads": True},
 }
 
 

@@ -148,11 +148,19 @@ def _start_ray(address: Optional[str]) -> bool:
     return True
 
 
-def _quiet_ray_data() -> None:
+def _quiet_ray_data(progress: bool) -> None:
     # Ray Data logs every execution plan at INFO to the terminal; keep that in its log file only.
+    # Its handlers exist once ray.data is imported: quieting before that would find none.
+    import ray.data
+    from ray.util.debug import log_once
+
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":
             handler.setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    if not progress:
+        # --no-progress was asked for: spend Ray's one-time warning that says how to turn them back on.
+        log_once("ray_data_progress_manager_disabled")
 
 
 def default_concurrency(cuda: bool) -> int:
@@ -179,9 +187,7 @@ def run_on_ray(args, items: List[InputItem]) -> RunStats:
     staging = output / f".staging-{uuid.uuid4().hex[:8]}"
     started = _start_ray(args.address)
     try:
-        _quiet_ray_data()
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = not args.no_progress
+        _quiet_ray_data(progress=not args.no_progress)
         cuda = (args.device or metadata["device_type"]).startswith("cuda")
         concurrency = args.concurrency or default_concurrency(cuda)
         began = time.perf_counter()
