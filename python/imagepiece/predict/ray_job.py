@@ -148,8 +148,9 @@ def _start_ray(address: Optional[str]) -> bool:
     return True
 
 
-def _quiet_ray_data(progress: bool) -> None:
-    # Ray Data logs every execution plan at INFO to the terminal; keep that in its log file only.
+def _set_ray_data_output(progress: bool) -> None:
+    """What Ray Data prints on the terminal: progress bars if asked for, warnings and errors; its INFO
+    lines (every execution plan) stay in its log file."""
     # Its handlers exist once ray.data is imported: quieting before that would find none.
     import ray.data
     from ray.util.debug import log_once
@@ -187,7 +188,7 @@ def run_on_ray(args, items: List[InputItem]) -> RunStats:
     staging = output / f".staging-{uuid.uuid4().hex[:8]}"
     started = _start_ray(args.address)
     try:
-        _quiet_ray_data(progress=not args.no_progress)
+        _set_ray_data_output(progress=not args.no_progress)
         cuda = (args.device or metadata["device_type"]).startswith("cuda")
         concurrency = args.concurrency or default_concurrency(cuda)
         began = time.perf_counter()
