@@ -1,9 +1,5 @@
 """scripts/finetune.py, evaluate.py and visualize.py on tiny synthetic data (no ImageNet here)."""
-import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,16 +9,12 @@ from PIL import Image
 from imagepiece import create_model
 from imagepiece.pieces import panel_origin, piece_maps
 from inputs import write_image_folder
+from script_runs import call_script, load_script, run_script
 
-ROOT = Path(__file__).resolve().parent.parent
 ARCH = "deit_tiny_patch16_224"
 # Small, deterministic and fast: no mixup/augmentation, so a handful of steps must lower the loss.
 TRAIN = ["--arch", ARCH, "--lr", "1e-3", "--batch-size", "8", "--mixup", "0", "--cutmix", "0", "--smoothing", "0",
          "--auto-augment", "none", "--re-prob", "0", "--epochs", "3", "--workers", "0", "--save-every", "2"]
-
-
-def script(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def dataset(tmp_path_factory):
 def finetuned(dataset, tmp_path_factory):
     """A 4-class DeiT-Ti ImagePiece trained for 8 steps: (run folder, checkpoint)."""
     run = tmp_path_factory.mktemp("run")
-    result = script("finetune.py", "--data", dataset, "--output", run, "--max-steps", "8", *TRAIN)
+    result = run_script("finetune", "--data", dataset, "--output", run, "--max-steps", "8", *TRAIN)
     assert result.returncode == 0, result.stderr
     return run, run / "last.pth"
 
@@ -53,9 +45,9 @@ def test_a_few_steps_reduce_the_loss(finetuned):
 
 
 def test_resumed_training_continues_exactly_where_it_stopped(dataset, finetuned, tmp_path):
-    first = script("finetune.py", "--data", dataset, "--output", tmp_path, "--max-steps", "5", *TRAIN)
+    first = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "5", *TRAIN)
     assert first.returncode == 0, first.stderr
-    second = script("finetune.py", "--data", dataset, "--output", tmp_path, "--max-steps", "8", *TRAIN)
+    second = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "8", *TRAIN)
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "step 5" in second.stdout
     assert [r["step"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r] == list(range(1, 9))
@@ -69,8 +61,8 @@ def test_resumed_training_continues_exactly_where_it_stopped(dataset, finetuned,
 @pytest.fixture(scope="module")
 def artifact(finetuned, tmp_path_factory):
     out = tmp_path_factory.mktemp("artifact") / "ti_4class.so"
-    result = script("aot_compile.py", "--arch", ARCH, "--method", "imagepiece", "--lcb", "residual", "--num-classes", "4",
-                    "--checkpoint", finetuned[1], "--device", "cpu", "--batch", "4", "--out", out)
+    result = run_script("aot_compile", "--arch", ARCH, "--method", "imagepiece", "--lcb", "residual", "--num-classes", "4",
+                        "--checkpoint", finetuned[1], "--device", "cpu", "--batch", "4", "--out", out)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -78,9 +70,9 @@ def artifact(finetuned, tmp_path_factory):
 def test_evaluate_gives_the_same_numbers_eager_and_through_the_runtime(dataset, finetuned, artifact, tmp_path):
     # 22 images in batches of 4: the static-batch artifact must pad the last batch of 2.
     common = ["--data", dataset / "val", "--limit", "22", "--workers", "0", "--device", "cpu"]
-    eager = script("evaluate.py", *common, "--arch", ARCH, "--preset", "imagepiece", "--lcb", "residual", "--num-classes", "4",
-                   "--checkpoint", finetuned[1], "--batch", "4", "--json", tmp_path / "eager.json")
-    compiled = script("evaluate.py", *common, "--artifact", artifact, "--json", tmp_path / "compiled.json")
+    eager = run_script("evaluate", *common, "--arch", ARCH, "--preset", "imagepiece", "--lcb", "residual", "--num-classes", "4",
+                       "--checkpoint", finetuned[1], "--batch", "4", "--json", tmp_path / "eager.json")
+    compiled = run_script("evaluate", *common, "--artifact", artifact, "--json", tmp_path / "compiled.json")
     assert eager.returncode == 0, eager.stderr
     assert compiled.returncode == 0, compiled.stderr
     eager_result, compiled_result = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("eager", "compiled"))
@@ -102,10 +94,10 @@ def test_evaluate_gives_the_same_numbers_eager_and_through_the_runtime(dataset, 
         (["--data", "{val}", "--batch", "0"], "--batch and --limit must be >= 1"),
     ],
 )
-def test_evaluate_bad_input(dataset, artifact, tmp_path, args, message):
+def test_evaluate_bad_input(dataset, artifact, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     fields = {"empty": tmp_path / "empty", "val": dataset / "val", "artifact": artifact, "root": tmp_path}
-    result = script("evaluate.py", "--arch", ARCH, "--workers", "0", *[a.format(**fields) for a in args])
+    result = call_script("evaluate", capsys, "--arch", ARCH, "--workers", "0", *[a.format(**fields) for a in args])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
@@ -118,16 +110,9 @@ def test_evaluate_bad_input(dataset, artifact, tmp_path, args, message):
         (["--data", "{data}", "--output", "{tmp}/run", "--batch-size", "7"], "even --batch-size"),
     ],
 )
-def test_finetune_bad_input(dataset, tmp_path, args, message):
-    result = script("finetune.py", "--arch", ARCH, "--workers", "0", *[a.format(data=dataset, tmp=tmp_path) for a in args])
+def test_finetune_bad_input(dataset, tmp_path, capsys, args, message):
+    result = call_script("finetune", capsys, "--arch", ARCH, "--workers", "0", *[a.format(data=dataset, tmp=tmp_path) for a in args])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_visualize_draws_the_piece_maps(tmp_path):
@@ -170,7 +155,7 @@ def test_visualize_draws_the_piece_maps(tmp_path):
 
 
 def test_visualize_a_synthetic_scene(tmp_path):
-    result = script("visualize.py", "--synthetic", "--arch", ARCH, "--blocks", "0", "6", "--out", tmp_path / "pieces.png")
+    result = run_script("visualize", "--synthetic", "--arch", ARCH, "--blocks", "0", "6", "--out", tmp_path / "pieces.png")
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / "pieces.png") as picture:
         assert picture.size == (panel_origin(3, 224)[0], panel_origin(0, 224)[1] + 224 + 8)  # input + 2 panels
@@ -186,9 +171,9 @@ def test_visualize_a_synthetic_scene(tmp_path):
         (["--synthetic", "--out", "/nonexistent/x.png"], "does not exist"),
     ],
 )
-def test_visualize_bad_input(tmp_path, args, message):
+def test_visualize_bad_input(tmp_path, capsys, args, message):
     (tmp_path / "notes.jpg").write_text("not a picture")
-    result = script("visualize.py", "--arch", ARCH, *[a.format(tmp=tmp_path) for a in args])
+    result = call_script("visualize", capsys, "--arch", ARCH, *[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 

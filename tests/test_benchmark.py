@@ -254,3 +254,35 @@ def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(
     assert {"cpu", "torch"} <= set(record["machine"]) and record["settings"]["rounds"] == "1"
     text = files[".txt"].read_text()
     assert text.startswith("# ") and "single-process / model-only" in text and "uint8-input artifact" in text
+
+
+def test_profile_parts_are_medians_so_one_stalled_call_does_not_move_them():
+    from imagepiece.bench.profiling import median_times
+
+    runs = [{"aten::linear": 10.0, "cpp_fused_add_0": 2.0}, {"aten::linear": 11.0, "cpp_fused_add_0": 50.0},
+            {"aten::linear": 12.0}]  # run 2: the host stalled in a kernel; run 3: that kernel did not record
+    parts = median_times(runs)
+    assert parts["linear"] == 11.0 and parts["generated kernels"] == 2.0
+    assert parts["total"] == 12.0  # the median of the three runs' totals (12, 61, 12), not a sum of medians
+    assert median_times(runs, key=lambda event: event)["cpp_fused_add_0"] == 2.0
+
+
+def test_profile_mode_measures_real_artifacts_and_lists_their_slowest_events(compiled):
+    """The profile's measuring and report on two compiled artifacts. The CLI compiles its own with Inductor's kernel
+    profiling on, so that each GEMM and generated kernel records itself; these record only their ATen calls."""
+    import argparse
+
+    from imagepiece.bench.profiling import format_report, profile_interleaved
+
+    paths = {"plain": compiled.path("ti_plain"), "imagepiece": compiled.path("ti_imagepiece")}
+    samples = profile_interleaved(paths, batch=2, runs=2)
+    assert [len(runs) for runs in samples.values()] == [2, 2] and all(run for runs in samples.values() for run in runs)
+    args = argparse.Namespace(arch="deit_tiny_patch16_224", preset="imagepiece", batch=2, runs=2, top_kernels=3)
+    lines = format_report(args, {"plain": 1.26, "imagepiece": 0.66}, samples).splitlines()
+    assert "ratio 1.91x" in lines[1]
+    total = next(line for line in lines if line.startswith("total")).split()
+    assert float(total[1]) > 0 and float(total[2]) > 0
+    for preset in ("plain", "imagepiece"):
+        start = lines.index(f"{preset}: top 3 events by median self ms")
+        listed = [float(line.split()[0]) for line in lines[start + 1:start + 4]]
+        assert listed == sorted(listed, reverse=True) and listed[0] > 0

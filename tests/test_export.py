@@ -1,5 +1,4 @@
 """scripts/aot_compile.py and imagepiece.export: metadata, atomic output, and every bad input."""
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,13 +14,10 @@ from imagepiece import export
 from imagepiece.artifact import DIGEST_KEY, FORMAT_VERSION, INPUT_FORMATS, ArtifactError, read_metadata
 from imagepiece.config import LCB_CHOICES, REEVALUATIONS, lcb_from_cli
 from imagepiece.cpu_target import compile_target
+from script_runs import call_script, load_script, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, str(ROOT / "scripts" / "aot_compile.py")]
-
-
-def run_cli(*args):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
+SCRIPT = ROOT / "scripts" / "aot_compile.py"
 
 
 def test_metadata_describes_the_artifact(compiled):
@@ -47,24 +43,17 @@ def test_metadata_describes_the_artifact(compiled):
 
 def test_random_weights_are_recorded_and_announced(compiled, tmp_path):
     # Reuses the session's compiled DeiT-Ti cache, so this compile is mostly cache hits.
-    result = run_cli("--arch", "deit_tiny_patch16_224", "--method", "evit", "--batch", "2", "--out", tmp_path / "random.so")
+    result = run_script("aot_compile", "--arch", "deit_tiny_patch16_224", "--method", "evit", "--batch", "2", "--out", tmp_path / "random.so")
     assert result.returncode == 0, result.stderr
     assert "RANDOM weights" in result.stdout and "compile time" in result.stdout and "export time" in result.stdout
     assert read_metadata(tmp_path / "random.so")["checkpoint"]["sha256"] == "random"
     assert [p.name for p in tmp_path.iterdir()] == ["random.so"]  # no generated sources left beside it
 
 
-def aot_compile_module():
-    spec = importlib.util.spec_from_file_location("aot_compile", CLI[1])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_command_line_choices_become_the_config_and_input_format():
     """Every --lcb and --reevaluation choice reaches the model's config (the vocabularies of
     imagepiece.config, so a new choice needs no edit here); --input-format names the metadata's format."""
-    cli = aot_compile_module()
+    cli = load_script("aot_compile")
     for choice in LCB_CHOICES:
         args = cli.parse_args(["--lcb", choice, "--out", "x.so"])
         assert cli.config_overrides(args)["lcb"] == lcb_from_cli(choice)
@@ -102,21 +91,21 @@ def test_command_line_choices_become_the_config_and_input_format():
         (("--out-dir", "/nonexistent-dir"), "does not exist"),
     ],
 )
-def test_bad_requests_fail_in_one_line_with_status_2_and_leave_nothing(tmp_path, args, message):
+def test_bad_requests_fail_in_one_line_with_status_2_and_leave_nothing(tmp_path, capsys, args, message):
     folder, suffix = tmp_path, ".so"
     if args[0] == "--out-suffix":
         suffix, args = args[1], ()
     elif args[0] == "--out-dir":
         folder, args = Path(args[1]), ()
     out = folder / f"model{suffix}"
-    result = run_cli("--arch", "deit_tiny_patch16_224", *args, "--out", out)
+    result = call_script("aot_compile", capsys, "--arch", "deit_tiny_patch16_224", *args, "--out", out)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_an_unwritable_target_fails_in_one_line_with_status_1():
-    result = run_cli("--arch", "deit_tiny_patch16_224", "--out", "/sys/kernel/model.so")
+    result = run_script("aot_compile", "--arch", "deit_tiny_patch16_224", "--out", "/sys/kernel/model.so")
     assert result.returncode == 1
     assert "not writable" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -140,7 +129,7 @@ def test_a_full_disk_fails_in_one_line_with_status_1_and_leaves_nothing(tmp_path
 
         torch._inductor.aot_compile = fill_the_disk
         sys.argv = ["aot_compile.py", "--arch", "deit_tiny_patch16_224", "--method", "plain", "--out", {str(out)!r}]
-        runpy.run_path({str(CLI[1])!r}, run_name="__main__")
+        runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
     """
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
@@ -150,15 +139,15 @@ def test_a_full_disk_fails_in_one_line_with_status_1_and_leaves_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_mismatched_checkpoint_is_refused(tmp_path):
+def test_mismatched_checkpoint_is_refused(tmp_path, capsys):
     torch.save(imagepiece.create_model("deit_small_patch16_224", "plain").state_dict(), tmp_path / "small.pth")
-    result = run_cli("--arch", "deit_tiny_patch16_224", "--checkpoint", tmp_path / "small.pth", "--out", tmp_path / "x.so")
+    result = call_script("aot_compile", capsys, "--arch", "deit_tiny_patch16_224", "--checkpoint", tmp_path / "small.pth", "--out", tmp_path / "x.so")
     assert result.returncode == 2 and "shape mismatch" in result.stderr and not (tmp_path / "x.so").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-GPU message")
-def test_cuda_without_a_gpu_is_refused(tmp_path):
-    result = run_cli("--arch", "deit_tiny_patch16_224", "--device", "cuda", "--out", tmp_path / "x.so")
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    result = call_script("aot_compile", capsys, "--arch", "deit_tiny_patch16_224", "--device", "cuda", "--out", tmp_path / "x.so")
     assert result.returncode == 2 and "no CUDA GPU is available" in result.stderr
 
 

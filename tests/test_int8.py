@@ -80,14 +80,10 @@ def test_folder_calibration_prepares_images_as_predict_does(tmp_path):
     (["--dtype", "fp32", "--calibration", "."], "calibration images are for --dtype int8 only"),
     (["--dtype", "int8", "--calibration", "/nonexistent/images"], "does not exist"),
 ])
-def test_aot_compile_refuses_bad_int8_requests_before_compiling(tmp_path, args, message):
-    import subprocess
-    import sys
-
-    from artifacts import ROOT
+def test_aot_compile_refuses_bad_int8_requests_before_compiling(tmp_path, capsys, args, message):
+    from script_runs import call_script
 
     out = tmp_path / "model.so"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--arch", "deit_tiny_patch16_224",
-                             "--device", "cpu", "--batch", "2", *args, "--out", str(out)], capture_output=True, text=True)
+    result = call_script("aot_compile", capsys, "--arch", "deit_tiny_patch16_224", "--device", "cpu", "--batch", "2", *args, "--out", out)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not out.exists()

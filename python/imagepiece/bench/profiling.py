@@ -2,12 +2,14 @@
 
 Compiles both with Inductor's kernel profiling on (each generated C++ kernel records itself), runs
 them alternately under torch.profiler, and groups self time into GEMMs (oneDNN/MKL linear),
-attention (SDPA), generated kernels (layer norm, GELU, residuals, gathers...), sorts and the rest.
-The ratio column shows which part falls short of the FLOPs reduction. CPU only.
+attention (SDPA), generated kernels (layer norm, GELU, residuals, gathers...), sorts and the rest:
+medians over the calls, then each artifact's slowest kernels. The ratio column shows which part
+falls short of the FLOPs reduction. CPU only.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="imagepiece", choices=sorted(p for p in PRESETS if p != BASELINE))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=10, help="profiled calls of each artifact, alternating")
+    parser.add_argument("--top-kernels", type=int, default=15, help="also list each artifact's N slowest events (0: none)")
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -35,6 +38,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("profile runs on cpu only (it reads Inductor's C++ kernel profiling)")
     if args.batch < 1 or args.runs < 1:
         parser.error("--batch and --runs must be >= 1")
+    if args.top_kernels < 0:
+        parser.error("--top-kernels must be >= 0")
 
 
 def group_of(name: str) -> str:
@@ -45,7 +50,7 @@ def group_of(name: str) -> str:
 
 
 def profile_interleaved(paths: dict, batch: int, runs: int) -> dict:
-    """Self time (ms) per group and artifact, profiling one call of each artifact in turn, `runs`
+    """name -> one {event: self ms} per run, profiling one call of each artifact in turn, `runs`
     times: this machine's speed drifts, and alternating keeps the drift out of the ratios."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -56,15 +61,48 @@ def profile_interleaved(paths: dict, batch: int, runs: int) -> dict:
     for model in models.values():
         for _ in range(3):
             model(images)
-    groups = {name: {} for name in models}
+    samples = {name: [] for name in models}
     for _ in range(runs):
         for name, model in models.items():
             with profile(activities=[ProfilerActivity.CPU]) as trace:
                 model(images)
-            for event in trace.key_averages():
-                key = group_of(event.key)
-                groups[name][key] = groups[name].get(key, 0.0) + event.self_cpu_time_total / runs / 1e3
-    return groups
+            samples[name].append({event.key: event.self_cpu_time_total / 1e3 for event in trace.key_averages()})
+    return samples
+
+
+def median_times(runs: list, key=group_of) -> dict:
+    """Median over runs of each key's self ms (events summed per key within a run), plus "total".
+
+    Medians, not means: one call the host stalled would otherwise inflate whichever part it hit."""
+    per_run = []
+    for events in runs:
+        summed = {"total": sum(events.values())}
+        for event, ms in events.items():
+            summed[key(event)] = summed.get(key(event), 0.0) + ms
+        per_run.append(summed)
+    keys = set().union(*per_run)
+    return {k: statistics.median(summed.get(k, 0.0) for summed in per_run) for k in keys}
+
+
+def format_report(args: argparse.Namespace, flops: dict, samples: dict) -> str:
+    plain, ours = median_times(samples[BASELINE]), median_times(samples[args.preset])
+    lines = [f"AOTI kernel-time breakdown, {args.arch}, batch {args.batch}, CPU fp32, median of {args.runs} interleaved runs "
+             "(profiler on: absolute times are inflated)",
+             f"GFLOPs/image: {BASELINE} {flops[BASELINE]:.2f}, {args.preset} {flops[args.preset]:.2f} "
+             f"(ratio {flops[BASELINE] / flops[args.preset]:.2f}x)",
+             f"{'part':<42} {BASELINE + ' ms':>9} {args.preset + ' ms':>16} {'ratio':>7}"]
+    for name in sorted(set(plain) - {"total"}, key=lambda k: -plain[k]) + sorted(set(ours) - set(plain)) + ["total"]:
+        a, b = plain.get(name, 0.0), ours.get(name, 0.0)
+        lines.append(f"{name:<42} {a:9.2f} {b:16.2f} {f'{a / b:6.2f}x' if b else '     -':>7}")
+    if args.top_kernels:
+        # Generated kernels are numbered per artifact, so names do not pair up across the two: each is listed on its own.
+        for preset in (BASELINE, args.preset):
+            kernels = median_times(samples[preset], key=lambda event: event)
+            kernels.pop("total")
+            top = sorted(kernels.items(), key=lambda item: -item[1])[:args.top_kernels]
+            lines += ["", f"{preset}: top {len(top)} events by median self ms"]
+            lines += [f"  {ms:8.3f}  {event}  ({group_of(event)})" for event, ms in top]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,18 +119,9 @@ def run(args: argparse.Namespace) -> int:
             model = create_model(args.arch, **PRESETS[preset])
             flops[preset] = gflops_per_image(model, (3, 224, 224), torch.device("cpu"), torch.float32)
             paths[preset] = compile_artifact(model, Path(folder) / f"{preset}.so", batch=args.batch).path
-        results = profile_interleaved(paths, args.batch, args.runs)
+        samples = profile_interleaved(paths, args.batch, args.runs)
 
-    plain, ours = results[BASELINE], results[args.preset]
-    lines = [f"AOTI kernel-time breakdown, {args.arch}, batch {args.batch}, CPU fp32, mean of {args.runs} interleaved runs "
-             "(profiler on: absolute times are inflated)",
-             f"GFLOPs/image: {BASELINE} {flops[BASELINE]:.2f}, {args.preset} {flops[args.preset]:.2f} "
-             f"(ratio {flops[BASELINE] / flops[args.preset]:.2f}x)",
-             f"{'part':<42} {BASELINE + ' ms':>9} {args.preset + ' ms':>16} {'ratio':>7}"]
-    for name in sorted(set(plain) | set(ours), key=lambda k: -plain.get(k, 0)) + ["total"]:
-        a = sum(plain.values()) if name == "total" else plain.get(name, 0.0)
-        b = sum(ours.values()) if name == "total" else ours.get(name, 0.0)
-        lines.append(f"{name:<42} {a:9.2f} {b:16.2f} {f'{a / b:6.2f}x' if b else '     -':>7}")
-    print(f"# {writer.provenance}\n" + "\n".join(lines))
-    writer.report("\n".join(lines), vars(args), gflops=flops, ms=results)
+    report = format_report(args, flops, samples)
+    print(f"# {writer.provenance}\n{report}")
+    writer.report(report, vars(args), gflops=flops, ms={name: median_times(runs) for name, runs in samples.items()})
     return 0
