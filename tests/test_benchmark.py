@@ -272,13 +272,14 @@ def test_profile_mode_measures_real_artifacts_and_lists_their_slowest_events(com
     profiling on, so that each GEMM and generated kernel records itself; these record only their ATen calls."""
     import argparse
 
-    from imagepiece.bench.profiling import format_report, profile_interleaved
+    from imagepiece.bench.profiling import format_report, median_times, profile_interleaved
 
     paths = {"plain": compiled.path("ti_plain"), "imagepiece": compiled.path("ti_imagepiece")}
     samples = profile_interleaved(paths, batch=2, runs=2)
     assert [len(runs) for runs in samples.values()] == [2, 2] and all(run for runs in samples.values() for run in runs)
     args = argparse.Namespace(arch="deit_tiny_patch16_224", preset="imagepiece", batch=2, runs=2, top_kernels=3)
-    lines = format_report(args, {"plain": 1.26, "imagepiece": 0.66}, samples).splitlines()
+    parts = {name: median_times(runs) for name, runs in samples.items()}
+    lines = format_report(args, {"plain": 1.26, "imagepiece": 0.66}, parts, samples).splitlines()
     assert "ratio 1.91x" in lines[1]
     total = next(line for line in lines if line.startswith("total")).split()
     assert float(total[1]) > 0 and float(total[2]) > 0

@@ -84,8 +84,10 @@ def median_times(runs: list, key=group_of) -> dict:
     return {k: statistics.median(summed.get(k, 0.0) for summed in per_run) for k in keys}
 
 
-def format_report(args: argparse.Namespace, flops: dict, samples: dict) -> str:
-    plain, ours = median_times(samples[BASELINE]), median_times(samples[args.preset])
+def format_report(args: argparse.Namespace, flops: dict, parts: dict, samples: dict) -> str:
+    """The report: `parts` (name -> `median_times` of its calls) side by side, then from `samples`
+    each artifact's slowest events."""
+    plain, ours = parts[BASELINE], parts[args.preset]
     lines = [f"AOTI kernel-time breakdown, {args.arch}, batch {args.batch}, CPU fp32, median of {args.runs} interleaved runs "
              "(profiler on: absolute times are inflated)",
              f"GFLOPs/image: {BASELINE} {flops[BASELINE]:.2f}, {args.preset} {flops[args.preset]:.2f} "
@@ -121,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
             paths[preset] = compile_artifact(model, Path(folder) / f"{preset}.so", batch=args.batch).path
         samples = profile_interleaved(paths, args.batch, args.runs)
 
-    report = format_report(args, flops, samples)
+    parts = {name: median_times(runs) for name, runs in samples.items()}
+    report = format_report(args, flops, parts, samples)
     print(f"# {writer.provenance}\n{report}")
-    writer.report(report, vars(args), gflops=flops, ms={name: median_times(runs) for name, runs in samples.items()})
+    writer.report(report, vars(args), gflops=flops, ms=parts)
     return 0
