@@ -100,6 +100,7 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["overhead", "--rounds", "0"], "--batch sizes and --rounds must be >= 1"),
         (["profile", "--preset", "plain"], "invalid choice: 'plain'"),
         (["profile", "--threads", "0"], "--threads must be >= 1"),
+        (["profile", "--top-kernels", "-1"], "--top-kernels must be >= 0"),
         (["suite", "--dtype", "bf16", "--paths", "ort"], "runs only in a --dtype fp32 run"),
         (["precision", "--images", "0"], "--images and --batch must be >= 1"),
         (["precision", "--batch", "0"], "--images and --batch must be >= 1"),
