@@ -67,24 +67,50 @@ def test_concurrent_single_image_submits_equal_running_each_image_alone(dynamic,
 
 def test_invalid_submits_fail_alone_and_valid_ones_complete(dynamic, pool):
     images, alone = pool
-    bad = {
-        "invalid_shape": torch.randn(3, 224),
-        "invalid_dtype": images[0].double(),
-        "invalid_type": "not an image",
-    }
+    bad = [
+        ("invalid_shape", torch.randn(3, 224)),
+        ("invalid_dtype", images[0].double()),
+        ("invalid_type", "not an image"),
+        # A sparse image passed the shape checks and then failed the copy into its batch, and every other request of it.
+        ("invalid_type", images[0].to_sparse()),
+    ]
     with ip_runtime.Batcher(dynamic, max_batch=8, max_delay_ms=5) as batcher:
         futures = {}
         for i in range(12):
             futures[i] = batcher.submit(images[i])
-            code = list(bad)[i % len(bad)]
+            code, image = bad[i % len(bad)]
             with pytest.raises(ip_runtime.Error) as refused:
-                batcher.submit(bad[code])
+                batcher.submit(image)
             assert refused.value.code == code
         for i, future in futures.items():
             torch.testing.assert_close(future.result(TIMEOUT), alone[i], rtol=0, atol=1e-5)
         stats = batcher.stats
     assert stats["completed"] == 12 and stats["failed"] == 0
-    assert stats["rejected"] == {"invalid_shape": 4, "invalid_dtype": 4}  # refused in C++ (a str never gets there)
+    # Refused in C++ (a str never gets there).
+    assert stats["rejected"] == {"invalid_shape": 3, "invalid_dtype": 3, "invalid_type": 3}
+
+
+@pytest.mark.parametrize("layout", ["sparse", "mkldnn"])
+def test_non_dense_images_are_refused_with_a_code(dynamic, pool, layout):
+    images, _ = pool
+    image = images[0].to_sparse() if layout == "sparse" else images[0].to_mkldnn()
+    with ip_runtime.Batcher(dynamic) as batcher:
+        with pytest.raises(ip_runtime.Error, match="must be a dense") as refused:
+            batcher.submit(image)
+    assert refused.value.code == "invalid_type"
+    with pytest.raises(ip_runtime.Error, match="must be a dense") as refused:
+        dynamic.run(image.unsqueeze(0) if layout == "sparse" else images[:1].to_mkldnn())
+    assert refused.value.code == "invalid_type"
+
+
+def test_a_submitted_request_cannot_be_cancelled_and_still_completes(dynamic, pool):
+    images, alone = pool
+    batcher = ip_runtime.Batcher(dynamic, max_batch=64, max_delay_ms=LONG_DELAY_MS, queue_capacity=1)
+    future = batcher.submit(images[0])
+    # cancel() answering True would promise a freed queue slot and no result; neither would hold.
+    assert future.running() and not future.cancel()
+    close_within(batcher, drain=True)
+    torch.testing.assert_close(future.result(TIMEOUT), alone[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

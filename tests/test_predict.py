@@ -16,12 +16,12 @@ from diagnostics import decision_margins
 from image_files import photo, write_bad_images, write_good_images
 from imagepiece.predict import Classifier, list_inputs, predict_items
 from imagepiece.predict.cli import main
-from imagepiece.predict.decode import decode_rgb
+from imagepiece.predict.decode import ImageError, decode_rgb
 from imagepiece.predict.labels import class_names
 from imagepiece.input_format import random_pixels
 from imagepiece.predict.preprocess import Preprocess, normalise, pixels_of
 from imagepiece.predict.rows import Row
-from imagepiece.predict.writers import Journal, read_rows
+from imagepiece.predict.writers import Journal, read_rows, write_rows
 
 # The bomb fixtures are meant to trip Pillow's warning; predict refuses them itself (error rows).
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -193,6 +193,72 @@ def test_sources_list_folders_globs_lists_and_table_columns(folder, tmp_path):
     assert [i.path for i in list_inputs(str(root / "gray.png"))] == [str(root / "gray.png")]
 
 
+def test_odd_names_loops_byte_order_marks_and_unlisted_folders(folder, tmp_path, monkeypatch):
+    root, _, _ = folder
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    shutil.copy(root / "rgb_0.jpg", photos / "sub" / "a.jpg")
+    (photos / "sub" / "up").symlink_to("..")  # a loop: glob's "**" used to list a.jpg again and again
+    (photos / "sub" / "up2").symlink_to("..")  # two of them: without end
+    # A name that is not UTF-8: its row spells the bad byte, every writer takes it, and it still opens.
+    bad_name = os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(root / "rgb_0.jpg", photos / bad_name)
+    walked = list_inputs(str(photos))
+    assert [item.path for item in walked] == [str(photos / "caf\\xe9.jpg"), str(photos / "sub" / "a.jpg")]
+    decode_rgb(walked[0].location)
+    for suffix in (".csv", ".jsonl", ".parquet"):
+        write_rows(tmp_path / f"rows{suffix}", [Row(walked[0].path, error="x")])
+        assert read_rows(tmp_path / f"rows{suffix}")[0].path == walked[0].path
+    globbed = [item.path for item in list_inputs(str(photos / "**" / "*.jpg"))]
+    assert globbed == [item.path for item in walked]
+
+    # Excel's "CSV UTF-8" and some editors start a file with a byte order mark.
+    (tmp_path / "bom.csv").write_text("path,label\nphotos/sub/a.jpg,cat\n", encoding="utf-8-sig")
+    (tmp_path / "bom.txt").write_text("photos/sub/a.jpg\n", encoding="utf-8-sig")
+    for listing in ("bom.csv", "bom.txt"):
+        assert [item.path for item in list_inputs(str(tmp_path / listing))] == ["photos/sub/a.jpg"]
+
+    # A photo saved without a suffix is one image, not a path list.
+    shutil.copy(root / "rgb_0.jpg", tmp_path / "photo")
+    assert [item.path for item in list_inputs(str(tmp_path / "photo"))] == [str(tmp_path / "photo")]
+
+    # A sub-folder that cannot be listed (root lists anything, so the refusal is simulated) is reported.
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    warnings = []
+    assert [item.path for item in list_inputs(str(photos), warn=warnings.append)] == [walked[0].path]
+    assert warnings == [f"cannot list folder {str(photos / 'sub')!r} (Permission denied): its images have no rows"]
+    with pytest.raises(ValueError, match=r"cannot list folder .* \(Permission denied\)"):
+        list_inputs(str(photos / "sub"))
+
+
+def test_fifos_and_strips_are_error_rows_not_hangs_or_gigabytes(tmp_path):
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)  # opening it would wait for a writer
+    with pytest.raises(ImageError, match="not a regular file"):
+        decode_rgb(str(fifo))
+    Image.new("L", (20_000, 1)).save(tmp_path / "strip.png")  # 20,000 pixels; resized before cropping: 1.3 billion
+    with pytest.raises(ImageError, match="resizing it to 5120000x256 before the centre crop .* extreme aspect ratio"):
+        Preprocess(DEIT)(decode_rgb(str(tmp_path / "strip.png")))
+
+
+def test_a_journal_cut_inside_a_character_or_holding_u2028_keeps_its_whole_rows(tmp_path):
+    journal = Journal(tmp_path / ".p.jsonl.partial.jsonl")
+    rows = [Row("a\u2028b.jpg", error="x"), Row("über.jpg", error="y"), Row("zürich.jpg", error="z")]
+    journal.append(rows)
+    journal.close()
+    assert journal.read() == rows  # str.splitlines() split the first row at U+2028 and dropped everything after it
+    data = journal.path.read_bytes()
+    journal.path.write_bytes(data[: data.rindex("ü".encode()) + 1])  # a crash mid-write, inside "ü"
+    assert journal.read() == rows[:2]
+
+
 def test_unreadable_entries_of_a_path_list_are_error_rows(compiled, folder, tmp_path):
     root, _, _ = folder
     locked = tmp_path / "locked.jpg"
@@ -313,6 +379,15 @@ def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_f
     assert after["not_an_image.png"].error == "not an image (no decoder recognises the file's format)"
     (here / "empty.jpg").write_bytes(b"")
 
+    # Rows of another --topk would leave a file whose rows disagree; paths spelled differently match nothing.
+    capsys.readouterr()
+    assert run_predict(compiled, listing, output, "--resume", "--topk", "3") == 2
+    assert "holds top-5 rows, this run asks for --topk 3" in capsys.readouterr().err
+    respelled = here / "respelled.txt"
+    respelled.write_text("".join(f"./{path}\n" for path in (r.path for r in clean)))
+    assert run_predict(compiled, respelled, output, "--resume") == 0
+    assert "none of the 10 rows already in" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("args, message", [
     (["--artifact", "{missing}", "--output", "{out}.csv"], "does not exist or is not a file"),
@@ -323,12 +398,17 @@ def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_f
     (["--artifact", "{artifact}", "--output", "{out}/no/such/dir/p.csv"], "does not exist"),
     (["--artifact", "{artifact}", "--output", "{out}.csv", "--topk", "0"], "--topk must be >= 1"),
     (["--artifact", "{artifact}", "--output", "{out}.csv", "--address", "auto"], "only with --ray"),
+    (["--artifact", "{artifact}", "--output", "{out}.csv", "--topk", "1001"], "--topk 1001 is more than the artifact's 1000 classes"),
+    (["--artifact", "{artifact}", "--output", "{out}.csv", "--device", "foo"], "--device 'foo' is not a device"),
+    (["--artifact", "{artifact}", "--output", "{out}.csv", "--device", "cpu:1"], "there is one CPU device"),
+    (["--artifact", "{artifact}", "--output", "{table}", "--input", "{table}"], "is the input: it would be overwritten"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(compiled, folder, tmp_path, capsys, args, message):
     root, _, _ = folder
     (tmp_path / "empty").mkdir()
+    (tmp_path / "table.csv").write_text(f"path\n{root / 'rgb_0.jpg'}\n")
     values = {"missing": tmp_path / "none.so", "artifact": compiled.path("ti_imagepiece_dynamic"), "out": tmp_path,
-              "empty": tmp_path / "empty"}
+              "empty": tmp_path / "empty", "table": tmp_path / "table.csv"}
     argv = [arg.format(**values) for arg in args]
     if "--input" not in argv:
         argv += ["--input", str(root)]

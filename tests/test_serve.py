@@ -56,10 +56,17 @@ def jpeg_bytes(seed, size=(320, 240)):
     return buffer.getvalue()
 
 
-def png16_bytes():
+def png_bytes(mode, size):
     buffer = io.BytesIO()
-    Image.new("I;16", (64, 64)).save(buffer, "PNG")
+    Image.new(mode, size).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def multipart(data, content_type="multipart/form-data; boundary=x"):
+    """A form with one file field `file`, built by hand (so that its headers can be spelled as a client may)."""
+    body = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="photo.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+            + data + b"\r\n--x--\r\n")
+    return {"content": body, "headers": {"content-type": content_type}}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +96,8 @@ def test_classify_answers_top_k_from_multipart_and_raw_uploads(served):
     data = jpeg_bytes(seed=1)
     probs = expected_probs(service, data)
     for response in (client.post("/v1/classify", files={"file": ("photo.jpg", data, "image/jpeg")}),
-                     client.post("/v1/classify?topk=3", content=data, headers={"content-type": "image/jpeg"})):
+                     client.post("/v1/classify?topk=3", content=data, headers={"content-type": "image/jpeg"}),
+                     client.post("/v1/classify", **multipart(data, "Multipart/Form-Data; boundary=x"))):  # media types ignore case
         assert response.status_code == 200, response.text
         answer = response.json()
         predictions = answer["predictions"]
@@ -103,8 +111,10 @@ def test_classify_answers_top_k_from_multipart_and_raw_uploads(served):
 
 @pytest.mark.parametrize("send, status, code, message", [
     (lambda c: c.post("/v1/classify", content=b"plain text, not a picture"), 422, "invalid_image", "not an image"),
-    (lambda c: c.post("/v1/classify", content=png16_bytes()), 422, "invalid_image", "16-bit"),
+    (lambda c: c.post("/v1/classify", content=png_bytes("I;16", (64, 64))), 422, "invalid_image", "16-bit"),
     (lambda c: c.post("/v1/classify", content=huge_png(20_000, 20_000)), 422, "invalid_image", "decompression-bomb"),
+    # 20,000 pixels in a few bytes, but timm's resize would make 1.2 billion of them before cropping.
+    (lambda c: c.post("/v1/classify", content=png_bytes("L", (20_000, 1))), 422, "invalid_image", "extreme aspect ratio"),
     (lambda c: c.post("/v1/classify", content=b""), 400, "empty_upload", "empty"),
     (lambda c: c.post("/v1/classify", files={"file": ("empty.jpg", b"", "image/jpeg")}), 400, "empty_upload", "empty"),
     (lambda c: c.post("/v1/classify", content=TEXT_ONLY_FORM, headers={"content-type": "multipart/form-data; boundary=x"}),
@@ -114,7 +124,12 @@ def test_classify_answers_top_k_from_multipart_and_raw_uploads(served):
     (lambda c: c.post("/v1/classify", content=b"\xff" * (UPLOAD_LIMIT + 1)), 413, "too_large", "larger than the limit"),
     # Streamed (chunked, no Content-Length): refused while reading.
     (lambda c: c.post("/v1/classify", content=iter([b"\xff" * 65536] * 8)), 413, "too_large", "larger than the limit"),
+    # curl -F 'file=<photo.jpg' sends the bytes as a text field.
+    (lambda c: c.post("/v1/classify", files={"file": (None, b"some text")}), 400, "no_file", "holds text, not a file upload"),
     (lambda c: c.post("/v1/classify?topk=0", content=b"x"), 400, "bad_topk", "topk"),
+    (lambda c: c.post("/v1/classify?topk=%C2%B2", content=b"x"), 400, "bad_topk", "topk"),  # "²".isdigit(), not int()
+    (lambda c: c.get("/v1/classify"), 405, "method_not_allowed", "Method Not Allowed"),
+    (lambda c: c.get("/v2/classify"), 404, "not_found", "Not Found"),
 ])
 def test_bad_uploads_get_a_4xx_json_error(served, send, status, code, message):
     client, _ = served
@@ -141,8 +156,11 @@ def test_healthz_and_metrics_parse(served):
     stats = service.batcher.stats
     assert samples[("imagepiece_batcher_batch_size_count", ())] == stats["batches"] >= 1
     assert samples[("imagepiece_batcher_batch_size_bucket", (("le", "+Inf"),))] == stats["batches"]
-    assert samples[("imagepiece_batcher_queue_depth", ())] == 0
+    assert samples[("imagepiece_batcher_queue_depth", ())] == 0 and samples[("imagepiece_http_decoding", ())] == 0
     assert ("imagepiece_batcher_queue_wait_seconds_sum", ()) in samples
+    # Counters never go down: requests still pending are the gauges, not an outcome of the counter.
+    assert {labels for name, labels in samples if name == "imagepiece_batcher_requests_total"} == {
+        (("outcome", outcome),) for outcome in ("completed", "failed", "cancelled")}
 
 
 def test_a_full_queue_answers_503_with_retry_after(artifact):
@@ -166,12 +184,56 @@ def test_a_full_queue_answers_503_with_retry_after(artifact):
     assert first["response"].status_code == 200
 
 
+def test_uploads_beyond_the_queue_capacity_wait_for_no_decoder(artifact):
+    # Uploads slow to decode used to queue in the decode pool without bound, unseen; now they count against
+    # queue_capacity like images waiting for a batch.
+    config = ServeConfig(artifact=artifact, queue_capacity=1, decode_threads=1, warmup=False)
+    service = ClassificationService(config)
+    decoding, release = threading.Event(), threading.Event()
+    prepare = service.prepare
+
+    def slow_prepare(data):
+        decoding.set()
+        release.wait(TIMEOUT)
+        return prepare(data)
+
+    service.prepare = slow_prepare
+    with ServerThread(create_app(config, service)) as client:
+        first = {}
+        waiting = threading.Thread(target=lambda: first.update(response=client.post("/v1/classify", content=jpeg_bytes(seed=6))))
+        waiting.start()
+        assert decoding.wait(TIMEOUT), "the first upload never reached the decoder"
+        assert client.get("/healthz").json()["decoding"] == 1
+        refused = client.post("/v1/classify", content=jpeg_bytes(seed=7))
+        release.set()
+        waiting.join(TIMEOUT)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "overloaded" and "waiting to be decoded" in refused.json()["error"]["message"]
+    assert first["response"].status_code == 200
+
+
+def test_a_stalled_upload_gets_408_and_its_connection_closed(artifact):
+    config = ServeConfig(artifact=artifact, read_timeout_s=0.5, decode_threads=1, warmup=False)
+    with ServerThread(create_app(config, ClassificationService(config))) as client:
+        host, port = client.base_url.host, client.base_url.port
+        with socket.create_connection((host, port), timeout=TIMEOUT) as stalled:
+            stalled.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")  # then nothing
+            answer = b""
+            while chunk := stalled.recv(65536):  # ends when the server closes the connection
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number > 0, got inf"),
     (["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number > 0, got nan"),
     (["--max-upload-mb", "0"], "--max-upload-mb must be a finite number > 0, got 0.0"),
     (["--port", "70000"], "--port must be in [0, 65535]"),
     (["--topk", "0"], "--topk must be >= 1"),
+    (["--max-upload-mb", "1e-9"], "--max-upload-mb 1e-09 is less than one byte"),
+    (["--read-timeout", "0"], "--read-timeout must be a finite number of seconds > 0"),
+    (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number of seconds > 0"),
+    (["--max-connections", "0"], "--max-connections must be >= 1"),
 ])
 def test_bad_arguments_are_refused_before_anything_starts(args, message, capsys):
     from imagepiece.serve.cli import parse_args
@@ -179,6 +241,22 @@ def test_bad_arguments_are_refused_before_anything_starts(args, message, capsys)
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--artifact", __file__, *args])  # any existing file: the arguments are refused first
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_port_in_use_fails_in_one_line_before_the_model_loads(capsys):
+    from imagepiece.serve.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        status = main(["--artifact", __file__, "--port", str(taken.getsockname()[1])])  # not an artifact: never read
+    assert status == 2 and "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False),
+                                            ("10.1.2.3", False), ("example.org", False)])
+def test_a_host_beyond_loopback_is_told_apart(host, loopback):
+    from imagepiece.serve.cli import is_loopback
+
+    assert is_loopback(host) == loopback
 
 
 def test_serve_script_starts_answers_and_stops_on_sigint(artifact):

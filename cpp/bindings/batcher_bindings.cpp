@@ -54,7 +54,7 @@ struct PendingFuture {
   void complete(const at::Tensor& logits, const std::exception_ptr& error) {
     py::gil_scoped_acquire gil;
     try {
-      if (!future.attr("done")().cast<bool>()) {  // done already: the caller cancelled it
+      if (!future.attr("done")().cast<bool>()) {  // done already: someone else set it (it cannot be cancelled)
         if (error) {
           future.attr("set_exception")(exception_object(error));
         } else {
@@ -63,7 +63,7 @@ struct PendingFuture {
         }
       }
     } catch (py::error_already_set& failure) {
-      // Cancelled meanwhile (InvalidStateError), or the result could not be converted: then the future
+      // Set meanwhile (InvalidStateError), or the result could not be converted: then the future
       // gets that failure, so that no future stays pending.
       try {
         if (!future.attr("done")().cast<bool>()) {
@@ -111,6 +111,10 @@ class PyBatcher {
     auto pending = std::make_shared<PendingFuture>();
     static py::handle future_type = py::object(py::module_::import("concurrent.futures").attr("Future")).release();  // kept for good
     pending->future = future_type();
+    // Queued is already running, as far as the caller can tell: nothing withdraws a request from the C++ queue, so
+    // cancel() must answer False (as concurrent.futures does for a running call) rather than True while the request
+    // keeps its queue slot and runs anyway. close(drain=False) is what cancels queued requests.
+    pending->future.attr("set_running_or_notify_cancel")();
     pending->numpy_out = numpy_in;
     batcher_->submit(tensor, [pending](at::Tensor logits, std::exception_ptr error) { pending->complete(logits, error); });
     return pending->future;
@@ -196,8 +200,8 @@ void bind_batcher(py::module_& m) {
            "Dynamic micro-batching over `runtime`: max_batch 0 = the artifact's largest batch.")
       .def("submit", &PyBatcher::submit, py::arg("image"),
            "Queue one image (a batch's row: torch.Tensor, or numpy.ndarray, copied); returns a concurrent.futures.Future "
-           "of its logits row (numpy for numpy). Raises ip_runtime.Error: the input's code, `overloaded` (queue full) "
-           "or `cancelled` (closed).")
+           "of its logits row (numpy for numpy), already running: cancel() returns False (close(drain=False) cancels what is "
+           "queued). Raises ip_runtime.Error: the input's code, `overloaded` (queue full) or `cancelled` (closed).")
       .def(
           "close", [](PyBatcher& self, const py::object& drain) { self.close(bool_argument("drain", drain)); }, py::arg("drain") = true,
           "Stop accepting; drain=True runs what is queued, drain=False cancels it (`cancelled`); waits for the workers.")

@@ -12,6 +12,7 @@
 #include <system_error>
 #include <thread>
 
+#include "error_text.h"
 #include "process_setup.h"
 
 namespace imagepiece {
@@ -87,7 +88,7 @@ std::exception_ptr as_run_error(std::exception_ptr error) {
   } catch (const Error&) {
     return error;
   } catch (const std::exception& failure) {
-    return std::make_exception_ptr(Error(ErrorCode::kRunFailed, std::string("batch failed: ") + failure.what()));
+    return std::make_exception_ptr(Error(ErrorCode::kRunFailed, "batch failed: " + detail::error_text(failure)));
   } catch (...) {
     return std::make_exception_ptr(Error(ErrorCode::kRunFailed, "batch failed with an unknown exception"));
   }

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "artifact_file.h"
+#include "error_text.h"
 #include "library_copies.h"
 #include "metadata.h"
 #include "process_setup.h"
@@ -69,13 +70,20 @@ at::ScalarType scalar_type_of(const std::string& dtype) {
 
 c10::Device resolve_device(const RuntimeOptions& options, const ModelInfo& info) {
   const std::string name = options.device.empty() ? info.device_type : options.device;
+  c10::Device device{c10::kCPU};
   try {
-    c10::Device device(name);
-    if (device.is_cuda() && !device.has_index()) device.set_index(0);
-    return device;
+    device = c10::Device(name);
   } catch (const std::exception&) {
     throw Error(ErrorCode::kInvalidOption, "device '" + name + "' is not a device (use cpu, cuda or cuda:N)");
   }
+  if (device.is_cuda() && !device.has_index()) device.set_index(0);
+  if (device.is_cpu() && device.has_index()) {
+    // CPU tensors carry no index, so "cpu:0" is plain "cpu" (else every input would be "on the wrong device");
+    // any other index names nothing.
+    if (device.index() != 0) throw Error(ErrorCode::kInvalidOption, "device '" + name + "' does not exist: there is one CPU device, 'cpu'");
+    device = c10::Device(c10::kCPU);
+  }
+  return device;
 }
 
 // AOTI model containers in the verified private copy of an artifact's library (`library_path`; the
@@ -95,7 +103,7 @@ struct ModelRunner {
         library = std::make_unique<torch::inductor::AOTIModelContainerRunnerCpu>(library_path, containers, single_threaded);
       }
     } catch (const std::exception& error) {
-      throw Error(ErrorCode::kLoadFailed, "could not load '" + artifact + "': " + error.what());
+      throw Error(ErrorCode::kLoadFailed, "could not load '" + artifact + "': " + detail::error_text(error));
     }
   }
 
@@ -105,7 +113,7 @@ struct ModelRunner {
     try {
       logits = library->run({images}, stream).at(0);
     } catch (const std::exception& error) {
-      throw Error(ErrorCode::kRunFailed, std::string("the compiled model failed: ") + error.what());
+      throw Error(ErrorCode::kRunFailed, "the compiled model failed: " + detail::error_text(error));
     }
     if (logits.dim() != 2 || logits.size(0) != images.size(0) || logits.size(1) != num_classes) {
       throw Error(ErrorCode::kRunFailed, "the compiled model returned " + shape_string(logits.sizes()) + " but its metadata promises " +
@@ -206,6 +214,7 @@ struct Runtime::Impl {
              (pixels ? " uint8 RGB pixels (the artifact normalises them)" : "");
     };
     if (!images.defined()) throw Error(ErrorCode::kInvalidShape, "images is an undefined tensor");
+    check_layout(images);
     if (images.dim() != 4) {
       throw Error(ErrorCode::kInvalidShape, "images must be 4-D " + expected() + ", got " + std::to_string(images.dim()) + "-D " + shape_string(images.sizes()));
     }
@@ -230,7 +239,18 @@ struct Runtime::Impl {
     }
   }
 
+  // Sparse, mkldnn or other non-strided tensors would pass the shape checks and then fail inside the
+  // copy into a batch (or the model), taking the other requests of that batch with them.
+  static void check_layout(const at::Tensor& images) {
+    if (images.layout() != at::kStrided) {
+      std::ostringstream layout;
+      layout << images.layout();
+      throw Error(ErrorCode::kInvalidType, "images must be a dense (strided) tensor, got layout " + layout.str() + "; call .to_dense() first");
+    }
+  }
+
   void check_logits(const at::Tensor& images, const at::Tensor& logits) const {
+    if (logits.defined() && logits.layout() != at::kStrided) throw Error(ErrorCode::kInvalidOutput, "logits must be a dense (strided) tensor");
     if (!logits.defined() || logits.dim() != 2 || logits.size(0) != images.size(0) || logits.size(1) != info.num_classes) {
       throw Error(ErrorCode::kInvalidOutput, "logits must be " + shape_string({images.size(0), info.num_classes}) + ", got " +
                                                  (logits.defined() ? shape_string(logits.sizes()) : std::string("an undefined tensor")));
@@ -320,7 +340,7 @@ struct Runtime::Impl {
       graph->output = slot.own_runner->run(graph->input, info.num_classes, stream);
       graph->graph.capture_end();
     } catch (const std::exception& error) {
-      throw Error(ErrorCode::kLoadFailed, "CUDA graph capture failed for batch " + std::to_string(batch) + ": " + error.what());
+      throw Error(ErrorCode::kLoadFailed, "CUDA graph capture failed for batch " + std::to_string(batch) + ": " + detail::error_text(error));
     }
     slot.graphs[batch] = std::move(graph);
   }
@@ -414,7 +434,7 @@ auto as_error(ErrorCode code, const char* doing, Step&& step) {
   } catch (const Error&) {
     throw;
   } catch (const std::exception& error) {
-    throw Error(code, std::string(doing) + ": " + error.what());
+    throw Error(code, std::string(doing) + ": " + detail::error_text(error));
   }
 }
 
@@ -436,6 +456,7 @@ void Runtime::run(const at::Tensor& images, at::Tensor& logits) {
 void Runtime::check_sample(const at::Tensor& image) const {
   // run()'s own rules on a batch of one: whatever input format the artifact takes.
   if (!image.defined()) throw Error(ErrorCode::kInvalidShape, "image is an undefined tensor");
+  Impl::check_layout(image);  // before unsqueeze, which mkldnn tensors do not support
   if (image.dim() != 3) {  // checked here, not after unsqueeze: a whole batch would read as "got 5-D"
     throw Error(ErrorCode::kInvalidShape, "expected one 3-D image, got " + std::to_string(image.dim()) + "-D " + shape_string(image.sizes()) +
                                               (image.dim() == 4 ? " (submit one image, not a batch)" : ""));

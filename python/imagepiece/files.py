@@ -32,14 +32,20 @@ def check_writable_dir(folder: Union[str, Path], create: bool = False) -> Path:
 def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
     """Call `write(staged_path)`, then rename the staged file to `path` in one step.
 
-    A reader never sees a partial file, and a crash (or a kill) while writing leaves the previous
-    `path`, if any, untouched. The staged file sits beside `path` (a rename must not cross file
+    A reader never sees a partial file, and a crash (or a kill, or a power loss: the file is synced
+    before the rename) while writing leaves the previous `path`, if any, untouched. The staged file sits beside `path` (a rename must not cross file
     systems) and keeps its suffix, for writers that choose the format by it (PIL, matplotlib).
     """
     path = Path(path)
     staged = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
         write(staged)
+        # On disk before the rename: after a power loss the rename must not point at a file still empty.
+        descriptor = os.open(staged, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(staged, path)
     finally:
         staged.unlink(missing_ok=True)

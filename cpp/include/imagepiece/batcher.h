@@ -23,8 +23,9 @@
 //    workers have exited. Later calls wait for the same; the destructor calls shutdown(true).
 //  * Thread safety: submit(), stats() and shutdown() may be called from any thread at once.
 //    Completion callbacks run on a worker thread (cancellations: on the thread calling shutdown), never
-//    under the Batcher's lock; they should be quick, must not throw (what they throw is dropped), and
-//    must not call shutdown() (kInvalidOption: it would wait for itself). Destroying the Batcher from a
+//    under the Batcher's lock; they should be quick, must not throw (what they throw is dropped), must
+//    not wait for another request's result (that request may need this very worker: a deadlock, not
+//    detected), and must not call shutdown() (kInvalidOption: it would wait for itself). Destroying the Batcher from a
 //    callback cancels what is queued and returns without waiting for that callback's worker.
 //  * fork(): a Batcher's workers do not exist in a forked child. There submit() throws kCancelled
 //    ("created before fork(): create it in the child"), and shutdown() and the destructor wait for nothing:

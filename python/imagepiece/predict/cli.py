@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                   "a static-batch artifact always uses its own)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="decode threads (default: min(4, cores)); 0 decodes in the model's thread")
-    parser.add_argument("--resume", action="store_true", help="keep the predictions already in --output, do only the rest")
+    parser.add_argument("--resume", action="store_true", help="keep the predictions already in --output, do only the rest "
+                                                             "(same artifact and --topk: the rows do not record the artifact)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse images with more pixels, before decoding them (default {DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--labels", type=Path, help="class names, one per line (default: timm's ImageNet names)")
@@ -76,10 +77,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if not args.ray and (args.address is not None or args.concurrency is not None):
         parser.error("--address and --concurrency apply only with --ray")
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device (cpu, cuda or cuda:N)")
+    if device is not None and device.type == "cpu" and device.index not in (None, 0):
+        parser.error(f"--device {args.device!r} does not exist: there is one CPU device, 'cpu'")
     return args
 
 
-def check_output(path: Path, ray: bool) -> None:
+def check_output(path: Path, ray: bool, input_spec: str) -> None:
+    if os.path.isfile(input_spec) and path.exists() and os.path.samefile(input_spec, path):
+        raise ValueError(f"output {str(path)!r} is the input: it would be overwritten; write the predictions to another file")
     if ray:
         if path.exists() and not path.is_dir():
             raise ValueError(f"output {str(path)!r} exists and is not a folder; with --ray the output is a folder of Parquet files")
@@ -91,7 +100,11 @@ def check_output(path: Path, ray: bool) -> None:
 
 
 def run_single_process(args, items, classifier, names) -> int:
-    output = ResumableOutput(args.output, args.resume)
+    output = ResumableOutput(args.output, args.resume, args.topk)
+    if output.previous and not output.matched([item.path for item in items]):
+        print(f"warning: none of the {len(output.previous)} rows already in {args.output} names an input path as this run "
+              f"spells it (e.g. {next(iter(output.previous))!r} and {items[0].path!r}): all are predicted again",
+              file=sys.stderr)
     todo = [item for item in items if not output.done(item.path)]
     stats = RunStats(skipped=len(items) - len(todo))
     try:
@@ -113,11 +126,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     prog = program_name(argv)
     try:
-        check_output(args.output, args.ray)
+        check_output(args.output, args.ray, args.input)
         metadata = read_metadata(args.artifact)
         check_compatible(metadata, torch.device(args.device or metadata["device_type"]))
-        names = class_names(int(metadata["num_classes"]), args.labels)
-        items = list_inputs(args.input, args.column)
+        num_classes = int(metadata["num_classes"])
+        if args.topk > num_classes:
+            raise ValueError(f"--topk {args.topk} is more than the artifact's {num_classes} classes")
+        names = class_names(num_classes, args.labels)
+        items = list_inputs(args.input, args.column, warn=lambda message: print(f"{prog}: warning: {message}", file=sys.stderr))
         if args.ray:
             from .ray_job import run_on_ray
 
@@ -129,6 +145,9 @@ def main(argv=None) -> int:
     except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while loading or listing: nothing predicted yet (a run in progress says more)
+        print(f"{prog}: interrupted before predicting anything", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

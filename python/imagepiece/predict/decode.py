@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from typing import BinaryIO, Union
 
@@ -38,6 +39,8 @@ class ImageError(Exception):
 
 
 def _check_readable(location: str) -> None:
+    if not location:
+        raise ImageError("empty path")
     try:
         status = os.stat(location)
     except FileNotFoundError:
@@ -46,8 +49,10 @@ def _check_readable(location: str) -> None:
         raise ImageError("file not found") from None
     except OSError as error:
         raise ImageError(f"cannot read file ({error.strerror})") from None
-    if os.path.isdir(location):
+    if stat.S_ISDIR(status.st_mode):
         raise ImageError("is a directory, not an image file")
+    if not stat.S_ISREG(status.st_mode):  # opening a FIFO would wait for a writer; a device may never end
+        raise ImageError("not a regular file (a FIFO, socket or device), not opened")
     if status.st_size == 0:
         raise ImageError("empty file (0 bytes)")
 

@@ -62,7 +62,7 @@ class ImagePreparer:
     def __call__(self, location: str) -> Prepared:
         began = time.thread_time()  # CPU time: a decode thread waiting for a core is not decoding
         try:
-            pixels, error = self.preprocess(decode_rgb(location, self.max_pixels)), ""
+            pixels, error = self.preprocess(decode_rgb(location, self.max_pixels), self.max_pixels), ""
         except ImageError as failure:
             pixels, error = None, str(failure)
         except Exception as failure:  # one strange file must not end a long run

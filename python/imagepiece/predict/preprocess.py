@@ -3,6 +3,11 @@
 `Preprocess` (per image, in decode workers): resize + crop exactly as the artifact's metadata says,
 using timm's own transform objects (built by `imagepiece.data.eval_transform`, the same call
 `evaluate.py` makes), and stops at uint8 HWC pixels: a [H, W, 3] array, the image the model sees.
+It refuses (ImageError) an image whose *resized* size would exceed the pixel limit (or the default
+limit, if that is higher: a low --max-pixels is about the files, and must not refuse a thumbnail that
+is scaled up): timm resizes the whole image before it crops, so a 1 x 20000 strip (a 138-byte PNG,
+far under the decode limit) would become 256 x 5,120,000 pixels, gigabytes. (Resizing only the crop's region would avoid it, but
+Pillow takes that region in float32 and then differs from timm's pixels by one here and there.)
 `normalise` (per batch, next to the model): uint8 [B, H, W, 3] -> float [B, 3, H, W] with the same
 torch ops as timm's `ToTensor` + `Normalize` (so the result equals timm's up to nothing at all), on
 the model's device: on CUDA only the uint8 batch crosses the bus. An artifact that takes uint8
@@ -16,8 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms.functional import _compute_resized_output_size
 
 from imagepiece.data import eval_transform
+
+from .decode import DEFAULT_MAX_PIXELS, ImageError
 
 _TENSOR_AND_NORMALISE = ("MaybeToTensor", "ToTensor", "Normalize")
 
@@ -33,9 +41,21 @@ class Preprocess:
                              "imagepiece.predict.preprocess must be updated")
         self.geometry = transforms.Compose(steps[:-2])
         self.size = tuple(input_shape[1:])
+        self.resizes = [step for step in steps[:-2] if isinstance(step, transforms.Resize)]
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        pixels = np.array(self.geometry(image))  # a writable copy (PIL exposes read-only memory)
+    def __call__(self, image: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        limit = max(max_pixels, DEFAULT_MAX_PIXELS)
+        for resize in self.resizes:  # timm's eval transform has one, first
+            size = list(resize.size) if isinstance(resize.size, (list, tuple)) else [resize.size]
+            height, width = _compute_resized_output_size((image.height, image.width), size, resize.max_size)
+            if height * width > limit:
+                raise ImageError(f"image is {image.width}x{image.height}: resizing it to {width}x{height} before the centre "
+                                 f"crop would make {width * height:,} pixels, over the limit of {limit:,} "
+                                 "(an extreme aspect ratio; --max-pixels raises the limit)")
+        try:
+            pixels = np.array(self.geometry(image))  # a writable copy (PIL exposes read-only memory)
+        except ValueError as error:  # e.g. timm's "border" mode shrinking a 5000x2 strip to 248x0
+            raise ImageError(f"cannot resize and crop a {image.width}x{image.height} image ({error})") from None
         if pixels.shape != (*self.size, 3):  # a transform that changed shape would corrupt a whole batch
             raise ValueError(f"preprocessing produced {pixels.shape}, expected {(*self.size, 3)}")
         return pixels

@@ -5,8 +5,13 @@ can join rows back to their table), and `location`, where to open it. Relative p
 table are relative to that file's folder (a list travels with its images), not to the working
 directory. A folder is walked recursively in sorted order and yields files with an image suffix
 (Pillow's registered ones), hidden files and folders skipped, so a README or .DS_Store beside the
-photos is not an error row; a list, a table or a glob names its files explicitly and every entry
-gets a row, whatever its suffix.
+photos is not an error row; a sub-folder that cannot be listed is reported through `warn`. A list,
+a table or a glob names its files explicitly and every entry gets a row, whatever its suffix. A
+glob's `**` does not follow symbolic links to folders (as a folder walk does not): a link back up
+the tree would list the same files again, or without end.
+
+A file name that is not valid UTF-8 (possible on Linux) is opened as it is, and its row's `path`
+spells the bad bytes as backslash escapes (\\xff): every output format holds only valid text.
 """
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 DEFAULT_COLUMN = "path"
@@ -37,16 +42,51 @@ class InputItem:
     location: str
 
 
-def _walk_folder(folder: str) -> List[InputItem]:
+def found_file(location: str) -> InputItem:
+    """An item for a file name found on disk (not read from a list)."""
+    # os functions hand back undecodable bytes as lone surrogates, which no UTF-8 writer accepts.
+    printable = location.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return InputItem(printable, location)
+
+
+def _walk_folder(folder: str, warn: Callable[[str], None]) -> List[InputItem]:
     suffixes = image_suffixes()
+    unlisted = []
     items = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=unlisted.append):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes:
-                path = os.path.join(root, name)
-                items.append(InputItem(path, path))
+                items.append(found_file(os.path.join(root, name)))
+    for error in unlisted:
+        if error.filename == folder:  # os.walk names the top folder as it was given
+            raise InputError(f"cannot list folder {folder!r} ({error.strerror})")
+        warn(f"cannot list folder {found_file(error.filename).path!r} ({error.strerror}): its images have no rows")
     return items
+
+
+def _glob(pattern: str) -> List[InputItem]:
+    if "**" not in pattern:
+        matches = glob.glob(pattern)
+    else:  # pathlib's "**" does not descend into symbolic links to folders; glob.glob's does, loops included
+        path = Path(pattern)
+        base = Path(path.anchor) if path.anchor else Path()
+        prefix = "./" if pattern.startswith("./") else ""  # Path drops it; keep the rows as the user spelled them
+        hidden = any(part.startswith(".") for part in path.parts)
+        matches = [prefix + str(match) for match in base.glob(str(path.relative_to(path.anchor)) if path.anchor else pattern)
+                   if hidden or not any(part.startswith(".") for part in match.relative_to(base).parts)]  # glob.glob skips them
+    return [found_file(p) for p in sorted(set(matches)) if not os.path.isdir(p)]
+
+
+def _single_image(source: Path) -> bool:
+    """A file Pillow recognises as an image (read from its header only)."""
+    try:
+        with Image.open(source):
+            return True
+    except Image.DecompressionBombError:  # an image, if a huge one: its row will say so
+        return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
 
 
 def _relative_to(listing: Path, entries: List[str]) -> List[InputItem]:
@@ -74,7 +114,7 @@ def _table_column(source: Path, column: Optional[str]) -> List[str]:
             names = pq.read_schema(source).names
             values = pq.read_table(source, columns=[_pick_column(names, column, source)]).column(0).to_pylist()
         else:
-            with open(source, newline="", encoding="utf-8") as handle:
+            with open(source, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
                 reader = csv.DictReader(handle)
                 name = _pick_column(list(reader.fieldnames or []), column, source)
                 values = [row[name] for row in reader]
@@ -82,22 +122,31 @@ def _table_column(source: Path, column: Optional[str]) -> List[str]:
         raise
     except Exception as error:  # pyarrow/csv raise many kinds for an unreadable table
         raise InputError(f"cannot read table {str(source)!r} ({type(error).__name__}: {error})") from None
-    return ["" if value is None else str(value) for value in values]
+    return ["" if value is None else str(value) for value in values]  # an empty path gets an error row
 
 
 def _text_list(source: Path) -> List[str]:
     try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read path list {str(source)!r} ({error})") from None
+        lines = source.read_text(encoding="utf-8-sig").split("\n")  # not splitlines(): U+2028 may be in a name
+    except UnicodeDecodeError as error:
+        raise InputError(f"{str(source)!r} is neither an image Pillow recognises nor a text file of paths "
+                         f"(not UTF-8: {error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise InputError(f"cannot read path list {str(source)!r} ({error.strerror})") from None
+    lines = [line.removesuffix("\r") for line in lines]
     return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def list_inputs(spec: str, column: Optional[str] = None) -> List[InputItem]:
-    """The inputs named by `spec`, in a stable order; InputError if none."""
+def _ignore(message: str) -> None:
+    pass
+
+
+def list_inputs(spec: str, column: Optional[str] = None, warn: Callable[[str], None] = _ignore) -> List[InputItem]:
+    """The inputs named by `spec`, in a stable order; InputError if none. `warn` hears of folders that
+    could not be listed."""
     source = Path(spec)
     if source.is_dir():
-        items = _walk_folder(spec)
+        items = _walk_folder(spec, warn)
         what = f"folder {spec!r} holds no image files (suffixes such as .jpg, .png, .webp)"
     elif source.is_file():
         suffix = source.suffix.lower()
@@ -105,13 +154,15 @@ def list_inputs(spec: str, column: Optional[str] = None) -> List[InputItem]:
             raise InputError(f"--column applies to a .csv or .parquet input, not {spec!r}")
         if suffix in TABLE_SUFFIXES:
             items = _relative_to(source, _table_column(source, column))
-        elif suffix in image_suffixes():
-            items = [InputItem(spec, spec)]
+        elif suffix in image_suffixes() or _single_image(source):  # also a photo saved without its suffix
+            items = [found_file(spec)]
         else:
             items = _relative_to(source, _text_list(source))
         what = f"{spec!r} lists no image paths"
+    elif source.exists():
+        raise InputError(f"input {spec!r} is neither a folder nor a regular file (a FIFO or a device?)")
     elif glob.has_magic(spec):
-        items = [InputItem(p, p) for p in sorted(glob.glob(spec, recursive=True)) if not os.path.isdir(p)]
+        items = _glob(spec)
         what = f"pattern {spec!r} matches no files"
     else:
         raise InputError(f"input {spec!r} does not exist (give a folder, a glob, an image, a text file of paths, or a .csv/.parquet table)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 from imagepiece.files import atomic_write
 
@@ -123,10 +123,12 @@ class Journal:
         if not self.path.exists():
             return []
         rows = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        # Lines split as bytes, decoded one by one: a crash can cut the last line inside a UTF-8 character, and
+        # str.splitlines() would also split inside a path holding U+2028 (JSON leaves it unescaped).
+        for line in self.path.read_bytes().split(b"\n"):
             try:
-                rows.append(_row_from_json(line))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                rows.append(_row_from_json(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                 break
         return rows
 
@@ -147,10 +149,19 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
 
+def _check_same_topk(rows: Iterable[Row], topk: Optional[int], path: Path) -> None:
+    # The rows do not say which artifact made them; their number of classes at least shows a different --topk,
+    # which would leave a file whose rows disagree.
+    found = {len(row.classes) for row in rows if row.ok}
+    if topk is not None and found and found != {topk}:
+        raise ValueError(f"cannot resume: {str(path)!r} holds top-{'/'.join(map(str, sorted(found)))} rows, this run asks for "
+                         f"--topk {topk}; resume with the same --topk and artifact, or write to a new output")
+
+
 class ResumableOutput:
     """The output of one run: what an earlier run already did (`--resume`), and the merge at the end."""
 
-    def __init__(self, path: Path, resume: bool) -> None:
+    def __init__(self, path: Path, resume: bool, topk: Optional[int] = None) -> None:
         self.path = Path(path)
         output_format(self.path)
         self.journal = Journal(self.path.with_name(f".{self.path.name}.partial.jsonl"))
@@ -164,6 +175,7 @@ class ResumableOutput:
             # Rewrite the journal so that it holds every earlier row: a second interruption loses nothing.
             for row in earlier + self.journal.read():
                 self.previous[row.path] = row
+            _check_same_topk(self.previous.values(), topk, self.path)
         self.journal.remove()
         if self.previous:
             self.journal.append(list(self.previous.values()))
@@ -172,6 +184,10 @@ class ResumableOutput:
     def done(self, path: str) -> bool:
         row = self.previous.get(path)
         return row is not None and row.ok
+
+    def matched(self, input_paths: List[str]) -> int:
+        """How many earlier rows name one of `input_paths` (none, for a non-empty output: spelled differently?)."""
+        return len(set(input_paths) & self.previous.keys())
 
     def add(self, rows: List[Row]) -> None:
         self.journal.append(rows)

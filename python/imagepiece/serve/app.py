@@ -2,15 +2,17 @@
 
     POST /v1/classify[?topk=K]   an image file: multipart/form-data (field `file`) or the raw request body
                                  -> 200 {"model", "predictions": [{"index", "label", "probability"}, ...]}
-    GET  /healthz                -> 200 {"status": "ok", "model", "queue_depth", "in_flight"}
+    GET  /healthz                -> 200 {"status": "ok", "model", "decoding", "queue_depth", "in_flight"}
     GET  /metrics                -> Prometheus text format (metrics.py)
 
 Every failure is JSON {"error": {"code", "message"}} with a 4xx/5xx status: 400 empty upload, missing
-file field, malformed form or bad topk; 413 over the upload limit (checked against Content-Length
+file field, malformed form or bad topk; 404/405 unknown route or method; 408 (connection closed) when
+the upload stalls for `read_timeout_s`; 413 over the upload limit (checked against Content-Length
 before reading, and while reading); 422 not a usable image (predict's decode rules: not an image,
-corrupt, 16-bit, over the pixel limit); 503 (Retry-After) when the batcher's queue is full or it is
-shutting down; 500 if the model fails (or anything unexpected: logged with its traceback). The event loop only moves bytes: decoding and preprocessing
-run in a thread pool, and the model's result arrives through the batcher's future.
+corrupt, 16-bit, over the pixel limit); 503 (Retry-After) when `queue_capacity` requests already wait
+to be decoded, when the batcher's queue is full, or when it is shutting down; 500 if the model fails
+(or anything unexpected: logged with its traceback). The event loop only moves bytes: decoding and
+preprocessing run in a thread pool, and the model's result arrives through the batcher's future.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Dict, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
@@ -37,6 +40,7 @@ FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers around the fi
 RETRY_AFTER_SECONDS = "1"
 # What an ip_runtime.Error from the batcher means for the client.
 RUNTIME_STATUS = {"overloaded": 503, "cancelled": 503}
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 log = logging.getLogger(__name__)
 
 
@@ -55,23 +59,37 @@ def _too_large(limit: int) -> RequestError:
     return RequestError(413, "too_large", f"upload is larger than the limit of {limit:,} bytes ({limit / MiB:g} MiB)")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed `limit`."""
+def _is_decimal(text: str) -> bool:
+    return text.isascii() and text.isdecimal()  # str.isdigit() also takes "²", which int() refuses
+
+
+async def read_body(request: Request, limit: int, max_upload_bytes: int, read_timeout_s: float) -> bytes:
+    """The request body, refused (413, naming the user's `max_upload_bytes`) as soon as it is known to
+    exceed `limit`, and (408) when no data arrives for `read_timeout_s`: a stalled client must not hold
+    its connection, and a graceful shutdown, forever."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+    if declared is not None and _is_decimal(declared) and int(declared) > limit:
+        raise _too_large(max_upload_bytes)
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), read_timeout_s)
+        except StopAsyncIteration:
+            return bytes(body)
+        except asyncio.TimeoutError:
+            raise RequestError(408, "request_timeout", f"no upload data arrived for {read_timeout_s:g} s",
+                               {"Connection": "close"}) from None
         body += chunk
         if len(body) > limit:
-            raise _too_large(limit)
-    return bytes(body)
+            raise _too_large(max_upload_bytes)
 
 
-async def read_image_bytes(request: Request, max_upload_bytes: int) -> bytes:
+async def read_image_bytes(request: Request, max_upload_bytes: int, read_timeout_s: float) -> bytes:
     """The uploaded file's bytes: the `file` field of a multipart form (or its only file), else the raw body."""
-    multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
-    body = await read_body(request, max_upload_bytes + (FORM_OVERHEAD if multipart else 0))
+    multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+    limit = max_upload_bytes + (FORM_OVERHEAD if multipart else 0)
+    body = await read_body(request, limit, max_upload_bytes, read_timeout_s)
     if multipart:
         body = await _file_from_form(request, body)
     if not body:
@@ -85,16 +103,18 @@ async def _file_from_form(request: Request, body: bytes) -> bytes:
     async def stream():
         yield body
 
+    how = "send the image as the multipart file field 'file' (curl -F file=@photo.jpg) or as the raw request body"
     try:
         form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=8).parse()
     except MultiPartException as error:
-        raise RequestError(400, "bad_form", f"malformed multipart form: {error.message}") from None
+        raise RequestError(400, "bad_form", f"malformed multipart form: {error.message} ({how}; one file per request)") from None
     try:
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         chosen = form.get("file") if isinstance(form.get("file"), UploadFile) else (files[0] if len(files) == 1 else None)
         if chosen is None:
-            raise RequestError(400, "no_file", "the form has no file: send the image as the multipart field 'file' "
-                                               "(curl -F file=@photo.jpg) or as the raw request body")
+            if isinstance(form.get("file"), str):  # curl -F 'file=<photo.jpg' sends the bytes as a text field
+                raise RequestError(400, "no_file", f"the form field 'file' holds text, not a file upload: {how}")
+            raise RequestError(400, "no_file", f"the form has no file: {how}")
         return await chosen.read()
     finally:
         await form.close()
@@ -104,15 +124,36 @@ def topk_parameter(request: Request, default: int, limit: int) -> int:
     value = request.query_params.get("topk")
     if value is None:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= limit:
+    if not _is_decimal(value) or not 1 <= int(value) <= limit:
         raise RequestError(400, "bad_topk", f"topk must be an integer in [1, {limit}], got {value!r}")
     return int(value)
+
+
+class DecodeAdmission:
+    """Bounds the requests waiting for (or in) the decode threads, as the batcher bounds its queue: without it,
+    uploads that are slow to decode pile up in the thread pool's unbounded queue, unseen, and are never refused.
+    Used on the event loop only (no lock needed)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.count = capacity, 0
+
+    def __enter__(self) -> "DecodeAdmission":
+        if self.count >= self.capacity:
+            raise RequestError(503, "overloaded", f"{self.count} uploads are already waiting to be decoded "
+                                                  f"(--queue-capacity {self.capacity}); retry later",
+                               {"Retry-After": RETRY_AFTER_SECONDS})
+        self.count += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.count -= 1
 
 
 def create_app(config: ServeConfig, service: Optional[ClassificationService] = None) -> FastAPI:
     """The app over `service` (made from `config` when not given); closing the app drains the batcher."""
     service = service or ClassificationService(config)
-    metrics = ServerMetrics(service.batcher)
+    admission = DecodeAdmission(config.queue_capacity)
+    metrics = ServerMetrics(service.batcher, admission)
     decoders = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="imagepiece-decode")
 
     @asynccontextmanager
@@ -122,20 +163,29 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
         await asyncio.get_running_loop().run_in_executor(None, service.close)
         decoders.shutdown(wait=True)
 
-    app = FastAPI(title="ImagePiece classifier", summary=f"{service.model_name} through ip_runtime", lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: an inference endpoint, not a web page (Swagger's page loads scripts from a CDN).
+    app = FastAPI(title="ImagePiece classifier", summary=f"{service.model_name} through ip_runtime", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.metrics = service, metrics
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, failure: HTTPException) -> Response:
+        # Unknown routes and methods answer in the same JSON shape as the API's own errors.
+        code = HTTP_ERROR_CODES.get(failure.status_code, f"http_{failure.status_code}")
+        return RequestError(failure.status_code, code, str(failure.detail), dict(failure.headers or {})).response()
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> Response:
         began = time.perf_counter()
         try:
             topk = topk_parameter(request, config.topk, service.num_classes)
-            data = await read_image_bytes(request, config.max_upload_bytes)
+            data = await read_image_bytes(request, config.max_upload_bytes, config.read_timeout_s)
             loop = asyncio.get_running_loop()
-            try:
-                image = await loop.run_in_executor(decoders, service.prepare, data)
-            except ImageError as error:
-                raise RequestError(422, "invalid_image", f"cannot classify the upload: {error}") from None
+            with admission:
+                try:
+                    image = await loop.run_in_executor(decoders, service.prepare, data)
+                except ImageError as error:
+                    raise RequestError(422, "invalid_image", f"cannot classify the upload: {error}") from None
             try:
                 logits = await asyncio.wrap_future(service.submit(image))
             except ip_runtime.Error as error:
@@ -156,11 +206,11 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
         metrics.observe(error.status, time.perf_counter() - began, error.code)
         return error.response()
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
         stats = service.batcher.stats
-        return JSONResponse({"status": "ok", "model": service.model_name, "queue_depth": stats["queue_depth"],
-                             "in_flight": stats["in_flight"]})
+        return JSONResponse({"status": "ok", "model": service.model_name, "decoding": admission.count,
+                             "queue_depth": stats["queue_depth"], "in_flight": stats["in_flight"]})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -9,14 +9,17 @@ examples:
 One process, one model: concurrent requests are grouped into batches by ip_runtime.Batcher (up to
 --max-batch images per run; a request waits at most --max-delay-ms for others to join it). Compile a
 dynamic-batch artifact for it (scripts/aot_compile.py --max-batch 32); a static-batch artifact runs
-its own batch, padded. A full queue answers 503 with Retry-After. Listens on 127.0.0.1 unless --host
+its own batch, padded. A full queue (of uploads to decode, or of images to batch) answers 503 with
+Retry-After. Listens on 127.0.0.1 unless --host
 says otherwise (there is no authentication: put a proxy in front before exposing it).
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -50,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     batching.add_argument("--max-delay-ms", type=float, default=defaults.max_delay_ms,
                           help=f"how long a request may wait for others to join its batch (default {defaults.max_delay_ms:g})")
     batching.add_argument("--queue-capacity", type=int, default=defaults.queue_capacity,
-                          help=f"requests that may wait; beyond, 503 (default {defaults.queue_capacity})")
+                          help=f"requests that may wait to be decoded, and again for a batch; beyond, 503 (default {defaults.queue_capacity})")
     batching.add_argument("--preferred-batch", type=int, nargs="+", default=[], help="batch sizes to run as soon as they are queued")
     limits = parser.add_argument_group("uploads")
     limits.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / MiB,
@@ -59,16 +62,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"refuse images with more pixels, before decoding them (default {defaults.max_pixels:,})")
     limits.add_argument("--decode-threads", type=int, default=defaults.decode_threads,
                         help=f"threads decoding and resizing uploads (default {defaults.decode_threads})")
+    limits.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s,
+                        help=f"seconds an upload may send nothing before it gets 408 (default {defaults.read_timeout_s:g})")
+    connections = parser.add_argument_group("connections")
+    connections.add_argument("--max-connections", type=int, default=1000,
+                             help="open connections beyond which new ones get 503 (default 1000)")
+    connections.add_argument("--shutdown-timeout", type=float, default=10.0,
+                             help="on SIGINT/SIGTERM, seconds to let open requests finish before closing them (default 10); "
+                                  "queued images are answered either way")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
     args = parser.parse_args(argv)
-    for name in ("topk", "max_pixels", "decode_threads"):
+    for name in ("topk", "max_pixels", "decode_threads", "max_connections"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):  # inf would overflow int() below
         parser.error(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
+    if int(args.max_upload_mb * MiB) < 1:
+        parser.error(f"--max-upload-mb {args.max_upload_mb:g} is less than one byte")
+    for name in ("read_timeout", "shutdown_timeout"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0, got {getattr(args, name)}")
     if not args.artifact.is_file():
         parser.error(f"--artifact {str(args.artifact)!r} is not a file")
     return args
@@ -77,20 +93,51 @@ def parse_args(argv=None) -> argparse.Namespace:
 def config_from(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(artifact=args.artifact, device=args.device, topk=args.topk, labels=args.labels, max_batch=args.max_batch,
                        max_delay_ms=args.max_delay_ms, queue_capacity=args.queue_capacity, preferred_batches=args.preferred_batch,
-                       max_upload_bytes=int(args.max_upload_mb * MiB), max_pixels=args.max_pixels, decode_threads=args.decode_threads)
+                       max_upload_bytes=int(args.max_upload_mb * MiB), max_pixels=args.max_pixels, decode_threads=args.decode_threads,
+                       read_timeout_s=args.read_timeout)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use fails at once, in one line, and
+    --port 0 serves on a free port that the start-up line names."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        service = ClassificationService(config_from(args))
-    except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
-        print(f"imagepiece-serve: error: {error}", file=sys.stderr)
+        listener = listening_socket(args.host, args.port)
+    except OSError as error:
+        print(f"imagepiece-serve: error: cannot listen on {args.host}:{args.port} ({error.strerror or error})", file=sys.stderr)
         return 2
-    print(f"serving {service.model_name} from {args.artifact} on http://{args.host}:{args.port} "
-          f"(batcher: {service.batcher.options}; pid {os.getpid()})", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(service.config, service), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=not args.no_access_log)
+    with listener:
+        try:
+            service = ClassificationService(config_from(args))
+        except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
+            print(f"imagepiece-serve: error: {error}", file=sys.stderr)
+            return 2
+        if not is_loopback(args.host):
+            print(f"imagepiece-serve: warning: listening on {args.host}, reachable from other machines, with no authentication "
+                  "or TLS: put a proxy in front of it", file=sys.stderr)
+        host, port = listener.getsockname()[:2]
+        print(f"serving {service.model_name} from {args.artifact} on http://{f'[{host}]' if ':' in host else host}:{port} "
+              f"(batcher: {service.batcher.options}; pid {os.getpid()})", file=sys.stderr, flush=True)
+        config = uvicorn.Config(create_app(service.config, service), log_level=args.log_level, access_log=not args.no_access_log,
+                                limit_concurrency=args.max_connections, timeout_graceful_shutdown=args.shutdown_timeout)
+        try:
+            uvicorn.Server(config).run(sockets=[listener])
+        except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has shut down (as uvicorn.run ignores it)
+            pass
     return 0
 
 

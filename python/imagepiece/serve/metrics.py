@@ -1,6 +1,7 @@
 """The server's Prometheus metrics (GET /metrics, text format 0.0.4).
 
-HTTP side, counted by the app: requests by status, end-to-end latency, errors by code.
+HTTP side, counted by the app: requests by status, end-to-end latency, errors by code, uploads waiting
+for (or in) decoding.
 Batcher side, read from `ip_runtime.Batcher.stats` at scrape time (the C++ batcher keeps the counts,
 so nothing is added to the request path): queue depth, requests in flight, batches, batch sizes,
 queue wait and run time histograms, rejections by code.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional, Tuple
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -50,10 +51,10 @@ class BatcherCollector:
         yield GaugeMetricFamily(f"{name}_queue_depth", "Requests waiting for a batch", value=stats["queue_depth"])
         yield GaugeMetricFamily(f"{name}_in_flight", "Requests in a batch being run", value=stats["in_flight"])
         yield CounterMetricFamily(f"{name}_batches", "Batches run", value=stats["batches"])
-        outcomes = CounterMetricFamily(f"{name}_requests", "Requests the batcher accepted, by outcome", labels=["outcome"])
+        # Finished requests only: a counter never goes down, and the ones still pending are the two gauges above.
+        outcomes = CounterMetricFamily(f"{name}_requests", "Requests the batcher finished, by outcome", labels=["outcome"])
         for outcome in ("completed", "failed", "cancelled"):
             outcomes.add_metric([outcome], stats[outcome])
-        outcomes.add_metric(["pending"], stats["requests"] - stats["completed"] - stats["failed"] - stats["cancelled"])
         yield outcomes
         rejected = CounterMetricFamily(f"{name}_rejected", "Requests the batcher refused at submit, by error code", labels=["code"])
         for code, count in sorted(stats["rejected"].items()):
@@ -74,7 +75,7 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, batcher) -> None:
+    def __init__(self, batcher, admission) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(f"{PREFIX}_http_requests", "Classification requests answered, by HTTP status", ["status"],
                                 registry=self.registry)
@@ -83,6 +84,8 @@ class ServerMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.errors = Counter(f"{PREFIX}_http_errors", "Classification requests that failed, by error code", ["code"],
                               registry=self.registry)
+        decoding = Gauge(f"{PREFIX}_http_decoding", "Uploads waiting for or in the decode threads", registry=self.registry)
+        decoding.set_function(lambda: admission.count)
         self.registry.register(BatcherCollector(batcher))
 
     def observe(self, status: int, seconds: float, error_code: Optional[str] = None) -> None:

@@ -42,6 +42,7 @@ class ServeConfig:
     max_upload_bytes: int = 20 * MiB
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_threads: int = 2
+    read_timeout_s: float = 30.0  # an upload that sends nothing for this long gets 408 and its connection closed
     warmup: bool = True
 
 
@@ -68,7 +69,7 @@ class ClassificationService:
 
     def prepare(self, data: bytes) -> torch.Tensor:
         """An image file's bytes -> the artifact's input row; ImageError for a file that is not a usable image."""
-        pixels = self.preprocess(decode_rgb_bytes(data, self.config.max_pixels))
+        pixels = self.preprocess(decode_rgb_bytes(data, self.config.max_pixels), self.config.max_pixels)
         return self.model_input(pixels)
 
     def model_input(self, pixels: np.ndarray) -> torch.Tensor:
