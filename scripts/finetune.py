@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, help="run folder: last.pth, best.pth, log.jsonl")
     parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
     parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS))
-    parser.add_argument("--lcb", choices=LCB_CHOICES, default="residual")
+    parser.add_argument("--lcb", choices=LCB_CHOICES, default="residual",
+                        help="Local Coherence Bias to train (default residual; pass the same --lcb to aot_compile, evaluate, visualize)")
     parser.add_argument("--checkpoint", type=Path, help="initial weights, e.g. a DeiT .pth (default: random init)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="finetune")
     for name, kind in (("epochs", int), ("lr", float), ("min-lr", float), ("weight-decay", float), ("warmup-epochs", int),
@@ -112,6 +113,9 @@ def main(argv=None) -> int:
     extra = lambda: {"best_accuracy": best_accuracy, "arch": args.arch, "preset": args.preset, "lcb": lcb, "num_classes": classes}
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.batch_size, num_workers=args.workers)
     log = args.output / "log.jsonl"
+    if args.max_steps and trainer.global_step >= args.max_steps:  # the same command again: nothing left to do
+        print(f"already at step {trainer.global_step} (--max-steps {args.max_steps}): nothing to train")
+        return 0
     print(f"training {args.arch} {args.preset} (lcb {lcb}) on {len(train_set)} images, {classes} classes: {recipe}")
 
     while trainer.epoch < recipe.epochs:
@@ -138,7 +142,8 @@ def main(argv=None) -> int:
             best_accuracy = top1
             save_checkpoint(best, {"model": model.state_dict(), **extra(), "epoch": trainer.epoch})
         save_checkpoint(last, trainer.state(extra()))
-        log_line(log, {"epoch": trainer.epoch, "step": trainer.global_step, "train_loss": sum(losses) / max(len(losses), 1),
+        # The mean of the steps this run took in the epoch (None: resumed at its very end, the losses went with the last run).
+        log_line(log, {"epoch": trainer.epoch, "step": trainer.global_step, "train_loss": sum(losses) / len(losses) if losses else None,
                        "val_top1": top1, "best_top1": best_accuracy})
     print(f"done: best val top-1 {best_accuracy:.2f}% -> {best}")
     return 0

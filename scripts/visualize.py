@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS), help="model setting (default: imagepiece)")
     parser.add_argument("--checkpoint", type=Path, help="weights (default: random, which makes arbitrary pieces)")
     parser.add_argument("--lcb", choices=LCB_CHOICES, default="none")
+    parser.add_argument("--num-classes", type=int, default=1000, help="head size of --checkpoint (a fine-tune: its class folders)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 3, 6, 11], help="blocks to draw (after the block)")
     parser.add_argument("--out", type=Path, required=True, help="output PNG")
     return parser.parse_args(argv)
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_writable_dir(args.out.parent)
-        model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb),
+        model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes,
                              allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
         depth = len(model.blocks)
         bad = [b for b in args.blocks if not 0 <= b < depth]

@@ -18,9 +18,10 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(name: str, *args) -> subprocess.CompletedProcess:
-    """`python scripts/<name>.py args...` in a new process."""
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)], capture_output=True, text=True)
+def run_script(name: str, *args, cwd=None) -> subprocess.CompletedProcess:
+    """`python scripts/<name>.py args...` in a new process (in folder `cwd`, if given)."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
 
 
 @functools.lru_cache(maxsize=None)

@@ -58,13 +58,33 @@ def test_resumed_training_continues_exactly_where_it_stopped(dataset, finetuned,
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_rerunning_a_finished_max_steps_run_trains_nothing(dataset, finetuned, tmp_path, capsys):
+    run, _ = finetuned  # stopped at --max-steps 8
+    before = torch.load(run / "last.pth")["global_step"]
+    again = call_script("finetune", capsys, "--data", dataset, "--output", run, "--max-steps", "8", *TRAIN)
+    assert again.returncode == 0 and "nothing to train" in again.stdout, again.stdout + again.stderr
+    assert torch.load(run / "last.pth")["global_step"] == before == 8
+
+
 @pytest.fixture(scope="module")
 def artifact(finetuned, tmp_path_factory):
-    out = tmp_path_factory.mktemp("artifact") / "ti_4class.so"
+    folder = tmp_path_factory.mktemp("artifact")
+    # A relative --out, as the README writes it (Inductor compiles in its own folder: a relative path once broke there).
     result = run_script("aot_compile", "--arch", ARCH, "--method", "imagepiece", "--lcb", "residual", "--num-classes", "4",
-                        "--checkpoint", finetuned[1], "--device", "cpu", "--batch", "4", "--out", out)
+                        "--checkpoint", finetuned[1], "--device", "cpu", "--batch", "4", "--out", "ti_4class.so",
+                        cwd=folder)
     assert result.returncode == 0, result.stderr
-    return out
+    assert [path.name for path in folder.iterdir()] == ["ti_4class.so"], "no temporary folder left beside it"
+    return folder / "ti_4class.so"
+
+
+def test_predict_with_a_fine_tuned_head_warns_that_its_labels_are_empty(dataset, artifact, tmp_path, capsys):
+    from imagepiece.predict.cli import main as predict
+
+    image = next(path for path in sorted((dataset / "val").rglob("*")) if path.is_file())
+    assert predict(["--artifact", str(artifact), "--input", str(image), "--output", str(tmp_path / "p.csv"), "--topk", "2",
+                    "--no-progress"]) == 0
+    assert "the artifact's 4 classes are no ImageNet head timm names and no --labels" in capsys.readouterr().err
 
 
 def test_evaluate_gives_the_same_numbers_eager_and_through_the_runtime(dataset, finetuned, artifact, tmp_path):
@@ -160,6 +180,14 @@ def test_visualize_a_synthetic_scene(tmp_path):
     with Image.open(tmp_path / "pieces.png") as picture:
         assert picture.size == (panel_origin(3, 224)[0], panel_origin(0, 224)[1] + 224 + 8)  # input + 2 panels
     assert [line.split(":")[0] for line in result.stdout.splitlines()[:2]] == ["block 0", "block 6"]
+
+
+def test_visualize_a_fine_tuned_checkpoint_of_other_classes(finetuned, tmp_path, capsys):
+    # best.pth of a 4-class fine-tune: its head fits only with --num-classes 4 (and its LCB with --lcb residual).
+    result = call_script("visualize", capsys, "--synthetic", "--arch", ARCH, "--checkpoint", finetuned[1], "--lcb", "residual",
+                         "--num-classes", "4", "--blocks", "0", "--out", tmp_path / "pieces.png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "pieces.png").is_file()
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,22 @@ def test_non_dense_images_are_refused_with_a_code(dynamic, pool, layout):
     with pytest.raises(ip_runtime.Error, match="must be a dense") as refused:
         dynamic.run(image.unsqueeze(0) if layout == "sparse" else images[:1].to_mkldnn())
     assert refused.value.code == "invalid_type"
+    with pytest.raises(ip_runtime.Error, match="logits must be a dense") as refused:
+        dynamic.run(images[:1], torch.zeros(1, 1000).to_sparse() if layout == "sparse" else torch.zeros(1, 1000).to_mkldnn())
+    assert refused.value.code == "invalid_output"
+
+
+def test_nested_tensors_are_refused_and_odd_size_one_strides_run(dynamic, pool):
+    images, alone = pool
+    nested = torch.nested.nested_tensor([images[0], images[1]])
+    with pytest.raises(ip_runtime.Error, match="nested tensor") as refused:
+        dynamic.run(nested)
+    assert refused.value.code == "invalid_type"
+    # ATen calls these contiguous (a size-1 dimension's stride never matters) and .contiguous() returns them as they
+    # are; AOTInductor compared the strides exactly and failed.
+    odd = images[0].clone().as_strided((1, *images.shape[1:]), (0, *images[0].stride()))
+    assert odd.is_contiguous() and odd.contiguous().stride(0) == 0
+    torch.testing.assert_close(dynamic.run(odd)[0], alone[0], rtol=0, atol=1e-5)
 
 
 def test_a_submitted_request_cannot_be_cancelled_and_still_completes(dynamic, pool):

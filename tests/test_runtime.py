@@ -164,7 +164,7 @@ def read_only_array():
     "logits, message",
     [
         (lambda tmp: torch.zeros(2, 10), r"logits must be \[2, 1000\], got \[2, 10\]"),
-        (lambda tmp: torch.zeros(2, 1000, dtype=torch.int32), "logits must be Float"),
+        (lambda tmp: torch.zeros(2, 1000, dtype=torch.int32), "logits must be Float, got Int$"),
         (lambda tmp: torch.zeros(1000, 2).t(), "contiguous"),
         (lambda tmp: torch.zeros(2, 1000, requires_grad=True), "must not require grad"),
         (lambda tmp: read_only_array(), "writable"),
@@ -380,3 +380,17 @@ def test_cpp_example_reports_errors_with_their_code(classify_app, compiled, tmp_
     result = subprocess.run([str(classify_app), str(compiled.path("ti_imagepiece")), "--input", str(tmp_path / "short.f32")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "not a whole number" in result.stderr
+    for flag, value in (("--repeats", "0"), ("--batch", "abc")):
+        result = subprocess.run([str(classify_app), str(compiled.path("ti_imagepiece")), flag, value], capture_output=True, text=True)
+        assert result.returncode == 2 and f"{flag} needs a whole number >= 1, got '{value}'" in result.stderr
+
+
+def test_cpp_example_feeds_a_uint8_artifact_pixels(classify_app, compiled, tmp_path):
+    pixels = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    pixels.numpy().tofile(tmp_path / "pixels.u8")
+    path = compiled.path("ti_imagepiece_uint8")
+    result = subprocess.run([str(classify_app), str(path), "--input", str(tmp_path / "pixels.u8"), "--repeats", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    printed = [[int(c) for c in re.findall(r" (\d+) \(", line)] for line in result.stdout.splitlines() if line.startswith("image ")]
+    assert printed == ip_runtime.Runtime(str(path)).run(pixels).topk(5).indices.tolist()

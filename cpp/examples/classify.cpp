@@ -2,9 +2,10 @@
 //
 //   classify ARTIFACT [--input images.f32] [--batch N] [--device cpu|cuda] [--repeats N] [--cuda-graphs]
 //
-// --input is raw float32 NCHW data, already preprocessed (B is the file size over 3*224*224*4);
-// without it the batch is synthetic (seeded normal noise), so the app runs with nothing but the
-// artifact. Exit status 1 on any imagepiece::Error, with its code and message on stderr.
+// --input is raw float32 NCHW data, already preprocessed (B is the file size over 3*224*224*4), or for
+// an artifact compiled with --input-format uint8, raw uint8 NHWC RGB pixels (B = size over 224*224*3);
+// without it the batch is synthetic (seeded noise), so the app runs with nothing but the artifact.
+// Exit status 1 on any imagepiece::Error, with its code and message on stderr; 2 on bad arguments.
 #include <imagepiece/runtime.h>
 
 #include <ATen/ATen.h>
@@ -26,6 +27,18 @@ struct Arguments {
   bool cuda_graphs = false;
 };
 
+int64_t positive_number(const std::string& flag, const std::string& text) {
+  size_t used = 0;
+  int64_t number = 0;
+  try {
+    number = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || number < 1) throw std::invalid_argument(flag + " needs a whole number >= 1, got '" + text + "'");
+  return number;
+}
+
 Arguments parse(int argc, char** argv) {
   Arguments args;
   for (int i = 1; i < argc; ++i) {
@@ -35,9 +48,9 @@ Arguments parse(int argc, char** argv) {
       return argv[++i];
     };
     if (flag == "--input") args.input = value();
-    else if (flag == "--batch") args.batch = std::stoll(value());
+    else if (flag == "--batch") args.batch = positive_number(flag, value());
     else if (flag == "--device") args.device = value();
-    else if (flag == "--repeats") args.repeats = std::stoi(value());
+    else if (flag == "--repeats") args.repeats = static_cast<int>(std::min<int64_t>(positive_number(flag, value()), 1'000'000));
     else if (flag == "--cuda-graphs") args.cuda_graphs = true;
     else if (flag.rfind("--", 0) == 0) throw std::invalid_argument("unknown option " + flag);
     else args.artifact = flag;
@@ -47,21 +60,25 @@ Arguments parse(int argc, char** argv) {
 }
 
 at::Tensor load_images(const Arguments& args, const imagepiece::ModelInfo& info) {
-  const int64_t per_image = info.input_shape[0] * info.input_shape[1] * info.input_shape[2];
+  const int64_t channels = info.input_shape[0], height = info.input_shape[1], width = info.input_shape[2];
+  const bool pixels = info.input_format == "uint8_nhwc";  // the artifact normalises uint8 [B, H, W, 3] itself
+  auto shape = [&](int64_t batch) { return pixels ? std::vector<int64_t>{batch, height, width, channels} : std::vector<int64_t>{batch, channels, height, width}; };
   if (args.input.empty()) {
     const int64_t batch = args.batch ? args.batch : info.batch_min;
     at::manual_seed(0);
-    return at::randn({batch, info.input_shape[0], info.input_shape[1], info.input_shape[2]});
+    return pixels ? at::randint(0, 256, shape(batch), at::kByte) : at::randn(shape(batch));
   }
+  const int64_t per_image = channels * height * width * (pixels ? 1 : 4);
   std::ifstream file(args.input, std::ios::binary | std::ios::ate);
   if (!file) throw std::invalid_argument("cannot open input file " + args.input);
   const auto bytes = static_cast<int64_t>(file.tellg());
-  if (bytes == 0 || bytes % (per_image * 4) != 0) {
-    throw std::invalid_argument(args.input + " holds " + std::to_string(bytes) + " bytes, not a whole number of float32 [3, 224, 224] images");
+  if (bytes == 0 || bytes % per_image != 0) {
+    throw std::invalid_argument(args.input + " holds " + std::to_string(bytes) + " bytes, not a whole number of " +
+                                (pixels ? "uint8 [H, W, 3] images" : "float32 [3, H, W] images") + " of " + std::to_string(per_image) + " bytes");
   }
-  auto images = at::empty({bytes / (per_image * 4), info.input_shape[0], info.input_shape[1], info.input_shape[2]});
+  auto images = at::empty(shape(bytes / per_image), pixels ? at::kByte : at::kFloat);
   file.seekg(0);
-  file.read(reinterpret_cast<char*>(images.data_ptr<float>()), bytes);
+  file.read(static_cast<char*>(images.data_ptr()), bytes);
   return images;
 }
 
@@ -79,7 +96,7 @@ int main(int argc, char** argv) {
               << info.batch_min << ".." << info.batch_max << ")\n";
 
     at::Tensor images = load_images(args, info);
-    if (info.dtype == "fp16") images = images.to(at::kHalf);
+    if (info.dtype == "fp16") images = images.to(at::kHalf);  // (a uint8 artifact's dtype is "uint8": left as it is)
     if (info.dtype == "bf16") images = images.to(at::kBFloat16);
     at::Tensor logits = runtime.run(images).to(at::kCPU, at::kFloat);
     auto top = logits.topk(5, /*dim=*/1);

@@ -319,9 +319,10 @@ Batcher::~Batcher() {
   if (!state_) return;  // moved from
   if (state_->on_worker_thread()) {
     // Destroyed from a completion callback: waiting for queued work would wait for this very thread.
-    auto cancelled = state_->stop(/*drain=*/false);
-    state_->cancel(cancelled);
-    state_->join_workers_except_this_thread();
+    const std::shared_ptr<State> state = state_;
+    auto cancelled = state->stop(/*drain=*/false);
+    state->cancel(cancelled);
+    state->join_workers_except_this_thread();
     return;
   }
   shutdown(true);
@@ -398,9 +399,12 @@ void Batcher::shutdown(bool drain) {
   if (state_->on_worker_thread()) {
     throw Error(ErrorCode::kInvalidOption, "shutdown() cannot be called from a completion callback: it would wait for its own thread");
   }
-  auto cancelled = state_->stop(drain);
-  state_->cancel(cancelled);
-  state_->join_workers_except_this_thread();
+  // A cancellation callback runs on this thread and may destroy this Batcher: from here on only the
+  // shared State is used, never `this`.
+  const std::shared_ptr<State> state = state_;
+  auto cancelled = state->stop(drain);
+  state->cancel(cancelled);
+  state->join_workers_except_this_thread();
 }
 
 BatcherStats Batcher::stats() const {

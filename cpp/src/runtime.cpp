@@ -242,6 +242,7 @@ struct Runtime::Impl {
   // Sparse, mkldnn or other non-strided tensors would pass the shape checks and then fail inside the
   // copy into a batch (or the model), taking the other requests of that batch with them.
   static void check_layout(const at::Tensor& images) {
+    if (images.is_nested()) throw Error(ErrorCode::kInvalidType, "images must be a dense (strided) tensor, got a nested tensor");
     if (images.layout() != at::kStrided) {
       std::ostringstream layout;
       layout << images.layout();
@@ -256,10 +257,11 @@ struct Runtime::Impl {
                                                  (logits.defined() ? shape_string(logits.sizes()) : std::string("an undefined tensor")));
     }
     if (logits.scalar_type() != logits_dtype && logits.scalar_type() != at::kFloat) {
-      throw Error(ErrorCode::kInvalidOutput, std::string("logits must be ") + c10::toString(logits_dtype) + " or Float, got " + c10::toString(logits.scalar_type()));
+      const std::string allowed = logits_dtype == at::kFloat ? "Float" : std::string(c10::toString(logits_dtype)) + " or Float";
+      throw Error(ErrorCode::kInvalidOutput, "logits must be " + allowed + ", got " + c10::toString(logits.scalar_type()));
     }
     if (logits.device() != device && !logits.device().is_cpu()) {
-      throw Error(ErrorCode::kInvalidOutput, "logits are on " + logits.device().str() + ", expected " + device.str() + " or cpu");
+      throw Error(ErrorCode::kInvalidOutput, "logits are on " + logits.device().str() + ", expected " + (device.is_cpu() ? "cpu" : device.str() + " or cpu"));
     }
     if (!logits.is_contiguous()) throw Error(ErrorCode::kInvalidOutput, "logits must be contiguous");
     if (logits.requires_grad()) throw Error(ErrorCode::kInvalidOutput, "logits must not require grad (pass a tensor without requires_grad, or .detach())");
@@ -272,8 +274,22 @@ struct Runtime::Impl {
     }
   }
 
-  at::Tensor run(const at::Tensor& images) {
-    check_images(images);
+  // ATen calls a tensor contiguous whatever the stride of a size-1 dimension, and .contiguous() keeps it;
+  // AOTInductor compares every stride. Such a stride never moves an address, so a view with the
+  // textbook strides reads the same memory.
+  static at::Tensor with_exact_strides(const at::Tensor& images) {
+    std::vector<int64_t> strides(images.dim());
+    int64_t step = 1;
+    for (int64_t d = images.dim() - 1; d >= 0; --d) {
+      strides[d] = step;
+      step *= std::max<int64_t>(images.size(d), 1);
+    }
+    return images.strides() == at::IntArrayRef(strides) ? images : images.as_strided(images.sizes(), strides);
+  }
+
+  at::Tensor run(const at::Tensor& batch) {
+    check_images(batch);
+    const at::Tensor images = with_exact_strides(batch);
     detail::InFlight running;
     check_process();
     if (device.is_cpu()) return shared_runner->run(images, info.num_classes);
@@ -282,9 +298,10 @@ struct Runtime::Impl {
     return logits;
   }
 
-  void run(const at::Tensor& images, at::Tensor& logits) {
-    check_images(images);
-    check_logits(images, logits);
+  void run(const at::Tensor& batch, at::Tensor& logits) {
+    check_images(batch);
+    check_logits(batch, logits);
+    const at::Tensor images = with_exact_strides(batch);
     detail::InFlight running;
     check_process();
     if (device.is_cpu()) {
@@ -447,14 +464,20 @@ Runtime::~Runtime() = default;
 Runtime::Runtime(Runtime&&) noexcept = default;
 Runtime& Runtime::operator=(Runtime&&) noexcept = default;
 
+Runtime::Impl& Runtime::impl() const {
+  if (!impl_) throw Error(ErrorCode::kInvalidOption, "this Runtime was moved from: use the Runtime it was moved to");
+  return *impl_;
+}
+
 at::Tensor Runtime::run(const at::Tensor& images) {
-  return as_error(ErrorCode::kRunFailed, "run failed", [&] { return impl_->run(images); });
+  return as_error(ErrorCode::kRunFailed, "run failed", [&] { return impl().run(images); });
 }
 void Runtime::run(const at::Tensor& images, at::Tensor& logits) {
-  as_error(ErrorCode::kRunFailed, "run failed", [&] { impl_->run(images, logits); });
+  as_error(ErrorCode::kRunFailed, "run failed", [&] { impl().run(images, logits); });
 }
 void Runtime::check_sample(const at::Tensor& image) const {
   // run()'s own rules on a batch of one: whatever input format the artifact takes.
+  const Impl& runtime = impl();
   if (!image.defined()) throw Error(ErrorCode::kInvalidShape, "image is an undefined tensor");
   Impl::check_layout(image);  // before unsqueeze, which mkldnn tensors do not support
   if (image.dim() != 3) {  // checked here, not after unsqueeze: a whole batch would read as "got 5-D"
@@ -462,12 +485,12 @@ void Runtime::check_sample(const at::Tensor& image) const {
                                               (image.dim() == 4 ? " (submit one image, not a batch)" : ""));
   }
   try {
-    impl_->check_images(image.unsqueeze(0), /*whole_batch=*/false);
+    runtime.check_images(image.unsqueeze(0), /*whole_batch=*/false);
   } catch (const Error& error) {
     throw Error(error.code(), "image " + shape_string(image.sizes()) + " is not a row of a batch this artifact takes: " + error.what());
   }
 }
-const ModelInfo& Runtime::info() const { return impl_->info; }
-const RuntimeOptions& Runtime::options() const { return impl_->options; }
+const ModelInfo& Runtime::info() const { return impl().info; }
+const RuntimeOptions& Runtime::options() const { return impl().options; }
 
 }  // namespace imagepiece

@@ -4,8 +4,9 @@ Importing this package registers `{method}_{arch}` names in timm's model registr
 
 Imported before torch, it also makes waiting OpenMP threads sleep instead of spin
 (OMP_WAIT_POLICY=PASSIVE) unless the environment already says how they should wait: on a machine whose
-cores are shared with other processes, spinning threads made compiled models 10-20x slower, and it
-costs little alone (`python -m imagepiece.bench contention`). Set OMP_WAIT_POLICY=ACTIVE to spin.
+cores are shared with other processes, spinning threads made a compiled DeiT-S several times slower (6.9x
+with two busy neighbours on 2 cores), and sleeping costs 8% alone (`python -m imagepiece.bench contention`,
+benchmarks/README.md). Set OMP_WAIT_POLICY=ACTIVE to spin.
 """
 import os as _os
 import sys as _sys

@@ -46,7 +46,7 @@ def check_num_classes(dataset: ImageDataset, head_classes: int, root: Union[str,
     if found != head_classes:
         raise DatasetError(
             f"dataset {str(root)!r} has {found} classes but the model head has {head_classes}; "
-            "use a checkpoint trained for these classes (or --num-classes when fine-tuning)"
+            "use a checkpoint trained for these classes, with --num-classes set to its head size (finetune.py trains one per class folder)"
         )
 
 

@@ -273,7 +273,8 @@ def compile_artifact(
 
     started = time.perf_counter()
     options = {**_inductor_options(target, dynamic_batch=low != high, cpu=cpu), **(inductor_overrides or {})}
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent or ".") as workdir:
+    # Absolute: Inductor runs the compiler in its own cache folder, where a relative "-o .x.so.tmp/model.so" names nothing.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent.absolute()) as workdir:
         staged = Path(workdir) / f"model{out.suffix}"
         with torch.no_grad(), pinned_march(options) as options:
             if out.suffix == ".so":

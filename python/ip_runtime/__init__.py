@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 # Imported before torch, make waiting OpenMP threads sleep instead of spin unless the environment says how
-# they should wait (as `import imagepiece` does; see its docstring): on shared cores spinning costs 10x.
+# they should wait (as `import imagepiece` does; see its docstring): on shared cores spinning costs several times.
 if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 

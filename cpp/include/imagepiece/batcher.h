@@ -53,12 +53,13 @@ struct BatcherOptions {
   int64_t max_batch = 0;          // images per run, 1 .. the artifact's largest batch; 0 = that largest batch
   int64_t max_delay_us = 1000;    // how long the oldest queued request may wait for its batch to fill (0 .. 10 s)
   int64_t queue_capacity = 1024;  // waiting requests beyond this are refused with kOverloaded (>= 1)
-  std::vector<int64_t> preferred_batches;  // run at once when one of these sizes is queued (the largest
-                                           // that is), without waiting for max_batch or max_delay_us
+  std::vector<int64_t> preferred_batches{};  // run at once when one of these sizes is queued (the largest
+                                             // that is), without waiting for max_batch or max_delay_us
+  // ({} initialisers: designated initialisers that leave these out compile under -Wextra -Werror.)
   // Runs around the completion callbacks of each batch (and of the requests a shutdown cancels) and
   // must call `complete` once: to take a lock once per batch rather than per request (the Python
   // binding takes the GIL here). Empty: the callbacks are called directly.
-  std::function<void(const std::function<void()>& complete)> around_completions;
+  std::function<void(const std::function<void()>& complete)> around_completions{};
 };
 
 // A latency distribution in fixed buckets, ready for a Prometheus histogram.

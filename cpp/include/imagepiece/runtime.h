@@ -80,12 +80,12 @@ struct ModelInfo {
 };
 
 struct RuntimeOptions {
-  std::string device;             // "" = the artifact's device ("cuda" means cuda:0); "cpu", "cuda", "cuda:N"
+  std::string device{};           // "" = the artifact's device ("cuda" means cuda:0); "cpu", "cuda", "cuda:N"
   int instances = 1;              // CUDA: model containers on their own streams, for concurrent run() calls
   bool cuda_graphs = false;       // CUDA: capture one graph per batch bucket at load, then replay
-  std::vector<int64_t> batch_buckets;  // CUDA graphs: batch sizes to capture (default: the artifact's
-                                       // batch, or powers of two up to its max); a batch runs in the
-                                       // smallest bucket that fits, padded, and the result is sliced
+  std::vector<int64_t> batch_buckets{};  // CUDA graphs: batch sizes to capture (default: the artifact's
+                                         // batch, or powers of two up to its max); a batch runs in the
+                                         // smallest bucket that fits, padded, and the result is sliced
 };
 
 class Runtime {
@@ -110,6 +110,7 @@ class Runtime {
 
  private:
   struct Impl;
+  Impl& impl() const;  // a moved-from Runtime: every method throws kInvalidOption
   std::unique_ptr<Impl> impl_;
 };
 

@@ -133,6 +133,9 @@ def main(argv=None) -> int:
         if args.topk > num_classes:
             raise ValueError(f"--topk {args.topk} is more than the artifact's {num_classes} classes")
         names = class_names(num_classes, args.labels)
+        if not any(names):
+            print(f"{prog}: warning: the artifact's {num_classes} classes are no ImageNet head timm names and no --labels was "
+                  "given: the label columns stay empty (the class indices are in the rows)", file=sys.stderr)
         items = list_inputs(args.input, args.column, warn=lambda message: print(f"{prog}: warning: {message}", file=sys.stderr))
         if args.ray:
             from .ray_job import run_on_ray

@@ -1,0 +1,91 @@
+// contract_checks ARTIFACT CHECK: one C++ API promise per CHECK, "ok" on stdout when it holds; a broken
+// promise prints why and exits 1, a crash is the test's failure signal. ARTIFACT: a dynamic-batch one.
+#include <imagepiece/batcher.h>
+#include <imagepiece/runtime.h>
+
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+bool fail(const std::string& why) {
+  std::printf("%s\n", why.c_str());
+  return false;
+}
+
+// Every method of a moved-from Runtime throws kInvalidOption; none dereferences the moved-away state.
+bool moved_from_runtime(const std::string& artifact) {
+  imagepiece::Runtime runtime(artifact, {.device = "cpu", .instances = 1});  // the README's initialiser form
+  imagepiece::Runtime moved_to(std::move(runtime));
+  const auto& shape = moved_to.info().input_shape;
+  const at::Tensor images = at::randn({1, shape[0], shape[1], shape[2]});
+  const std::vector<std::pair<const char*, std::function<void()>>> calls = {
+      {"run", [&] { runtime.run(images); }},
+      {"run into logits", [&] { at::Tensor logits = at::empty({1, moved_to.info().num_classes}); runtime.run(images, logits); }},
+      {"check_sample", [&] { runtime.check_sample(images[0]); }},
+      {"info", [&] { (void)runtime.info(); }},
+      {"options", [&] { (void)runtime.options(); }},
+      {"Batcher", [&] { imagepiece::Batcher batcher(runtime); }},
+  };
+  for (const auto& [name, call] : calls) {
+    try {
+      call();
+      return fail(std::string(name) + " on a moved-from Runtime did not throw");
+    } catch (const imagepiece::Error& error) {
+      if (error.code() != imagepiece::ErrorCode::kInvalidOption) return fail(std::string(name) + ": " + error.what());
+    }
+  }
+  return moved_to.run(images).size(0) == 1 || fail("the moved-to Runtime does not run");
+}
+
+// shutdown(false) completes queued requests with kCancelled on the calling thread; a callback may destroy
+// the Batcher there (as it may on a worker thread) without shutdown() touching the freed object.
+bool batcher_destroyed_by_a_cancellation_callback(const std::string& artifact) {
+  imagepiece::Runtime runtime(artifact);
+  const auto& shape = runtime.info().input_shape;
+  auto batcher = std::make_unique<imagepiece::Batcher>(
+      runtime, imagepiece::BatcherOptions{.max_batch = runtime.info().batch_max, .max_delay_us = imagepiece::BatcherOptions::kMaxDelayUs});
+  std::vector<imagepiece::ErrorCode> outcomes;
+  for (int i = 0; i < 3; ++i) {
+    batcher->submit(at::randn({shape[0], shape[1], shape[2]}), [&, i](at::Tensor, std::exception_ptr error) {
+      try {
+        if (error) std::rethrow_exception(error);
+      } catch (const imagepiece::Error& failure) {
+        outcomes.push_back(failure.code());
+      }
+      if (i == 0) batcher.reset();  // the Batcher whose shutdown() is running
+    });
+  }
+  batcher->shutdown(/*drain=*/false);
+  if (batcher) return fail("the callback did not destroy the Batcher");
+  return outcomes == std::vector<imagepiece::ErrorCode>(3, imagepiece::ErrorCode::kCancelled) ||
+         fail("not every queued request was cancelled once");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::map<std::string, bool (*)(const std::string&)> checks = {
+      {"moved_from_runtime", moved_from_runtime},
+      {"batcher_destroyed_by_a_cancellation_callback", batcher_destroyed_by_a_cancellation_callback},
+  };
+  if (argc != 3 || !checks.count(argv[2])) {
+    std::fprintf(stderr, "usage: contract_checks ARTIFACT CHECK\n");
+    return 2;
+  }
+  try {
+    if (!checks.at(argv[2])(argv[1])) return 1;
+  } catch (const std::exception& error) {
+    std::printf("unexpected exception: %s\n", error.what());
+    return 1;
+  }
+  std::printf("ok\n");
+  return 0;
+}
