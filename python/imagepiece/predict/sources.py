@@ -66,16 +66,24 @@ def _walk_folder(folder: str, warn: Callable[[str], None]) -> List[InputItem]:
 
 
 def _glob(pattern: str) -> List[InputItem]:
-    if "**" not in pattern:
-        matches = glob.glob(pattern)
-    else:  # pathlib's "**" does not descend into symbolic links to folders; glob.glob's does, loops included
-        path = Path(pattern)
-        base = Path(path.anchor) if path.anchor else Path()
-        prefix = "./" if pattern.startswith("./") else ""  # Path drops it; keep the rows as the user spelled them
-        hidden = any(part.startswith(".") for part in path.parts)
-        matches = [prefix + str(match) for match in base.glob(str(path.relative_to(path.anchor)) if path.anchor else pattern)
-                   if hidden or not any(part.startswith(".") for part in match.relative_to(base).parts)]  # glob.glob skips them
+    matches = glob.glob(pattern) if "**" not in pattern else _glob_without_following_links(pattern)
     return [found_file(p) for p in sorted(set(matches)) if not os.path.isdir(p)]
+
+
+def _hidden(part: str) -> bool:
+    return part.startswith(".") and part not in (".", "..")
+
+
+def _glob_without_following_links(pattern: str) -> List[str]:
+    """glob.glob(pattern, recursive=True) through pathlib, whose "**" does not descend into symbolic links to
+    folders (glob.glob's does: a link back up the tree lists the same files again, or without end)."""
+    path = Path(pattern)
+    base = Path(path.anchor or ".")
+    relative = str(path.relative_to(path.anchor)) if path.anchor else pattern
+    keep_hidden = any(_hidden(part) for part in path.parts)  # as glob.glob: hidden names only where the pattern has one
+    prefix = "./" if pattern.startswith("./") else ""  # Path drops it; rows keep the user's spelling
+    return [prefix + str(match) for match in base.glob(relative)
+            if keep_hidden or not any(_hidden(part) for part in match.relative_to(base).parts)]
 
 
 def _single_image(source: Path) -> bool:
