@@ -106,6 +106,7 @@ def test_non_dense_images_are_refused_with_a_code(dynamic, pool, layout):
     assert refused.value.code == "invalid_output"
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 def test_nested_tensors_are_refused_and_odd_size_one_strides_run(dynamic, pool):
     images, alone = pool
     nested = torch.nested.nested_tensor([images[0], images[1]])
