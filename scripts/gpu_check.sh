@@ -18,10 +18,10 @@
 # file along and name it with --dev-headers; it is unpacked into / keeping every file already there.
 # Relative paths (OUTDIR, FILE) are taken from the repository root.
 #
-# Steps, in this order: install, tests, goals-runtime, goals-compile, bench-bf16-runtime,
+# Steps, in this order: install, tests, goals-runtime, goals-compile, profile, bench-bf16-runtime,
 # bench-bf16-compile, bench-fp16-runtime, bench-fp16-compile ("goals" = the two short runs behind issue
-# 15's goals: bf16 plain DeiT-S and ImagePiece; "bench" = all four full benchmark runs, "bench-bf16" /
-# "bench-fp16" = two). Each step
+# 15's goals: bf16 plain DeiT-S and ImagePiece; "profile" = where ImagePiece's GPU time goes, kernel by
+# kernel, beside plain DeiT-S; "bench" = all four full benchmark runs, "bench-bf16" / "bench-fp16" = two). Each step
 # has its own timeout, capped by what is left of the budget; a step that no longer fits is skipped.
 # PYTHON=... picks the interpreter (default: the first of python, python3 that imports torch).
 #
@@ -37,7 +37,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 
-ALL_STEPS=(install tests goals-runtime goals-compile bench-bf16-runtime bench-bf16-compile bench-fp16-runtime bench-fp16-compile)
+ALL_STEPS=(install tests goals-runtime goals-compile profile bench-bf16-runtime bench-bf16-compile bench-fp16-runtime bench-fp16-compile)
 TEST_FILES=(tests/test_cuda.py tests/test_runtime_cuda.py)
 RESERVE_S=30  # kept back from the budget for packing the results
 
@@ -69,6 +69,7 @@ step_cap_s() {  # longest a step may take (on an H100; cold caches)
     tests) echo 900 ;;              # 4 CUDA artifacts compiled two at a time, then the tests: ~5 min
     goals-runtime) echo 420 ;;      # 2 AOTI compiles (DeiT-S, batch 1..256) + timing
     goals-compile) echo 300 ;;      # 2 max-autotune compiles of DeiT-S + timing
+    profile) echo 420 ;;            # 2 AOTI compiles (DeiT-S, batch 256) + 10 profiled calls each
     bench-*-runtime) echo 600 ;;    # 5 AOTI compiles (DeiT-S, batch 1..256) + timing
     bench-*-compile) echo 480 ;;    # 4 max-autotune compiles of DeiT-S + timing
   esac
@@ -78,6 +79,7 @@ step_least_s() {  # a step is skipped when less than this is left of the budget
     install) echo 120 ;;
     tests) echo 300 ;;
     goals-*) echo 120 ;;
+    profile) echo 240 ;;
     bench-*-runtime) echo 300 ;;
     bench-*-compile) echo 200 ;;
   esac
@@ -87,6 +89,9 @@ step_command() {  # the command a step runs, one word per line
     install) printf '%s\n' "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e . ;;
     tests) printf '%s\n' "$PY" -m pytest -q "${TEST_FILES[@]}" -rA -o junit_logging=system-out --junitxml "$DETAILS/junit-cuda.xml" ;;
     goals-* | bench-*) printf '%s\n' "$PY" "${BENCH_COMMON[@]}" $(bench_args "$1") --out "$DETAILS/benchmarks" ;;
+    # Issue 15 item 3: ImagePiece ran 0.43x (batch 1) to 0.97x (batch 256) plain DeiT-S on the H100; this shows why.
+    profile) printf '%s\n' "$PY" scripts/benchmark.py profile --device cuda --arch deit_small_patch16_224 --preset imagepiece \
+      --dtype bf16 --batch 256 --out "$DETAILS/benchmarks" ;;
   esac
 }
 
@@ -100,7 +105,7 @@ DRY_RUN=0
 DEV_HEADERS=""
 PACK_TO=""
 BUDGET_MIN=25
-REQUESTED="install,tests,goals,bench"
+REQUESTED="install,tests,goals,profile,bench"
 OUTDIR=""
 while (($#)); do
   case $1 in
@@ -209,6 +214,7 @@ DEADLINE=$((STARTED + BUDGET_MIN * 60))
 SUMMARY=()
 FAILED=0
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export IMAGEPIECE_TEST_FAILURES_AT_ONCE=1  # a crash later in the run must not swallow earlier failures (tests/failures_at_once.py)
 # Reruns on the same machine reuse artifacts; the key covers torch and every source (tests/artifacts.py).
 export IMAGEPIECE_TEST_ARTIFACT_CACHE=${IMAGEPIECE_TEST_ARTIFACT_CACHE:-${TMPDIR:-/tmp}/imagepiece-gpu-check-artifacts}
 

@@ -7,6 +7,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+pytest_plugins = ["failures_at_once"]
+
 # CI has 2 cores; more threads than cores only adds contention.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

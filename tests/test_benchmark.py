@@ -101,6 +101,7 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["profile", "--preset", "plain"], "invalid choice: 'plain'"),
         (["profile", "--threads", "0"], "--threads must be >= 1"),
         (["profile", "--top-kernels", "-1"], "--top-kernels must be >= 0"),
+        (["profile", "--dtype", "fp16"], "--dtype fp16 runs on a GPU only"),
         (["suite", "--dtype", "bf16", "--paths", "ort"], "runs only in a --dtype fp32 run"),
         (["precision", "--images", "0"], "--images and --batch must be >= 1"),
         (["precision", "--batch", "0"], "--images and --batch must be >= 1"),
@@ -268,6 +269,32 @@ def test_profile_parts_are_medians_so_one_stalled_call_does_not_move_them():
     assert median_times(runs, key=lambda event: event)["cpp_fused_add_0"] == 2.0
 
 
+def test_profile_groups_gpu_kernels_and_reports_launches_per_call():
+    """GPU kernel names as torch.profiler reports them for AOTI artifacts (cuBLAS/CUTLASS GEMMs, flash attention,
+    CUB sorts, Triton kernels) fall into the same parts as the CPU's events; launches get their own row."""
+    import argparse
+
+    from imagepiece.bench.profiling import format_report, group_of, median_times
+
+    names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "linear", "nvjet_tst_128x64_64x8_h_bz_TNT": "linear",
+             "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16>(Params)": "linear",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>(Flash_fwd_params)": "attention (SDPA)",
+             "void at::native::(anonymous namespace)::fmha_cutlassF_bf16_aligned_64x64_rf_sm80(Params)": "attention (SDPA)",
+             "void cub::DeviceRadixSortOnesweepKernel<Policy, false, float, long>(...)": "sort",
+             "triton_per_fused_add_native_layer_norm_3": "generated kernels", "triton_poi_fused_gather_12": "generated kernels",
+             "void at::native::elementwise_kernel<128, 4>(...)": "other (allocation, views, bmm, wrapper)"}
+    assert {name: group_of(name) for name in names} == names
+    samples = {"plain": [{"sm90_xmma_gemm_a": 2.0, "triton_poi_fused_0": 1.0}] * 3,
+               "imagepiece": [{"sm90_xmma_gemm_a": 1.0, "triton_poi_fused_0": 1.5, "void cub::DeviceRadixSortOnesweepKernel": 0.5}] * 3}
+    args = argparse.Namespace(arch="deit_small_patch16_224", preset="imagepiece", batch=1, runs=3, top_kernels=0, device="cuda", dtype="bf16")
+    parts = {name: median_times(runs) for name, runs in samples.items()}
+    lines = format_report(args, {"plain": 9.2, "imagepiece": 4.7}, parts, samples,
+                          {"plain": [80, 81, 80], "imagepiece": [410, 400, 405]}).splitlines()
+    assert "cuda bf16" in lines[0] and "GPU kernel time" in lines[0]
+    assert next(line for line in lines if line.startswith("kernel launches per call")).split()[-3:] == ["80", "405", "0.20x"]
+    assert next(line for line in lines if line.startswith("sort")).split()[1:] == ["0.00", "0.50", "0.00x"]
+
+
 def test_profile_mode_measures_real_artifacts_and_lists_their_slowest_events(compiled):
     """The profile's measuring and report on two compiled artifacts. The CLI compiles its own with Inductor's kernel
     profiling on, so that each GEMM and generated kernel records itself; these record only their ATen calls."""
@@ -276,9 +303,10 @@ def test_profile_mode_measures_real_artifacts_and_lists_their_slowest_events(com
     from imagepiece.bench.profiling import format_report, median_times, profile_interleaved
 
     paths = {"plain": compiled.path("ti_plain"), "imagepiece": compiled.path("ti_imagepiece")}
-    samples = profile_interleaved(paths, batch=2, runs=2)
+    samples, launches = profile_interleaved(paths, batch=2, runs=2)
     assert [len(runs) for runs in samples.values()] == [2, 2] and all(run for runs in samples.values() for run in runs)
-    args = argparse.Namespace(arch="deit_tiny_patch16_224", preset="imagepiece", batch=2, runs=2, top_kernels=3)
+    assert launches == {}  # kernel launches are counted on a GPU only
+    args = argparse.Namespace(arch="deit_tiny_patch16_224", preset="imagepiece", batch=2, runs=2, top_kernels=3, device="cpu", dtype="fp32")
     parts = {name: median_times(runs) for name, runs in samples.items()}
     lines = format_report(args, {"plain": 1.26, "imagepiece": 0.66}, parts, samples).splitlines()
     assert "ratio 1.91x" in lines[1]

@@ -1,11 +1,15 @@
-"""Artifacts share the process's C++ runtime; one that carries its own copy still loads without a crash.
+"""Artifacts and the runtime share the process's C++ runtime; an artifact that carries its own copy still loads.
 
-On the H200 machine (Ubuntu 24.04, g++ 13, torch 2.11) AOTInductor linked libstdc++ statically into
-CUDA libraries, whose constructor then crashed in std::regex's locale code beside torch's shared
-libstdc++ (issue 15). Compiles now link it dynamically and warn where they could not; both loaders put the
-process's libstdc++ into the global symbol scope, so a library built elsewhere binds to it. The crash is
-reproduced here on the CPU with a small library that uses std::regex, built with -static-libstdc++.
+On the GPU machines (Ubuntu 24.04, g++ 13, torch 2.11) shared libraries came out with libstdc++ linked
+in statically: AOTInductor's CUDA libraries crashed in std::regex's locale code in their constructor,
+beside torch's shared libstdc++, and so did libimagepiece_runtime.so itself, reading the first artifact's
+metadata (issue 15). Compiles and the CMake build now link it dynamically by name (the build through
+cmake/SharedCxxRuntime.cmake), and compiles warn where they could not; both loaders put the process's
+libstdc++ into the global symbol scope, so a library built elsewhere binds to it. The toolchain is
+reproduced here with a g++ wrapper that adds -static-libstdc++ to every shared link, and the crash with
+a small library that uses std::regex.
 """
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 import imagepiece
+import ip_runtime
 from imagepiece.artifact import open_artifact
 from imagepiece.artifact_containers import ContainerError, needed_libraries
 from imagepiece.export import _check_shared_cxx_runtime, compile_artifact
@@ -41,6 +46,26 @@ STATIC_LINKING_GXX = """#!/bin/bash
 for arg in "$@"; do [[ $arg == -shared ]] && exec {gxx} "$@" -static-libstdc++; done
 exec {gxx} "$@"
 """
+ROOT = Path(__file__).resolve().parent.parent
+
+CMAKE_PROJECT = """cmake_minimum_required(VERSION 3.21)
+project(SharedCxxRuntimeCheck LANGUAGES CXX)
+include({root}/cmake/SharedCxxRuntime.cmake)
+add_library(regex_device SHARED regex_device.cpp)
+if(LINK_SHARED_CXX_RUNTIME)
+  imagepiece_link_shared_cxx_runtime(regex_device)
+endif()
+"""
+
+
+@pytest.fixture
+def static_linking_gxx(tmp_path) -> Path:
+    """A g++ that adds -static-libstdc++ to every shared-library link, as the GPU machines' builds did."""
+    wrapper = tmp_path / "bin" / "g++"  # named g++ so that Inductor and CMake treat it as GCC
+    wrapper.parent.mkdir()
+    wrapper.write_text(STATIC_LINKING_GXX.format(gxx=shutil.which("g++")))
+    wrapper.chmod(0o755)
+    return wrapper
 
 
 @pytest.fixture(scope="module")
@@ -86,18 +111,37 @@ def test_reading_the_linked_libraries_of_a_damaged_file_says_what_is_wrong(stati
         data.close()
 
 
-def test_the_compile_links_the_shared_runtime_where_the_toolchain_would_link_it_statically(tmp_path):
-    """A g++ that adds -static-libstdc++ to every shared-library link, as the H200 machine's build did."""
-    wrapper = tmp_path / "bin" / "g++"  # named g++ so that Inductor treats it as GCC
-    wrapper.parent.mkdir()
-    wrapper.write_text(STATIC_LINKING_GXX.format(gxx=shutil.which("g++")))
-    wrapper.chmod(0o755)
+def test_the_compile_links_the_shared_runtime_where_the_toolchain_would_link_it_statically(tmp_path, static_linking_gxx):
     out = tmp_path / "plain.so"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the compile's own check must find nothing to warn about
         compile_artifact(imagepiece.create_model("deit_tiny_patch16_224", "plain"), out, batch=2,
-                         inductor_overrides={"cpp.cxx": (None, str(wrapper))})
+                         inductor_overrides={"cpp.cxx": (None, str(static_linking_gxx))})
     assert "libstdc++.so.6" in needed(out)
+
+
+def test_the_runtime_and_its_bindings_link_the_shared_cxx_runtime():
+    core = Path(ip_runtime._core.__file__)
+    for library in (core, core.parent / "lib" / "libimagepiece_runtime.so"):
+        assert "libstdc++.so.6" in needed(library), library
+
+
+@pytest.mark.parametrize("linked_by_name", [True, False])
+def test_the_cmake_build_links_the_shared_runtime_where_the_toolchain_would_link_it_statically(tmp_path, static_linking_gxx,
+                                                                                             linked_by_name):
+    """cmake/SharedCxxRuntime.cmake against the toolchain above; without it the same build is static (the check can fail)."""
+    source = tmp_path / "project"
+    source.mkdir()
+    (source / "CMakeLists.txt").write_text(CMAKE_PROJECT.format(root=ROOT.as_posix()))
+    (source / "regex_device.cpp").write_text(REGEX_LIBRARY)
+    build = tmp_path / "build"
+    tools = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the venv's cmake, ninja
+    for command in (["cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", f"-DCMAKE_CXX_COMPILER={static_linking_gxx}",
+                     f"-DLINK_SHARED_CXX_RUNTIME={'ON' if linked_by_name else 'OFF'}"], ["cmake", "--build", str(build)]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=tools)
+        assert result.returncode == 0, result.stdout + result.stderr
+    shared = any(name.startswith("libstdc++") for name in needed(build / "libregex_device.so"))
+    assert shared == linked_by_name
 
 
 def test_a_compile_that_links_its_own_cxx_runtime_warns(static_cxx_library):

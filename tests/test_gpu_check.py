@@ -11,6 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,9 @@ def test_dry_run_plans_every_step_and_writes_nothing(tmp_path):
     for dtype in ("bf16", "fp16"):
         assert f"step bench-{dtype}-runtime" in plan and f"--dtype {dtype} --batch 1 8 64 256 --variants plain tome evit imagepiece imagepiece_hyper" in plan
         assert f"step bench-{dtype}-compile" in plan and f"--dtype {dtype} --batch 1 8 64 256 --variants plain --paths eager compile" in plan
-    order = ["step install", "step tests", "step goals-runtime", "step goals-compile", "step bench-bf16-runtime", "step bench-fp16-runtime"]
+    assert "step profile" in plan and "scripts/benchmark.py profile --device cuda --arch deit_small_patch16_224 --preset imagepiece --dtype bf16 --batch 256" in plan
+    order = ["step install", "step tests", "step goals-runtime", "step goals-compile", "step profile", "step bench-bf16-runtime",
+             "step bench-fp16-runtime"]
     assert [plan.index(step) for step in order] == sorted(plan.index(step) for step in order)
     assert "budget: 9 min" in plan
     assert not out.exists()
@@ -69,19 +72,23 @@ def test_every_benchmark_step_is_a_command_the_benchmark_cli_accepts(tmp_path, m
     from imagepiece.bench.paths import PATHS
     from imagepiece.bench.variants import VARIANTS
 
-    result = gpu_check("--dry-run", "--steps", "goals,bench", tmp_path / "out")
+    result = gpu_check("--dry-run", "--steps", "goals,profile,bench", tmp_path / "out")
     assert result.returncode == 0, result.stdout + result.stderr
-    commands = [line.split("): ", 1)[1].split() for line in result.stdout.splitlines() if line.startswith(("step bench-", "step goals-"))]
-    assert len(commands) == 6, result.stdout
+    commands = [line.split("): ", 1)[1].split() for line in result.stdout.splitlines() if line.startswith(("step bench-", "step goals-", "step profile"))]
+    assert len(commands) == 7, result.stdout
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the plan is for a GPU machine; only parsed here
     for words in commands:
         argv = words[words.index("scripts/benchmark.py") + 1:]
         assert argv[0] in cli.MODES, words
+        argv[argv.index("--out") + 1] = str(tmp_path / "results")
+        if argv[0] == "profile":
+            args = cli.parse_args(argv)
+            assert (args.device, args.dtype, args.batch) == ("cuda", "bf16", 256)
+            continue
         listed = {option: words[words.index(option) + 1:] for option in ("--variants", "--paths")}
         for option, registry in (("--variants", VARIANTS), ("--paths", PATHS)):
             names = list(itertools.takewhile(lambda word: not word.startswith("--"), listed[option]))
             assert names and set(names) <= set(registry), (option, names)
-        argv[argv.index("--out") + 1] = str(tmp_path / "results")
         args = cli.parse_args(argv)  # the CLI's own checks: dtypes per path, devices, batch sizes
         assert args.mode == "suite" and args.device == "cuda"
 
@@ -116,3 +123,27 @@ def test_it_packs_the_development_headers_the_gpu_machine_lacks(tmp_path):
     with tarfile.open(tmp_path / "headers.tgz") as archive:
         names = set(archive.getnames())
     assert {"usr/include/nlohmann/json.hpp", "usr/include/openssl/evp.h", "usr/share/cmake/nlohmann_json/nlohmann_jsonConfig.cmake"} <= names
+
+
+CRASHING_TESTS = """
+import os
+
+
+def test_fails_first():
+    assert 1 + 1 == 3, "the message a later crash must not swallow"
+
+
+def test_then_crashes():
+    os.abort()  # as a SIGSEGV in native code would: pytest never reaches its summary
+"""
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+def test_failures_are_printed_before_a_later_crash_when_asked(tmp_path, at_once):
+    (tmp_path / "test_crash.py").write_text(CRASHING_TESTS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "IMAGEPIECE_TEST_FAILURES_AT_ONCE": "1" if at_once else "0"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "failures_at_once", "-p", "no:cacheprovider", "test_crash.py"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    printed = "the message a later crash must not swallow" in result.stdout + result.stderr
+    assert printed == at_once, result.stdout + result.stderr

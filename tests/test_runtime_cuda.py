@@ -14,7 +14,7 @@ from diagnostics import decision_margins
 from imagepiece.artifact import DTYPES
 from imagepiece.export import load
 from inputs import random_images
-from test_cuda import assert_half_precision_agrees, fp32_eager_logits, full_fp32, half_precision_inputs  # noqa: F401 (fixture)
+from test_cuda import assert_half_precision_agrees, full_fp32, half_precision_inputs  # noqa: F401 (fixture)
 from test_parity import TIE_FREE, assert_parity, run_in_batches
 from test_runtime import RuntimeModel, assert_threads_reproduce
 
@@ -109,8 +109,7 @@ def test_half_precision_runtime_agrees_with_fp32_eager(compiled, name, cuda_grap
         via_loader = torch.cat([load(path)(chunk.to(dtype)) for chunk in images[:64].split(64)])
     # Same artifact and kernels as PyTorch's own runner: only the wrapper differs.
     torch.testing.assert_close(actual[:64].float(), via_loader.float(), rtol=2e-2, atol=5e-2)
-    assert_half_precision_agrees(f"{name} via ip_runtime{' + CUDA graphs' if cuda_graphs else ''}", actual,
-                                 fp32_eager_logits(compiled, name, images))
+    assert_half_precision_agrees(compiled, name, f"{name} via ip_runtime{' + CUDA graphs' if cuda_graphs else ''}", actual, images)
 
 
 def test_cpu_artifact_and_cuda_artifact_devices_are_checked(compiled):
