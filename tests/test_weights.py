@@ -76,6 +76,20 @@ def test_mismatched_checkpoints_list_every_problem(deit_state, tmp_path):
         create_model(ARCH, checkpoint=tmp_path / "small.pth")
 
 
+def test_a_fine_tuned_checkpoint_that_does_not_fit_says_which_flags_rebuild_its_model(tmp_path):
+    tuned = create_model(ARCH, "imagepiece", lcb="residual", num_classes=10)
+    torch.save({"model": tuned.state_dict(), "epoch": 3, "arch": ARCH, "preset": "imagepiece", "lcb": "residual", "num_classes": 10},
+               tmp_path / "best.pth")  # what scripts/finetune.py writes
+    with pytest.raises(CheckpointError, match=rf"unexpected .*lcb.*shape mismatch.*head.weight.*"
+                                              rf"fine-tuned \(scripts/finetune.py\) as --arch {ARCH} --lcb residual --num-classes 10"):
+        create_model(ARCH, "imagepiece", checkpoint=tmp_path / "best.pth")
+    create_model(ARCH, "evit", lcb="residual", num_classes=10, checkpoint=tmp_path / "best.pth")  # those flags: it loads
+    torch.save({"model": tuned.state_dict(), "epoch": 3}, tmp_path / "other.pth")  # no record: no hint
+    with pytest.raises(CheckpointError) as error:
+        create_model(ARCH, "imagepiece", checkpoint=tmp_path / "other.pth")
+    assert "fine-tuned" not in str(error.value)
+
+
 def test_paths_that_are_not_checkpoints(deit_files, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         create_model(ARCH, checkpoint=tmp_path / "nope.pth")

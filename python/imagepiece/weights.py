@@ -87,9 +87,24 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
     if mismatched:
         problems.append(f"shape mismatch: {mismatched}")
     if problems:
-        raise CheckpointError(f"{str(path)!r} does not fit {model.pretrained_cfg.get('architecture', 'the model')}: " + "; ".join(problems))
+        raise CheckpointError(f"{str(path)!r} does not fit {model.pretrained_cfg.get('architecture', 'the model')}: " + "; ".join(problems)
+                              + fine_tune_hint(path))
 
     model.load_state_dict(state, strict=False)
+
+
+def fine_tune_hint(path: Union[str, Path]) -> str:
+    """For a checkpoint written by scripts/finetune.py, which records beside the weights the settings the
+    weights need: the flags that rebuild that model, as a sentence to append to an error ("" for others)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # safetensors, or unreadable: nothing recorded
+        return ""
+    if not isinstance(saved, dict) or not isinstance(saved.get("arch"), str) or isinstance(saved.get("num_classes"), bool) \
+            or not isinstance(saved.get("num_classes"), int) or not isinstance(saved.get("lcb"), (str, type(None))):
+        return ""
+    return (f". It was fine-tuned (scripts/finetune.py) as --arch {saved['arch']} --lcb {saved['lcb'] or 'none'} "
+            f"--num-classes {saved['num_classes']}: pass the same flags")
 
 
 def file_sha256(path: Union[str, Path]) -> str:
