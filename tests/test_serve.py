@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from image_files import huge_png, photo
 from imagepiece.data import eval_transform
 from imagepiece.serve import ClassificationService, ServeConfig, create_app
+from imagepiece.serve.http_protocol import uvicorn_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UPLOAD_LIMIT = 256 * 1024
@@ -28,11 +29,11 @@ TEXT_ONLY_FORM = b'--x\r\nContent-Disposition: form-data; name="note"\r\n\r\nno 
 class ServerThread:
     """uvicorn serving `app` in a thread, on a loopback socket bound before it starts (no port race)."""
 
-    def __init__(self, app):
+    def __init__(self, app, head_timeout_s=ServeConfig.read_timeout_s):
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, head_timeout_s, log_level="warning"))  # as scripts/serve.py runs it
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self):
@@ -222,6 +223,26 @@ def test_a_stalled_upload_gets_408_and_its_connection_closed(artifact):
             while chunk := stalled.recv(65536):  # ends when the server closes the connection
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+
+
+def test_headers_that_trickle_past_the_read_timeout_get_408_and_the_connection_closed(served, artifact):
+    """A slowloris client (one header line, then nothing) and a silent one. A keep-alive connection idle
+    between requests for longer than the deadline is unaffected (its idling is uvicorn's keep-alive timeout's)."""
+    config = ServeConfig(artifact=artifact, read_timeout_s=0.5, decode_threads=1, warmup=False)
+    with ServerThread(create_app(config, ClassificationService(config)), head_timeout_s=config.read_timeout_s) as client:
+        host, port = client.base_url.host, client.base_url.port
+        for first_bytes in (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n", b""):  # a head that never ends; nothing at all
+            with socket.create_connection((host, port), timeout=TIMEOUT) as slow:
+                started = time.monotonic()
+                slow.sendall(first_bytes)
+                answer = b""
+                while chunk := slow.recv(65536):  # ends when the server closes the connection
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer and b"headers" in answer
+            assert 0.4 < time.monotonic() - started < TIMEOUT
+        for _ in range(2):  # one keep-alive connection, two requests further apart than the head deadline
+            assert client.get("/healthz").status_code == 200
+            time.sleep(0.7)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -7,7 +7,8 @@
 
 Every failure is JSON {"error": {"code", "message"}} with a 4xx/5xx status: 400 empty upload, missing
 file field, malformed form or bad topk; 404/405 unknown route or method; 408 (connection closed) when
-the upload stalls for `read_timeout_s`; 413 over the upload limit (checked against Content-Length
+the upload stalls for `read_timeout_s` (or, from scripts/serve.py's protocol, http_protocol.py, when the
+request line and headers take longer than that); 413 over the upload limit (checked against Content-Length
 before reading, and while reading); 422 not a usable image (predict's decode rules: not an image,
 corrupt, 16-bit, over the pixel limit); 503 (Retry-After) when `queue_capacity` requests already wait
 to be decoded, when the batcher's queue is full, or when it is shutting down; 500 if the model fails

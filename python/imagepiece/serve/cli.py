@@ -29,6 +29,7 @@ import uvicorn
 from imagepiece.artifact import ArtifactError
 
 from .app import create_app
+from .http_protocol import uvicorn_config
 from .service import MiB, ClassificationService, ServeConfig
 
 
@@ -63,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     limits.add_argument("--decode-threads", type=int, default=defaults.decode_threads,
                         help=f"threads decoding and resizing uploads (default {defaults.decode_threads})")
     limits.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s,
-                        help=f"seconds an upload may send nothing before it gets 408 (default {defaults.read_timeout_s:g})")
+                        help=f"seconds an upload may send nothing, and a request's headers may take to arrive, before it gets 408 "
+                             f"(default {defaults.read_timeout_s:g})")
     connections = parser.add_argument_group("connections")
     connections.add_argument("--max-connections", type=int, default=1000,
                              help="open connections beyond which new ones get 503 (default 1000)")
@@ -132,8 +134,9 @@ def main(argv=None) -> int:
         host, port = listener.getsockname()[:2]
         print(f"serving {service.model_name} from {args.artifact} on http://{f'[{host}]' if ':' in host else host}:{port} "
               f"(batcher: {service.batcher.options}; pid {os.getpid()})", file=sys.stderr, flush=True)
-        config = uvicorn.Config(create_app(service.config, service), log_level=args.log_level, access_log=not args.no_access_log,
-                                limit_concurrency=args.max_connections, timeout_graceful_shutdown=args.shutdown_timeout)
+        config = uvicorn_config(create_app(service.config, service), service.config.read_timeout_s, log_level=args.log_level,
+                                access_log=not args.no_access_log, limit_concurrency=args.max_connections,
+                                timeout_graceful_shutdown=args.shutdown_timeout)
         try:
             uvicorn.Server(config).run(sockets=[listener])
         except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has shut down (as uvicorn.run ignores it)

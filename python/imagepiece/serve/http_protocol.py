@@ -1,0 +1,76 @@
+"""uvicorn's HTTP/1.1 protocol with a deadline for each request head (request line and headers).
+
+uvicorn closes idle keep-alive connections, and the app times out a stalled body (`read_timeout_s`),
+but a client that opens a connection and sends nothing, or trickles its head a byte at a time
+(slowloris), keeps its connection, and with it one of `--max-connections` slots, forever: a thousand
+such clients and every real request gets 503. Here a head that is not complete within `read_timeout_s`
+gets 408 and the connection is closed. A request whose head has arrived is never cut: its body and its
+inference are the app's business.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Optional
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def request_timeout_response(seconds: float) -> bytes:
+    """The raw 408 with the API's JSON error shape, written below h11 (which sends no response to a
+    request it has not seen)."""
+    body = json.dumps({"error": {"code": "request_timeout",
+                                 "message": f"the request line and headers did not arrive within {seconds:g} s"}}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class HeadDeadlineProtocol(H11Protocol):
+    """The deadline starts when the connection opens, and on a keep-alive connection when the next
+    request's first bytes arrive (an idle keep-alive connection is uvicorn's `timeout_keep_alive`'s)."""
+
+    head_timeout_s = 30.0  # set per server by `uvicorn_config`
+    _deadline: Optional[asyncio.TimerHandle] = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and self._waiting_for_head():
+            self._arm()
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        self._disarm()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _waiting_for_head(self) -> bool:
+        # No request yet, or the last one answered: a request in progress (its body, its inference) is the app's.
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.head_timeout_s, self._head_overdue)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_overdue(self) -> None:
+        self._deadline = None
+        if self._waiting_for_head() and not self.transport.is_closing():
+            self.transport.write(request_timeout_response(self.head_timeout_s))
+            self.transport.close()
+
+
+def uvicorn_config(app, head_timeout_s: float, **options) -> uvicorn.Config:
+    """uvicorn's Config for `app` on h11 with `HeadDeadlineProtocol`; `options` go to uvicorn.Config."""
+    protocol = type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout_s": head_timeout_s})
+    return uvicorn.Config(app, http=protocol, **options)
