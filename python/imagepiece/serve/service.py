@@ -42,7 +42,9 @@ class ServeConfig:
     max_upload_bytes: int = 20 * MiB
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_threads: int = 2
-    read_timeout_s: float = 30.0  # an upload that sends nothing for this long, or a request head not complete within it, gets 408 and its connection closed
+    # An upload that sends nothing for this long, or a request head not complete within it, gets 408 and its
+    # connection closed.
+    read_timeout_s: float = 30.0
     warmup: bool = True
 
 
