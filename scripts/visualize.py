@@ -71,7 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=1000, help="head size of --checkpoint (a fine-tune: its class folders)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 3, 6, 11], help="blocks to draw (after the block)")
     parser.add_argument("--out", type=Path, required=True, help="output PNG")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_classes < 1:  # 0 would build a model with no head at all
+        parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
+    return args
 
 
 def main(argv=None) -> int:

@@ -197,6 +197,7 @@ def test_visualize_a_fine_tuned_checkpoint_of_other_classes(finetuned, tmp_path,
         (["--image", "{tmp}/notes.jpg", "--out", "{tmp}/x.png"], "not an image"),
         (["--synthetic", "--blocks", "12", "--out", "{tmp}/x.png"], "outside 0..11"),
         (["--synthetic", "--out", "/nonexistent/x.png"], "does not exist"),
+        (["--synthetic", "--num-classes", "0", "--out", "{tmp}/x.png"], "--num-classes must be >= 1"),
     ],
 )
 def test_visualize_bad_input(tmp_path, capsys, args, message):

@@ -276,20 +276,18 @@ struct Runtime::Impl {
 
   // ATen calls a tensor contiguous whatever the stride of a size-1 dimension, and .contiguous() keeps it;
   // AOTInductor compares every stride. Such a stride never moves an address, so a view with the
-  // textbook strides reads the same memory.
-  // Runs on every call: compares in place, and builds the strides only for the rare tensor that needs them.
+  // textbook strides reads the same memory. Runs on every call: DimVector keeps the strides inline
+  // (no allocation), and the view is made only for the rare tensor that needs it.
   static at::Tensor with_exact_strides(const at::Tensor& images) {
-    auto textbook = [&](int64_t dim) {
-      int64_t stride = 1;
-      for (int64_t d = images.dim() - 1; d > dim; --d) stride *= std::max<int64_t>(images.size(d), 1);
-      return stride;
-    };
+    at::DimVector strides(images.dim());
     bool exact = true;
-    for (int64_t d = 0; d < images.dim() && exact; ++d) exact = images.stride(d) == textbook(d);
-    if (exact) return images;
-    std::vector<int64_t> strides(images.dim());
-    for (int64_t d = 0; d < images.dim(); ++d) strides[d] = textbook(d);
-    return images.as_strided(images.sizes(), strides);
+    int64_t textbook = 1;  // the stride of dimension d in a freshly allocated tensor
+    for (int64_t d = images.dim() - 1; d >= 0; --d) {
+      strides[d] = textbook;
+      exact = exact && images.stride(d) == textbook;
+      textbook *= std::max<int64_t>(images.size(d), 1);
+    }
+    return exact ? images : images.as_strided(images.sizes(), strides);
   }
 
   at::Tensor run(const at::Tensor& batch) {

@@ -33,8 +33,9 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
     """Call `write(staged_path)`, then rename the staged file to `path` in one step.
 
     A reader never sees a partial file, and a crash (or a kill, or a power loss: the file is synced
-    before the rename) while writing leaves the previous `path`, if any, untouched. The staged file sits beside `path` (a rename must not cross file
-    systems) and keeps its suffix, for writers that choose the format by it (PIL, matplotlib).
+    before the rename) while writing leaves the previous `path`, if any, untouched. The staged file
+    sits beside `path` (a rename must not cross file systems) and keeps its suffix, for writers that
+    choose the format by it (PIL, matplotlib).
     """
     path = Path(path)
     staged = path.with_name(f".{path.stem}.partial{path.suffix}")
