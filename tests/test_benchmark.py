@@ -101,7 +101,7 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["profile", "--preset", "plain"], "invalid choice: 'plain'"),
         (["profile", "--threads", "0"], "--threads must be >= 1"),
         (["profile", "--top-kernels", "-1"], "--top-kernels must be >= 0"),
-        (["profile", "--dtype", "fp16"], "--dtype fp16 runs on a GPU only"),
+        (["profile", "--dtype", "fp16"], "fp16 is not supported on cpu"),
         (["suite", "--dtype", "bf16", "--paths", "ort"], "runs only in a --dtype fp32 run"),
         (["precision", "--images", "0"], "--images and --batch must be >= 1"),
         (["precision", "--batch", "0"], "--images and --batch must be >= 1"),

@@ -42,8 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.dtype == "fp16" and args.device == "cpu":
-        parser.error("--dtype fp16 runs on a GPU only (no CPU fp16 artifacts)")
+    from ..export import check_device_and_dtype
+
+    try:  # the compile's own rules (fp16 GPU only, bf16 on a GPU of compute capability >= 8.0), before anything runs
+        check_device_and_dtype(args.device, args.dtype)
+    except ValueError as error:
+        parser.error(str(error))
     if args.batch < 1 or args.runs < 1:
         parser.error("--batch and --runs must be >= 1")
     if args.top_kernels < 0:
