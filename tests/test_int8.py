@@ -49,6 +49,18 @@ def test_int8_artifact_runs_through_ip_runtime_and_agrees_with_fp32(compiled):
     assert agreement >= MIN_TOP1_AGREEMENT and cosine >= MIN_MEAN_COSINE, summary
 
 
+def test_profile_mode_times_an_int8_artifact_with_fp32_images_and_files_its_int8_gemms_as_linear(compiled):
+    """`bench profile --dtype int8` feeds the artifact what it takes (fp32 images), and oneDNN's int8 GEMMs land
+    in the "linear" part, so its report compares like with like against plain DeiT. The session's artifact was
+    not compiled with kernel profiling (the CLI's are), so the GEMM names are the ones a profiled one records."""
+    from imagepiece.bench.profiling import group_of, median_times, profile_interleaved
+
+    samples, _ = profile_interleaved({"int8": compiled.path(NAME)}, batch=2, runs=1, dtype="int8")
+    assert median_times(samples["int8"])["total"] > 0
+    profiled_gemms = ("aoti_torch_cpu__qlinear_pointwise_tensor", "aoti_torch_cpu__qlinear_pointwise_binary_tensor")
+    assert {group_of(name) for name in profiled_gemms} == {"linear"}
+
+
 def test_int8_artifact_refuses_low_precision_images(compiled):
     import ip_runtime
 

@@ -36,7 +36,8 @@ GROUPS = (("attention (SDPA)", ("scaled_dot_product", "flash", "fmha")),  # befo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="imagepiece", choices=sorted(p for p in PRESETS if p != BASELINE))
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp16: GPU only")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
+                        help="fp16: GPU only; int8: CPU, quantized Linear layers (synthetic calibration), fp32 images")
     parser.add_argument("--runs", type=int, default=10, help="profiled calls of each artifact, alternating")
     parser.add_argument("--top-kernels", type=int, default=15, help="also list each artifact's N slowest events (0: none)")
 
@@ -73,7 +74,7 @@ def profile_interleaved(paths: dict, batch: int, runs: int, device: str = "cpu",
     on_gpu = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     models = {name: load(path, device) for name, path in paths.items()}
-    images = torch.randn(batch, 3, 224, 224).to(device=device, dtype=DTYPES[dtype])
+    images = torch.randn(batch, 3, 224, 224).to(device=device, dtype=DTYPES.get(dtype, torch.float32))  # int8 takes fp32
     for model in models.values():
         for _ in range(3):
             model(images)
