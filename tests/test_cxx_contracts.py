@@ -21,7 +21,8 @@ def contract_checks(tmp_path_factory):
     return build / "contract_checks"
 
 
-@pytest.mark.parametrize("check", ["moved_from_runtime", "batcher_destroyed_by_a_cancellation_callback"])
+@pytest.mark.parametrize("check", ["moved_from_runtime", "batcher_destroyed_by_a_cancellation_callback", "submit_without_a_callback",
+                                   "options_name_the_device_in_effect"])
 def test_cpp_contract(contract_checks, compiled, check):
     # A crash (a use after free, a null dereference) shows as a negative return code.
     result = subprocess.run([str(contract_checks), str(compiled.path("ti_imagepiece_dynamic")), check], capture_output=True, text=True,

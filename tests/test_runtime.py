@@ -257,6 +257,8 @@ def test_bad_artifacts_raise_runtime_errors(broken_artifacts, case):
         (dict(device="cuda"), "incompatible", "compiled for cpu and cannot run on cuda"),
         (dict(device="tpu:0"), "invalid_option", "not a device"),
         (dict(device="cpu:1"), "invalid_option", "there is one CPU device"),
+        (dict(device="meta"), "invalid_option", "runs on cpu or cuda"),  # a torch device type, but not one to run on
+        (dict(device="mps"), "invalid_option", "runs on cpu or cuda"),
         (dict(instances=0), "invalid_option", r"instances must be in \[1, 64\]"),
         (dict(cuda_graphs=True), "invalid_option", "cuda_graphs needs a CUDA device"),
         (dict(batch_buckets=[4]), "invalid_option", "outside the artifact's batch range"),
@@ -284,6 +286,8 @@ def test_paths_and_options_of_any_accepted_type(compiled):
         runtime = ip_runtime.Runtime(artifact, device=torch.device("cpu"), instances=np.int64(2), cuda_graphs=np.bool_(False))
         assert runtime.options.instances == 2 and runtime.options.device == "cpu"
     runtime = ip_runtime.Runtime(path, device="cpu:0")  # CPU tensors carry no index: "cpu:0" must take them
+    assert runtime.options.device == "cpu"  # the device in effect, as for device="" (the artifact's)
+    assert ip_runtime.Runtime(path).options.device == "cpu"
     assert runtime.run(torch.randn(runtime.info["batch_min"], *runtime.info["input_shape"])).shape[1] == 1000
 
 

@@ -348,12 +348,12 @@ void Batcher::submit(const at::Tensor& image, Completion done) {
   if (state.in_forked_child()) {  // checked before any lock: one held by a parent thread at fork() is held for good
     throw Error(ErrorCode::kCancelled, "this Batcher was created before fork(): create it in the child");
   }
-  if (!done) throw Error(ErrorCode::kInvalidType, "submit() needs a completion callback");
   auto reject = [&](const Error& error) -> Error {
     std::lock_guard<std::mutex> lock(state.mutex);
     ++state.counters.rejected[error.code()];
     return error;
   };
+  if (!done) throw reject(Error(ErrorCode::kInvalidType, "submit() needs a completion callback"));
   try {
     state.runtime.check_sample(image);
   } catch (const Error& error) {

@@ -76,6 +76,9 @@ c10::Device resolve_device(const RuntimeOptions& options, const ModelInfo& info)
   } catch (const std::exception&) {
     throw Error(ErrorCode::kInvalidOption, "device '" + name + "' is not a device (use cpu, cuda or cuda:N)");
   }
+  if (!device.is_cpu() && !device.is_cuda()) {
+    throw Error(ErrorCode::kInvalidOption, "device '" + name + "' is not supported: the runtime runs on cpu or cuda[:N]");
+  }
   if (device.is_cuda() && !device.has_index()) device.set_index(0);
   if (device.is_cpu() && device.has_index()) {
     // CPU tensors carry no index, so "cpu:0" is plain "cpu" (else every input would be "on the wrong device");
@@ -174,6 +177,7 @@ struct Runtime::Impl {
     logits_dtype = scalar_type_of(detail::compute_dtype(info.precision));
     image_dims = detail::image_dims(info);
     device = resolve_device(options, info);
+    options.device = device.str();  // options() reports what is in effect: "" -> the artifact's, "cuda" -> "cuda:0"
     check_options();
     detail::check_compatible(info, device);
     library = detail::lease_library(info.artifact_sha256, std::move(verified.library));

@@ -69,12 +69,39 @@ bool batcher_destroyed_by_a_cancellation_callback(const std::string& artifact) {
          fail("not every queued request was cancelled once");
 }
 
+// A submit() without a completion callback is refused (kInvalidType) and counted with the other refusals.
+bool submit_without_a_callback(const std::string& artifact) {
+  imagepiece::Runtime runtime(artifact);
+  const auto& shape = runtime.info().input_shape;
+  imagepiece::Batcher batcher(runtime);
+  try {
+    batcher.submit(at::randn({shape[0], shape[1], shape[2]}), imagepiece::Batcher::Completion{});
+    return fail("an empty callback was accepted");
+  } catch (const imagepiece::Error& error) {
+    if (error.code() != imagepiece::ErrorCode::kInvalidType) return fail(error.what());
+  }
+  const auto rejected = batcher.stats().rejected;
+  return (rejected.count(imagepiece::ErrorCode::kInvalidType) && rejected.at(imagepiece::ErrorCode::kInvalidType) == 1) ||
+         fail("the refusal is not in stats().rejected");
+}
+
+// options() reports the device in effect: "" (the artifact's) and "cpu:0" both run on, and say, "cpu".
+bool options_name_the_device_in_effect(const std::string& artifact) {
+  for (const std::string given : {"", "cpu", "cpu:0"}) {
+    imagepiece::Runtime runtime(artifact, {.device = given});
+    if (runtime.options().device != "cpu") return fail("device '" + given + "' is reported as '" + runtime.options().device + "'");
+  }
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::map<std::string, bool (*)(const std::string&)> checks = {
       {"moved_from_runtime", moved_from_runtime},
       {"batcher_destroyed_by_a_cancellation_callback", batcher_destroyed_by_a_cancellation_callback},
+      {"submit_without_a_callback", submit_without_a_callback},
+      {"options_name_the_device_in_effect", options_name_the_device_in_effect},
   };
   if (argc != 3 || !checks.count(argv[2])) {
     std::fprintf(stderr, "usage: contract_checks ARTIFACT CHECK\n");

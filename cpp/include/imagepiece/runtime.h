@@ -106,7 +106,7 @@ class Runtime {
   // and contiguity aside: a Batcher copies rows into its batch). Throws the Error run() would.
   void check_sample(const at::Tensor& image) const;
   const ModelInfo& info() const;
-  const RuntimeOptions& options() const;
+  const RuntimeOptions& options() const;  // as in effect: device resolved ("cpu", "cuda:N")
 
  private:
   struct Impl;
