@@ -37,7 +37,7 @@ from imagepiece.export import PRECISIONS, check_device_and_dtype, check_output_p
 from imagepiece.input_format import CLI_INPUT_FORMATS
 
 PROG = "aot_compile.py"
-USAGE_ERROR, IO_ERROR = 2, 1
+USAGE_ERROR, IO_ERROR, INTERRUPTED = 2, 1, 130
 # What a failed write says when it surfaces only as text inside the compiler's own error.
 IO_REASONS = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
 
@@ -165,6 +165,8 @@ def main(argv=None) -> int:
                                   log=lambda message: print(message, flush=True))
     except ValueError as error:
         return fail(USAGE_ERROR, str(error))
+    except KeyboardInterrupt:  # the staging folder is gone by now (its context manager unwound); `out` is untouched
+        return fail(INTERRUPTED, f"interrupted; {out} was not written")
     except Exception as error:  # noqa: BLE001  (only I/O failures are turned into a message; bugs keep their traceback)
         reason = io_failure(error)
         if reason is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,10 +25,10 @@ import ip_runtime
 from imagepiece import CheckpointError, create_model
 from imagepiece.artifact import DTYPES, ArtifactError, read_metadata
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
-from imagepiece.data import DatasetError, check_num_classes, eval_transform, image_folder, preprocessing_config
+from imagepiece.data import DatasetError, check_num_classes, collate_readable, eval_transform, image_folder, preprocessing_config
 from imagepiece.environment import machine_info
-from imagepiece.evaluation import eager_predictor, evaluate
-from imagepiece.files import atomic_write_text, check_writable_dir
+from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
+from imagepiece.files import atomic_write_text, check_output_file
 from imagepiece.predict.preprocess import pixels_of
 
 
@@ -54,6 +55,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch < 1 or args.workers < 0 or (args.limit is not None and args.limit < 1):
         parser.error("--batch and --limit must be >= 1, --workers >= 0")
+    if args.num_classes is not None and args.num_classes < 1:
+        parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.artifact is not None and (args.checkpoint is not None or args.num_classes is not None):
+        parser.error("--checkpoint and --num-classes build the eager model; an --artifact has its weights and head inside")
+    if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and 0 < args.crop_pct <= 1):
+        parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if any(not math.isfinite(value) for value in (args.mean or []) + (args.std or [])) or any(value <= 0 for value in args.std or []):
+        parser.error("--mean must be finite and --std finite and > 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device (cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device!r} is not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
     return args
 
 
@@ -97,7 +112,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     try:
         if args.json:
-            check_writable_dir(args.json.parent)
+            check_output_file(args.json)
         dataset = image_folder(args.data)
         predict, preprocessing, head_classes, fixed_batch, description = build_predictor(args, device)
         check_num_classes(dataset, head_classes, args.data)
@@ -109,15 +124,33 @@ def main(argv=None) -> int:
     if args.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", collate_fn=collate_readable)
     print(f"evaluating {description} on {len(dataset)} images from {args.data} ({head_classes} classes), batch {args.batch}")
-    with tqdm(total=len(dataset), unit="img", file=sys.stderr) as progress:
-        result = evaluate(predict, loader, device, fixed_batch=fixed_batch, progress=progress)
+    try:
+        with tqdm(total=len(dataset), unit="img", file=sys.stderr) as progress:
+            result = evaluate(predict, loader, device, fixed_batch=fixed_batch, progress=progress)
+    except NonFiniteLogits as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("evaluate.py: interrupted; nothing written", file=sys.stderr)
+        return 130
+    for entry in result["unreadable"]:
+        print(f"evaluate.py: skipped {entry['path']}: {entry['error']}", file=sys.stderr)
+    if not result["images"]:
+        print(f"evaluate.py: error: none of the {len(dataset)} files decoded as an image", file=sys.stderr)
+        return 1
     result.update(model=description, data=str(args.data), preprocessing=preprocessing, machine=machine_info(),
                   created=datetime.datetime.now().isoformat(timespec="seconds"))
-    print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images, {result['img_per_s']:.1f} img/s in the model)")
+    skipped = f"; {len(result['unreadable'])} unreadable files skipped (listed above)" if result["unreadable"] else ""
+    print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images, "
+          f"{result['img_per_s']:.1f} img/s in the model{skipped})")
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+        try:
+            atomic_write_text(args.json, json.dumps(result, indent=2))
+        except OSError as error:
+            print(f"evaluate.py: error: cannot write {args.json}: {error.strerror or error}", file=sys.stderr)
+            return 1
         print(f"saved {args.json}")
     return 0
 

@@ -23,10 +23,16 @@ import torch
 import imagepiece
 from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
-from imagepiece.data import DatasetError, eval_transform, image_folder, num_classes, train_transform
-from imagepiece.evaluation import eager_predictor, evaluate
+from imagepiece.data import DatasetError, class_names, collate_readable, eval_transform, image_folder, train_transform
+from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import check_writable_dir
-from imagepiece.training import RECIPES, Trainer, epoch_order, log_line, save_checkpoint, seed_everything
+from imagepiece.training import (RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, check_recipe, epoch_order, log_line,
+                                 save_checkpoint, seed_everything)
+from imagepiece.weights import fine_tuned_settings
+
+# What a run's last.pth records that the same command must repeat to resume it (else the saved optimizer and
+# schedule would silently win over the new flags, or train another model under the old run's name).
+RESUME_MUST_MATCH = ("arch", "preset", "lcb", "num_classes", "classes", "seed", "recipe")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                         help="mixed precision (default: on for CUDA)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.save_every < 1 or args.workers < 0 or (args.max_steps is not None and args.max_steps < 1):
+        parser.error("--save-every and --max-steps must be >= 1, --workers >= 0")
+    return args
 
 
 def resolve_recipe(args):
@@ -64,11 +73,38 @@ def resolve_recipe(args):
     recipe = dataclasses.replace(recipe, **overrides)
     if recipe.lr_base_batch and args.lr is None:
         recipe = dataclasses.replace(recipe, lr=recipe.lr * recipe.batch_size / recipe.lr_base_batch)
-    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
-        raise ValueError(f"epochs, batch size and lr must be positive: {recipe}")
+    check_recipe(recipe)
     if recipe.batch_size % 2 and (recipe.mixup > 0 or recipe.cutmix > 0):
         raise ValueError("mixup/cutmix need an even --batch-size")
     return recipe
+
+
+def resume_mismatches(saved: dict, current: dict) -> list:
+    """What `saved` (a last.pth) recorded differently from this command (keys it lacks are not compared)."""
+    return [f"{key}: the run has {saved[key]!r}, this command {current[key]!r}"
+            for key in RESUME_MUST_MATCH if key in saved and saved[key] != current[key]]
+
+
+def usable_batch(images, targets, unreadable, even: bool, reported: set):
+    """The decoded part of a loader batch (None if nothing is left), naming each undecodable file once;
+    mixup pairs images, so `even` drops one more when the count is odd."""
+    for path, error in unreadable:
+        if path not in reported:
+            reported.add(path)
+            print(f"finetune.py: skipped {path}: {error}", file=sys.stderr)
+    if images is not None and even and len(images) % 2:
+        images, targets = images[:-1], targets[:-1]
+    return (images, targets) if images is not None and len(images) else None
+
+
+def build_model(args, recipe, lcb):
+    """The model to train; a checkpoint written by this script brings its own head size (e.g. its best.pth)."""
+    settings = fine_tuned_settings(args.checkpoint) if args.checkpoint is not None else None
+    head = {"num_classes": settings["num_classes"]} if settings else {}
+    model = create_model(args.arch, lcb=lcb, drop_path_rate=recipe.drop_path, **PRESETS[args.preset], **head)
+    if args.checkpoint is not None:
+        imagepiece.load_checkpoint(model, args.checkpoint, allow_untrained_lcb=lcb == "stem")
+    return model
 
 
 def main(argv=None) -> int:
@@ -80,22 +116,24 @@ def main(argv=None) -> int:
         check_writable_dir(args.output, create=True)
         train_set = image_folder(args.data / "train")
         val_set = image_folder(args.data / "val")
-        classes = num_classes(train_set)
-        if num_classes(val_set) != classes:
-            raise DatasetError(f"train has {classes} classes but val has {num_classes(val_set)}")
+        names = class_names(train_set)
+        if class_names(val_set) != names:  # labels are indices: the same count in another order scores nonsense
+            raise DatasetError(f"train and val must have the same class folders; train: {names}, val: {class_names(val_set)}")
+        classes = len(names)
         lcb = lcb_from_cli(args.lcb)
-        model = create_model(args.arch, lcb=lcb, drop_path_rate=recipe.drop_path, **PRESETS[args.preset])
-        if args.checkpoint is not None:
-            # A DeiT checkpoint has a 1000-class head; replace it when the dataset has other classes.
-            imagepiece.load_checkpoint(model, args.checkpoint, allow_untrained_lcb=lcb == "stem")
+        model = build_model(args, recipe, lcb)
+        # A DeiT checkpoint has a 1000-class head; replace it when the dataset has other classes.
         if classes != model.num_classes:
             model.reset_classifier(classes)
+        preprocessing = model.pretrained_cfg
+        try:
+            train_set.transform = train_transform(preprocessing, recipe.auto_augment, recipe.re_prob)
+        except (AssertionError, KeyError, ValueError) as error:  # timm asserts on an unknown policy
+            raise ValueError(f"--auto-augment {recipe.auto_augment!r} is not a timm auto-augment policy ({error})") from None
     except (ValueError, CheckpointError, DatasetError) as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         return 2
 
-    preprocessing = model.pretrained_cfg
-    train_set.transform = train_transform(preprocessing, recipe.auto_augment, recipe.re_prob)
     val_set.transform = eval_transform(preprocessing)
     drop_last = recipe.mixup > 0 or recipe.cutmix > 0  # mixup needs even batches
     steps_per_epoch = len(train_set) // recipe.batch_size if drop_last else -(-len(train_set) // recipe.batch_size)
@@ -103,31 +141,60 @@ def main(argv=None) -> int:
         print(f"finetune.py: error: {len(train_set)} training images are fewer than one batch of {recipe.batch_size}", file=sys.stderr)
         return 2
     trainer = Trainer(model, recipe, classes, steps_per_epoch, device, args.amp)
-    last, best = args.output / "last.pth", args.output / "best.pth"
-    best_accuracy = 0.0
+    last = args.output / "last.pth"
+    run = {"best_accuracy": 0.0}  # updated by train(); every checkpoint records it with the run's settings
+    extra = lambda: {"best_accuracy": run["best_accuracy"], "arch": args.arch, "preset": args.preset, "lcb": lcb,
+                     "num_classes": classes, "classes": names, "seed": args.seed}
     if last.exists():
-        state = torch.load(last, map_location=device, weights_only=True)
-        trainer.restore(state)
-        best_accuracy = state.get("best_accuracy", 0.0)
+        try:
+            state = torch.load(last, map_location=device, weights_only=True)
+            differing = resume_mismatches(state, {**extra(), "recipe": dataclasses.asdict(recipe)})
+            if differing:
+                print(f"finetune.py: error: {last} belongs to a run with other settings ({'; '.join(differing)}); "
+                      "repeat that run's flags to resume it, or give another --output", file=sys.stderr)
+                return 2
+            trainer.restore(state)
+        except Exception as error:  # truncated, not a last.pth (a best.pth has no optimizer), another model's shapes
+            print(f"finetune.py: error: cannot resume from {last}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
+                  "move it away to start afresh", file=sys.stderr)
+            return 2
+        run["best_accuracy"] = state.get("best_accuracy", 0.0)
         print(f"resumed from {last}: epoch {trainer.epoch}, step {trainer.global_step}")
-    extra = lambda: {"best_accuracy": best_accuracy, "arch": args.arch, "preset": args.preset, "lcb": lcb, "num_classes": classes}
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.batch_size, num_workers=args.workers)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.batch_size, num_workers=args.workers,
+                                             collate_fn=collate_readable)
     log = args.output / "log.jsonl"
     if args.max_steps and trainer.global_step >= args.max_steps:  # the same command again: nothing left to do
         print(f"already at step {trainer.global_step} (--max-steps {args.max_steps}): nothing to train")
         return 0
     print(f"training {args.arch} {args.preset} (lcb {lcb}) on {len(train_set)} images, {classes} classes: {recipe}")
+    try:
+        train(args, recipe, trainer, train_set, val_loader, device, run, extra, log, drop_last)
+    except (TrainingDiverged, NonFiniteLogits, CheckpointWriteError) as error:
+        print(f"finetune.py: error: {error}; {last} holds the last good state", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"finetune.py: interrupted; {last} holds the last saved step: rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
 
+
+def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log, drop_last) -> None:
+    """The epochs left, from where `trainer` stands; checkpoints as it goes, the best one by val top-1."""
+    last, best = args.output / "last.pth", args.output / "best.pth"
+    reported = set()
     while trainer.epoch < recipe.epochs:
         order = epoch_order(len(train_set), args.seed, trainer.epoch)[trainer.step_in_epoch * recipe.batch_size:]
         # Its own generator: creating a loader must not draw from the global RNG that augmentation
         # uses, or a resumed run would diverge from an uninterrupted one.
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, order.tolist()), batch_size=recipe.batch_size,
-                                             num_workers=args.workers, drop_last=drop_last,
+                                             num_workers=args.workers, drop_last=drop_last, collate_fn=collate_readable,
                                              generator=torch.Generator().manual_seed(args.seed + trainer.epoch))
         losses = []
-        for images, targets in loader:
-            losses.append(trainer.train_step(images, targets))
+        for batch in loader:
+            usable = usable_batch(*batch, even=drop_last, reported=reported)
+            if usable is None:
+                continue
+            losses.append(trainer.train_step(*usable))
             log_line(log, {"step": trainer.global_step, "epoch": trainer.epoch, "loss": losses[-1],
                            "lr": trainer.optimizer.param_groups[0]["lr"]}, echo=lambda line: None)
             if trainer.global_step % args.save_every == 0:
@@ -135,18 +202,22 @@ def main(argv=None) -> int:
             if args.max_steps and trainer.global_step >= args.max_steps:
                 save_checkpoint(last, trainer.state(extra()))
                 print(f"stopped at step {trainer.global_step} (--max-steps); rerun to resume")
-                return 0
+                return
         trainer.end_epoch()
-        top1 = evaluate(eager_predictor(model), val_loader, device)["top1"]
-        if top1 >= best_accuracy:
-            best_accuracy = top1
-            save_checkpoint(best, {"model": model.state_dict(), **extra(), "epoch": trainer.epoch})
+        result = evaluate(eager_predictor(trainer.model), val_loader, device)
+        for entry in result["unreadable"]:
+            if entry["path"] not in reported:
+                reported.add(entry["path"])
+                print(f"finetune.py: skipped {entry['path']}: {entry['error']}", file=sys.stderr)
+        top1 = result["top1"]
+        if top1 >= run["best_accuracy"]:
+            run["best_accuracy"] = top1
+            save_checkpoint(best, {"model": trainer.model.state_dict(), **extra(), "epoch": trainer.epoch})
         save_checkpoint(last, trainer.state(extra()))
         # The mean of the steps this run took in the epoch (None: resumed at its very end, the losses went with the last run).
         log_line(log, {"epoch": trainer.epoch, "step": trainer.global_step, "train_loss": sum(losses) / len(losses) if losses else None,
-                       "val_top1": top1, "best_top1": best_accuracy})
-    print(f"done: best val top-1 {best_accuracy:.2f}% -> {best}")
-    return 0
+                       "val_top1": top1, "best_top1": run["best_accuracy"]})
+    print(f"done: best val top-1 {run['best_accuracy']:.2f}% -> {best}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 import imagepiece
 from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
-from imagepiece.files import check_writable_dir
+from imagepiece.files import check_output_file
 from imagepiece.pieces import piece_maps, render_pieces, save_png
 
 
@@ -31,8 +31,10 @@ def load_image(path: Path, model) -> tuple:
 
     try:
         image = Image.open(path).convert("RGB")
-    except (FileNotFoundError, IsADirectoryError):
+    except FileNotFoundError:
         raise ValueError(f"image {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"--image {str(path)!r} is a folder; give one image file") from None
     except UnidentifiedImageError:
         raise ValueError(f"{str(path)!r} is not an image PIL can read") from None
     config = resolve_data_config(pretrained_cfg=model.pretrained_cfg)
@@ -80,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_writable_dir(args.out.parent)
+        check_output_file(args.out)
         model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes,
                              allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
         depth = len(model.blocks)

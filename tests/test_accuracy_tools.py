@@ -1,5 +1,6 @@
 """scripts/finetune.py, evaluate.py and visualize.py on tiny synthetic data (no ImageNet here)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -68,14 +69,16 @@ def test_rerunning_a_finished_max_steps_run_trains_nothing(dataset, finetuned, t
 
 @pytest.fixture(scope="module")
 def artifact(finetuned, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("artifact")
-    # A relative --out, as the README writes it (Inductor compiles in its own folder: a relative path once broke there).
+    folder = tmp_path_factory.mktemp("artifact") / "my models"
+    folder.mkdir()
+    # A relative --out, as the README writes it (Inductor compiles in its own folder: a relative path once broke there),
+    # in a folder with a space in its name (Inductor's compiler command line is split unquoted: that broke too).
     result = run_script("aot_compile", "--arch", ARCH, "--method", "imagepiece", "--lcb", "residual", "--num-classes", "4",
-                        "--checkpoint", finetuned[1], "--device", "cpu", "--batch", "4", "--out", "ti_4class.so",
+                        "--checkpoint", finetuned[1], "--device", "cpu", "--batch", "4", "--out", "ti 4class.so",
                         cwd=folder)
     assert result.returncode == 0, result.stderr
-    assert [path.name for path in folder.iterdir()] == ["ti_4class.so"], "no temporary folder left beside it"
-    return folder / "ti_4class.so"
+    assert [path.name for path in folder.iterdir()] == ["ti 4class.so"], "no temporary folder left beside it"
+    return folder / "ti 4class.so"
 
 
 def test_predict_with_a_fine_tuned_head_warns_that_its_labels_are_empty(dataset, artifact, tmp_path, capsys):
@@ -102,6 +105,20 @@ def test_evaluate_gives_the_same_numbers_eager_and_through_the_runtime(dataset, 
     assert "ip_runtime" in compiled_result["model"] and compiled_result["preprocessing"]["interpolation"] == "bicubic"
 
 
+def test_evaluate_names_and_skips_a_corrupt_file_instead_of_scoring_its_neighbour(dataset, finetuned, tmp_path, capsys):
+    val = tmp_path / "val"
+    shutil.copytree(dataset / "val", val)
+    corrupt = sorted((val / "class_001").iterdir())[0]
+    corrupt.write_bytes(corrupt.read_bytes()[:40])
+    result = call_script("evaluate", capsys, "--data", val, "--arch", ARCH, "--preset", "imagepiece", "--lcb", "residual",
+                         "--num-classes", "4", "--checkpoint", finetuned[1], "--workers", "0", "--device", "cpu",
+                         "--json", tmp_path / "result.json")
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {corrupt}" in result.stderr and "1 unreadable files skipped" in result.stdout
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["images"] == 23 and [entry["path"] for entry in saved["unreadable"]] == [str(corrupt)]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -112,6 +129,14 @@ def test_evaluate_gives_the_same_numbers_eager_and_through_the_runtime(dataset, 
         (["--data", "{val}", "--artifact", "{root}/missing.so"], "does not exist"),
         (["--data", "{val}", "--json", "/sys/kernel/result.json"], "not writable"),
         (["--data", "{val}", "--batch", "0"], "--batch and --limit must be >= 1"),
+        (["--data", "{val}", "--json", "{root}"], "is a folder; give a file name"),
+        (["--data", "{val}", "--crop-pct", "0"], "--crop-pct must be in (0, 1]"),
+        (["--data", "{val}", "--crop-pct", "nan"], "--crop-pct must be in (0, 1]"),
+        (["--data", "{val}", "--std", "0.2", "0", "0.2"], "--std finite and > 0"),
+        (["--data", "{val}", "--device", "bogus"], "is not a device"),
+        (["--data", "{val}", "--device", "meta"], "is not available here"),
+        (["--data", "{val}", "--num-classes", "0"], "--num-classes must be >= 1"),
+        (["--data", "{val}", "--artifact", "{artifact}", "--num-classes", "4"], "an --artifact has its weights and head inside"),
     ],
 )
 def test_evaluate_bad_input(dataset, artifact, tmp_path, capsys, args, message):
@@ -128,11 +153,56 @@ def test_evaluate_bad_input(dataset, artifact, tmp_path, capsys, args, message):
         (["--data", "{data}", "--output", "/sys/kernel/run"], "not writable"),
         (["--data", "{data}", "--output", "{tmp}/run", "--batch-size", "64"], "fewer than one batch"),
         (["--data", "{data}", "--output", "{tmp}/run", "--batch-size", "7"], "even --batch-size"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--lr", "inf"], "lr must be finite"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--weight-decay", "nan"], "weight_decay must be finite"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--smoothing", "1.5"], "smoothing in [0, 1)"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--drop-path", "2"], "drop_path in [0, 1)"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--save-every", "0"], "--save-every and --max-steps must be >= 1"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--max-steps", "0"], "--save-every and --max-steps must be >= 1"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--workers", "-1"], "--workers >= 0"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--auto-augment", "bogus"], "is not a timm auto-augment policy"),
     ],
 )
 def test_finetune_bad_input(dataset, tmp_path, capsys, args, message):
     result = call_script("finetune", capsys, "--arch", ARCH, "--workers", "0", *[a.format(data=dataset, tmp=tmp_path) for a in args])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_finetune_refuses_val_classes_that_are_not_train_classes(tmp_path, capsys):
+    write_image_folder(tmp_path / "train", classes=2, per_class=2, size=16)
+    write_image_folder(tmp_path / "val", classes=2, per_class=2, size=16)
+    (tmp_path / "val" / "class_001").rename(tmp_path / "val" / "zebra")  # same count: labels would map by position
+    result = call_script("finetune", capsys, "--arch", ARCH, "--workers", "0", "--data", tmp_path, "--output", tmp_path / "run")
+    assert result.returncode == 2 and "same class folders" in result.stderr and "zebra" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--lr", "1e-2"], "recipe: the run has"),  # the saved optimizer and schedule would silently keep the old lr
+    (["--seed", "3"], "seed: the run has 0, this command 3"),
+    (["--preset", "tome"], "preset: the run has 'imagepiece', this command 'tome'"),
+])
+def test_finetune_resumes_only_the_run_its_flags_describe(dataset, finetuned, tmp_path, capsys, change, message):
+    shutil.copy(finetuned[0] / "last.pth", tmp_path / "last.pth")
+    result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path, "--max-steps", "9", *TRAIN, *change)
+    assert result.returncode == 2 and message in result.stderr and "belongs to a run with other settings" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a best.pth"])
+def test_finetune_cannot_resume_from_a_damaged_last_pth_and_says_so(dataset, finetuned, tmp_path, capsys, damage):
+    saved = (finetuned[0] / "last.pth").read_bytes()
+    if damage == "truncated":
+        (tmp_path / "last.pth").write_bytes(saved[:len(saved) // 3])
+    else:  # weights and settings, but no optimizer state
+        torch.save({"model": torch.load(finetuned[0] / "last.pth")["model"]}, tmp_path / "last.pth")
+    result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path, "--max-steps", "9", *TRAIN)
+    assert result.returncode == 2 and "cannot resume from" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_finetune_starts_from_its_own_checkpoint_of_these_classes(dataset, finetuned, tmp_path, capsys):
+    # Its 4-class head fits as it is; a 1000-class model would refuse it (and name a flag finetune.py does not have).
+    result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path, "--checkpoint", finetuned[1], "--max-steps", "1",
+                         *TRAIN)
+    assert result.returncode == 0 and "stopped at step 1" in result.stdout, result.stderr
 
 
 def test_visualize_draws_the_piece_maps(tmp_path):
@@ -198,6 +268,8 @@ def test_visualize_a_fine_tuned_checkpoint_of_other_classes(finetuned, tmp_path,
         (["--synthetic", "--blocks", "12", "--out", "{tmp}/x.png"], "outside 0..11"),
         (["--synthetic", "--out", "/nonexistent/x.png"], "does not exist"),
         (["--synthetic", "--num-classes", "0", "--out", "{tmp}/x.png"], "--num-classes must be >= 1"),
+        (["--synthetic", "--out", "{tmp}"], "is a folder; give a file name"),
+        (["--image", "{tmp}", "--out", "{tmp}/x.png"], "is a folder; give one image file"),
     ],
 )
 def test_visualize_bad_input(tmp_path, capsys, args, message):

@@ -110,10 +110,14 @@ def test_an_unwritable_target_fails_in_one_line_with_status_1():
     assert "not writable" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-@pytest.mark.parametrize("failure", ["oserror", "compiler"])
-def test_a_full_disk_fails_in_one_line_with_status_1_and_leaves_nothing(tmp_path, failure):
+@pytest.mark.parametrize("failure, status, message", [
+    ("oserror", 1, "could not write {out}: No space left on device"),
+    ("compiler", 1, "could not write {out}: No space left on device"),
+    ("interrupt", 130, "interrupted; {out} was not written"),
+])
+def test_a_full_disk_or_ctrl_c_fails_in_one_line_and_leaves_nothing(tmp_path, failure, status, message):
     """The disk fills while AOTInductor writes: as an OSError, or (what a real full disk gives, checked on
-    a tiny tmpfs) as the C++ compiler's error text wrapped in Inductor's own exception."""
+    a tiny tmpfs) as the C++ compiler's error text wrapped in Inductor's own exception; or Ctrl-C comes."""
     out = tmp_path / "model.so"
     script = f"""
         import errno, os, runpy, sys
@@ -122,6 +126,8 @@ def test_a_full_disk_fails_in_one_line_with_status_1_and_leaves_nothing(tmp_path
         def fill_the_disk(module, args, options):
             with open(options["aot_inductor.output_path"], "wb") as half:
                 half.write(b"half a library")
+            if {failure!r} == "interrupt":
+                raise KeyboardInterrupt
             if {failure!r} == "oserror":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), options["aot_inductor.output_path"])
             from torch._inductor.exc import CppCompileError, InductorError
@@ -132,9 +138,9 @@ def test_a_full_disk_fails_in_one_line_with_status_1_and_leaves_nothing(tmp_path
         runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
     """
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == status, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("aot_compile.py")]
-    assert lines == [f"aot_compile.py: error: could not write {out}: No space left on device"], result.stderr
+    assert lines == ["aot_compile.py: error: " + message.format(out=out)], result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -247,3 +253,17 @@ def test_dynamic_loader_rejects_batches_out_of_range(compiled):
     for batch in (0, 65):
         with pytest.raises(ArtifactError, match=r"outside the artifact's batch range \(1..64\)"):
             model(torch.randn(batch, 3, 224, 224))
+
+
+@pytest.mark.parametrize("name", ["my models", "it's", 'say "hi"'])
+def test_compiles_reach_folders_whose_paths_a_command_line_would_split_through_a_link(tmp_path, name):
+    import shlex
+
+    folder = tmp_path / name
+    folder.mkdir()
+    with export.command_line_safe(folder) as build_dir:
+        assert shlex.split(str(build_dir)) == [str(build_dir)]  # what Inductor's g++ line turns back into one path
+        (build_dir / "model.so").write_bytes(b"built")
+    assert (folder / "model.so").read_bytes() == b"built" and not build_dir.exists()  # built in place; the link is gone
+    with export.command_line_safe(tmp_path) as build_dir:
+        assert build_dir == tmp_path  # a safe path is used as it is

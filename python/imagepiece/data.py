@@ -1,12 +1,15 @@
 """ImageNet-style folders (one sub-folder per class) and timm's transforms, with clear errors."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, List, NamedTuple, Optional, Union
 
+import torch
 from PIL import Image
 from timm.data import ImageDataset, create_transform
 from timm.data import auto_augment as timm_auto_augment
+from torch.utils.data import default_collate
 
 # The pretrained-cfg entries that decide how an image becomes the model's input; an artifact stores
 # exactly these, and evaluation must use the same ones.
@@ -22,25 +25,83 @@ def preprocessing_config(pretrained_cfg: dict) -> dict:
     return {key: pretrained_cfg[key] for key in PREPROCESSING_KEYS}
 
 
-def image_folder(root: Union[str, Path], transform=None) -> ImageDataset:
+class Unreadable(NamedTuple):
+    """A sample whose file did not decode: `ImageFolder` hands it on instead of an image."""
+
+    path: str
+    error: str
+
+
+class ImageFolder(ImageDataset):
+    """timm's folder dataset, except that a file that does not decode is never replaced by another.
+
+    timm's ImageDataset logs a warning and returns the *next* image, with that image's label, so a
+    corrupt file was silently scored as a copy of its neighbour. Here it comes back as `Unreadable`,
+    and `collate_readable` takes it out of the batch, so that it is counted, named and never scored."""
+
+    def __getitem__(self, index):
+        path, target = self.reader.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")  # decodes the pixels: a truncated file fails here
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            return Unreadable(path, f"{type(error).__name__}: {error}")
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+class Batch(NamedTuple):
+    images: Optional[torch.Tensor]  # None when no file of the batch decoded
+    targets: Optional[torch.Tensor]
+    unreadable: List[Unreadable]
+
+
+def collate_readable(samples: list) -> Batch:
+    """A DataLoader's collate_fn for `ImageFolder`: the decoded samples as one batch, the others apart."""
+    unreadable = [sample for sample in samples if isinstance(sample, Unreadable)]
+    readable = [sample for sample in samples if not isinstance(sample, Unreadable)]
+    images, targets = default_collate(readable) if readable else (None, None)
+    return Batch(images, targets, unreadable)
+
+
+def image_folder(root: Union[str, Path], transform=None) -> ImageFolder:
     """The images under `root/<class>/...` (timm's folder reader: classes sorted by folder name)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {str(root)!r} does not exist or is not a folder")
+    _check_each_folder_listed_once(root)
     try:
-        dataset = ImageDataset(str(root), transform=transform)
+        dataset = ImageFolder(str(root), transform=transform)
     except RuntimeError as error:  # timm: "Found 0 images in subfolders of ..."
         raise DatasetError(f"dataset folder {str(root)!r} holds no images ({error})") from None
     if len(dataset) == 0:
         raise DatasetError(f"dataset folder {str(root)!r} holds no images in class sub-folders")
+    if "" in dataset.reader.class_to_idx:
+        raise DatasetError(f"dataset folder {str(root)!r} holds images directly; put each in a class sub-folder (<root>/<class>/<image>)")
     return dataset
 
 
-def num_classes(dataset: ImageDataset) -> int:
+def _check_each_folder_listed_once(root: Path) -> None:
+    # timm's reader follows symbolic links to folders: a link back up the tree repeats every image under it
+    # (41 times, seen) and a link to a sibling counts its images twice. Same walk, stopped at the first repeat.
+    seen = set()
+    for folder, _, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise DatasetError(f"dataset folder {str(root)!r}: {folder!r} is a link to a folder already listed ({real!r}); "
+                               "each image must appear once")
+        seen.add(real)
+
+
+def class_names(dataset: ImageFolder) -> List[str]:
+    """The class folder names, in label order."""
+    return sorted(dataset.reader.class_to_idx, key=dataset.reader.class_to_idx.get)
+
+
+def num_classes(dataset: ImageFolder) -> int:
     return len(dataset.reader.class_to_idx)
 
 
-def check_num_classes(dataset: ImageDataset, head_classes: int, root: Union[str, Path]) -> None:
+def check_num_classes(dataset: ImageFolder, head_classes: int, root: Union[str, Path]) -> None:
     """The dataset's classes must be exactly the model head's (labels index the logits)."""
     found = num_classes(dataset)
     if found != head_classes:

@@ -20,19 +20,31 @@ def eager_predictor(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Te
     return predict
 
 
+class NonFiniteLogits(ValueError):
+    """The model gave NaN or infinite logits: its accuracy would be meaningless (NaN ranks first)."""
+
+
 def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
              fixed_batch: Optional[int] = None, progress=None) -> dict:
-    """Accuracy of `predict` over `loader`.
+    """Accuracy of `predict` over `loader` (batches of `imagepiece.data.collate_readable`: images,
+    targets and the files that did not decode, which are counted and named, never scored).
 
     Args:
         fixed_batch: a static-batch artifact accepts only this batch size: a short last batch is
             padded with copies of its last image and the padding's logits are dropped.
         progress: an optional tqdm-like object updated per batch.
+    Raises NonFiniteLogits for a model whose logits are NaN or infinite (diverged weights).
     """
     correct1 = correct5 = seen = 0
+    unreadable = []
     model_seconds = 0.0
     started = time.perf_counter()
-    for images, targets in loader:
+    for images, targets, failed in loader:
+        unreadable += failed
+        if progress is not None:
+            progress.update(len(failed))
+        if images is None:
+            continue
         count = images.shape[0]
         if fixed_batch is not None and count < fixed_batch:
             images = torch.cat([images, images[-1:].expand(fixed_batch - count, -1, -1, -1)])
@@ -42,6 +54,9 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, device: to
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         model_seconds += time.perf_counter() - begin
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits(f"the model's logits are not finite (NaN or infinite) on images {seen}..{seen + count - 1}: "
+                                  "its weights have diverged or overflow at this precision, so no accuracy can be given")
         top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
         targets = targets.view(-1, 1)
         correct1 += int((top[:, :1] == targets).sum())
@@ -53,6 +68,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, device: to
         "images": seen,
         "top1": 100.0 * correct1 / max(seen, 1),
         "top5": 100.0 * correct5 / max(seen, 1),
+        "unreadable": [{"path": path, "error": error} for path, error in unreadable],
         "model_seconds": model_seconds,
         "total_seconds": time.perf_counter() - started,
         "img_per_s": seen / model_seconds if model_seconds else float("nan"),

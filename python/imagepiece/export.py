@@ -6,17 +6,20 @@ same input checks as the C++ runtime, so parity can be tested without it. Metada
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import datetime
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -274,13 +277,14 @@ def compile_artifact(
     started = time.perf_counter()
     options = {**_inductor_options(target, dynamic_batch=low != high, cpu=cpu), **(inductor_overrides or {})}
     # Absolute: Inductor runs the compiler in its own cache folder, where a relative "-o .x.so.tmp/model.so" names nothing.
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent.absolute()) as workdir:
-        staged = Path(workdir) / f"model{out.suffix}"
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent.absolute()) as workdir, \
+            command_line_safe(Path(workdir)) as build_dir:
+        staged, built = Path(workdir) / f"model{out.suffix}", build_dir / f"model{out.suffix}"
         with torch.no_grad(), pinned_march(options) as options:
             if out.suffix == ".so":
-                torch._inductor.aot_compile(exported.module(), (example,), options={**options, "aot_inductor.output_path": str(staged)})
+                torch._inductor.aot_compile(exported.module(), (example,), options={**options, "aot_inductor.output_path": str(built)})
             else:
-                torch._inductor.aoti_compile_and_package(exported, package_path=str(staged), inductor_configs=options)
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(built), inductor_configs=options)
         write_metadata(staged, metadata)
         verified = open_artifact(staged)  # the artifact must verify before it may replace anything
         try:
@@ -291,6 +295,34 @@ def compile_artifact(
         os.replace(staged, out)
     compile_seconds = time.perf_counter() - started
     return CompileReport(out, export_seconds, compile_seconds, out.stat().st_size, metadata)
+
+
+def _survives_shlex(path: str) -> bool:
+    try:
+        return shlex.split(path) == [path]
+    except ValueError:  # an unbalanced quote
+        return False
+
+
+@contextlib.contextmanager
+def command_line_safe(folder: Path) -> Iterator[Path]:
+    """`folder`, or a link to it from the system's temporary folder when its path would not survive
+    Inductor's compiler command line: Inductor joins the paths unquoted and splits the line with shlex,
+    so a space or a quote in `--out`'s folder would make g++ write somewhere else ("art x/" -> "art").
+    The artifact is still built in `folder` (through the link), so its final rename stays atomic."""
+    if _survives_shlex(str(folder)):
+        yield folder
+        return
+    links = Path(tempfile.mkdtemp(prefix="imagepiece-build."))
+    try:
+        if not _survives_shlex(str(links)):
+            raise ValueError(f"cannot compile into {str(folder)!r}: its path holds spaces or quotes, which Inductor's compiler "
+                             f"command line splits, and so does the temporary folder {str(links)!r}; choose another --out folder")
+        link = links / "build"
+        link.symlink_to(folder, target_is_directory=True)
+        yield link
+    finally:
+        shutil.rmtree(links)  # the link only: rmtree does not follow it
 
 
 def _quantized(model: ImagePieceViT, metadata: dict, example: torch.Tensor, calibration: Optional[Union[str, Path]],

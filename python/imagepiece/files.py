@@ -29,6 +29,16 @@ def check_writable_dir(folder: Union[str, Path], create: bool = False) -> Path:
     return folder
 
 
+def check_output_file(path: Union[str, Path]) -> Path:
+    """`path` as a Path, or ValueError when no file can be written there (it is a folder, or its folder
+    does not exist or is not writable): checked before long work, not found out after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a folder; give a file name")
+    check_writable_dir(path.parent)
+    return path
+
+
 def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
     """Call `write(staged_path)`, then rename the staged file to `path` in one step.
 

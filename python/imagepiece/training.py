@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +56,38 @@ RECIPES = {
 }
 
 
+def check_recipe(recipe: Recipe) -> Recipe:
+    """`recipe`, or ValueError naming the settings no training can run with (a non-finite lr trains NaN weights)."""
+    numbers = {name: value for name, value in dataclasses.asdict(recipe).items() if isinstance(value, (int, float))}
+    bad = [name for name, value in numbers.items() if not math.isfinite(value)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be finite numbers: {recipe}")
+    rules = [("epochs", recipe.epochs >= 1, ">= 1"), ("batch_size", recipe.batch_size >= 1, ">= 1"), ("lr", recipe.lr > 0, "> 0"),
+             ("min_lr", recipe.min_lr >= 0, ">= 0"), ("weight_decay", recipe.weight_decay >= 0, ">= 0"),
+             ("warmup_epochs", recipe.warmup_epochs >= 0, ">= 0"), ("mixup", recipe.mixup >= 0, ">= 0"),
+             ("cutmix", recipe.cutmix >= 0, ">= 0"), ("smoothing", 0 <= recipe.smoothing < 1, "in [0, 1)"),
+             ("drop_path", 0 <= recipe.drop_path < 1, "in [0, 1)"), ("re_prob", 0 <= recipe.re_prob <= 1, "in [0, 1]")]
+    broken = [f"{name} {rule} (got {getattr(recipe, name)})" for name, holds, rule in rules if not holds]
+    if broken:
+        raise ValueError("the recipe needs " + "; ".join(broken))
+    return recipe
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost folder); the previous one is intact."""
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: the step was not taken, so the weights are still finite."""
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save beside `path`, then an atomic rename: never a half-written checkpoint."""
-    atomic_write(path, lambda staged: torch.save(state, staged))
+    try:
+        atomic_write(path, lambda staged: torch.save(state, staged))
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointWriteError(f"cannot write {path} (disk full?): {message}; the previous checkpoint is intact") from None
 
 
 def _numpy_rng_state() -> tuple:
@@ -113,6 +143,9 @@ class Trainer:
             images, targets = self.mixup(images, targets)
         with torch.autocast(self.device.type, dtype=torch.bfloat16 if self.device.type == "cpu" else torch.float16, enabled=self.amp):
             loss = self.criterion(self.model(images), targets)
+        if not bool(torch.isfinite(loss)):  # before the step: the weights stay finite, and the run can resume with other flags
+            raise TrainingDiverged(f"the loss became {float(loss.detach())} at step {self.global_step + 1} (epoch {self.epoch}); "
+                                   "the step was not taken: lower --lr, or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

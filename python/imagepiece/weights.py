@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from timm.models import load_state_dict
@@ -93,15 +93,24 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
     model.load_state_dict(state, strict=False)
 
 
-def fine_tune_hint(path: Union[str, Path]) -> str:
-    """For a checkpoint written by scripts/finetune.py, which records beside the weights the settings the
-    weights need: the flags that rebuild that model, as a sentence to append to an error ("" for others)."""
+def fine_tuned_settings(path: Union[str, Path]) -> Optional[dict]:
+    """{"arch", "lcb", "num_classes"} that scripts/finetune.py records beside the weights it writes, which
+    the weights need to fit a model; None for any other checkpoint (or an unreadable one)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # safetensors, or unreadable: nothing recorded
-        return ""
+        return None
     if not isinstance(saved, dict) or not isinstance(saved.get("arch"), str) or isinstance(saved.get("num_classes"), bool) \
             or not isinstance(saved.get("num_classes"), int) or not isinstance(saved.get("lcb"), (str, type(None))):
+        return None
+    return {"arch": saved["arch"], "lcb": saved["lcb"], "num_classes": saved["num_classes"]}
+
+
+def fine_tune_hint(path: Union[str, Path]) -> str:
+    """For a checkpoint written by scripts/finetune.py: the flags that rebuild its model, as a sentence
+    to append to an error ("" for others)."""
+    saved = fine_tuned_settings(path)
+    if saved is None:
         return ""
     return (f". It was fine-tuned (scripts/finetune.py) as --arch {saved['arch']} --lcb {saved['lcb'] or 'none'} "
             f"--num-classes {saved['num_classes']}: pass the same flags")

@@ -1,0 +1,108 @@
+"""Labelled image folders for evaluation and fine-tuning: every file counted once, as what it is.
+
+timm's ImageDataset answers a file that does not decode with the *next* image and that image's label, and
+its folder walk follows links; both gave accuracy figures over images that were not there. No model here:
+a predictor that always says class 0 makes every count visible in the top-1.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from imagepiece.data import DatasetError, Unreadable, collate_readable, image_folder
+from imagepiece.evaluation import NonFiniteLogits, evaluate
+from imagepiece.training import RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, save_checkpoint
+from inputs import write_image_folder
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+
+
+def always_class_0(images):
+    logits = torch.zeros(len(images), 2)
+    logits[:, 0] = 1.0
+    return logits
+
+
+def loader(dataset, batch=2):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=collate_readable)
+
+
+@pytest.fixture
+def folder_with_bad_files(tmp_path):
+    write_image_folder(tmp_path, classes=2, per_class=2, size=8)
+    good = (tmp_path / "class_000" / "0.png").read_bytes()
+    (tmp_path / "class_000" / "truncated.png").write_bytes(good[:len(good) // 2])
+    (tmp_path / "class_001" / "notes.jpg").write_text("not an image")
+    (tmp_path / "class_001" / "empty.png").write_bytes(b"")
+    return tmp_path
+
+
+def test_undecodable_files_are_named_and_never_scored_as_another_image(folder_with_bad_files):
+    dataset = image_folder(folder_with_bad_files, transform=to_tensor)
+    assert len(dataset) == 7
+    samples = [dataset[index] for index in range(len(dataset))]
+    bad = sorted(os.path.basename(sample.path) for sample in samples if isinstance(sample, Unreadable))
+    assert bad == ["empty.png", "notes.jpg", "truncated.png"]
+    result = evaluate(always_class_0, loader(dataset), torch.device("cpu"))
+    # 2 readable images of class 0 and 2 of class 1; timm's substitution scored 7, the bad ones as copies of neighbours.
+    assert result["images"] == 4 and result["top1"] == 50.0
+    assert sorted(os.path.basename(entry["path"]) for entry in result["unreadable"]) == bad
+    assert all(entry["error"] for entry in result["unreadable"])
+
+
+def test_a_batch_without_one_decodable_file_is_skipped(folder_with_bad_files):
+    batch = collate_readable([Unreadable("a.jpg", "OSError: x"), Unreadable("b.jpg", "OSError: y")])
+    assert batch.images is None and batch.targets is None and len(batch.unreadable) == 2
+    only_bad = torch.utils.data.Subset(image_folder(folder_with_bad_files, transform=to_tensor), [0, 1, 2, 3, 4, 5, 6])
+    assert evaluate(always_class_0, loader(only_bad, batch=1), torch.device("cpu"))["images"] == 4
+
+
+def test_non_finite_logits_are_an_error_not_an_accuracy(tmp_path):
+    write_image_folder(tmp_path, classes=2, per_class=2, size=8)
+    dataset = image_folder(tmp_path, transform=to_tensor)
+    with pytest.raises(NonFiniteLogits, match="not finite"):  # NaN ranks first in topk: class 0 would "win" every image
+        evaluate(lambda images: torch.full((len(images), 2), float("nan")), loader(dataset), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("link", ["loop", "sibling"])
+def test_a_folder_reached_twice_through_a_link_is_refused(tmp_path, link):
+    write_image_folder(tmp_path, classes=2, per_class=2, size=8)
+    target = ".." if link == "loop" else "../class_001"  # a loop repeated every image 41 times; a sibling counts twice
+    os.symlink(target, tmp_path / "class_000" / "linked")
+    with pytest.raises(DatasetError, match="link to a folder already listed"):
+        image_folder(tmp_path)
+
+
+def test_images_outside_class_folders_are_refused(tmp_path):
+    write_image_folder(tmp_path, classes=2, per_class=2, size=8)
+    (tmp_path / "stray.png").write_bytes((tmp_path / "class_000" / "0.png").read_bytes())  # would become class ""
+    with pytest.raises(DatasetError, match="holds images directly"):
+        image_folder(tmp_path)
+
+
+def test_a_non_finite_loss_stops_training_before_the_step(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    recipe = RECIPES["finetune"].__class__(**{**RECIPES["finetune"].__dict__, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0})
+    trainer = Trainer(model, recipe, num_classes=2, steps_per_epoch=1, device=torch.device("cpu"), amp=False)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match="the step was not taken"):
+        trainer.train_step(torch.full((2, 3, 2, 2), float("inf")), torch.tensor([0, 1]))
+    assert trainer.global_step == 0 and all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    save_checkpoint(path, {"step": 1})
+
+    def full_disk(state, staged):
+        open(staged, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert torch.load(path) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.pth"]
