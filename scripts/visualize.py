@@ -26,17 +26,14 @@ from imagepiece.pieces import piece_maps, render_pieces, save_png
 
 def load_image(path: Path, model) -> tuple:
     """(normalised [1, 3, H, W] tensor, display [H, W, 3] uint8) with the model's eval transform."""
-    from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform, resolve_data_config
 
-    try:
-        image = Image.open(path).convert("RGB")
-    except FileNotFoundError:
-        raise ValueError(f"image {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise ValueError(f"--image {str(path)!r} is a folder; give one image file") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"{str(path)!r} is not an image PIL can read") from None
+    from imagepiece.predict.decode import ImageError, decode_rgb
+
+    try:  # the predict CLI's decoder and refusals (a 16-bit image would otherwise be clipped to white)
+        image = decode_rgb(str(path))
+    except ImageError as error:
+        raise ValueError(f"--image {str(path)!r}: {error}") from None
     config = resolve_data_config(pretrained_cfg=model.pretrained_cfg)
     tensor = create_transform(**config)(image).unsqueeze(0)
     mean, std = torch.tensor(config["mean"]).view(3, 1, 1), torch.tensor(config["std"]).view(3, 1, 1)

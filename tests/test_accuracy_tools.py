@@ -263,17 +263,19 @@ def test_visualize_a_fine_tuned_checkpoint_of_other_classes(finetuned, tmp_path,
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--image", "{tmp}/missing.jpg", "--out", "{tmp}/x.png"], "does not exist"),
+        (["--image", "{tmp}/missing.jpg", "--out", "{tmp}/x.png"], "file not found"),
         (["--image", "{tmp}/notes.jpg", "--out", "{tmp}/x.png"], "not an image"),
+        (["--image", "{tmp}/deep.png", "--out", "{tmp}/x.png"], "unsupported 16-bit image"),
         (["--synthetic", "--blocks", "12", "--out", "{tmp}/x.png"], "outside 0..11"),
         (["--synthetic", "--out", "/nonexistent/x.png"], "does not exist"),
         (["--synthetic", "--num-classes", "0", "--out", "{tmp}/x.png"], "--num-classes must be >= 1"),
         (["--synthetic", "--out", "{tmp}"], "is a folder; give a file name"),
-        (["--image", "{tmp}", "--out", "{tmp}/x.png"], "is a folder; give one image file"),
+        (["--image", "{tmp}", "--out", "{tmp}/x.png"], "is a directory, not an image file"),
     ],
 )
 def test_visualize_bad_input(tmp_path, capsys, args, message):
     (tmp_path / "notes.jpg").write_text("not a picture")
+    Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")  # Pillow's RGB would clip it to white
     result = call_script("visualize", capsys, "--arch", ARCH, *[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imagepiece.data import DatasetError, Unreadable, collate_readable, image_folder
 from imagepiece.evaluation import NonFiniteLogits, evaluate
@@ -37,17 +38,18 @@ def folder_with_bad_files(tmp_path):
     (tmp_path / "class_000" / "truncated.png").write_bytes(good[:len(good) // 2])
     (tmp_path / "class_001" / "notes.jpg").write_text("not an image")
     (tmp_path / "class_001" / "empty.png").write_bytes(b"")
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(tmp_path / "class_001" / "deep.png")  # RGB would clip to white
     return tmp_path
 
 
 def test_undecodable_files_are_named_and_never_scored_as_another_image(folder_with_bad_files):
     dataset = image_folder(folder_with_bad_files, transform=to_tensor)
-    assert len(dataset) == 7
+    assert len(dataset) == 8
     samples = [dataset[index] for index in range(len(dataset))]
     bad = sorted(os.path.basename(sample.path) for sample in samples if isinstance(sample, Unreadable))
-    assert bad == ["empty.png", "notes.jpg", "truncated.png"]
+    assert bad == ["deep.png", "empty.png", "notes.jpg", "truncated.png"]
     result = evaluate(always_class_0, loader(dataset), torch.device("cpu"))
-    # 2 readable images of class 0 and 2 of class 1; timm's substitution scored 7, the bad ones as copies of neighbours.
+    # 2 readable images of class 0 and 2 of class 1; timm's substitution scored 8, the bad ones as copies of neighbours.
     assert result["images"] == 4 and result["top1"] == 50.0
     assert sorted(os.path.basename(entry["path"]) for entry in result["unreadable"]) == bad
     assert all(entry["error"] for entry in result["unreadable"])
@@ -56,7 +58,7 @@ def test_undecodable_files_are_named_and_never_scored_as_another_image(folder_wi
 def test_a_batch_without_one_decodable_file_is_skipped(folder_with_bad_files):
     batch = collate_readable([Unreadable("a.jpg", "OSError: x"), Unreadable("b.jpg", "OSError: y")])
     assert batch.images is None and batch.targets is None and len(batch.unreadable) == 2
-    only_bad = torch.utils.data.Subset(image_folder(folder_with_bad_files, transform=to_tensor), [0, 1, 2, 3, 4, 5, 6])
+    only_bad = torch.utils.data.Subset(image_folder(folder_with_bad_files, transform=to_tensor), list(range(8)))
     assert evaluate(always_class_0, loader(only_bad, batch=1), torch.device("cpu"))["images"] == 4
 
 

@@ -40,12 +40,15 @@ class ImageFolder(ImageDataset):
     and `collate_readable` takes it out of the batch, so that it is counted, named and never scored."""
 
     def __getitem__(self, index):
+        # The predict CLI's decoder: its refusals too (16-bit images, which Pillow would clip to a white picture;
+        # decompression bombs). Imported here: the predict package imports this module.
+        from .predict.decode import ImageError, decode_rgb
+
         path, target = self.reader.samples[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")  # decodes the pixels: a truncated file fails here
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            return Unreadable(path, f"{type(error).__name__}: {error}")
+            image = decode_rgb(path)
+        except ImageError as error:
+            return Unreadable(path, str(error))
         return (self.transform(image) if self.transform is not None else image), target
 
 
