@@ -4,8 +4,10 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,7 +107,8 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["suite", "--dtype", "bf16", "--paths", "ort"], "runs only in a --dtype fp32 run"),
         (["precision", "--images", "0"], "--images and --batch must be >= 1"),
         (["precision", "--batch", "0"], "--images and --batch must be >= 1"),
-        (["contention", "--artifact", "/nonexistent/model.so"], "does not exist"),
+        (["contention", "--artifact", "/nonexistent/model.so"], "is not a file"),
+        (["contention", "--artifact", __file__], "is not an artifact"),
         (["contention", "--neighbours", "-1"], "--neighbours >= 0"),
         (["precision", "--contenders", "ip_runtime_int8", "--calibration", "/nonexistent/images"], "is not a folder"),
         (["tuning", "--repeats", "0"], "--batch and --repeats must be >= 1"),
@@ -116,6 +119,10 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["e2e", "--images", "0"], "must be >= 1"),
         (["e2e", "--ray-concurrency", "2"], "needs --ray"),
         (["e2e", "--uint8", "--uint8-artifact", __file__], "not both"),
+        (["e2e", "--artifact", __file__], "is not an artifact"),
+        (["e2e", "--uint8-artifact", __file__], "is not an artifact"),
+        (["suite", "--quick", "--arch", "deit_small_patch16_224"], "--quick sets --arch, --variants and --batch itself; drop --arch"),
+        (["suite", "--quick", "--variants", "tome", "--batch", "4"], "drop --variants and --batch or --quick"),
     ],
 )
 def test_bad_arguments_are_refused_clearly(tmp_path, capsys, args, message):
@@ -210,12 +217,51 @@ def test_serve_mode_loads_the_batcher_beside_batch_one_runs(compiled, tmp_path, 
 def test_contention_mode_times_each_openmp_setting_beside_busy_neighbours(compiled, tmp_path):
     from imagepiece.bench import cli
 
-    assert cli.main(["contention", "--arch", "deit_tiny_patch16_224", "--artifact", str(compiled.path("ti_plain")), "--batch", "2",
+    # No --arch/--preset: the results are named after the artifact's model, not after their defaults.
+    assert cli.main(["contention", "--artifact", str(compiled.path("ti_plain")), "--batch", "2",
                      "--neighbours", "0", "1", "--settings", "default", "passive", "--rounds", "1", "--calls", "2",
                      "--out", str(tmp_path)]) == 0
+    assert written(tmp_path)[".json"].name.startswith("contention_deit_tiny_patch16_224_plain_b2_")
     stats = json.loads(written(tmp_path)[".json"].read_text())["stats"]
     assert set(stats) == {f"{s} | {n} neighbours" for s in ("default", "passive") for n in (0, 1)}
     assert all(row["samples"] == 2 and row["p50_ms"] > 0 for row in stats.values())
+
+
+def test_sigterm_stops_a_mode_and_its_child_processes_with_one_line(compiled, tmp_path):
+    """SIGTERM (a scheduler's, `kill PID`) unwinds the mode as Ctrl-C does: the busy neighbour and the measuring
+    child are stopped, and the benchmark says so in one line."""
+    process = subprocess.Popen([sys.executable, "-m", "imagepiece.bench", "contention", "--artifact", str(compiled.path("ti_plain")),
+                                "--batch", "2", "--neighbours", "1", "--settings", "default", "--rounds", "1", "--calls", "1000000",
+                                "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 120
+    while len(children.read_text().split()) < 2:  # the neighbour, then the measuring child
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    pids = children.read_text().split()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith("contention terminated (SIGTERM); its child processes and temporary files are "
+                                                 "gone, its results were not written")
+    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
+
+
+def test_artifact_options_are_checked_against_the_artifact_and_name_the_results(compiled, tmp_path, capsys):
+    from imagepiece.bench import cli
+
+    static = str(compiled.path("ti_imagepiece"))  # DeiT-Ti ImagePiece, float input, static batch 2
+    for args, message in [(["contention", "--artifact", static, "--batch", "8"], "--batch 8 is outside the batch range 2..2"),
+                          (["e2e", "--artifact", static], "--batch 8 is outside the batch range 2..2"),  # not clamped to 2
+                          (["e2e", "--artifact", static, "--batch", "2", "--uint8-artifact", static],
+                           "--uint8-artifact must take uint8_nhwc input")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*args, "--out", str(tmp_path)])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, args
+    assert list(tmp_path.iterdir()) == []
+    args = cli.parse_args(["serve", "--artifact", str(compiled.path("ti_imagepiece_dynamic")), "--max-batch", "4", "--preset", "plain",
+                           "--out", str(tmp_path)])
+    assert (args.arch, args.preset) == ("deit_tiny_patch16_224", "imagepiece")
 
 
 def test_artifact_load_mode_times_loads_in_fresh_processes_and_traces_rss(compiled, tmp_path):
@@ -232,9 +278,15 @@ def test_artifact_load_mode_times_loads_in_fresh_processes_and_traces_rss(compil
     assert "digest alone" in files[".txt"].read_text()
 
 
-def test_artifact_load_mode_refuses_what_it_cannot_measure(tmp_path):
+def test_artifact_load_mode_refuses_what_it_cannot_measure(tmp_path, capsys):
+    from imagepiece.bench import cli
+
     result = bench("artifact-load", "--so", tmp_path / "missing.so", "--out", tmp_path)
     assert result.returncode == 2 and "--so must be an existing .so file" in result.stderr
+    (tmp_path / "fake.pt2").write_text("not a package")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["artifact-load", "--pt2", str(tmp_path / "fake.pt2"), "--out", str(tmp_path / "results")])
+    assert exit_.value.code == 2 and "--pt2: " in capsys.readouterr().err and not (tmp_path / "results").exists()
 
 
 def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(compiled, tmp_path):
@@ -256,6 +308,7 @@ def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(
     assert {"cpu", "torch"} <= set(record["machine"]) and record["settings"]["rounds"] == "1"
     text = files[".txt"].read_text()
     assert text.startswith("# ") and "single-process / model-only" in text and "uint8-input artifact" in text
+    assert "goal" not in text and "goal_met" not in result  # the goal is about DeiT-S at batch 8, not this run
 
 
 def test_profile_parts_are_medians_so_one_stalled_call_does_not_move_them():

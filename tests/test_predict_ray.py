@@ -1,17 +1,19 @@
 """imagepiece-predict --ray on a local 2-CPU Ray: the same rows as the single-process path, and --resume."""
 import logging
 import shutil
+import socket
 
 import pyarrow.parquet as pq
 import pytest
 import ray
 
 from image_files import write_bad_images, write_good_images
+from imagepiece.predict import ray_job
 from imagepiece.predict.cli import main
-from imagepiece.predict.ray_job import resume_plan
+from imagepiece.predict.ray_job import check_output_folder, resume_plan
 from imagepiece.predict.rows import Row
 from imagepiece.predict.sources import InputItem
-from imagepiece.predict.writers import read_rows, rows_from_arrow
+from imagepiece.predict.writers import read_rows, rows_from_arrow, rows_to_arrow
 
 # The bomb fixtures are meant to trip Pillow's warning; predict refuses them itself (error rows).
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -73,3 +75,72 @@ def test_resume_replaces_only_error_rows_of_paths_listed_again():
     todo, retried = resume_plan(earlier, items)
     assert [item.path for item in todo] == ["broken.jpg", "new.jpg"]
     assert retried == {"broken.jpg"}, "an error row of a path no longer listed is kept, as in the single-process path"
+
+
+def test_an_output_folder_holding_other_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    # No Ray and no artifact needed: the folder is checked before anything is loaded. Ray's write_parquet adds files
+    # beside what a folder holds; a fresh run replaces only an earlier run's own files, never the user's.
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    pq.write_table(rows_to_arrow([Row("a.jpg")]).select(["path"]), folder / "table.parquet")
+    pq.write_table(rows_to_arrow([Row("b.jpg", error="truncated")]), folder / "earlier_run.parquet")
+    common = ["--artifact", str(tmp_path / "unused.so"), "--ray", "--no-progress"]
+
+    assert main(common + ["--input", str(folder / "table.parquet"), "--output", str(folder)]) == 2
+    assert "is inside the output folder" in capsys.readouterr().err
+    elsewhere = tmp_path / "table.parquet"
+    shutil.copy(folder / "table.parquet", elsewhere)
+    assert main(common + ["--input", str(elsewhere), "--output", str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert "holds 1 entries that are no predict output (e.g. 'table.parquet')" in error and len(error.splitlines()) == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["earlier_run.parquet", "table.parquet"]
+    (folder / "table.parquet").unlink()
+    check_output_folder(folder, str(elsewhere))  # an earlier run's output alone: a fresh run may replace it
+
+
+def test_an_address_where_no_ray_answers_is_a_one_line_error_and_leaves_no_folder(compiled, tmp_path, capsys):
+    with socket.socket() as closed:  # bound, never listening: a connect is refused
+        closed.bind(("127.0.0.1", 0))
+        address = "%s:%d" % closed.getsockname()
+        output = tmp_path / "preds"
+        photos = tmp_path / "photos"
+        write_good_images(photos)
+        assert main(["--artifact", str(compiled.path("ti_imagepiece")), "--input", str(photos), "--output", str(output),
+                     "--ray", "--address", address, "--no-progress"]) == 2
+    assert f"no Ray cluster answers at --address {address}" in capsys.readouterr().err
+    assert not output.exists()
+    with pytest.raises(ValueError, match="is not host:port"):
+        ray_job.check_reachable("headnode")
+
+
+def test_ray_resume_checks_topk_and_spelling_as_the_single_process_path_does(compiled, tmp_path, monkeypatch, capsys):
+    # No Ray needed: both checks come before Ray starts; a Ctrl-C right after them stands in for the job.
+    photos = tmp_path / "photos"
+    names = write_good_images(photos)[:2]
+    output = tmp_path / "preds"
+    output.mkdir()
+    earlier = [Row(f"photos/{name}", classes=[1, 2, 3], labels=["a", "b", "c"], probs=[0.5, 0.25, 0.125]) for name in names]
+    pq.write_table(rows_to_arrow(earlier), output / "earlier.parquet")
+    before = (output / "earlier.parquet").read_bytes()
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"photos/{name}\n" for name in names))
+    common = ["--artifact", str(compiled.path("ti_imagepiece")), "--output", str(output), "--ray", "--resume", "--no-progress"]
+
+    assert main(common + ["--input", str(listing), "--topk", "5"]) == 2
+    assert "holds top-3 rows, this run asks for --topk 5" in capsys.readouterr().err
+
+    def interrupt(progress):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_job, "_start_ray", lambda address: False)
+    monkeypatch.setattr(ray_job, "_set_ray_data_output", interrupt)
+    listing.write_text("".join(f"./photos/{name}\n" for name in names))
+    assert main(common + ["--input", str(listing), "--topk", "3"]) == 130
+    error = capsys.readouterr().err
+    assert "none of the 2 rows already in" in error and "interrupted; " in error and "before predicting" not in error
+    assert [p.name for p in output.iterdir()] == ["earlier.parquet"] and (output / "earlier.parquet").read_bytes() == before
+
+    fresh = tmp_path / "fresh"  # made for the run, and gone again when it was interrupted
+    assert main(["--artifact", str(compiled.path("ti_imagepiece")), "--input", str(listing), "--output", str(fresh), "--ray",
+                 "--no-progress"]) == 130
+    assert not fresh.exists()

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .artifact_option import checked_metadata
 from .results import ResultsWriter
 from .timing import summarize
 
@@ -43,6 +44,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for given, suffix in ((args.so, ".so"), (args.pt2, ".pt2")):
         if given is not None and (given.suffix != suffix or not given.is_file()):
             parser.error(f"--{suffix[1:]} must be an existing {suffix} file, got {str(given)!r}")
+        if given is not None:
+            checked_metadata(parser, f"--{suffix[1:]}", given, args.device)
 
 
 # --- in a child process ----------------------------------------------------------------------------

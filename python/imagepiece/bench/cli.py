@@ -22,6 +22,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +35,7 @@ from ..model import ARCHS
 from . import (artifact_load, compile_time, contention, overhead, precision, predict_e2e, profiling, reevaluation, serving, suite,
                tuning)
 from .results import RESULTS_ROOT
+from .variants import DEFAULT_ARCH
 
 DESCRIPTION = "Benchmarks of the ImagePiece family; raw results go to benchmarks/results/<machine>/."
 MODES: Dict[str, ModuleType] = {"suite": suite, "compile": compile_time, "overhead": overhead, "profile": profiling,
@@ -43,7 +45,7 @@ MODES: Dict[str, ModuleType] = {"suite": suite, "compile": compile_time, "overhe
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(ARCHS))
+    parser.add_argument("--arch", default=DEFAULT_ARCH, choices=sorted(ARCHS))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS_ROOT, help="results root; a folder per machine is made below it")
@@ -77,11 +79,30 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m imag
     return args
 
 
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread: unwinding runs the modes' `with` and `finally` blocks, which stop their
+    child processes (busy neighbours, the HTTP server, measuring children) and remove their temporary folders."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut that cleanup short
+    raise Terminated
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m imagepiece.bench") -> int:
     args = parse_args(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return MODES[args.mode].run(args)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return MODES[args.mode].run(args)
+    except (KeyboardInterrupt, Terminated) as stop:
+        interrupted = isinstance(stop, KeyboardInterrupt)
+        print(f"{prog}: {args.mode} {'interrupted' if interrupted else 'terminated (SIGTERM)'}; its child processes and "
+              "temporary files are gone, its results were not written", file=sys.stderr)
+        return 128 + (signal.SIGINT if interrupted else signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

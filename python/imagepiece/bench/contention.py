@@ -30,6 +30,7 @@ import torch
 
 from ..config import PRESETS
 from ..model import create_model
+from .artifact_option import checked_metadata, name_after_artifact
 from .results import ResultsWriter
 from .timing import summarize
 
@@ -68,8 +69,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("contention runs on cpu only (it is about OpenMP threads sharing cores)")
     if args.batch < 1 or args.rounds < 1 or args.calls < 1 or any(n < 0 for n in args.neighbours):
         parser.error("--batch, --rounds and --calls must be >= 1, --neighbours >= 0")
-    if args.artifact is not None and not args.artifact.is_file():
-        parser.error(f"--artifact {str(args.artifact)!r} does not exist")
+    if args.artifact is not None:
+        name_after_artifact(args, checked_metadata(parser, "--artifact", args.artifact, args.device, batch=args.batch))
 
 
 def child_seconds(artifact: Path, batch: int, calls: int, setting: Dict[str, str]) -> List[float]:
@@ -80,8 +81,11 @@ def child_seconds(artifact: Path, batch: int, calls: int, setting: Dict[str, str
 
 
 def with_neighbours(count: int, measure):
-    neighbours = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(count)]
+    neighbours = []
     try:
+        for _ in range(count):  # in the try: an interruption between two starts stops the first one too
+            # stderr dropped: a Ctrl-C reaches the whole process group, and each spinner would print a traceback
+            neighbours.append(subprocess.Popen([sys.executable, "-c", SPIN], stderr=subprocess.DEVNULL))
         time.sleep(0.5 if count else 0.0)  # let them take their cores
         return measure()
     finally:

@@ -44,10 +44,11 @@ def run_clients(request: Callable[[int], None], clients: int, requests: int,
     tickets = itertools.count()  # next() on a count is atomic under the GIL: each ticket goes to one client
     lock = threading.Lock()
     result = LoadResult(clients, requests, 0.0)
+    stop = threading.Event()  # the caller was interrupted (Ctrl-C, SIGTERM): clients end after their request
 
     def client(index: int) -> None:
         latencies, errors = [], {}
-        while next(tickets) < requests:
+        while not stop.is_set() and next(tickets) < requests:
             began = time.perf_counter()
             try:
                 request(index)
@@ -65,7 +66,10 @@ def run_clients(request: Callable[[int], None], clients: int, requests: int,
     began = time.perf_counter()
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    finally:
+        stop.set()
     result.seconds = time.perf_counter() - began
     return result

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..config import PRESETS
+from .artifact_option import checked_metadata
 from .results import ResultsWriter
 
 HELP = "JPEG files -> predictions (single process, and Ray with --ray) beside the same artifact's model-only img/s"
@@ -43,10 +44,15 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--ray-concurrency must be >= 1 and needs --ray")
     if args.uint8 and args.uint8_artifact is not None:
         parser.error("give --uint8 (compile the twin) or --uint8-artifact (use this one), not both")
-    for name in ("artifact", "uint8_artifact"):
-        given = getattr(args, name)
-        if given is not None and not given.is_file():
-            parser.error(f"--{name.replace('_', '-')} {str(given)!r} is not a file")
+    for name, input_format in (("artifact", None), ("uint8_artifact", "uint8_nhwc")):
+        given, option = getattr(args, name), f"--{name.replace('_', '-')}"
+        if given is None:
+            continue
+        # --batch is checked, not clamped: the results would name a batch the run did not use
+        metadata = checked_metadata(parser, option, given, args.device, batch=args.batch)
+        if input_format is not None and metadata["input_format"] != input_format:
+            parser.error(f"{option} must take {input_format} input (scripts/aot_compile.py --input-format uint8); "
+                         f"{str(given)!r} takes {metadata['input_format']}")
 
 
 def _compiled(args: argparse.Namespace, folder: Path, input_format: str) -> Path:

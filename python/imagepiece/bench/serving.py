@@ -31,11 +31,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..artifact import DTYPES, ArtifactError, read_metadata
+from ..artifact import DTYPES
 from ..config import PRESETS
 from ..export import DYNAMIC_EXAMPLE_BATCH, compile_artifact
 from ..model import create_model
 from ..predict.bench import machine_load, synthetic_jpegs
+from .artifact_option import checked_metadata, name_after_artifact
 from .load import LoadResult, run_clients
 from .results import ResultsWriter
 
@@ -70,20 +71,13 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 
 def _check_artifact(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Refuse, before any work, an artifact this run cannot serve; results are named after the artifact's arch."""
-    if not args.artifact.is_file():
-        parser.error(f"--artifact {str(args.artifact)!r} is not a file")
-    try:
-        metadata = read_metadata(args.artifact)
-    except ArtifactError as error:
-        parser.error(f"--artifact: {error}")
-    batch, device_type = metadata["batch"], torch.device(args.device).type
+    """Refuse, before any work, an artifact this run cannot serve; results are named after the artifact's model."""
+    metadata = checked_metadata(parser, "--artifact", args.artifact, args.device)
+    batch = metadata["batch"]
     if batch["min"] > 1 or batch["max"] < args.max_batch:
         parser.error(f"--artifact must take every batch in 1..{args.max_batch} (batch-1 runs, and --max-batch for the batcher); "
                      f"it takes {batch['min']}..{batch['max']}: compile it with scripts/aot_compile.py --max-batch {args.max_batch}")
-    if metadata["device_type"] != device_type:
-        parser.error(f"--artifact was compiled for {metadata['device_type']}, not --device {args.device}")
-    args.arch = metadata["arch"]
+    name_after_artifact(args, metadata)
 
 
 class Contender:
@@ -129,13 +123,21 @@ class ServerProcess:
             self.process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> "ServerProcess":
+        try:
+            self._wait_until_healthy()
+        except BaseException:  # an error, Ctrl-C or SIGTERM while it starts: __exit__ will not run, stop it here
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_until_healthy(self) -> None:
         deadline = time.monotonic() + 600
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}: {self.log.read_text()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5):
-                    return self
+                    return
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the server did not answer /healthz within 600 s") from None

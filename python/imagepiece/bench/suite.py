@@ -25,14 +25,14 @@ from .measure import PeakMemory, gflops_per_image
 from .paths import PATHS, Context
 from .results import ResultsWriter
 from .timing import summarize, time_interleaved
-from .variants import BASELINE, DEFAULT_VARIANTS, VARIANTS, build_models
+from .variants import BASELINE, DEFAULT_ARCH, DEFAULT_VARIANTS, VARIANTS, build_models
 
 HELP = "DeiT / ToMe / EViT / ImagePiece across eager, torch.compile, AOTI, ip_runtime, C++"
 CPP_BENCH = Path(__file__).resolve().parents[3] / "build" / "bench" / "bench_runtime"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}")
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), help="default: every path the device supports")
     parser.add_argument("--batch", type=int, nargs="+", help="default: 1 8 64 (CPU), 1 8 64 256 (CUDA)")
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "fp16", "bf16"], help="default: fp32 (CPU), fp16 bf16 (CUDA)")
@@ -40,13 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-seconds", type=float, default=0.0, help="keep timing a batch size at least this long (GPU)")
     parser.add_argument("--quick", action="store_true", help="a CI-sized run: DeiT-Ti, batch 2, plain and ImagePiece")
     parser.add_argument("--cpp-bench", type=Path, default=CPP_BENCH, help="the built cpp/bench binary")
+    parser.set_defaults(arch=None)  # resolved in check: --quick must tell a given --arch from the default
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     if args.quick:
+        given = [f"--{name}" for name in ("arch", "variants", "batch") if getattr(args, name) is not None]
+        if given:
+            parser.error(f"--quick sets --arch, --variants and --batch itself; drop {' and '.join(given)} or --quick")
         args.arch, args.variants, args.batch, args.repeats = "deit_tiny_patch16_224", ["plain", "imagepiece"], [2], min(args.repeats, 3)
         args.paths = args.paths or ["eager", "aoti", "ip_runtime"]
+    args.arch = args.arch or DEFAULT_ARCH
+    args.variants = args.variants or list(DEFAULT_VARIANTS)
     args.batch = args.batch or ([1, 8, 64, 256] if device == "cuda" else [1, 8, 64])
     args.dtype = args.dtype or (["fp16", "bf16"] if device == "cuda" else ["fp32"])
     if args.paths is None:

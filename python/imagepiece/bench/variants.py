@@ -11,6 +11,7 @@ from ..config import PRESETS, ReductionConfig, token_schedule
 from ..model import create_model
 
 BASELINE = "plain"
+DEFAULT_ARCH = "deit_small_patch16_224"
 
 
 @dataclass(frozen=True)

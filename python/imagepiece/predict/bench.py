@@ -12,8 +12,8 @@ actor pool, not starting Ray). Given `uint8_artifact` (the same model compiled w
 uint8`: normalisation inside, no float work on the host), its model-only and single-process runs
 join each round too. Also: decode+resize ms per image on one thread, and decode's share
 of the single-process run's CPU capacity (decode CPU seconds / (wall seconds x cores)).
-The goal (issue 12) is single-process >= 80% of model-only for DeiT-S ImagePiece fp32, batch 8; the
-headline ratio is the median of the per-round ratios (each round's two runs saw the same load).
+The goal (issue 12) is single-process >= 80% of model-only for DeiT-S ImagePiece fp32, batch 8 (its
+verdict is given for that setting only); the headline ratio is the median of the per-round ratios (each round's two runs saw the same load).
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from .pipeline import ImagePreparer, RunStats, predict_items
 from .sources import InputItem
 
 GOAL = 0.8
+GOAL_SETTING = {"arch": "deit_small_patch16_224", "method": "imagepiece", "dtype": "fp32", "batch": 8}  # what the goal is about
 
 
 def synthetic_jpegs(folder: Path, count: int, size: Tuple[int, int] = (500, 375), seed: int = 0) -> List[InputItem]:
@@ -147,8 +148,10 @@ def e2e_benchmark(artifact: str, images: int = 400, size: Tuple[int, int] = (500
         }
         result["ratio"] = statistics.median(result["ratio_per_round"])
         result["ratio_of_medians"] = result["single_process_median"] / result["model_only_median"]
-        result["goal"] = f"single-process >= {GOAL:.0%} of model-only"
-        result["goal_met"] = result["ratio"] >= GOAL
+        setting = {**{key: classifier.metadata[key] for key in ("arch", "method", "dtype")}, "batch": classifier.batch}
+        if setting == GOAL_SETTING:  # another model or batch says nothing about the goal
+            result["goal"] = f"single-process >= {GOAL:.0%} of model-only"
+            result["goal_met"] = result["ratio"] >= GOAL
         if pixel_classifier is not None:
             result["uint8"] = {
                 "artifact": str(uint8_artifact), "input_format": pixel_classifier.metadata["input_format"],
@@ -180,7 +183,7 @@ def report(result: dict) -> str:
              f"single-process   {result['single_process_median']:7.1f} img/s   (rounds: {', '.join(f'{v:.1f}' for v in result['single_process_img_per_s'])})",
              f"single-process / model-only: {result['ratio']:.1%} (median of rounds: "
              f"{', '.join(f'{v:.0%}' for v in result['ratio_per_round'])}; ratio of medians {result['ratio_of_medians']:.1%})"
-             f"   goal >= {GOAL:.0%}: {'met' if result['goal_met'] else 'NOT met'}",
+             + (f"   goal >= {GOAL:.0%}: {'met' if result['goal_met'] else 'NOT met'}" if "goal_met" in result else ""),
              f"decode+resize: {result['decode_ms_per_image_one_thread']:.2f} ms/image on one thread; "
              f"{result['decode_share']:.1%} of the machine's CPU during the median single-process run"]
     if "uint8" in result:

@@ -31,8 +31,9 @@ from .classifier import Classifier
 from .decode import DEFAULT_MAX_PIXELS
 from .labels import class_names
 from .pipeline import RunStats, predict_items
+from .ray_job import check_output_folder, run_on_ray
 from .sources import list_inputs
-from .writers import ResumableOutput, output_format
+from .writers import ResumableOutput, output_format, warn_if_resume_matches_nothing
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -92,6 +93,7 @@ def check_output(path: Path, ray: bool, input_spec: str) -> None:
     if ray:
         if path.exists() and not path.is_dir():
             raise ValueError(f"output {str(path)!r} exists and is not a folder; with --ray the output is a folder of Parquet files")
+        check_output_folder(path, input_spec)
     else:
         output_format(path)
         if path.is_dir():
@@ -99,12 +101,9 @@ def check_output(path: Path, ray: bool, input_spec: str) -> None:
     check_writable_dir(path.parent)
 
 
-def run_single_process(args, items, classifier, names) -> int:
+def run_single_process(args, items, classifier, names, warn) -> int:
     output = ResumableOutput(args.output, args.resume, args.topk)
-    if output.previous and not output.matched([item.path for item in items]):
-        print(f"warning: none of the {len(output.previous)} rows already in {args.output} names an input path as this run "
-              f"spells it (e.g. {next(iter(output.previous))!r} and {items[0].path!r}): all are predicted again",
-              file=sys.stderr)
+    warn_if_resume_matches_nothing(list(output.previous), [item.path for item in items], args.output, warn)
     todo = [item for item in items if not output.done(item.path)]
     stats = RunStats(skipped=len(items) - len(todo))
     try:
@@ -122,6 +121,18 @@ def run_single_process(args, items, classifier, names) -> int:
     return 0
 
 
+def run_ray(args, items, warn, prog: str) -> int:
+    try:
+        stats = run_on_ray(args, items, warn)
+    except KeyboardInterrupt:
+        # Ray's files are moved into --output only when the whole job finished.
+        print(f"{prog}: interrupted; {args.output} is as it was before this run (rerun to predict; --resume keeps "
+              "the rows already there)", file=sys.stderr)
+        return 130
+    print(f"predicted {stats.summary()}; wrote {args.output}/")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     prog = program_name(argv)
@@ -136,15 +147,12 @@ def main(argv=None) -> int:
         if not any(names):
             print(f"{prog}: warning: the artifact's {num_classes} classes are no ImageNet head timm names and no --labels was "
                   "given: the label columns stay empty (the class indices are in the rows)", file=sys.stderr)
-        items = list_inputs(args.input, args.column, warn=lambda message: print(f"{prog}: warning: {message}", file=sys.stderr))
+        warn = lambda message: print(f"{prog}: warning: {message}", file=sys.stderr)  # noqa: E731
+        items = list_inputs(args.input, args.column, warn=warn)
         if args.ray:
-            from .ray_job import run_on_ray
-
-            stats = run_on_ray(args, items)
-            print(f"predicted {stats.summary()}; wrote {args.output}/")
-            return 0
+            return run_ray(args, items, warn, prog)
         classifier = Classifier(str(args.artifact), topk=args.topk, batch=args.batch, device=args.device)
-        return run_single_process(args, items, classifier, names)
+        return run_single_process(args, items, classifier, names, warn)
     except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2

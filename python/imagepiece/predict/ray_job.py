@@ -16,26 +16,33 @@ funnelling billions of rows through the driver into one file would undo the scal
 reader takes the folder as one table (`pyarrow.parquet.read_table(folder)`, `pandas.read_parquet`,
 Spark). The files are written into a hidden folder inside the output and moved in only when the job
 succeeded; earlier files are then removed (fresh run) or kept (`--resume`, which skips paths that
-already have a prediction and replaces the rows of paths that had an error). Row order is not
+already have a prediction and replaces the rows of paths that had an error). The output folder must
+be new, empty or hold only an earlier run's Parquet files (predict's columns): a folder holding
+anything else (the input table, other data) is refused, as nothing but predict's own files may be
+replaced. It is created only once Ray is up, and removed again if the job fails while empty. Row order is not
 preserved. Every node needs this package installed (the actors import imagepiece and ip_runtime) and
 must see the image files, the artifact and --labels at the same paths (a shared file system): they
 travel by path, not through the object store.
 
 Without --address a local Ray is started for the run (all cores, a small object store, no
 dashboard, worker logs kept off the terminal) and stopped after; with one, the job joins that
-cluster ("auto" finds a running local one).
+cluster ("auto" finds a running local one) once a TCP connect to it succeeded within
+RAY_CONNECT_TIMEOUT_S (Ray itself retries an unreachable address forever).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import shutil
+import socket
+import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -45,10 +52,12 @@ from .pipeline import ImagePreparer, RunStats
 from .preprocess import Preprocess
 from .rows import Row, prediction_rows
 from .sources import InputItem
-from .writers import rows_from_arrow, rows_to_arrow
+from .writers import check_same_topk, rows_from_arrow, rows_to_arrow, warn_if_resume_matches_nothing
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 DECODE_BATCH = 16  # images per decode task: small enough to spread over workers, big enough to amortise a task
+RAY_CONNECT_TIMEOUT_S = 10.0
+STAGING_PREFIX = ".staging-"
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,6 +104,30 @@ def _parquet_files(folder: Path) -> List[Path]:
     return sorted(p for p in folder.glob("*.parquet") if p.is_file()) if folder.is_dir() else []
 
 
+def _is_predict_output(file: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(file).names == rows_to_arrow([]).schema.names
+    except (OSError, ValueError):  # not Parquet at all (pyarrow's ArrowInvalid is a ValueError)
+        return False
+
+
+def check_output_folder(folder: Path, input_spec: str) -> None:
+    """Refuse an --output folder holding anything but an earlier run's Parquet files: a fresh run replaces those
+    (as the single-process path replaces its output file), and nothing else is this job's to delete or read as rows."""
+    if os.path.isfile(input_spec) and folder.is_dir() and os.path.samefile(os.path.dirname(os.path.abspath(input_spec)), folder):
+        raise ValueError(f"the input {input_spec!r} is inside the output folder {str(folder)!r}; write the predictions to another folder")
+    if not folder.is_dir():
+        return
+    foreign = [entry.name for entry in sorted(folder.iterdir())
+               if not entry.name.startswith(STAGING_PREFIX)  # an earlier run's, killed before it could remove it
+               and not (entry.suffix == ".parquet" and entry.is_file() and _is_predict_output(entry))]
+    if foreign:
+        raise ValueError(f"output folder {str(folder)!r} holds {len(foreign)} entries that are no predict output (e.g. "
+                         f"{foreign[0]!r}); with --ray give a new or empty folder, or one holding only an earlier run's output")
+
+
 def _earlier_rows(folder: Path) -> List[Row]:
     import pyarrow.parquet as pq
 
@@ -134,6 +167,21 @@ def _drop_rows(files: List[Path], paths: Set[str]) -> None:
             os.replace(staged, file)
 
 
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Raise ValueError unless a TCP connect to `address` (host:port or ray://host:port) succeeds within `timeout`:
+    ray.init retries an address where nothing answers forever. "auto" needs no probe (Ray fails at once without a
+    local cluster)."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address {address!r} is not host:port (or 'auto')")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ValueError(f"no Ray cluster answers at --address {address} ({error.strerror or error})") from None
+
+
 def _start_ray(address: Optional[str]) -> bool:
     """Join `address` or start a local Ray, unless this process already has one; True if we started it."""
     import ray
@@ -142,6 +190,7 @@ def _start_ray(address: Optional[str]) -> bool:
         return False
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address:
+        check_reachable(address)
         ray.init(address=address, **common)
     else:
         ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
@@ -171,7 +220,11 @@ def default_concurrency(cuda: bool) -> int:
     return max(1, int(resources.get("GPU" if cuda else "CPU", 1)))
 
 
-def run_on_ray(args, items: List[InputItem]) -> RunStats:
+def _warn_on_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn_on_stderr) -> RunStats:
     """Predict `items` on Ray into the folder `args.output`; same row contents as the single-process path."""
     import pyarrow.parquet as pq
     import ray
@@ -181,13 +234,16 @@ def run_on_ray(args, items: List[InputItem]) -> RunStats:
     output = Path(args.output)
     metadata = read_metadata(args.artifact)
     earlier = _earlier_rows(output) if args.resume else []
+    check_same_topk(earlier, args.topk, output)
+    warn_if_resume_matches_nothing(list(dict.fromkeys(row.path for row in earlier)), [item.path for item in items], output, warn)
     todo, retried = resume_plan(earlier, items)
     stats = RunStats(skipped=len(items) - len(todo), decode_seconds=None, inference_seconds=None)
     old_files = _parquet_files(output)
-    output.mkdir(exist_ok=True)
-    staging = output / f".staging-{uuid.uuid4().hex[:8]}"
+    created = not output.exists()
+    staging = output / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
     started = _start_ray(args.address)
     try:
+        output.mkdir(exist_ok=True)  # not before: a Ray that cannot start leaves no empty folder behind
         _set_ray_data_output(progress=not args.no_progress)
         cuda = (args.device or metadata["device_type"]).startswith("cuda")
         concurrency = args.concurrency or default_concurrency(cuda)
@@ -221,6 +277,9 @@ def run_on_ray(args, items: List[InputItem]) -> RunStats:
                 file.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:  # a folder this run made is empty only if the job failed or was interrupted: it goes again
+            with contextlib.suppress(OSError):  # rmdir removes nothing but an empty folder
+                output.rmdir()
         if started:
             ray.shutdown()
     return stats

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from imagepiece.files import atomic_write
 
@@ -149,13 +149,22 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
 
-def _check_same_topk(rows: Iterable[Row], topk: Optional[int], path: Path) -> None:
+def check_same_topk(rows: Iterable[Row], topk: Optional[int], path: Path) -> None:
     # The rows do not say which artifact made them; their number of classes at least shows a different --topk,
     # which would leave a file whose rows disagree.
     found = {len(row.classes) for row in rows if row.ok}
     if topk is not None and found and found != {topk}:
         raise ValueError(f"cannot resume: {str(path)!r} holds top-{'/'.join(map(str, sorted(found)))} rows, this run asks for "
                          f"--topk {topk}; resume with the same --topk and artifact, or write to a new output")
+
+
+def warn_if_resume_matches_nothing(earlier_paths: Sequence[str], input_paths: Sequence[str], output: Path,
+                                   warn: Callable[[str], None]) -> None:
+    """Earlier rows that name none of this run's inputs most likely spell the same files differently (relative vs
+    absolute, ./x vs x): --resume then silently predicts everything again beside the old rows, so say so."""
+    if earlier_paths and input_paths and not set(input_paths).intersection(earlier_paths):
+        warn(f"none of the {len(earlier_paths)} rows already in {output} names an input path as this run spells it "
+             f"(e.g. {earlier_paths[0]!r} and {input_paths[0]!r}): all are predicted again")
 
 
 class ResumableOutput:
@@ -175,7 +184,7 @@ class ResumableOutput:
             # Rewrite the journal so that it holds every earlier row: a second interruption loses nothing.
             for row in earlier + self.journal.read():
                 self.previous[row.path] = row
-            _check_same_topk(self.previous.values(), topk, self.path)
+            check_same_topk(self.previous.values(), topk, self.path)
         self.journal.remove()
         if self.previous:
             self.journal.append(list(self.previous.values()))
@@ -184,10 +193,6 @@ class ResumableOutput:
     def done(self, path: str) -> bool:
         row = self.previous.get(path)
         return row is not None and row.ok
-
-    def matched(self, input_paths: List[str]) -> int:
-        """How many earlier rows name one of `input_paths` (none, for a non-empty output: spelled differently?)."""
-        return len(set(input_paths) & self.previous.keys())
 
     def add(self, rows: List[Row]) -> None:
         self.journal.append(rows)

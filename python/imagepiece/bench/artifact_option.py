@@ -1,0 +1,34 @@
+"""The check every mode that takes a compiled artifact (--artifact, --so, ...) runs on it in its `check`: a missing
+file, a file that is no artifact, another device or a batch it cannot run are refused before any work, in one line
+(argparse's error, exit 2), and the results are named after the model the artifact holds."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..artifact import ArtifactError, read_metadata
+
+
+def checked_metadata(parser: argparse.ArgumentParser, option: str, path: Path, device: str,
+                     batch: Optional[int] = None) -> dict:
+    """The metadata of the artifact at `path` (given as `option`), or parser.error; `batch`: one the run will use."""
+    if not path.is_file():
+        parser.error(f"{option} {str(path)!r} is not a file")
+    try:
+        metadata = read_metadata(path)
+    except (ArtifactError, OSError) as error:
+        parser.error(f"{option}: {error}")
+    if metadata["device_type"] != torch.device(device).type:
+        parser.error(f"{option} was compiled for {metadata['device_type']}, not --device {device}")
+    low, high = metadata["batch"]["min"], metadata["batch"]["max"]
+    if batch is not None and not low <= batch <= high:
+        parser.error(f"--batch {batch} is outside the batch range {low}..{high} of {option} {str(path)!r}; give a --batch in it")
+    return metadata
+
+
+def name_after_artifact(args: argparse.Namespace, metadata: dict) -> None:
+    """Results are labelled with --arch and --preset; an artifact may hold another model than their defaults."""
+    args.arch, args.preset = metadata["arch"], metadata["method"]
