@@ -35,9 +35,10 @@ from imagepiece import METHODS, CheckpointError, create_model, format_schedule
 from imagepiece.config import LCB_CHOICES, REEVALUATIONS, lcb_from_cli
 from imagepiece.export import PRECISIONS, check_device_and_dtype, check_output_path, compile_artifact
 from imagepiece.input_format import CLI_INPUT_FORMATS
+from imagepiece.termination import STOPPED, Terminated, exit_status, sigterm_unwinds
 
 PROG = "aot_compile.py"
-USAGE_ERROR, IO_ERROR, INTERRUPTED = 2, 1, 130
+USAGE_ERROR, IO_ERROR = 2, 1
 # What a failed write says when it surfaces only as text inside the compiler's own error.
 IO_REASONS = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
 
@@ -159,14 +160,15 @@ def main(argv=None) -> int:
     print(f"target: {args.device} {args.dtype}, {batch}, {args.input_format} input, -> {out}")
     print(format_schedule(model.token_schedule()), flush=True)
     try:
-        report = compile_artifact(model, out, device=args.device, dtype=args.dtype, batch=args.batch, max_batch=args.max_batch,
-                                  checkpoint=args.checkpoint, calibration=args.calibration,
-                                  calibration_images=args.calibration_images, input_format=CLI_INPUT_FORMATS[args.input_format],
-                                  log=lambda message: print(message, flush=True))
+        with sigterm_unwinds():
+            report = compile_artifact(model, out, device=args.device, dtype=args.dtype, batch=args.batch, max_batch=args.max_batch,
+                                      checkpoint=args.checkpoint, calibration=args.calibration,
+                                      calibration_images=args.calibration_images, input_format=CLI_INPUT_FORMATS[args.input_format],
+                                      log=lambda message: print(message, flush=True))
     except ValueError as error:
         return fail(USAGE_ERROR, str(error))
-    except KeyboardInterrupt:  # the staging folder is gone by now (its context manager unwound); `out` is untouched
-        return fail(INTERRUPTED, f"interrupted; {out} was not written")
+    except STOPPED as stop:  # Ctrl-C or SIGTERM: the staging folder is gone by now (it unwound); `out` is untouched
+        return fail(exit_status(stop), f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'}; {out} was not written")
     except Exception as error:  # noqa: BLE001  (only I/O failures are turned into a message; bugs keep their traceback)
         reason = io_failure(error)
         if reason is None:

@@ -30,6 +30,7 @@ from imagepiece.environment import machine_info
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
 from imagepiece.predict.preprocess import pixels_of
+from imagepiece.termination import STOPPED, Terminated, exit_status, sigterm_unwinds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,14 +128,14 @@ def main(argv=None) -> int:
                                          pin_memory=device.type == "cuda", collate_fn=collate_readable)
     print(f"evaluating {description} on {len(dataset)} images from {args.data} ({head_classes} classes), batch {args.batch}")
     try:
-        with tqdm(total=len(dataset), unit="img", file=sys.stderr) as progress:
+        with sigterm_unwinds(), tqdm(total=len(dataset), unit="img", file=sys.stderr) as progress:
             result = evaluate(predict, loader, device, fixed_batch=fixed_batch, progress=progress)
     except NonFiniteLogits as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("evaluate.py: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except STOPPED as stop:  # Ctrl-C or SIGTERM: the loader's worker processes went with the unwinding
+        print(f"evaluate.py: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; nothing written", file=sys.stderr)
+        return exit_status(stop)
     for entry in result["unreadable"]:
         print(f"evaluate.py: skipped {entry['path']}: {entry['error']}", file=sys.stderr)
     if not result["images"]:

@@ -28,6 +28,7 @@ from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import check_writable_dir
 from imagepiece.training import (RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, check_recipe, epoch_order, log_line,
                                  save_checkpoint, seed_everything)
+from imagepiece.termination import STOPPED, Terminated, exit_status, sigterm_unwinds
 from imagepiece.weights import fine_tuned_settings
 
 # What a run's last.pth records that the same command must repeat to resume it (else the saved optimizer and
@@ -168,13 +169,15 @@ def main(argv=None) -> int:
         return 0
     print(f"training {args.arch} {args.preset} (lcb {lcb}) on {len(train_set)} images, {classes} classes: {recipe}")
     try:
-        train(args, recipe, trainer, train_set, val_loader, device, run, extra, log, drop_last)
+        with sigterm_unwinds():  # a scheduler's SIGTERM too: checkpoints are renamed into place, so none is half written
+            train(args, recipe, trainer, train_set, val_loader, device, run, extra, log, drop_last)
     except (TrainingDiverged, NonFiniteLogits, CheckpointWriteError) as error:
         print(f"finetune.py: error: {error}; {last} holds the last good state", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"finetune.py: interrupted; {last} holds the last saved step: rerun the same command to resume", file=sys.stderr)
-        return 130
+    except STOPPED as stop:
+        print(f"finetune.py: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; {last} holds the last saved step: "
+              "rerun the same command to resume", file=sys.stderr)
+        return exit_status(stop)
     return 0
 
 

@@ -114,6 +114,7 @@ def test_an_unwritable_target_fails_in_one_line_with_status_1():
     ("oserror", 1, "could not write {out}: No space left on device"),
     ("compiler", 1, "could not write {out}: No space left on device"),
     ("interrupt", 130, "interrupted; {out} was not written"),
+    ("sigterm", 143, "terminated; {out} was not written"),  # Python's default would end at once, the staging folder left
 ])
 def test_a_full_disk_or_ctrl_c_fails_in_one_line_and_leaves_nothing(tmp_path, failure, status, message):
     """The disk fills while AOTInductor writes: as an OSError, or (what a real full disk gives, checked on
@@ -128,6 +129,10 @@ def test_a_full_disk_or_ctrl_c_fails_in_one_line_and_leaves_nothing(tmp_path, fa
                 half.write(b"half a library")
             if {failure!r} == "interrupt":
                 raise KeyboardInterrupt
+            if {failure!r} == "sigterm":
+                import signal, time
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here, in the main thread
             if {failure!r} == "oserror":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), options["aot_inductor.output_path"])
             from torch._inductor.exc import CppCompileError, InductorError

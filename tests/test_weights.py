@@ -98,6 +98,10 @@ def test_paths_that_are_not_checkpoints(deit_files, tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         create_model(ARCH, checkpoint=tmp_path / "notes.txt")
+    (tmp_path / "code.pth").write_bytes(b"\x80\x02csubprocess\nPopen\nq\x00.")  # a pickle that names a callable
+    with pytest.raises(CheckpointError, match="pickled objects other than tensors") as error:
+        create_model(ARCH, checkpoint=tmp_path / "code.pth")
+    assert "weights_only=False" not in str(error.value) and len(str(error.value).splitlines()) == 1
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(deit_files["pth_plain"].read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):

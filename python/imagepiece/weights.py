@@ -37,11 +37,24 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     except AttributeError:  # timm cleans keys with .items(): the file holds something other than a dict
         state = None
     except Exception as error:  # torch.load / safetensors raise many types for a bad file
-        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint ({_load_failure(error)})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{str(path)!r} holds no state dict of tensors (looked at the top level and under "
                               "'state_dict_ema', 'model_ema', 'state_dict', 'model')")
     return state
+
+
+def _load_failure(error: Exception) -> str:
+    """What went wrong, in one line. A weights-only refusal (torch.load's, or timm's wrapper of it) ends in
+    advice to load with weights_only=False, which these tools must not follow: a checkpoint holds tensors,
+    and unpickling anything else runs code from the file. torch's own reason is its "WeightsUnpickler" line."""
+    chain = [error, error.__cause__, error.__context__]
+    texts = [str(link) for link in chain if link is not None]
+    reason = next((line.strip() for text in texts for line in text.splitlines() if "WeightsUnpickler error:" in line), None)
+    if reason is not None or "weights_only" in texts[0]:
+        detail = f": {reason.split('. Please use')[0]}" if reason else ""
+        return f"it holds pickled objects other than tensors and plain values, which are never unpickled here{detail}"
+    return f"{type(error).__name__}: {texts[0].strip().splitlines()[0] if texts[0].strip() else ''}"
 
 
 def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lcb: bool = False) -> None:

@@ -22,7 +22,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +31,7 @@ import torch
 
 from ..files import check_writable_dir
 from ..model import ARCHS
+from ..termination import STOPPED, Terminated, exit_status, sigterm_unwinds
 from . import (artifact_load, compile_time, contention, overhead, precision, predict_e2e, profiling, reevaluation, serving, suite,
                tuning)
 from .results import RESULTS_ROOT
@@ -79,30 +79,20 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m imag
     return args
 
 
-class Terminated(Exception):
-    """SIGTERM, raised in the main thread: unwinding runs the modes' `with` and `finally` blocks, which stop their
-    child processes (busy neighbours, the HTTP server, measuring children) and remove their temporary folders."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut that cleanup short
-    raise Terminated
-
-
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m imagepiece.bench") -> int:
     args = parse_args(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return MODES[args.mode].run(args)
-    except (KeyboardInterrupt, Terminated) as stop:
-        interrupted = isinstance(stop, KeyboardInterrupt)
-        print(f"{prog}: {args.mode} {'interrupted' if interrupted else 'terminated (SIGTERM)'}; its child processes and "
-              "temporary files are gone, its results were not written", file=sys.stderr)
-        return 128 + (signal.SIGINT if interrupted else signal.SIGTERM)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        # SIGTERM unwinds too: the modes' `with` and `finally` blocks stop their child processes (busy neighbours,
+        # the HTTP server, measuring children) and remove their temporary folders.
+        with sigterm_unwinds():
+            return MODES[args.mode].run(args)
+    except STOPPED as stop:
+        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"{prog}: {args.mode} {how}; its child processes and temporary files are gone, its results were not written",
+              file=sys.stderr)
+        return exit_status(stop)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""SIGTERM handled like Ctrl-C by the command-line tools: an exception that unwinds.
+
+Python's default for SIGTERM ends the process at once, so no `with` or `finally` block runs: a killed
+benchmark left its busy neighbour processes spinning and its HTTP server listening, and a killed compile
+left its staging folder. Raised in the main thread instead, `Terminated` unwinds like KeyboardInterrupt,
+and the tools catch both: one line, and the exit status a shell expects (130 for Ctrl-C, 143 for SIGTERM).
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+
+class Terminated(Exception):
+    """The process got SIGTERM while inside `sigterm_unwinds()`."""
+
+
+STOPPED = (KeyboardInterrupt, Terminated)
+
+
+def exit_status(stop: BaseException) -> int:
+    """128 + the signal's number, as a shell reports a process that the signal ended."""
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` in the main thread; the previous handler comes back after.
+    Elsewhere than the main thread (where Python delivers signals) it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
