@@ -35,7 +35,7 @@ from imagepiece import METHODS, CheckpointError, create_model, format_schedule
 from imagepiece.config import LCB_CHOICES, REEVALUATIONS, lcb_from_cli
 from imagepiece.export import PRECISIONS, check_device_and_dtype, check_output_path, compile_artifact
 from imagepiece.input_format import CLI_INPUT_FORMATS
-from imagepiece.termination import STOPPED, Terminated, exit_status, sigterm_unwinds
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 
 PROG = "aot_compile.py"
 USAGE_ERROR, IO_ERROR = 2, 1
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     except ValueError as error:
         return fail(USAGE_ERROR, str(error))
     except STOPPED as stop:  # Ctrl-C or SIGTERM: the staging folder is gone by now (it unwound); `out` is untouched
-        return fail(exit_status(stop), f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'}; {out} was not written")
+        return fail(exit_status(stop), f"{how_stopped(stop)}; {out} was not written")
     except Exception as error:  # noqa: BLE001  (only I/O failures are turned into a message; bugs keep their traceback)
         reason = io_failure(error)
         if reason is None:

@@ -30,7 +30,7 @@ from imagepiece.environment import machine_info
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
 from imagepiece.predict.preprocess import pixels_of
-from imagepiece.termination import STOPPED, Terminated, exit_status, sigterm_unwinds
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 1
     except STOPPED as stop:  # Ctrl-C or SIGTERM: the loader's worker processes went with the unwinding
-        print(f"evaluate.py: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; nothing written", file=sys.stderr)
+        print(f"evaluate.py: {how_stopped(stop)}; nothing written", file=sys.stderr)
         return exit_status(stop)
     for entry in result["unreadable"]:
         print(f"evaluate.py: skipped {entry['path']}: {entry['error']}", file=sys.stderr)

@@ -28,7 +28,7 @@ from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import check_writable_dir
 from imagepiece.training import (RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, check_recipe, epoch_order, log_line,
                                  save_checkpoint, seed_everything)
-from imagepiece.termination import STOPPED, Terminated, exit_status, sigterm_unwinds
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 from imagepiece.weights import fine_tuned_settings
 
 # What a run's last.pth records that the same command must repeat to resume it (else the saved optimizer and
@@ -86,13 +86,18 @@ def resume_mismatches(saved: dict, current: dict) -> list:
             for key in RESUME_MUST_MATCH if key in saved and saved[key] != current[key]]
 
 
-def usable_batch(images, targets, unreadable, even: bool, reported: set):
-    """The decoded part of a loader batch (None if nothing is left), naming each undecodable file once;
-    mixup pairs images, so `even` drops one more when the count is odd."""
+def name_skipped(unreadable, reported: set) -> None:
+    """Name each undecodable file once per run, in training and in validation alike."""
     for path, error in unreadable:
         if path not in reported:
             reported.add(path)
             print(f"finetune.py: skipped {path}: {error}", file=sys.stderr)
+
+
+def usable_batch(images, targets, unreadable, even: bool, reported: set):
+    """The decoded part of a loader batch (None if nothing is left), naming its undecodable files;
+    mixup pairs images, so `even` drops one more when the count is odd."""
+    name_skipped(unreadable, reported)
     if images is not None and even and len(images) % 2:
         images, targets = images[:-1], targets[:-1]
     return (images, targets) if images is not None and len(images) else None
@@ -175,7 +180,7 @@ def main(argv=None) -> int:
         print(f"finetune.py: error: {error}; {last} holds the last good state", file=sys.stderr)
         return 1
     except STOPPED as stop:
-        print(f"finetune.py: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; {last} holds the last saved step: "
+        print(f"finetune.py: {how_stopped(stop)}; {last} holds the last saved step: "
               "rerun the same command to resume", file=sys.stderr)
         return exit_status(stop)
     return 0
@@ -208,10 +213,7 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
                 return
         trainer.end_epoch()
         result = evaluate(eager_predictor(trainer.model), val_loader, device)
-        for entry in result["unreadable"]:
-            if entry["path"] not in reported:
-                reported.add(entry["path"])
-                print(f"finetune.py: skipped {entry['path']}: {entry['error']}", file=sys.stderr)
+        name_skipped(((entry["path"], entry["error"]) for entry in result["unreadable"]), reported)
         top1 = result["top1"]
         if top1 >= run["best_accuracy"]:
             run["best_accuracy"] = top1

@@ -20,6 +20,11 @@ class Terminated(Exception):
 STOPPED = (KeyboardInterrupt, Terminated)
 
 
+def how_stopped(stop: BaseException) -> str:
+    """"terminated" (SIGTERM) or "interrupted" (Ctrl-C), for the tools' one-line message."""
+    return "terminated" if isinstance(stop, Terminated) else "interrupted"
+
+
 def exit_status(stop: BaseException) -> int:
     """128 + the signal's number, as a shell reports a process that the signal ended."""
     return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
