@@ -33,7 +33,8 @@ import torch
 import imagepiece
 from imagepiece import METHODS, CheckpointError, create_model, format_schedule
 from imagepiece.config import LCB_CHOICES, REEVALUATIONS, lcb_from_cli
-from imagepiece.export import PRECISIONS, check_device_and_dtype, check_output_path, compile_artifact
+from imagepiece.blocks import ATTENTION_KERNELS
+from imagepiece.export import PRECISIONS, check_device_and_dtype, check_output_path, compile_artifact, default_attention
 from imagepiece.input_format import CLI_INPUT_FORMATS
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 
@@ -96,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     target.add_argument("--calibration", type=Path, help="int8: a folder of images to calibrate activation ranges on "
                         "(default: synthetic Gaussian images, right only for random weights)")
     target.add_argument("--calibration-images", type=at_least(1), help="int8: images to calibrate on (default 32)")
+    target.add_argument("--attention", choices=list(ATTENTION_KERNELS),
+                        help="attention kernel: sdpa (fused flash attention, fp32 logits) or matmul (two batched GEMMs and a "
+                        "softmax, logits in the model's dtype); default: matmul for bf16 on the CPU, where it is faster, else sdpa")
     batch = target.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=at_least(1), help="static batch size (default: 1 unless --max-batch)")
     batch.add_argument("--max-batch", type=at_least(2), help="dynamic batch 1..N (tokens stay static)")
@@ -157,14 +161,15 @@ def main(argv=None) -> int:
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "RANDOM weights (pass --checkpoint for trained ones)"
     batch = f"static batch {args.batch}" if args.batch else f"dynamic batch 1..{args.max_batch}"
     print(f"model: {model.arch}.{model.reduction_config.method} with {weights}")
-    print(f"target: {args.device} {args.dtype}, {batch}, {args.input_format} input, -> {out}")
+    attention = args.attention or default_attention(torch.device(args.device).type, args.dtype)
+    print(f"target: {args.device} {args.dtype}, {batch}, {args.input_format} input, {attention} attention, -> {out}")
     print(format_schedule(model.token_schedule()), flush=True)
     try:
         with sigterm_unwinds():
             report = compile_artifact(model, out, device=args.device, dtype=args.dtype, batch=args.batch, max_batch=args.max_batch,
                                       checkpoint=args.checkpoint, calibration=args.calibration,
                                       calibration_images=args.calibration_images, input_format=CLI_INPUT_FORMATS[args.input_format],
-                                      log=lambda message: print(message, flush=True))
+                                      attention=attention, log=lambda message: print(message, flush=True))
     except ValueError as error:
         return fail(USAGE_ERROR, str(error))
     except STOPPED as stop:  # Ctrl-C or SIGTERM: the staging folder is gone by now (it unwound); `out` is untouched

@@ -25,7 +25,7 @@ import ip_runtime
 from imagepiece import CheckpointError, create_model
 from imagepiece.artifact import DTYPES, ArtifactError, read_metadata
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
-from imagepiece.data import DatasetError, check_num_classes, collate_readable, eval_transform, image_folder, preprocessing_config
+from imagepiece.data import DatasetError, check_num_classes, collate_readable, eval_transform, image_folder, preprocessing_config, spread_subset
 from imagepiece.environment import machine_info
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64, help="batch size (a static-batch artifact uses its own)")
     parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--limit", type=int, help="evaluate N images spread evenly over the folder (every class gets its share), not the whole folder")
     pre = parser.add_argument_group("preprocessing (default: the model's / artifact's own)")
     pre.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
     pre.add_argument("--crop-pct", type=float)
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
 
     dataset.transform = eval_transform(preprocessing)
     if args.limit:
-        dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
+        dataset = spread_subset(dataset, args.limit)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", collate_fn=collate_readable)
     print(f"evaluating {description} on {len(dataset)} images from {args.data} ({head_classes} classes), batch {args.batch}")

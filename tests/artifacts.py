@@ -66,6 +66,8 @@ SPECS: Dict[str, Spec] = {
     "ti_imagepiece_uint8": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2"), input_format="uint8"),
     # int8 (PT2E): timm-init weights, like the half-precision GPU artifacts (sharpened ones turn int8 noise into chaos).
     "ti_imagepiece_int8": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2"), dtype="int8", weights="plain"),
+    # bf16 on the CPU (timm-init weights, as for int8): compiled with its default attention kernel, matmul.
+    "ti_imagepiece_bf16": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2"), dtype="bf16", weights="plain"),
     # Compiled on the GPU itself when there is one (an artifact is tied to its device and torch).
     "cuda_ti_imagepiece": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2"), device="cuda"),
     "cuda_ti_imagepiece_dynamic": Spec("deit_tiny_patch16_224", "imagepiece", ("--max-batch", "256"), device="cuda"),

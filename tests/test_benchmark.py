@@ -190,11 +190,13 @@ def test_tuning_mode_compiles_each_setting_and_checks_its_logits(tmp_path, monke
     from imagepiece.bench import cli
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "callers-cache"))
-    assert cli.main(["tuning", "--arch", "deit_tiny_patch16_224", "--preset", "plain", "--batch", "2", "--tunings", "no-freezing",
+    # fp32 compiles SDPA by default: the matmul kernel is the setting under test.
+    assert cli.main(["tuning", "--arch", "deit_tiny_patch16_224", "--preset", "plain", "--batch", "2", "--tunings", "matmul-attention",
                      "--repeats", "1", "--out", str(tmp_path / "results")]) == 0
     record = json.loads(written(tmp_path / "results")[".json"].read_text())
-    assert set(record["stats"]) == {"no-freezing", "eager fp32"} and record["compile_seconds"]["no-freezing"] > 0
-    assert record["max_abs_logit_diff"]["no-freezing"] < 1e-3  # plain DeiT: no decision to flip, only rounding
+    assert set(record["stats"]) == {"matmul-attention", "eager fp32"} and record["compile_seconds"]["matmul-attention"] > 0
+    assert record["attention"] == {"matmul-attention": "matmul"}  # what the artifact's metadata says it holds
+    assert record["max_abs_logit_diff"]["matmul-attention"] < 1e-3  # plain DeiT: no decision to flip, only rounding
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "callers-cache")  # its cold caches were temporary
 
 
@@ -217,11 +219,12 @@ def test_serve_mode_loads_the_batcher_beside_batch_one_runs(compiled, tmp_path, 
 def test_contention_mode_times_each_openmp_setting_beside_busy_neighbours(compiled, tmp_path):
     from imagepiece.bench import cli
 
-    # No --arch/--preset: the results are named after the artifact's model, not after their defaults.
-    assert cli.main(["contention", "--artifact", str(compiled.path("ti_plain")), "--batch", "2",
+    # No --arch/--preset: the results are named after the artifact's model, not after their defaults. An artifact
+    # that takes uint8 pixels: the timed child feeds each artifact the images it takes.
+    assert cli.main(["contention", "--artifact", str(compiled.path("ti_imagepiece_uint8")), "--batch", "2",
                      "--neighbours", "0", "1", "--settings", "default", "passive", "--rounds", "1", "--calls", "2",
                      "--out", str(tmp_path)]) == 0
-    assert written(tmp_path)[".json"].name.startswith("contention_deit_tiny_patch16_224_plain_b2_")
+    assert written(tmp_path)[".json"].name.startswith("contention_deit_tiny_patch16_224_imagepiece_b2_")
     stats = json.loads(written(tmp_path)[".json"].read_text())["stats"]
     assert set(stats) == {f"{s} | {n} neighbours" for s in ("default", "passive") for n in (0, 1)}
     assert all(row["samples"] == 2 and row["p50_ms"] > 0 for row in stats.values())
@@ -331,11 +334,12 @@ def test_profile_groups_gpu_kernels_and_reports_launches_per_call():
 
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "linear", "nvjet_tst_128x64_64x8_h_bz_TNT": "linear",
              "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16>(Params)": "linear",
-             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>(Flash_fwd_params)": "attention (SDPA)",
-             "void at::native::(anonymous namespace)::fmha_cutlassF_bf16_aligned_64x64_rf_sm80(Params)": "attention (SDPA)",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>(Flash_fwd_params)": "attention (SDPA, bmm)",
+             "void at::native::(anonymous namespace)::fmha_cutlassF_bf16_aligned_64x64_rf_sm80(Params)": "attention (SDPA, bmm)",
              "void cub::DeviceRadixSortOnesweepKernel<Policy, false, float, long>(...)": "sort",
              "triton_per_fused_add_native_layer_norm_3": "generated kernels", "triton_poi_fused_gather_12": "generated kernels",
-             "void at::native::elementwise_kernel<128, 4>(...)": "other (allocation, views, bmm, wrapper)"}
+             "void at::native::elementwise_kernel<128, 4>(...)": "other (allocation, views, copies, wrapper)",
+             "aoti_torch_cpu_bmm_out": "attention (SDPA, bmm)"}
     assert {name: group_of(name) for name in names} == names
     samples = {"plain": [{"sm90_xmma_gemm_a": 2.0, "triton_poi_fused_0": 1.0}] * 3,
                "imagepiece": [{"sm90_xmma_gemm_a": 1.0, "triton_poi_fused_0": 1.5, "void cub::DeviceRadixSortOnesweepKernel": 0.5}] * 3}

@@ -74,6 +74,7 @@ def test_command_line_choices_become_the_config_and_input_format():
         (("--lcb", "conv"), "invalid choice"),
         (("--reevaluation", "max"), "invalid choice"),
         (("--input-format", "rgb"), "invalid choice"),
+        (("--attention", "flash"), "invalid choice"),
         (("--p", "1.5"), "p must be in"),
         (("--merge-ratio", "0.3"), "merge_ratio"),
         (("--prune-blocks", "3", "20"), "prune_blocks"),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from diagnostics import decision_margins
+from imagepiece.blocks import attention_kernel
 from imagepiece.export import load
 from imagepiece.input_format import random_pixels
 from imagepiece.predict.preprocess import normalise
@@ -65,6 +66,26 @@ def test_deit_tiny_static_batch_matches_eager(compiled, name):
 
 def test_deit_small_imagepiece_matches_eager(compiled):
     assert_parity(load(compiled.path("s_imagepiece")), compiled.eager("s_imagepiece"), batch=2, count=16)
+
+
+class WithAttentionKernel:
+    """The eager model, run with another attention kernel: the same arithmetic, other rounding."""
+
+    def __init__(self, model, kernel):
+        self.model, self.kernel, self.device = model, kernel, torch.device("cpu")
+
+    def __call__(self, images):
+        with attention_kernel(self.model, self.kernel):
+            return self.model(images)
+
+
+def test_matmul_attention_computes_what_sdpa_computes_and_leaves_the_model_as_it_was(compiled):
+    eager = compiled.eager("ti_imagepiece")  # proportional attention: the size-bias path as well
+    assert_parity(WithAttentionKernel(eager, "matmul"), eager, batch=2, count=16)
+    assert {block.attn.attention_kernel for block in eager.blocks} == {"sdpa"}
+    with pytest.raises(ValueError, match="attention kernel must be one of"):
+        with attention_kernel(eager, "flash"):
+            pass
 
 
 @pytest.mark.parametrize("batch", [64, 5, 1])

@@ -2,6 +2,7 @@
 predictions, one error row per bad file, batching/padding, output formats, --resume, CLI errors."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -339,21 +340,25 @@ def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_f
     assert run_predict(compiled, listing, output) == 0
     clean = read_rows(output)
 
-    # Interrupt a fresh run after its first batch: the old output stays, the batch is in the journal.
+    # Stop a fresh run with SIGTERM (as a scheduler or `timeout` does; Ctrl-C takes the same path) after its first
+    # batch: the old output stays, the batch is in the journal.
     calls = {"n": 0}
     original = Classifier.classify
 
-    def interrupted(self, pixels):
+    def terminated(self, pixels):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
         return original(self, pixels)
 
-    monkeypatch.setattr(Classifier, "classify", interrupted)
+    monkeypatch.setattr(Classifier, "classify", terminated)
     output.unlink()
-    assert run_predict(compiled, listing, output) == 130
+    capsys.readouterr()
+    assert run_predict(compiled, listing, output) == 143
     journal = tmp_path / ".preds.csv.partial.jsonl"
+    assert f"terminated after 4 images; they are kept in {journal}" in capsys.readouterr().err
     assert not output.exists() and len(journal.read_text().splitlines()) >= 4
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is gone after the run"
     monkeypatch.setattr(Classifier, "classify", original)
 
     # A predicted file broken after the fact keeps its prediction: --resume does not decode it again.

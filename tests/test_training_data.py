@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagepiece.data import DatasetError, Unreadable, collate_readable, image_folder
+from imagepiece.data import DatasetError, Unreadable, collate_readable, image_folder, spread_subset
 from imagepiece.evaluation import NonFiniteLogits, evaluate
 from imagepiece.training import RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, save_checkpoint
 from inputs import write_image_folder
@@ -108,3 +108,12 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monke
         save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
     assert torch.load(path) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_a_limit_takes_images_from_every_class_not_the_first_folders(tmp_path):
+    write_image_folder(tmp_path, classes=4, per_class=3, size=8)
+    dataset = image_folder(tmp_path)
+    subset = spread_subset(dataset, 4)
+    assert len(subset) == 4
+    assert sorted(target for _, target in (subset[index] for index in range(4))) == [0, 1, 2, 3]
+    assert spread_subset(dataset, 12) is dataset and spread_subset(dataset, 50) is dataset

@@ -275,6 +275,14 @@ def image_dims(metadata: dict) -> List[int]:
     return [height, width, channels] if metadata["input_format"] == "uint8_nhwc" else [channels, height, width]
 
 
+def example_images(metadata: dict, batch: int) -> torch.Tensor:
+    """`batch` random CPU images in the layout and dtype the artifact takes, for timing runs."""
+    dims = image_dims(metadata)
+    if metadata["input_format"] == "uint8_nhwc":
+        return torch.randint(0, 256, (batch, *dims), dtype=torch.uint8)
+    return torch.randn(batch, *dims).to(INPUT_DTYPES[metadata["dtype"]])
+
+
 def current_cuda_capability(device_index: int = 0) -> Optional[str]:
     if not torch.cuda.is_available():
         return None

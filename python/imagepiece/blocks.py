@@ -6,7 +6,8 @@ below, built from the static schedule, so forward has no data-dependent branches
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import contextlib
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,29 @@ class AttentionSummary(NamedTuple):
     scale: float = 1.0  # the attention's logit scale, 1 / sqrt(d)
 
 
+# How a block computes softmax(q k^T / sqrt(d) + bias) v; the same arithmetic either way, different kernels:
+#   sdpa:   F.scaled_dot_product_attention (flash attention on CPU and GPU; logits and softmax in fp32);
+#   matmul: timm's non-fused path, two batched GEMMs around a softmax (`matmul_attention`).
+ATTENTION_KERNELS = ("sdpa", "matmul")
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: Optional[torch.Tensor],
+                     dropout: nn.Module) -> torch.Tensor:
+    """timm's non-fused attention ([B, H, N, d] q, k, v; bias [B, 1, 1, N] or None).
+
+    Why it exists: on a CPU without AMX, PyTorch's flash-attention kernel runs bf16 no faster than fp32,
+    while oneDNN's bf16 GEMMs run about twice as fast as fp32's; compiled, these two batched GEMMs and
+    Inductor's fused softmax made DeiT-S bf16 calls 1.24x (plain) and 1.14x (ImagePiece) faster than SDPA
+    on an AMD EPYC with avx512_bf16 (`python -m imagepiece.bench tuning --dtype bf16 --tunings default
+    sdpa-attention`). The cost: the logits are rounded to the model's dtype before the softmax (SDPA keeps
+    them in fp32), so in bf16 they deviate a little more from fp32 (`bench precision`).
+    """
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return dropout(logits.softmax(dim=-1)) @ v
+
+
 class ReducingAttention(Attention):
     """timm's fused (SDPA) attention plus what token reduction needs.
 
@@ -52,6 +76,7 @@ class ReducingAttention(Attention):
     """
 
     size_bias: bool = False
+    attention_kernel: str = "sdpa"  # one of ATTENTION_KERNELS; `attention_kernel()` sets it for a whole model
     returns_class_attention: bool = False
     returns_metric: bool = False
     returns_keys: bool = False
@@ -62,7 +87,10 @@ class ReducingAttention(Attention):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         bias = size_bias(size).to(q.dtype) if self.size_bias else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
+        if self.attention_kernel == "matmul":
+            out = matmul_attention(q, k, v, self.scale, bias, self.attn_drop)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
         out = self.proj_drop(self.proj(self.norm(out.transpose(1, 2).reshape(batch, count, self.attn_dim))))
         cls_query = q[:, :, :1]
         summary = AttentionSummary(
@@ -233,3 +261,20 @@ class ReducingBlock(Block):
         x, size, source = self.reduction(x, size, summary, source)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size, source
+
+
+@contextlib.contextmanager
+def attention_kernel(model: nn.Module, kernel: str) -> Iterator[None]:
+    """Every attention of `model` computes with `kernel` (one of ATTENTION_KERNELS) inside the block, as
+    before after it: an export traces the kernel it asks for and leaves the caller's model as it was."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {list(ATTENTION_KERNELS)}, got {kernel!r}")
+    attentions = [module for module in model.modules() if isinstance(module, ReducingAttention)]
+    before = [attention.attention_kernel for attention in attentions]
+    for attention in attentions:
+        attention.attention_kernel = kernel
+    try:
+        yield
+    finally:
+        for attention, kernel_before in zip(attentions, before):
+            attention.attention_kernel = kernel_before

@@ -114,6 +114,19 @@ def check_num_classes(dataset: ImageFolder, head_classes: int, root: Union[str, 
         )
 
 
+def spread_subset(dataset: torch.utils.data.Dataset, limit: int) -> torch.utils.data.Dataset:
+    """`limit` images spread evenly over the dataset, in order, or all of it if it holds no more.
+
+    A class folder's images are listed together, so the first N images would cover only the first
+    classes and give a top-1 that says nothing about the rest; evenly spaced indices reach every class
+    that has at least len / limit images, and the same limit always picks the same images.
+    """
+    count = len(dataset)
+    if limit >= count:
+        return dataset
+    return torch.utils.data.Subset(dataset, [index * count // limit for index in range(limit)])
+
+
 def eval_transform(preprocessing: dict, input_size=(3, 224, 224)):
     """timm's evaluation transform: resize, centre crop, normalise, as the model's pretrained cfg says."""
     return create_transform(input_size=tuple(input_size), is_training=False,

@@ -41,6 +41,7 @@ from .artifact import (
     write_metadata,
 )
 from .artifact_containers import needed_libraries
+from .blocks import ATTENTION_KERNELS, attention_kernel
 from .cpu_target import CpuTarget, compile_target, pinned_march
 from .data import preprocessing_config
 from .environment import bf16_support
@@ -123,11 +124,19 @@ def batch_range(batch: Optional[int], max_batch: Optional[int]) -> tuple[int, in
     return 1, max_batch
 
 
+def default_attention(device_type: str, dtype: str) -> str:
+    """The attention kernel an artifact gets unless told otherwise (`blocks.ATTENTION_KERNELS`): two GEMMs and a
+    softmax for bf16 on the CPU, where PyTorch's flash-attention kernel is the slow part (`blocks.matmul_attention`);
+    SDPA everywhere else (fp32 on the CPU: the two tie; on a GPU flash attention wins)."""
+    return "matmul" if device_type == "cpu" and dtype == "bf16" else "sdpa"
+
+
 def build_metadata(model: ImagePieceViT, device: torch.device, dtype: str, batch: tuple[int, int],
                    checkpoint: Optional[Path], suffix: str, input_format: str = "float_nchw",
-                   cpu: Optional[CpuTarget] = None) -> dict:
+                   cpu: Optional[CpuTarget] = None, attention: str = "sdpa") -> dict:
     """Everything the runtime checks and a user may want to inspect, as plain JSON values.
-    `cpu`: what a CPU artifact's kernels are compiled for (`imagepiece.cpu_target.compile_target`)."""
+    `cpu`: what a CPU artifact's kernels are compiled for (`imagepiece.cpu_target.compile_target`);
+    `attention`: the attention kernel compiled in (`blocks.ATTENTION_KERNELS`)."""
     return {
         "format_version": FORMAT_VERSION,
         "imagepiece_version": __version__,
@@ -141,6 +150,7 @@ def build_metadata(model: ImagePieceViT, device: torch.device, dtype: str, batch
         "num_classes": model.num_classes,
         "dtype": input_dtype_name(input_format, dtype),  # of the images it takes
         "precision": dtype,  # what it computes in
+        "attention": attention,
         "batch": {"min": batch[0], "max": batch[1], "dynamic": batch[0] != batch[1]},
         "preprocessing": preprocessing_config(model.pretrained_cfg),
         "device_type": device.type,
@@ -232,6 +242,7 @@ def compile_artifact(
     calibration_images: Optional[int] = None,
     inductor_overrides: Optional[dict] = None,
     input_format: str = "float_nchw",
+    attention: Optional[str] = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> CompileReport:
     """Export `model` and compile it with AOTInductor into `out` (.so or .pt2), metadata inside.
@@ -244,6 +255,8 @@ def compile_artifact(
     `calibration_images` images from the folder `calibration` (synthetic Gaussian images without one);
     the artifact still takes fp32 images. `inductor_overrides` replace Inductor options (benchmarks).
     `input_format` "uint8_nhwc" compiles the normalisation in (`imagepiece.input_format.PixelInput`).
+    `attention` picks the attention kernel (`blocks.ATTENTION_KERNELS`; default `default_attention`); `model`
+    itself keeps its own.
     """
     out = check_output_path(out)
     target = check_device_and_dtype(device, dtype)
@@ -252,9 +265,12 @@ def compile_artifact(
         raise ValueError("calibration images are for --dtype int8 only")
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"input_format must be one of {list(INPUT_FORMATS)}, got {input_format!r}")
+    attention = attention or default_attention(target.type, dtype)
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {list(ATTENTION_KERNELS)}, got {attention!r}")
     cpu = compile_target() if target.type == "cpu" else None
     metadata = build_metadata(model, target, dtype, (low, high), Path(checkpoint) if checkpoint else None, out.suffix,
-                              input_format, cpu)
+                              input_format, cpu, attention)
     float_dtype = model_dtype(metadata)
     model = model.to(device=target, dtype=float_dtype).eval()
     example_batch = low if low == high else DYNAMIC_EXAMPLE_BATCH
@@ -262,15 +278,16 @@ def compile_artifact(
     dynamic = ({0: torch.export.Dim("batch", min=1, max=high)},) if low != high else None
 
     started = time.perf_counter()
-    if dtype == "int8":
-        model = _quantized(model, metadata, example, calibration, calibration_images, log)
-    if input_format == "uint8_nhwc":
-        preprocessing = metadata["preprocessing"]
-        model = PixelInput(model, preprocessing["mean"], preprocessing["std"], float_dtype).to(target)
-        channels, height, width = metadata["input_shape"]
-        example = random_pixels(example_batch, height, width, channels).to(target)
-    with torch.no_grad():
-        exported = torch.export.export(model, (example,), dynamic_shapes=dynamic)
+    with attention_kernel(model, attention):  # traced into the graph here (int8: by the quantizer's export)
+        if dtype == "int8":
+            model = _quantized(model, metadata, example, calibration, calibration_images, log)
+        if input_format == "uint8_nhwc":
+            preprocessing = metadata["preprocessing"]
+            model = PixelInput(model, preprocessing["mean"], preprocessing["std"], float_dtype).to(target)
+            channels, height, width = metadata["input_shape"]
+            example = random_pixels(example_batch, height, width, channels).to(target)
+        with torch.no_grad():
+            exported = torch.export.export(model, (example,), dynamic_shapes=dynamic)
     export_seconds = time.perf_counter() - started
     log(f"exported in {export_seconds:.1f} s; compiling with AOTInductor for {target.type} {dtype} ...")
 

@@ -43,10 +43,11 @@ SETTINGS: Dict[str, Dict[str, str]] = {
 }
 OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 SPIN = "while True: pass"
-CHILD = ("import json, sys, time, torch, ip_runtime\n"
+CHILD = ("import json, sys, time, ip_runtime\n"
+         "from imagepiece.artifact_metadata import example_images\n"
          "path, batch, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
          "runtime = ip_runtime.Runtime(path, device='cpu')\n"
-         "images = torch.randn(batch, 3, 224, 224)\n"
+         "images = example_images(runtime.info, batch)  # fp32, bf16 or uint8 pixels, as the artifact takes them\n"
          "runtime.run(images); runtime.run(images)\n"
          "seconds = []\n"
          "for _ in range(calls):\n"

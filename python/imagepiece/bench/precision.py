@@ -11,6 +11,8 @@ For plain DeiT and ImagePiece with the same random weights (timm's init and/or "
                   (another CPU, compiled kernels) meets, since it shows what a perturbation far below
                   bf16's (2^-9) already does to the decisions;
   * ip_runtime_bf16 / ip_runtime_int8: compiled artifacts through the C++ runtime (fp32 images in);
+    ip_runtime_bf16_sdpa the bf16 artifact with PyTorch's fused SDPA instead of the CPU bf16 default
+    attention kernel (`blocks.matmul_attention`, whose logits are rounded to bf16 before the softmax);
   * openvino_bf16: the ONNX export on OpenVINO with the bf16 hint.
 
 Reported: top-1 agreement with fp32, max and median |logit - fp32| (per image, its largest), and for
@@ -38,7 +40,7 @@ from .results import ResultsWriter
 
 HELP = "decision stability and logit deviation of bf16 / int8 / peers vs fp32, plain DeiT beside ImagePiece"
 EAGER = ("eager_bf16", "eager_fp16", "autocast_bf16", "bf16_weights", "fp32_noise")
-COMPILED = ("ip_runtime_bf16", "ip_runtime_int8", "openvino_bf16")
+COMPILED = ("ip_runtime_bf16", "ip_runtime_bf16_sdpa", "ip_runtime_int8", "openvino_bf16")
 CONTENDERS = EAGER + COMPILED
 METHODS = ("plain", "imagepiece")
 NOISE = 1e-6
@@ -62,7 +64,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("eager_fp16 needs a GPU or a CPU with fp16 GEMMs (AVX512-FP16 or AMX-FP16); this one would emulate it")
     if cuda and set(args.contenders) & set(COMPILED):
         parser.error(f"{sorted(set(args.contenders) & set(COMPILED))} are CPU contenders; run them with --device cpu")
-    if not cuda and {"eager_bf16", "autocast_bf16", "ip_runtime_bf16", "openvino_bf16"} & set(args.contenders) and not bf16_support().native:
+    bf16_contenders = {"eager_bf16", "autocast_bf16", "ip_runtime_bf16", "ip_runtime_bf16_sdpa", "openvino_bf16"}
+    if not cuda and bf16_contenders & set(args.contenders) and not bf16_support().native:
         parser.error(f"bf16 contenders would be emulated here: {bf16_support().reason}")
     for contender, modules, extra in (("ip_runtime_int8", ("torchao",), "int8"), ("openvino_bf16", ("openvino", "onnxscript"), "peers")):
         missing = [module for module in modules if importlib.util.find_spec(module) is None]
@@ -138,9 +141,11 @@ def compiled_runner(contender: str, model: torch.nn.Module, folder: Path, batch:
 
     from ..export import compile_artifact
 
-    precision = contender.rsplit("_", 1)[1]
+    precision = contender.split("_")[2]  # ip_runtime_<precision>[_<attention kernel>]
     options = {"calibration": calibration} if precision == "int8" and calibration else {}
-    path = compile_artifact(copy.deepcopy(model), folder / f"model_{precision}.so", dtype=precision, batch=batch, **options).path
+    if contender.endswith("_sdpa"):
+        options["attention"] = "sdpa"
+    path = compile_artifact(copy.deepcopy(model), folder / f"{contender}.so", dtype=precision, batch=batch, **options).path
     runtime = ip_runtime.Runtime(str(path), device="cpu")
     return (lambda images: runtime.run(images.to(torch.bfloat16))) if precision == "bf16" else runtime.run
 

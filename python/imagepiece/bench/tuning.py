@@ -14,6 +14,9 @@ them (and the eager model, for scale) timed interleaved through ip_runtime in on
   * dynamic-threads: `cpp.dynamic_threads`, which `scripts/aot_compile.py` sets only where Inductor would
                    otherwise bake the compiling process's thread count into the kernels (torch < 2.14, or
                    a thread count other than the core count): what it costs where it is not needed.
+  * sdpa-attention, matmul-attention: the default Inductor settings with the attention kernel forced
+                   (`blocks.ATTENTION_KERNELS`); `default` has the compile's own choice for the dtype
+                   (`export.default_attention`: matmul for bf16, else sdpa), so one of the two repeats it.
 
 Each artifact's logits are compared with the eager fp32 model's on the timed images (max |difference|
 reported beside its latency): a setting that changes kernels must not change the answer beyond rounding
@@ -30,7 +33,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -39,13 +42,22 @@ from ..model import create_model
 from .results import ResultsWriter
 from .timing import summarize, time_interleaved
 
-HELP = "AOTInductor CPU settings (freezing/prepacking, max-autotune GEMM templates, -march): latency and compile time"
+HELP = "AOTInductor CPU settings (freezing/prepacking, max-autotune GEMM templates, -march, attention kernel): latency and compile time"
+
+
+class Tuning(NamedTuple):
+    inductor: dict  # Inductor options over the compile's own
+    attention: Optional[str] = None  # the attention kernel; None: the compile's default for the dtype
+
+
 TUNINGS = {
-    "no-freezing": {"freezing": False},
-    "default": {},
-    "max-autotune": {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"},
-    "march-native": {"cpp.march": "native"},
-    "dynamic-threads": {"cpp.dynamic_threads": True},
+    "no-freezing": Tuning({"freezing": False}),
+    "default": Tuning({}),
+    "max-autotune": Tuning({"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}),
+    "march-native": Tuning({"cpp.march": "native"}),
+    "dynamic-threads": Tuning({"cpp.dynamic_threads": True}),
+    "sdpa-attention": Tuning({}, attention="sdpa"),
+    "matmul-attention": Tuning({}, attention="matmul"),
 }
 
 
@@ -88,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     writer = ResultsWriter(args.out, "tuning", f"{args.arch}_{args.preset}_{args.dtype}_b{args.batch}")
     torch.manual_seed(0)
     model = create_model(args.arch, **PRESETS[args.preset])
-    compile_seconds, calls, deviation = {}, {}, {}
+    compile_seconds, calls, deviation, attention = {}, {}, {}, {}
     images = torch.randn(args.batch, 3, 224, 224)
     model_input = images.to(torch.bfloat16) if args.dtype == "bf16" else images
     with torch.inference_mode():
@@ -98,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             with inductor_cache(Path(folder) / f"cache-{name}"):
                 report = compile_artifact(copy.deepcopy(model), Path(folder) / f"{name}.so", dtype=args.dtype, batch=args.batch,
-                                          inductor_overrides=TUNINGS[name])
+                                          inductor_overrides=TUNINGS[name].inductor, attention=TUNINGS[name].attention)
+            attention[name] = report.metadata["attention"]
             compile_seconds[name] = time.perf_counter() - started
             runtime = ip_runtime.Runtime(str(report.path), device="cpu")
             deviation[name] = float((runtime.run(model_input).float() - expected).abs().max())
@@ -110,11 +123,11 @@ def run(args: argparse.Namespace) -> int:
     base = stats["default"]["p50_ms"] if "default" in stats else stats[args.tunings[0]]["p50_ms"]
     lines = [f"AOTInductor CPU settings, {args.arch} {args.preset} {args.dtype}, batch {args.batch}, {args.repeats} interleaved "
              "rounds through ip_runtime, cold Inductor cache per compile; max|dl| = largest |logit - eager fp32|",
-             f"{'setting':<14} {'p50 ms':>9} {'p90 ms':>9} {'vs default':>11} {'compile s':>10} {'max|dl|':>9}"]
+             f"{'setting':<17} {'p50 ms':>9} {'p90 ms':>9} {'vs default':>11} {'compile s':>10} {'max|dl|':>9}  attention"]
     for name, row in stats.items():
-        lines.append(f"{name:<14} {row['p50_ms']:9.2f} {row['p90_ms']:9.2f} {base / row['p50_ms']:10.2f}x "
-                     f"{compile_seconds.get(name, float('nan')):10.1f} {deviation.get(name, 0.0):9.2g}")
+        lines.append(f"{name:<17} {row['p50_ms']:9.2f} {row['p90_ms']:9.2f} {base / row['p50_ms']:10.2f}x "
+                     f"{compile_seconds.get(name, float('nan')):10.1f} {deviation.get(name, 0.0):9.2g}  {attention.get(name, 'sdpa')}")
     print(f"# {writer.provenance}\n" + "\n".join(lines))
     writer.report("\n".join(lines), vars(args), stats=stats, compile_seconds=compile_seconds, max_abs_logit_diff=deviation,
-                  tunings={name: TUNINGS[name] for name in args.tunings})
+                  tunings={name: TUNINGS[name]._asdict() for name in args.tunings}, attention=attention)
     return 0

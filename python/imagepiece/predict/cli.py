@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from imagepiece.artifact import ArtifactError, check_compatible, read_metadata
 from imagepiece.files import check_writable_dir
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 
 from .classifier import Classifier
 from .decode import DEFAULT_MAX_PIXELS
@@ -111,11 +112,11 @@ def run_single_process(args, items, classifier, names, warn) -> int:
             for rows in predict_items(todo, classifier, names, workers=args.workers, max_pixels=args.max_pixels, stats=stats):
                 output.add(rows)
                 progress.update(len(rows))
-    except KeyboardInterrupt:
+    except STOPPED as stop:  # Ctrl-C, or SIGTERM (a scheduler's stop): the decode threads have finished by now
         output.journal.close()
-        print(f"interrupted after {stats.images} images; they are kept in {output.journal.path}: "
+        print(f"{how_stopped(stop)} after {stats.images} images; they are kept in {output.journal.path}: "
               "rerun with --resume to finish", file=sys.stderr)
-        return 130
+        return exit_status(stop)
     output.finish([item.path for item in items])
     print(f"predicted {stats.summary()}; wrote {args.output}")
     return 0
@@ -124,18 +125,22 @@ def run_single_process(args, items, classifier, names, warn) -> int:
 def run_ray(args, items, warn, prog: str) -> int:
     try:
         stats = run_on_ray(args, items, warn)
-    except KeyboardInterrupt:
+    except STOPPED as stop:
         # Ray's files are moved into --output only when the whole job finished.
-        print(f"{prog}: interrupted; {args.output} is as it was before this run (rerun to predict; --resume keeps "
+        print(f"{prog}: {how_stopped(stop)}; {args.output} is as it was before this run (rerun to predict; --resume keeps "
               "the rows already there)", file=sys.stderr)
-        return 130
+        return exit_status(stop)
     print(f"predicted {stats.summary()}; wrote {args.output}/")
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    prog = program_name(argv)
+    with sigterm_unwinds():  # SIGTERM unwinds like Ctrl-C: the journal is closed and the run says where it stopped
+        return predict(args, program_name(argv))
+
+
+def predict(args: argparse.Namespace, prog: str) -> int:
     try:
         check_output(args.output, args.ray, args.input)
         metadata = read_metadata(args.artifact)
@@ -156,9 +161,9 @@ def main(argv=None) -> int:
     except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # while loading or listing: nothing predicted yet (a run in progress says more)
-        print(f"{prog}: interrupted before predicting anything", file=sys.stderr)
-        return 130
+    except STOPPED as stop:  # while loading or listing: nothing predicted yet (a run in progress says more)
+        print(f"{prog}: {how_stopped(stop)} before predicting anything", file=sys.stderr)
+        return exit_status(stop)
 
 
 if __name__ == "__main__":
