@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     target.add_argument("--calibration-images", type=at_least(1), help="int8: images to calibrate on (default 32)")
     target.add_argument("--attention", choices=list(ATTENTION_KERNELS),
                         help="attention kernel: sdpa (fused flash attention, fp32 logits) or matmul (two batched GEMMs and a "
-                        "softmax, logits in the model's dtype); default: matmul for bf16 on the CPU, where it is faster, else sdpa")
+                        "softmax, logits in the model's dtype); default: matmul for bf16 on the CPU (faster there on the AMD EPYC it was "
+                        "measured on; not measured on CPUs with AMX), else sdpa")
     batch = target.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=at_least(1), help="static batch size (default: 1 unless --max-batch)")
     batch.add_argument("--max-batch", type=at_least(2), help="dynamic batch 1..N (tokens stay static)")

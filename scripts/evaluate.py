@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64, help="batch size (a static-batch artifact uses its own)")
     parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--limit", type=int, help="evaluate N images spread evenly over the folder (every class gets its share), not the whole folder")
+    parser.add_argument("--limit", type=int, help="evaluate N images spread evenly over the folder, not the whole folder (each class with at least "
+                        "images/N images is sampled)")
     pre = parser.add_argument_group("preprocessing (default: the model's / artifact's own)")
     pre.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
     pre.add_argument("--crop-pct", type=float)

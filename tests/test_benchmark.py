@@ -97,7 +97,10 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["suite", "--dtype", "fp16"], "fp16 is not supported on cpu"),
         (["suite", "--repeats", "0"], "--repeats must be >= 1"),
         (["suite", "--paths", "cpp", "--cpp-bench", "/nonexistent/bench_runtime"], "needs the google-benchmark binary"),
+        (["suite", "--paths", "cpp", "--batch", "3", "--cpp-bench", __file__], "times batch sizes 1, 2, 4, 8"),
+        (["suite", "--paths", "cpp", "--dtype", "bf16", "--cpp-bench", __file__], "runs only in a --dtype fp32 run"),
         (["suite", "--device", "tpu"], "--device must be cpu or cuda"),
+        (["compile", "--device", "cudafoo"], "--device must be cpu or cuda"),
         (["compile", "--batch", "0"], "--batch sizes and --repeats must be >= 1"),
         (["overhead", "--rounds", "0"], "--batch sizes and --rounds must be >= 1"),
         (["profile", "--preset", "plain"], "invalid choice: 'plain'"),
@@ -186,6 +189,15 @@ def test_suite_runs_the_peers_in_the_same_loop_at_the_precision_they_state(tmp_p
     assert "onnxruntime" in json.loads(files[".json"].read_text())["machine"]  # the peers' versions are recorded
 
 
+def test_suite_defaults_leave_out_an_unbuilt_cpp_path_and_quick_keeps_given_repeats(tmp_path, capsys):
+    from imagepiece.bench.cli import parse_args
+
+    args = parse_args(["suite", "--cpp-bench", str(tmp_path / "not_built")])
+    assert "cpp" not in args.paths and "ip_runtime" in args.paths and args.repeats == 10
+    assert "the 'cpp' path is left out: no google-benchmark binary" in capsys.readouterr().err
+    assert parse_args(["suite", "--quick", "--repeats", "10"]).repeats == 10 and parse_args(["suite", "--quick"]).repeats == 3
+
+
 def test_tuning_mode_compiles_each_setting_and_checks_its_logits(tmp_path, monkeypatch):
     from imagepiece.bench import cli
 
@@ -228,6 +240,16 @@ def test_contention_mode_times_each_openmp_setting_beside_busy_neighbours(compil
     stats = json.loads(written(tmp_path)[".json"].read_text())["stats"]
     assert set(stats) == {f"{s} | {n} neighbours" for s in ("default", "passive") for n in (0, 1)}
     assert all(row["samples"] == 2 and row["p50_ms"] > 0 for row in stats.values())
+
+
+def test_contention_settings_reach_libgomp_as_named_after_ip_runtime_sets_its_own_default():
+    # `import ip_runtime` makes a process PASSIVE where no OpenMP variable is set: "default" must still spin.
+    from imagepiece.bench.contention import SETTINGS, child_environment
+
+    probe = "import ip_runtime, os; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    seen = {name: subprocess.run([sys.executable, "-c", probe], env=child_environment(SETTINGS[name]), capture_output=True,
+                                 text=True, check=True).stdout.split() for name in ("default", "passive")}
+    assert seen == {"default": ["None", "300000"], "passive": ["PASSIVE", "None"]}
 
 
 def test_sigterm_stops_a_mode_and_its_child_processes_with_one_line(compiled, tmp_path):
@@ -290,6 +312,18 @@ def test_artifact_load_mode_refuses_what_it_cannot_measure(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["artifact-load", "--pt2", str(tmp_path / "fake.pt2"), "--out", str(tmp_path / "results")])
     assert exit_.value.code == 2 and "--pt2: " in capsys.readouterr().err and not (tmp_path / "results").exists()
+    (tmp_path / "a_file").write_text("")
+    for workdir, message in [(tmp_path / "a_file", "is not a folder"), (tmp_path / "a_file" / "sub", "is not a folder")]:
+        with pytest.raises(SystemExit):  # checked before anything is compiled or made
+            cli.main(["artifact-load", "--workdir", str(workdir), "--out", str(tmp_path / "results")])
+        assert message in capsys.readouterr().err
+
+
+def test_artifact_load_compiles_the_missing_artifact_for_the_given_ones_model(compiled):
+    from imagepiece.bench.cli import parse_args
+
+    args = parse_args(["artifact-load", "--pt2", str(compiled.path("ti_tome_pt2"))])  # default --arch: DeiT-S
+    assert (args.arch, args.preset, args.batch) == ("deit_tiny_patch16_224", "tome", 2)
 
 
 def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(compiled, tmp_path):
@@ -334,12 +368,12 @@ def test_profile_groups_gpu_kernels_and_reports_launches_per_call():
 
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "linear", "nvjet_tst_128x64_64x8_h_bz_TNT": "linear",
              "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16>(Params)": "linear",
-             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>(Flash_fwd_params)": "attention (SDPA, bmm)",
-             "void at::native::(anonymous namespace)::fmha_cutlassF_bf16_aligned_64x64_rf_sm80(Params)": "attention (SDPA, bmm)",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>(Flash_fwd_params)": "attention (SDPA)",
+             "void at::native::(anonymous namespace)::fmha_cutlassF_bf16_aligned_64x64_rf_sm80(Params)": "attention (SDPA)",
              "void cub::DeviceRadixSortOnesweepKernel<Policy, false, float, long>(...)": "sort",
              "triton_per_fused_add_native_layer_norm_3": "generated kernels", "triton_poi_fused_gather_12": "generated kernels",
              "void at::native::elementwise_kernel<128, 4>(...)": "other (allocation, views, copies, wrapper)",
-             "aoti_torch_cpu_bmm_out": "attention (SDPA, bmm)"}
+             "aoti_torch_cpu_bmm_out": "batched matmul (bmm)"}
     assert {name: group_of(name) for name in names} == names
     samples = {"plain": [{"sm90_xmma_gemm_a": 2.0, "triton_poi_fused_0": 1.0}] * 3,
                "imagepiece": [{"sm90_xmma_gemm_a": 1.0, "triton_poi_fused_0": 1.5, "void cub::DeviceRadixSortOnesweepKernel": 0.5}] * 3}

@@ -273,3 +273,24 @@ def test_compiles_reach_folders_whose_paths_a_command_line_would_split_through_a
     assert (folder / "model.so").read_bytes() == b"built" and not build_dir.exists()  # built in place; the link is gone
     with export.command_line_safe(tmp_path) as build_dir:
         assert build_dir == tmp_path  # a safe path is used as it is
+
+
+def test_the_attention_kernel_follows_device_and_dtype_and_is_what_the_graph_holds(tmp_path):
+    from imagepiece.blocks import attention_kernel
+    from imagepiece.input_format import PixelInput, random_pixels
+
+    targets = [("cpu", "bf16"), ("cpu", "fp32"), ("cpu", "int8"), ("cuda", "bf16"), ("cuda", "fp16")]
+    assert [export.default_attention(*target) for target in targets] == ["matmul", "sdpa", "sdpa", "sdpa", "sdpa"]
+    torch.manual_seed(0)
+    model = imagepiece.create_model("deit_tiny_patch16_224", "imagepiece").eval()
+    with pytest.raises(ValueError, match=r"attention must be one of \['sdpa', 'matmul'\], got 'flash'"):
+        export.compile_artifact(model, tmp_path / "model.so", dtype="bf16", batch=1, attention="flash")
+    assert next(model.parameters()).dtype == torch.float32, "refused before the caller's model was cast"
+    # Behind the uint8 wrapper too (an export traces the wrapped model's attention), and the model keeps its own after.
+    wrapped = PixelInput(model, model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
+    for kernel in ("matmul", "sdpa"):
+        with attention_kernel(model, kernel), torch.no_grad():
+            graph = torch.export.export(wrapped, (random_pixels(1, 224, 224, 3),)).graph
+        fused = any("scaled_dot_product" in str(node.target) for node in graph.nodes)
+        assert fused == (kernel == "sdpa"), kernel
+    assert {block.attn.attention_kernel for block in model.blocks} == {"sdpa"}

@@ -300,6 +300,28 @@ def run_predict(compiled, listing, output, *extra):
                  "--no-progress", "--batch", "4", *extra])
 
 
+def test_sigterm_while_decoding_in_the_main_thread_stops_the_run_not_one_image(compiled, few_files, tmp_path, monkeypatch, capsys):
+    # --workers 0 decodes in the main thread, where a decode failure becomes an error row: a SIGTERM arriving there
+    # must still stop the run (it once became the row "cannot preprocess (Terminated: )" and the run went on).
+    from imagepiece.predict import pipeline
+
+    _, listing = few_files
+    calls = {"n": 0}
+    original = pipeline.decode_rgb
+
+    def decode_then_terminate(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    monkeypatch.setattr(pipeline, "decode_rgb", decode_then_terminate)
+    output = tmp_path / "preds.csv"
+    assert run_predict(compiled, listing, output, "--workers", "0") == 143
+    assert "terminated after 0 images" in capsys.readouterr().err and not output.exists()
+    assert calls["n"] == 3, "no image decoded after the stop"
+
+
 def test_csv_jsonl_and_parquet_hold_the_same_rows(compiled, few_files, tmp_path):
     _, listing = few_files
     outputs = [tmp_path / f"preds{suffix}" for suffix in (".csv", ".jsonl", ".parquet")]

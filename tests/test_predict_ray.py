@@ -1,7 +1,9 @@
 """imagepiece-predict --ray on a local 2-CPU Ray: the same rows as the single-process path, and --resume."""
 import logging
 import shutil
+import signal
 import socket
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +16,7 @@ from imagepiece.predict.ray_job import check_output_folder, resume_plan
 from imagepiece.predict.rows import Row
 from imagepiece.predict.sources import InputItem
 from imagepiece.predict.writers import read_rows, rows_from_arrow, rows_to_arrow
+from imagepiece.termination import sigterm_unwinds
 
 # The bomb fixtures are meant to trip Pillow's warning; predict refuses them itself (error rows).
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -144,3 +147,14 @@ def test_ray_resume_checks_topk_and_spelling_as_the_single_process_path_does(com
     assert main(["--artifact", str(compiled.path("ti_imagepiece")), "--input", str(listing), "--output", str(fresh), "--ray",
                  "--no-progress"]) == 130
     assert not fresh.exists()
+
+
+def test_starting_ray_keeps_the_clis_sigterm_handler(monkeypatch):
+    # ray.init installs its own SIGTERM handler, sys.exit(15) (ray/_private/worker.py, Ray 2.x): predict's (unwind,
+    # clean up, say how many images are kept) must be the one in force while the job runs.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **options: signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum)))
+    with sigterm_unwinds():
+        ours = signal.getsignal(signal.SIGTERM)
+        assert ray_job._start_ray(None) is True
+        assert signal.getsignal(signal.SIGTERM) is ours

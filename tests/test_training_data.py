@@ -117,3 +117,5 @@ def test_a_limit_takes_images_from_every_class_not_the_first_folders(tmp_path):
     assert len(subset) == 4
     assert sorted(target for _, target in (subset[index] for index in range(4))) == [0, 1, 2, 3]
     assert spread_subset(dataset, 12) is dataset and spread_subset(dataset, 50) is dataset
+    with pytest.raises(ValueError, match="limit >= 1"):
+        spread_subset(dataset, 0)

@@ -121,6 +121,8 @@ def spread_subset(dataset: torch.utils.data.Dataset, limit: int) -> torch.utils.
     classes and give a top-1 that says nothing about the rest; evenly spaced indices reach every class
     that has at least len / limit images, and the same limit always picks the same images.
     """
+    if limit < 1:
+        raise ValueError(f"a subset needs a limit >= 1, got {limit}")
     count = len(dataset)
     if limit >= count:
         return dataset

@@ -41,7 +41,7 @@ from .artifact import (
     write_metadata,
 )
 from .artifact_containers import needed_libraries
-from .blocks import attention_kernel
+from .blocks import ATTENTION_KERNELS, attention_kernel
 from .cpu_target import CpuTarget, compile_target, pinned_march
 from .data import preprocessing_config
 from .environment import bf16_support
@@ -128,7 +128,8 @@ def default_attention(device_type: str, dtype: str) -> str:
     """The attention kernel an artifact gets unless told otherwise (`blocks.ATTENTION_KERNELS`): two GEMMs and a
     softmax for bf16 on the CPU, where PyTorch's flash-attention kernel is the slow part (`blocks.matmul_attention`);
     SDPA everywhere else (fp32 on the CPU: SDPA was 1.03x faster, `bench tuning --tunings default matmul-attention`;
-    on a GPU flash attention is the fast kernel)."""
+    on a GPU flash attention is the fast kernel). Measured on one AMD EPYC (avx512_bf16, no AMX); on CPUs with AMX,
+    whose bf16 tiles PyTorch's flash attention may use, `bench tuning --dtype bf16` should decide it again."""
     return "matmul" if device_type == "cpu" and dtype == "bf16" else "sdpa"
 
 
@@ -266,7 +267,10 @@ def compile_artifact(
         raise ValueError("calibration images are for --dtype int8 only")
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"input_format must be one of {list(INPUT_FORMATS)}, got {input_format!r}")
-    attention = attention or default_attention(target.type, dtype)  # an unknown name: ValueError from attention_kernel
+    if attention is None:
+        attention = default_attention(target.type, dtype)
+    elif attention not in ATTENTION_KERNELS:  # before the model is cast or traced
+        raise ValueError(f"attention must be one of {list(ATTENTION_KERNELS)}, got {attention!r}")
     cpu = compile_target() if target.type == "cpu" else None
     metadata = build_metadata(model, target, dtype, (low, high), Path(checkpoint) if checkpoint else None, out.suffix,
                               input_format, cpu, attention)

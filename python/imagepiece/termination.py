@@ -13,8 +13,11 @@ import threading
 from typing import Iterator
 
 
-class Terminated(Exception):
-    """The process got SIGTERM while inside `sigterm_unwinds()`."""
+class Terminated(BaseException):
+    """The process got SIGTERM while inside `sigterm_unwinds()`.
+
+    A BaseException, as KeyboardInterrupt is: the `except Exception` that keeps a long run going past one bad
+    file (a decode error row, an unreadable table) must not turn the stop into an error row and carry on."""
 
 
 STOPPED = (KeyboardInterrupt, Terminated)

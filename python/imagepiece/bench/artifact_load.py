@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..files import check_writable_dir
 from .artifact_option import checked_metadata
 from .results import ResultsWriter
 from .timing import summarize
@@ -27,10 +28,12 @@ KINDS = ("before", "after", "digest")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--so", type=Path, help="a CPU .so artifact (default: compile --arch ImagePiece, batch 1)")
-    parser.add_argument("--pt2", type=Path, help="a CPU .pt2 artifact (default: compile --arch ImagePiece, batch 1)")
+    parser.add_argument("--so", type=Path, help="a CPU .so artifact (default: compile the --pt2's model, else --arch "
+                        "ImagePiece, batch 1)")
+    parser.add_argument("--pt2", type=Path, help="a CPU .pt2 artifact (default: compile the --so's model, else --arch "
+                        "ImagePiece, batch 1)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "imagepiece_bench_artifact_load",
-                        help="where compiled artifacts are kept between runs")
+                        help="where compiled artifacts are kept between runs (reused while this torch release made them)")
     parser.add_argument("--repeats", type=int, default=7, help="fresh processes per kind and artifact")
     parser.add_argument("--cycles", type=int, default=200, help="load/run/unload cycles for the memory check")
     parser.add_argument("--old-pt2-cycles", type=int, default=10, help="cycles of the old .pt2 loading (it leaks)")
@@ -41,11 +44,28 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("artifact-load measures CPU artifacts (--device cpu)")
     if min(args.repeats, args.cycles, args.old_pt2_cycles) < 1:
         parser.error("--repeats, --cycles and --old-pt2-cycles must be >= 1")
+    models = {}
     for given, suffix in ((args.so, ".so"), (args.pt2, ".pt2")):
         if given is not None and (given.suffix != suffix or not given.is_file()):
             parser.error(f"--{suffix[1:]} must be an existing {suffix} file, got {str(given)!r}")
         if given is not None:
-            checked_metadata(parser, f"--{suffix[1:]}", given, args.device)
+            metadata = checked_metadata(parser, f"--{suffix[1:]}", given, args.device)
+            models[suffix] = (metadata["arch"], metadata["method"], metadata["batch"]["min"])
+    # One artifact given: the other is compiled for its model (the results are named after it); none: ImagePiece of --arch.
+    args.arch, args.preset, args.batch = next(iter(models.values()), (args.arch, "imagepiece", 1))
+    if len(models) < 2:
+        check_workdir(args.workdir, parser)
+
+
+def check_workdir(workdir: Path, parser: argparse.ArgumentParser) -> None:
+    """--workdir, where artifacts will be compiled: a writable folder, or one that can be made (nothing made yet)."""
+    existing = next(folder for folder in (workdir, *workdir.parents) if folder.exists())
+    if not existing.is_dir():
+        parser.error(f"--workdir {str(workdir)!r}: {str(existing)!r} is not a folder")
+    try:
+        check_writable_dir(existing)
+    except ValueError as error:
+        parser.error(f"--workdir {str(workdir)!r}: {error}")
 
 
 # --- in a child process ----------------------------------------------------------------------------
@@ -128,22 +148,32 @@ def in_child(*args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def compiled(arch: str, suffix: str, workdir: Path) -> Path:
+def compiled(arch: str, method: str, batch: int, suffix: str, workdir: Path) -> Path:
+    """`workdir`'s artifact of this model, compiled unless one that this torch release can load is there."""
+    import torch
+
+    from ..artifact import ArtifactError, read_metadata
+    from ..artifact_metadata import torch_release
     from ..export import compile_artifact
     from ..model import create_model
 
-    out = workdir / f"{arch}_imagepiece{suffix}"
-    if not out.exists():
-        print(f"compiling {out.name} ...", flush=True)
-        compile_artifact(create_model(arch, "imagepiece"), out, batch=1)
+    out = workdir / f"{arch}_{method}_b{batch}{suffix}"
+    try:
+        if torch_release(read_metadata(out)["torch_version"]) == torch_release(torch.__version__):
+            return out
+    except (ArtifactError, OSError):
+        pass  # missing or unreadable: compiled below
+    print(f"compiling {out.name} ...", flush=True)
+    compile_artifact(create_model(arch, method), out, batch=batch)
     return out
 
 
 def run(args: argparse.Namespace) -> int:
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    artifacts = {".so": args.so or compiled(args.arch, ".so", args.workdir),
-                 ".pt2": args.pt2 or compiled(args.arch, ".pt2", args.workdir)}
-    writer = ResultsWriter(args.out, "artifact_load", artifacts[".so"].stem)
+    if args.so is None or args.pt2 is None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    artifacts = {".so": args.so or compiled(args.arch, args.preset, args.batch, ".so", args.workdir),
+                 ".pt2": args.pt2 or compiled(args.arch, args.preset, args.batch, ".pt2", args.workdir)}
+    writer = ResultsWriter(args.out, "artifact_load", f"{args.arch}_{args.preset}")
     print(f"# {writer.provenance}", flush=True)
     loads = {(suffix, kind): [] for suffix in artifacts for kind in KINDS}
     for repeat in range(args.repeats):

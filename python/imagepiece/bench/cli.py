@@ -52,10 +52,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.device != "cpu" and not args.device.startswith("cuda"):
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:  # "cudafoo", "tpu"
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but no CUDA GPU is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
 

@@ -7,7 +7,7 @@ interleaved in the same process.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from ..config import PRESETS
 from ..model import create_model
 from .results import ResultsWriter
 from .timing import summarize, time_interleaved
+from .tuning import inductor_cache
 
 HELP = "cold export + AOTInductor compile time, artifact size, eager vs AOTI latency"
 
@@ -37,7 +38,7 @@ def measure(model: torch.nn.Module, batch: int, workdir: Path, args: argparse.Na
     from ..export import compile_artifact, load
 
     report = compile_artifact(model, workdir / f"b{batch}.so", device=args.device, batch=batch)
-    compiled = load(report.path)
+    compiled = load(report.path, args.device)  # cuda:N, not the artifact's default cuda:0
     images = torch.randn(batch, 3, 224, 224, device=args.device)
     with torch.inference_mode():
         samples = time_interleaved({"eager": lambda: model(images), "aoti": lambda: compiled(images)},
@@ -56,9 +57,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = create_model(args.arch, **PRESETS[args.preset]).to(args.device)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="benchmark_compile.") as folder:
-        if not args.warm_cache:  # Inductor looks the location up when it compiles
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor-cache")
+    with tempfile.TemporaryDirectory(prefix="benchmark_compile.") as folder, \
+            contextlib.nullcontext() if args.warm_cache else inductor_cache(Path(folder) / "inductor-cache"):
         for batch in args.batch:
             rows.append(row := measure(model, batch, Path(folder), args))
             lines.append(f"batch {batch:>3}: export {row['export_s']:5.1f} s  compile {row['compile_s']:5.1f} s  "

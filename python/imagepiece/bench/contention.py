@@ -5,7 +5,8 @@ waiting thread spins before it sleeps; when a busy neighbour holds a core, the t
 waits for may not be running while its partner burns the other core spinning. Each setting runs in
 its own child process (libgomp reads its environment once, when it loads):
 
-  * default:          OMP_WAIT_POLICY unset (libgomp spins, then sleeps);
+  * default:          libgomp's own default (spins 300,000 times, then sleeps), given as GOMP_SPINCOUNT=300000:
+                      with no setting at all, `import ip_runtime` would make the child PASSIVE;
   * passive:          OMP_WAIT_POLICY=PASSIVE (a waiting thread sleeps at once);
   * 1 thread:         OMP_NUM_THREADS=1;
   * passive, 1 thread.
@@ -35,8 +36,11 @@ from .results import ResultsWriter
 from .timing import summarize
 
 HELP = "latency under busy neighbour processes, per OpenMP wait policy / thread count"
+# libgomp's spin count when OMP_WAIT_POLICY is unset (its documentation, GOMP_SPINCOUNT). Named explicitly because
+# `import ip_runtime` (and `import imagepiece`) set OMP_WAIT_POLICY=PASSIVE where neither variable is set.
+LIBGOMP_DEFAULT_SPINCOUNT = "300000"
 SETTINGS: Dict[str, Dict[str, str]] = {
-    "default": {},
+    "default": {"GOMP_SPINCOUNT": LIBGOMP_DEFAULT_SPINCOUNT},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
     "passive, 1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
@@ -74,10 +78,15 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         name_after_artifact(args, checked_metadata(parser, "--artifact", args.artifact, args.device, batch=args.batch))
 
 
-def child_seconds(artifact: Path, batch: int, calls: int, setting: Dict[str, str]) -> List[float]:
+def child_environment(setting: Dict[str, str]) -> Dict[str, str]:
+    """This process's environment with its OpenMP variables replaced by `setting`'s."""
     environment = {key: value for key, value in os.environ.items() if key not in OPENMP_VARIABLES}
+    return {**environment, **setting}
+
+
+def child_seconds(artifact: Path, batch: int, calls: int, setting: Dict[str, str]) -> List[float]:
     result = subprocess.run([sys.executable, "-c", CHILD, str(artifact), str(batch), str(calls)],
-                            env={**environment, **setting}, capture_output=True, text=True, check=True)
+                            env=child_environment(setting), capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

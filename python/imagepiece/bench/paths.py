@@ -157,6 +157,7 @@ register_path(RunPath("aoti", "the AOTInductor artifact through PyTorch's runner
 register_path(RunPath("ip_runtime", "the same artifact through the C++ runtime's Python module", make_runner=_ip_runtime))
 register_path(RunPath("ip_runtime_graphs", "ip_runtime with CUDA graphs", devices=("cuda",),
                       make_runner=lambda context, variant: _ip_runtime(context, variant, cuda_graphs=True)))
-register_path(RunPath("cpp", "the google-benchmark binary (cpp/bench) on the same artifact", devices=("cpu",), time_itself=_cpp_bench))
+register_path(RunPath("cpp", "the google-benchmark binary (cpp/bench) on the same artifact, fp32 images", devices=("cpu",),
+                      time_itself=_cpp_bench, dtypes=("fp32",)))
 
 from . import peer_paths, precision_paths  # noqa: E402,F401  (they register more paths)

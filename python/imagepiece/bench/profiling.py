@@ -1,7 +1,7 @@
 """profile: where an AOTI artifact spends its time, plain DeiT vs a reduction preset, kernel by kernel.
 
 Compiles both, runs them alternately under torch.profiler, and groups self time into GEMMs
-(oneDNN/MKL linear; cuBLAS/CUTLASS on a GPU), attention (SDPA or flash kernels; batched matmuls), generated kernels
+(oneDNN/MKL linear; cuBLAS/CUTLASS on a GPU), attention (SDPA; flash kernels), batched matmuls, generated kernels
 (Inductor's C++ or Triton: layer norm, GELU, residuals, gathers...), sorts and the rest: medians over
 the calls, then each artifact's slowest kernels. The ratio column shows which part falls short of the
 FLOPs reduction. On the CPU the artifacts are compiled with Inductor's kernel profiling on (each
@@ -28,9 +28,10 @@ from .variants import BASELINE
 HELP = "kernel-time breakdown (GEMM, attention, generated kernels, sorts) of plain vs a preset"
 # Lower-case event-name needles: CPU ops and kernels first, then CUDA kernels (cuBLAS/CUTLASS GEMMs, flash
 # attention, CUB radix sorts, Triton kernels named triton_*).
-# Batched matmuls are attention here: the matmul attention kernel's two bmm per block (its softmax is a generated
-# kernel), plus the one-row class attention and the merge's similarity matrix.
-GROUPS = (("attention (SDPA, bmm)", ("scaled_dot_product", "flash", "fmha", "bmm")),  # before "linear": fmha_cutlass* is attention
+# Batched matmuls get their own part: the matmul attention kernel's two per block (its softmax is a generated kernel),
+# the one-row class attention, the merge's similarity matrix.
+GROUPS = (("attention (SDPA)", ("scaled_dot_product", "flash", "fmha")),  # before "linear": fmha_cutlass* is attention
+          ("batched matmul (bmm)", ("bmm",)),
           ("linear", ("linear", "mkl", "gemm", "cutlass", "xmma", "nvjet")), ("sort", ("sort", "radix")),
           ("generated kernels", ("cpp_fused", "triton_")), ("convolution (patchify)", ("conv",)))
 

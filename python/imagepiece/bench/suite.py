@@ -29,6 +29,9 @@ from .variants import BASELINE, DEFAULT_ARCH, DEFAULT_VARIANTS, VARIANTS, build_
 
 HELP = "DeiT / ToMe / EViT / ImagePiece across eager, torch.compile, AOTI, ip_runtime, C++"
 CPP_BENCH = Path(__file__).resolve().parents[3] / "build" / "bench" / "bench_runtime"
+CPP_BUILD = ("cmake -S cpp/bench -B build/bench -DCMAKE_PREFIX_PATH=$(python -c 'import ip_runtime; print(ip_runtime.cmake_prefix_path)') "
+             "&& cmake --build build/bench (needs libbenchmark-dev)")
+CPP_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what the binary registers (cpp/bench/bench_runtime.cpp)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), help="default: every path the device supports")
     parser.add_argument("--batch", type=int, nargs="+", help="default: 1 8 64 (CPU), 1 8 64 256 (CUDA)")
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "fp16", "bf16"], help="default: fp32 (CPU), fp16 bf16 (CUDA)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per batch size (median and p90 reported)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per batch size (median and p90 reported; default 10, --quick 3)")
     parser.add_argument("--min-seconds", type=float, default=0.0, help="keep timing a batch size at least this long (GPU)")
-    parser.add_argument("--quick", action="store_true", help="a CI-sized run: DeiT-Ti, batch 2, plain and ImagePiece")
+    parser.add_argument("--quick", action="store_true", help="a CI-sized run: DeiT-Ti, batch 2, plain and ImagePiece, 3 rounds, "
+                        "paths eager, aoti and ip_runtime unless --paths names others")
     parser.add_argument("--cpp-bench", type=Path, default=CPP_BENCH, help="the built cpp/bench binary")
     parser.set_defaults(arch=None)  # resolved in check: --quick must tell a given --arch from the default
 
@@ -49,14 +53,22 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         given = [f"--{name}" for name in ("arch", "variants", "batch") if getattr(args, name) is not None]
         if given:
             parser.error(f"--quick sets --arch, --variants and --batch itself; drop {' and '.join(given)} or --quick")
-        args.arch, args.variants, args.batch, args.repeats = "deit_tiny_patch16_224", ["plain", "imagepiece"], [2], min(args.repeats, 3)
+        args.arch, args.variants, args.batch = "deit_tiny_patch16_224", ["plain", "imagepiece"], [2]
+        args.repeats = 3 if args.repeats is None else args.repeats
         args.paths = args.paths or ["eager", "aoti", "ip_runtime"]
+    args.repeats = 10 if args.repeats is None else args.repeats
     args.arch = args.arch or DEFAULT_ARCH
     args.variants = args.variants or list(DEFAULT_VARIANTS)
     args.batch = args.batch or ([1, 8, 64, 256] if device == "cuda" else [1, 8, 64])
     args.dtype = args.dtype or (["fp16", "bf16"] if device == "cuda" else ["fp32"])
     if args.paths is None:
         args.paths = [name for name, path in PATHS.items() if path.in_default and device in path.devices]
+        if "cpp" in args.paths and not args.cpp_bench.exists():  # asked for by default, not by name: say so and go on
+            args.paths.remove("cpp")
+            print(f"suite: the 'cpp' path is left out: no google-benchmark binary at {args.cpp_bench} ({CPP_BUILD})", file=sys.stderr)
+    # A value given twice would be timed twice and its plot written twice.
+    args.batch, args.dtype, args.paths, args.variants = (list(dict.fromkeys(values))
+                                                         for values in (args.batch, args.dtype, args.paths, args.variants))
     if any(b < 1 for b in args.batch):
         parser.error(f"--batch sizes must be >= 1, got {args.batch}")
     if args.repeats < 1:
@@ -73,9 +85,10 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if device == "cpu" and "fp16" in args.dtype:
         parser.error("fp16 is not supported on cpu; use fp32 or bf16")
     if "cpp" in args.paths and not args.cpp_bench.exists():
-        parser.error(f"path 'cpp' needs the google-benchmark binary at {args.cpp_bench}: "
-                     "cmake -S cpp/bench -B build/bench -DCMAKE_PREFIX_PATH=$(python -c 'import ip_runtime; print(ip_runtime.cmake_prefix_path)') "
-                     "&& cmake --build build/bench (needs libbenchmark-dev)")
+        parser.error(f"path 'cpp' needs the google-benchmark binary at {args.cpp_bench}: {CPP_BUILD}")
+    if "cpp" in args.paths and set(args.batch) - set(CPP_BATCHES):
+        parser.error(f"path 'cpp' times batch sizes {', '.join(map(str, CPP_BATCHES))} only (cpp/bench/bench_runtime.cpp), "
+                     f"not {sorted(set(args.batch) - set(CPP_BATCHES))}")
     if BASELINE not in args.variants:
         args.variants = [BASELINE] + args.variants  # every ratio needs plain DeiT on the same path
 

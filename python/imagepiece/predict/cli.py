@@ -112,12 +112,12 @@ def run_single_process(args, items, classifier, names, warn) -> int:
             for rows in predict_items(todo, classifier, names, workers=args.workers, max_pixels=args.max_pixels, stats=stats):
                 output.add(rows)
                 progress.update(len(rows))
+        output.finish([item.path for item in items])  # in the try: a stop while writing keeps the journal too
     except STOPPED as stop:  # Ctrl-C, or SIGTERM (a scheduler's stop): the decode threads have finished by now
         output.journal.close()
         print(f"{how_stopped(stop)} after {stats.images} images; they are kept in {output.journal.path}: "
               "rerun with --resume to finish", file=sys.stderr)
         return exit_status(stop)
-    output.finish([item.path for item in items])
     print(f"predicted {stats.summary()}; wrote {args.output}")
     return 0
 

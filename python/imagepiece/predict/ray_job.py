@@ -37,8 +37,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -189,11 +191,16 @@ def _start_ray(address: Optional[str]) -> bool:
     if ray.is_initialized():
         return False
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    # ray.init replaces the SIGTERM handler with its own (sys.exit(15)): the caller's comes back after it, so that the
+    # CLI's SIGTERM unwinds, cleans up and reports as its Ctrl-C does (imagepiece.termination).
+    caller_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         check_reachable(address)
         ray.init(address=address, **common)
     else:
         ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
+    if caller_sigterm is not None:
+        signal.signal(signal.SIGTERM, caller_sigterm)
     return True
 
 
