@@ -77,6 +77,7 @@ def test_every_benchmark_step_is_a_command_the_benchmark_cli_accepts(tmp_path, m
     commands = [line.split("): ", 1)[1].split() for line in result.stdout.splitlines() if line.startswith(("step bench-", "step goals-", "step profile"))]
     assert len(commands) == 7, result.stdout
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the plan is for a GPU machine; only parsed here
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100's, for the bf16 check
     for words in commands:
         argv = words[words.index("scripts/benchmark.py") + 1:]
