@@ -196,6 +196,8 @@ def test_suite_defaults_leave_out_an_unbuilt_cpp_path_and_quick_keeps_given_repe
     assert "cpp" not in args.paths and "ip_runtime" in args.paths and args.repeats == 10
     assert "the 'cpp' path is left out: no google-benchmark binary" in capsys.readouterr().err
     assert parse_args(["suite", "--quick", "--repeats", "10"]).repeats == 10 and parse_args(["suite", "--quick"]).repeats == 3
+    built = ["--cpp-bench", __file__]  # stands in for a built binary
+    assert "cpp" in parse_args(["suite", *built]).paths and "cpp" not in parse_args(["suite", "--dtype", "bf16", *built]).paths
 
 
 def test_tuning_mode_compiles_each_setting_and_checks_its_logits(tmp_path, monkeypatch):

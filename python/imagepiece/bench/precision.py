@@ -11,7 +11,7 @@ For plain DeiT and ImagePiece with the same random weights (timm's init and/or "
                   (another CPU, compiled kernels) meets, since it shows what a perturbation far below
                   bf16's (2^-9) already does to the decisions;
   * ip_runtime_bf16 / ip_runtime_int8: compiled artifacts through the C++ runtime (fp32 images in);
-    ip_runtime_bf16_sdpa the bf16 artifact with PyTorch's fused SDPA instead of the CPU bf16 default
+    ip_runtime_bf16_sdpa: the bf16 artifact with PyTorch's fused SDPA instead of the CPU bf16 default
     attention kernel (`blocks.matmul_attention`, whose logits are rounded to bf16 before the softmax);
   * openvino_bf16: the ONNX export on OpenVINO with the bf16 hint.
 

@@ -62,7 +62,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     args.batch = args.batch or ([1, 8, 64, 256] if device == "cuda" else [1, 8, 64])
     args.dtype = args.dtype or (["fp16", "bf16"] if device == "cuda" else ["fp32"])
     if args.paths is None:
-        args.paths = [name for name, path in PATHS.items() if path.in_default and device in path.devices]
+        args.paths = [name for name, path in PATHS.items()
+                      if path.in_default and device in path.devices and set(args.dtype) & set(path.dtypes)]
         if "cpp" in args.paths and not args.cpp_bench.exists():  # asked for by default, not by name: say so and go on
             args.paths.remove("cpp")
             print(f"suite: the 'cpp' path is left out: no google-benchmark binary at {args.cpp_bench} ({CPP_BUILD})", file=sys.stderr)
