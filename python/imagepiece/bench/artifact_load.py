@@ -113,12 +113,11 @@ def measure_load(kind: str, path: Path) -> dict:
 
 def measure_cycles(kind: str, path: Path, cycles: int) -> dict:
     """RSS after warm-up and every 10 load/run/unload cycles."""
-    import torch
-
-    from ..artifact import INPUT_DTYPES, image_dims, read_metadata
+    from ..artifact import read_metadata
+    from ..artifact_metadata import example_images
 
     metadata = read_metadata(path)
-    images = torch.zeros(metadata["batch"]["min"], *image_dims(metadata), dtype=INPUT_DTYPES[metadata["dtype"]])
+    images = example_images(metadata, metadata["batch"]["min"])
     for _ in range(3):
         run_once(kind, load(kind, path), images)
     trace = [resident_mib()]

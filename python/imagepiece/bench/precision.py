@@ -40,7 +40,9 @@ from .results import ResultsWriter
 
 HELP = "decision stability and logit deviation of bf16 / int8 / peers vs fp32, plain DeiT beside ImagePiece"
 EAGER = ("eager_bf16", "eager_fp16", "autocast_bf16", "bf16_weights", "fp32_noise")
-COMPILED = ("ip_runtime_bf16", "ip_runtime_bf16_sdpa", "ip_runtime_int8", "openvino_bf16")
+# The compiled ip_runtime contenders: (precision, attention kernel; None: the compile's default for the precision).
+IP_RUNTIME = {"ip_runtime_bf16": ("bf16", None), "ip_runtime_bf16_sdpa": ("bf16", "sdpa"), "ip_runtime_int8": ("int8", None)}
+COMPILED = (*IP_RUNTIME, "openvino_bf16")
 CONTENDERS = EAGER + COMPILED
 METHODS = ("plain", "imagepiece")
 NOISE = 1e-6
@@ -141,11 +143,10 @@ def compiled_runner(contender: str, model: torch.nn.Module, folder: Path, batch:
 
     from ..export import compile_artifact
 
-    precision = contender.split("_")[2]  # ip_runtime_<precision>[_<attention kernel>]
+    precision, attention = IP_RUNTIME[contender]
     options = {"calibration": calibration} if precision == "int8" and calibration else {}
-    if contender.endswith("_sdpa"):
-        options["attention"] = "sdpa"
-    path = compile_artifact(copy.deepcopy(model), folder / f"{contender}.so", dtype=precision, batch=batch, **options).path
+    path = compile_artifact(copy.deepcopy(model), folder / f"{contender}.so", dtype=precision, batch=batch, attention=attention,
+                            **options).path
     runtime = ip_runtime.Runtime(str(path), device="cpu")
     return (lambda images: runtime.run(images.to(torch.bfloat16))) if precision == "bf16" else runtime.run
 
