@@ -37,11 +37,15 @@ def quick_suite(tmp_path_factory):
 
 def test_quick_suite_writes_every_file_with_its_provenance(quick_suite):
     assert set(quick_suite) == {".csv", ".json", ".md", ".png"}
+    assert quick_suite[".json"].name.startswith("suite_deit_tiny_patch16_224_cpu_fp32_quick_")
     for suffix in (".csv", ".md"):
         first = quick_suite[suffix].read_text().splitlines()[0]
         assert "torch 2." in first and "cores" in first, suffix
     report = json.loads(quick_suite[".json"].read_text())
     assert {"cpu", "torch", "cuda", "gpu", "timm"} <= set(report["machine"])
+    settings = report["settings"]  # JSON values a reader can compare, not Python reprs
+    assert settings["quick"] is True and settings["batch"] == [2] and settings["dtype"] == ["fp32"]
+    assert isinstance(settings["cpp_bench"], str)
     assert quick_suite[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -113,6 +117,7 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["contention", "--artifact", "/nonexistent/model.so"], "is not a file"),
         (["contention", "--artifact", __file__], "is not an artifact"),
         (["contention", "--neighbours", "-1"], "--neighbours >= 0"),
+        (["contention", "--threads", "2"], "through --settings; drop --threads"),
         (["precision", "--contenders", "ip_runtime_int8", "--calibration", "/nonexistent/images"], "is not a folder"),
         (["tuning", "--repeats", "0"], "--batch and --repeats must be >= 1"),
         (["tuning", "--tunings", "O3"], "invalid choice: 'O3'"),
@@ -296,9 +301,10 @@ def test_artifact_load_mode_times_loads_in_fresh_processes_and_traces_rss(compil
 
     so, pt2 = compiled.path("ti_imagepiece"), compiled.path("ti_tome_pt2")
     assert cli.main(["artifact-load", "--so", str(so), "--pt2", str(pt2), "--repeats", "1", "--cycles", "2",
-                     "--old-pt2-cycles", "1", "--out", str(tmp_path)]) == 0
+                     "--old-pt2-cycles", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     files = written(tmp_path)
     record = json.loads(files[".json"].read_text())
+    assert [record["cycles"][suffix]["threads"] for suffix in (".so", ".pt2")] == [1, 1]  # --threads reaches the children
     assert set(record["load_seconds"]) == {f"{suffix} {kind}" for suffix in (".so", ".pt2") for kind in ("before", "after", "digest")}
     assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in record["load_seconds"].values())
     assert [len(record["cycles"][suffix]["rss_mib"]) for suffix in (".so", ".pt2")] == [2, 2]  # after warm-up, after the last cycle
@@ -344,7 +350,7 @@ def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(
     assert result["ratio"] == result["single_process_img_per_s"][0] / result["model_only_img_per_s"][0]
     assert result["uint8"]["artifact"] == str(pixels) and result["uint8"]["input_format"] == "uint8_nhwc"
     assert len(result["uint8"]["single_process_img_per_s"]) == 1 and "ray" not in result
-    assert {"cpu", "torch"} <= set(record["machine"]) and record["settings"]["rounds"] == "1"
+    assert {"cpu", "torch"} <= set(record["machine"]) and record["settings"]["rounds"] == 1
     text = files[".txt"].read_text()
     assert text.startswith("# ") and "single-process / model-only" in text and "uint8-input artifact" in text
     assert "goal" not in text and "goal_met" not in result  # the goal is about DeiT-S at batch 8, not this run

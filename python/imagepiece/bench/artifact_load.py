@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from ..files import check_writable_dir
 from .artifact_option import checked_metadata
@@ -112,7 +114,9 @@ def measure_load(kind: str, path: Path) -> dict:
 
 
 def measure_cycles(kind: str, path: Path, cycles: int) -> dict:
-    """RSS after warm-up and every 10 load/run/unload cycles."""
+    """RSS after warm-up and every 10 load/run/unload cycles, and the thread count the runs had."""
+    import torch
+
     from ..artifact import read_metadata
     from ..artifact_metadata import example_images
 
@@ -128,7 +132,7 @@ def measure_cycles(kind: str, path: Path, cycles: int) -> dict:
         del model
         if cycle % 10 == 0 or cycle == cycles:
             trace.append(resident_mib())
-    return {"rss_mib": trace, "seconds_per_cycle": (time.perf_counter() - started) / cycles}
+    return {"rss_mib": trace, "seconds_per_cycle": (time.perf_counter() - started) / cycles, "threads": torch.get_num_threads()}
 
 
 def child_main(argv) -> int:
@@ -140,8 +144,10 @@ def child_main(argv) -> int:
 
 # --- the benchmark -----------------------------------------------------------------------------------
 
-def in_child(*args: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", __name__, *args], capture_output=True, text=True)
+def in_child(threads: Optional[int], *args: str) -> dict:
+    """One measuring child; `threads` reaches its OpenMP pool (libgomp reads the variable once, at load)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    result = subprocess.run([sys.executable, "-m", __name__, *args], capture_output=True, text=True, env=environment)
     if result.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -178,10 +184,10 @@ def run(args: argparse.Namespace) -> int:
     for repeat in range(args.repeats):
         for suffix, path in artifacts.items():
             for kind in KINDS:  # interleaved: drift in machine load hits every kind alike
-                loads[suffix, kind].append(in_child("load", kind, str(path))["seconds"])
+                loads[suffix, kind].append(in_child(args.threads, "load", kind, str(path))["seconds"])
         print(f"load trials {repeat + 1}/{args.repeats} done", flush=True)
-    cycles = {suffix: in_child("cycles", "after", str(path), str(args.cycles)) for suffix, path in artifacts.items()}
-    old_pt2 = in_child("cycles", "before", str(artifacts[".pt2"]), str(args.old_pt2_cycles))
+    cycles = {suffix: in_child(args.threads, "cycles", "after", str(path), str(args.cycles)) for suffix, path in artifacts.items()}
+    old_pt2 = in_child(args.threads, "cycles", "before", str(artifacts[".pt2"]), str(args.old_pt2_cycles))
 
     lines = ["Load time, median of fresh processes (ms); 'after' / 'before' is the cost of verifying and the private copy"]
     stats = {f"{suffix} {kind}": summarize(seconds) for (suffix, kind), seconds in loads.items()}
@@ -190,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"  {path.name} ({path.stat().st_size / 2**20:.1f} MiB): before {median['before']:.0f}  after {median['after']:.0f}  "
                      f"(x{median['after'] / median['before']:.2f}, +{median['after'] - median['before']:.0f} ms)  "
                      f"digest alone {median['digest']:.0f}")
-    lines.append("RSS over load/run/unload cycles (ip_runtime.Runtime, one run of its smallest batch per cycle)")
+    lines.append(f"RSS over load/run/unload cycles (ip_runtime.Runtime, one run of its smallest batch per cycle, "
+                 f"{cycles['.so']['threads']} threads)")
     for suffix, record in cycles.items():
         trace = record["rss_mib"]
         lines.append(f"  {artifacts[suffix].name}: {args.cycles} cycles, RSS {trace[0]:.0f} -> {trace[-1]:.0f} MiB "

@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.device != "cpu":
         parser.error("contention runs on cpu only (it is about OpenMP threads sharing cores)")
+    if args.threads is not None:
+        parser.error("contention sets each child's thread count through --settings; drop --threads")
     if args.batch < 1 or args.rounds < 1 or args.calls < 1 or any(n < 0 for n in args.neighbours):
         parser.error("--batch, --rounds and --calls must be >= 1, --neighbours >= 0")
     if args.artifact is not None:

@@ -11,12 +11,24 @@ import datetime
 import io
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..environment import PEER_PACKAGES, machine_info, machine_slug
 from ..files import atomic_write, atomic_write_text, check_writable_dir
 
 RESULTS_ROOT = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
+
+
+def json_setting(value: Any) -> Any:
+    """A command-line setting as JSON that readers can compare without parsing Python reprs: numbers,
+    booleans, None and lists stay themselves; paths, dtypes and anything else become strings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [json_setting(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): json_setting(item) for key, item in value.items()}
+    return str(value)
 
 
 def provenance(machine: dict) -> str:
@@ -75,7 +87,7 @@ class ResultsWriter:
     def report(self, text: str, settings: Dict, **payload) -> None:
         """The usual pair, a text report and a JSON record of the settings and data; says where they went."""
         self.text(text)
-        self.json({"settings": {key: str(value) for key, value in settings.items()}, **payload})
+        self.json({"settings": json_setting(settings), **payload})
         print(self.summary())
 
     def _keep(self, path: Path) -> Path:

@@ -23,7 +23,7 @@ from ..artifact import DTYPES
 from . import report
 from .measure import PeakMemory, gflops_per_image
 from .paths import PATHS, Context
-from .results import ResultsWriter
+from .results import ResultsWriter, json_setting
 from .timing import summarize, time_interleaved
 from .variants import BASELINE, DEFAULT_ARCH, DEFAULT_VARIANTS, VARIANTS, build_models
 
@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     device = torch.device(args.device)
-    writer = ResultsWriter(args.out, "suite", f"{args.arch}_{device.type}{'_quick' if args.quick else ''}")
+    subject = f"{args.arch}_{device.type}_{'-'.join(args.dtype)}{'_quick' if args.quick else ''}"
+    writer = ResultsWriter(args.out, "suite", subject)
     print(f"# {writer.provenance}\n# {args.arch}, {device}, dtypes {args.dtype}, batch {args.batch}, "
           f"variants {args.variants}, paths {args.paths}", flush=True)
     rows, compile_seconds = [], {}
@@ -167,13 +168,12 @@ def run(args: argparse.Namespace) -> int:
                 precision = (PATHS[path].precision if path in PATHS else None) or dtype  # bf16/int8 paths run in an fp32 run
                 compile_seconds[(variant, path, f"{precision}: {what}")] = seconds
 
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     title = f"{args.arch} on {device.type} ({', '.join(args.dtype)}), {writer.created:%Y-%m-%d %H:%M}"
     markdown = report.markdown_table(rows, writer.machine, title)
     if compile_seconds:
         markdown += "\nTime to a running compiled model:\n\n" + report.compile_table(compile_seconds)
     writer.csv(rows, report.COLUMNS)
-    writer.json({"settings": settings, "columns": report.COLUMNS, "rows": rows,
+    writer.json({"settings": json_setting(vars(args)), "columns": report.COLUMNS, "rows": rows,
                  "compile_seconds": [dict(variant=v, path=p, what=w, seconds=s) for (v, p, w), s in compile_seconds.items()]})
     writer.text(markdown, ".md")
     for dtype in args.dtype:
