@@ -90,6 +90,9 @@ def write_good_images(root: Path) -> List[str]:
     return names
 
 
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+
 def write_bad_images(root: Path) -> Dict[str, str]:
     """Files in a folder that must each give one error row: name -> a phrase its error must contain."""
     root = Path(root)
@@ -102,6 +105,8 @@ def write_bad_images(root: Path) -> Dict[str, str]:
         "corrupt.png": (corrupt_png(), "corrupt"),
         "empty.jpg": (b"", "empty file"),
         "not_an_image.png": (b"these are words, not pixels\n" * 20, "not an image"),
+        # PostScript: Pillow would run Ghostscript on it; only raster formats are opened.
+        "drawing.eps": (POSTSCRIPT, "not an image"),
         "bomb.png": (huge_png(HUGE, HUGE), "refused before decoding"),
         "bomb.jpg": (huge_jpeg(HUGE, HUGE), "refused before decoding"),
         # Over predict's default limit (89.5 Mpx) but under Pillow's own hard one: our check's message.

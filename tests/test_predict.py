@@ -14,10 +14,10 @@ from PIL import Image
 from timm.data import create_transform
 
 from diagnostics import decision_margins
-from image_files import photo, write_bad_images, write_good_images
+from image_files import POSTSCRIPT, photo, write_bad_images, write_good_images
 from imagepiece.predict import Classifier, list_inputs, predict_items
 from imagepiece.predict.cli import main
-from imagepiece.predict.decode import ImageError, decode_rgb
+from imagepiece.predict.decode import ImageError, decode_rgb, decode_rgb_bytes
 from imagepiece.predict.labels import class_names
 from imagepiece.input_format import random_pixels
 from imagepiece.predict.preprocess import Preprocess, normalise, pixels_of
@@ -300,6 +300,17 @@ def run_predict(compiled, listing, output, *extra):
                  "--no-progress", "--batch", "4", *extra])
 
 
+def test_postscript_never_reaches_ghostscript(monkeypatch):
+    """Pillow opens EPS by running Ghostscript on it: an upload must never reach a PostScript interpreter."""
+    from PIL import EpsImagePlugin
+
+    interpreted = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: interpreted.append(args))
+    with pytest.raises(ImageError, match="not an image .* accepted: JPEG, PNG"):
+        decode_rgb_bytes(POSTSCRIPT)
+    assert interpreted == []
+
+
 def test_sigterm_while_decoding_in_the_main_thread_stops_the_run_not_one_image(compiled, few_files, tmp_path, monkeypatch, capsys):
     # --workers 0 decodes in the main thread, where a decode failure becomes an error row: a SIGTERM arriving there
     # must still stop the run (it once became the row "cannot preprocess (Terminated: )" and the run went on).
@@ -403,7 +414,7 @@ def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_f
     assert run_predict(compiled, listing, output, "--resume") == 0
     after = {r.path: r for r in read_rows(output)}
     assert after["empty.jpg"].ok and after["empty.jpg"].classes == after[first].classes
-    assert after["not_an_image.png"].error == "not an image (no decoder recognises the file's format)"
+    assert after["not_an_image.png"].error.startswith("not an image (no decoder recognises the file's format; accepted: JPEG, PNG")
     (here / "empty.jpg").write_bytes(b"")
 
     # Rows of another --topk would leave a file whose rows disagree; paths spelled differently match nothing.

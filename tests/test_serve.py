@@ -15,9 +15,10 @@ import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from image_files import huge_png, photo
+from image_files import POSTSCRIPT, huge_png, photo
 from imagepiece.data import eval_transform
 from imagepiece.serve import ClassificationService, ServeConfig, create_app
+from imagepiece.serve.draining_server import DrainingServer
 from imagepiece.serve.http_protocol import uvicorn_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,11 +30,12 @@ TEXT_ONLY_FORM = b'--x\r\nContent-Disposition: form-data; name="note"\r\n\r\nno 
 class ServerThread:
     """uvicorn serving `app` in a thread, on a loopback socket bound before it starts (no port race)."""
 
-    def __init__(self, app, head_timeout_s=ServeConfig.read_timeout_s):
+    def __init__(self, app, head_timeout_s=ServeConfig.read_timeout_s, **uvicorn_options):
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn_config(app, head_timeout_s, log_level="warning"))  # as scripts/serve.py runs it
+        config = uvicorn_config(app, head_timeout_s, log_level="warning", **uvicorn_options)
+        self.server = DrainingServer(config, app.state.service)  # as scripts/serve.py runs it
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self):
@@ -112,6 +114,8 @@ def test_classify_answers_top_k_from_multipart_and_raw_uploads(served):
 
 @pytest.mark.parametrize("send, status, code, message", [
     (lambda c: c.post("/v1/classify", content=b"plain text, not a picture"), 422, "invalid_image", "not an image"),
+    # Pillow would hand PostScript to Ghostscript: only raster formats are opened.
+    (lambda c: c.post("/v1/classify", content=POSTSCRIPT), 422, "invalid_image", "not an image"),
     (lambda c: c.post("/v1/classify", content=png_bytes("I;16", (64, 64))), 422, "invalid_image", "16-bit"),
     (lambda c: c.post("/v1/classify", content=huge_png(20_000, 20_000)), 422, "invalid_image", "decompression-bomb"),
     # 20,000 pixels in a few bytes, but timm's resize would make 1.2 billion of them before cropping.
@@ -131,6 +135,8 @@ def test_classify_answers_top_k_from_multipart_and_raw_uploads(served):
     (lambda c: c.post("/v1/classify?topk=%C2%B2", content=b"x"), 400, "bad_topk", "topk"),  # "²".isdigit(), not int()
     (lambda c: c.get("/v1/classify"), 405, "method_not_allowed", "Method Not Allowed"),
     (lambda c: c.get("/v2/classify"), 404, "not_found", "Not Found"),
+    # No redirect to the path without the slash (its Location would come from the client's Host header).
+    (lambda c: c.post("/v1/classify/", content=b"x", headers={"host": "elsewhere.example"}), 404, "not_found", "Not Found"),
 ])
 def test_bad_uploads_get_a_4xx_json_error(served, send, status, code, message):
     client, _ = served
@@ -225,6 +231,128 @@ def test_a_stalled_upload_gets_408_and_its_connection_closed(artifact):
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
 
 
+def raw_exchange(client, request: bytes, trickle: bytes = b"", every_s: float = 0.0) -> bytes:
+    """Sends `request`, then `trickle` a byte at a time (stopping once the server closes), and returns all
+    the server sent until it closed the connection."""
+    with socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT) as connection:
+        connection.sendall(request)
+        for byte in trickle:
+            time.sleep(every_s)
+            try:
+                connection.sendall(bytes([byte]))
+            except OSError:  # closed by the server: what it sent is still to be read
+                break
+        answer = b""
+        try:
+            while chunk := connection.recv(65536):  # ends when the server closes the connection
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    return answer
+
+
+def test_an_upload_that_trickles_below_the_minimum_rate_gets_408(artifact):
+    """A byte every 0.1 s never stalls for the read timeout, but falls behind the minimum rate after it."""
+    config = ServeConfig(artifact=artifact, read_timeout_s=0.5, min_upload_rate=1024, decode_threads=1, warmup=False)
+    with ServerThread(create_app(config, ClassificationService(config))) as client:
+        started = time.monotonic()
+        answer = raw_exchange(client, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+                              trickle=b"\xff" * 100, every_s=0.1)
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408") and b"slower than 1024 bytes/s" in answer
+    assert elapsed < 8, "the trickle held its connection to the end"
+
+
+def test_an_upload_over_the_limit_gets_413_and_its_connection_closed(served):
+    """Not read to its end (a client could send gigabytes) and not answered twice (a 408 after the 413)."""
+    client, _ = served
+    head = f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {UPLOAD_LIMIT * 100}\r\n\r\n".encode()
+    answer = raw_exchange(client, head + b"\xff" * 1000)
+    assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower() and answer.count(b"HTTP/1.1") == 1
+
+
+def test_shutdown_runs_queued_images_at_once_and_cancelled_requests_get_503(artifact):
+    """At shutdown the batcher drains at once (a request waiting for its batch to fill is answered, not left to wait
+    out the delay and the grace period), and a request still open when the grace period ends gets a JSON 503."""
+    config = ServeConfig(artifact=artifact, max_batch=64, max_delay_ms=10_000, decode_threads=1, warmup=False)
+    service = ClassificationService(config)
+    blocking, release = threading.Event(), threading.Event()
+    prepare = service.prepare
+
+    def prepare_or_block(data):
+        if data == b"block":
+            blocking.set()
+            release.wait(TIMEOUT)
+        return prepare(data)
+
+    service.prepare = prepare_or_block
+    answers = {}
+    server = ServerThread(create_app(config, service), timeout_graceful_shutdown=2)
+    with server as client:
+        requests = [threading.Thread(target=lambda: answers.update(queued=client.post("/v1/classify", content=jpeg_bytes(seed=8))))]
+        requests[0].start()
+        deadline = time.monotonic() + TIMEOUT
+        while service.batcher.stats["queue_depth"] < 1:
+            assert time.monotonic() < deadline, "the first request never reached the queue"
+            time.sleep(0.005)
+        requests.append(threading.Thread(target=lambda: answers.update(stuck=httpx.post(f"{server.url}/v1/classify", content=b"block",
+                                                                                          timeout=TIMEOUT))))
+        requests[1].start()
+        assert blocking.wait(TIMEOUT), "the second request never reached the decoder"
+        started = time.monotonic()
+        server.server.should_exit = True
+        for request in requests:
+            request.join(TIMEOUT)
+        waited = time.monotonic() - started
+        release.set()
+    assert answers["queued"].status_code == 200, answers["queued"].text
+    assert answers["stuck"].status_code == 503 and answers["stuck"].json()["error"]["code"] == "shutting_down"
+    assert answers["stuck"].headers["retry-after"] == "1" and waited < 9  # not the 10 s delay
+
+
+def test_an_upload_whose_client_hangs_up_before_its_decode_is_never_decoded(artifact):
+    config = ServeConfig(artifact=artifact, queue_capacity=8, decode_threads=1, warmup=False)
+    service = ClassificationService(config)
+    decoding, release, prepared = threading.Event(), threading.Event(), []
+    prepare = service.prepare
+
+    def slow_prepare(data):
+        prepared.append(data)
+        decoding.set()
+        release.wait(TIMEOUT)
+        return prepare(data)
+
+    service.prepare = slow_prepare
+    with ServerThread(create_app(config, service)) as client:
+        first = {}
+        waiting = threading.Thread(target=lambda: first.update(response=client.post("/v1/classify", content=jpeg_bytes(seed=9))))
+        waiting.start()
+        assert decoding.wait(TIMEOUT), "the first upload never reached the decoder"
+        gone = jpeg_bytes(seed=10)
+        with socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT) as hanging_up:
+            hanging_up.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {len(gone)}\r\n\r\n".encode() + gone)
+            deadline = time.monotonic() + TIMEOUT
+            while client.get("/healthz").json()["decoding"] < 2:  # read, and waiting for the decode thread
+                assert time.monotonic() < deadline, "the second upload never waited for the decoder"
+                time.sleep(0.01)
+        while client.get("/healthz").json()["decoding"] > 1:  # its hang-up noticed
+            assert time.monotonic() < deadline, "the hang-up was not noticed"
+            time.sleep(0.01)
+        release.set()
+        waiting.join(TIMEOUT)
+        metrics = client.get("/metrics").text
+    assert first["response"].status_code == 200 and prepared == [jpeg_bytes(seed=9)]
+    errors = {tuple(sample.labels.items()): sample.value for family in text_string_to_metric_families(metrics)
+              for sample in family.samples if sample.name == "imagepiece_http_errors_total"}
+    assert errors[(("code", "client_disconnected"),)] == 1
+
+
+def test_a_pixel_limit_below_the_warm_up_picture_still_serves(artifact):
+    config = ServeConfig(artifact=artifact, max_pixels=1000, decode_threads=1)
+    service = ClassificationService(config)  # warms up on a 256x256 picture
+    service.close()
+
+
 def test_headers_that_trickle_past_the_read_timeout_get_408_and_the_connection_closed(served, artifact):
     """A slowloris client (one header line, then nothing) and a silent one. A keep-alive connection idle
     between requests for longer than the deadline is unaffected (its idling is uvicorn's keep-alive timeout's)."""
@@ -255,6 +383,7 @@ def test_headers_that_trickle_past_the_read_timeout_get_408_and_the_connection_c
     (["--read-timeout", "0"], "--read-timeout must be a finite number of seconds > 0"),
     (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number of seconds > 0"),
     (["--max-connections", "0"], "--max-connections must be >= 1"),
+    (["--min-upload-rate", "0"], "--min-upload-rate must be a finite number of KiB/s > 0"),
 ])
 def test_bad_arguments_are_refused_before_anything_starts(args, message, capsys):
     from imagepiece.serve.cli import parse_args

@@ -13,6 +13,10 @@ disk that would expand to gigabytes); Pillow reads the size from the header, and
 `load()`. Refused after opening: 16-bit and float images (modes I;16, I, F), which Pillow would
 convert to RGB by clipping, a silently wrong picture. Grayscale, palette, CMYK, RGBA, LA, 1-bit
 are converted to RGB as timm's loader does (alpha dropped, no EXIF rotation: same as timm).
+
+Only raster formats are opened (`RASTER_FORMATS`): Pillow would hand an EPS file to Ghostscript, a
+PostScript interpreter, which an upload from anyone must never reach; the rest of Pillow's long list
+(scientific, game-texture and video formats) is refused as "not an image" too.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ from PIL import Image, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 UNSUPPORTED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
                      "F": "32-bit float"}
+
+# The formats Image.open may try, by Pillow's format names (a JPEG with several pictures, MPO, opens as JPEG).
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "PPM", "TGA", "ICO", "JPEG2000")
 
 # This module enforces the pixel limit itself (as an error row); Pillow's warning for images between
 # its limit and twice it would only repeat that on stderr.
@@ -80,7 +87,7 @@ def decode_rgb_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
 def _decode(source: Union[str, BinaryIO], max_pixels: int) -> Image.Image:
     _allow_pillow_up_to(max_pixels)
     try:
-        with Image.open(source) as image:
+        with Image.open(source, formats=RASTER_FORMATS) as image:
             # Step 1: header only so far; refuse a decompression bomb before decoding anything.
             width, height = image.size
             if width * height > max_pixels:
@@ -98,7 +105,7 @@ def _decode(source: Union[str, BinaryIO], max_pixels: int) -> Image.Image:
     except PermissionError as error:
         raise ImageError(f"cannot read file ({error.strerror})") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image (no decoder recognises the file's format)") from None
+        raise ImageError(f"not an image (no decoder recognises the file's format; accepted: {', '.join(RASTER_FORMATS)})") from None
     except Image.DecompressionBombError as error:  # Pillow's guard fired first: only ever above our limit
         raise ImageError(f"image has more than {max_pixels:,} pixels: refused before decoding "
                          f"(decompression-bomb guard; --max-pixels raises it; Pillow says: {error})") from None

@@ -7,13 +7,15 @@
 
 Every failure is JSON {"error": {"code", "message"}} with a 4xx/5xx status: 400 empty upload, missing
 file field, malformed form or bad topk; 404/405 unknown route or method; 408 (connection closed) when
-the upload stalls for `read_timeout_s` (or, from scripts/serve.py's protocol, http_protocol.py, when the
-request line and headers take longer than that); 413 over the upload limit (checked against Content-Length
-before reading, and while reading); 422 not a usable image (predict's decode rules: not an image,
-corrupt, 16-bit, over the pixel limit); 503 (Retry-After) when `queue_capacity` requests already wait
-to be decoded, when the batcher's queue is full, or when it is shutting down; 500 if the model fails
+the upload stalls for `read_timeout_s` or falls behind `min_upload_rate` (or, from scripts/serve.py's
+protocol, http_protocol.py, when the request line and headers take longer than `read_timeout_s`); 413 over
+the upload limit (checked against Content-Length before reading, and while reading; the connection is
+closed); 422 not a usable image (predict's decode rules: not a raster image, corrupt, 16-bit, over the pixel
+limit); 503 (Retry-After) when `queue_capacity` requests already wait to be decoded, when the batcher's
+queue is full, or when the server is shutting down; 500 if the model fails
 (or anything unexpected: logged with its traceback). The event loop only moves bytes: decoding and
-preprocessing run in a thread pool, and the model's result arrives through the batcher's future.
+preprocessing run in a thread pool, and the model's result arrives through the batcher's future. A
+client that hangs up before its upload is decoded costs no decode (its work is cancelled).
 """
 from __future__ import annotations
 
@@ -57,40 +59,55 @@ class RequestError(Exception):
 
 
 def _too_large(limit: int) -> RequestError:
-    return RequestError(413, "too_large", f"upload is larger than the limit of {limit:,} bytes ({limit / MiB:g} MiB)")
+    # Closing the connection is the only way to stop a client from sending the rest of the body.
+    return RequestError(413, "too_large", f"upload is larger than the limit of {limit:,} bytes ({limit / MiB:g} MiB)",
+                        {"Connection": "close"})
 
 
 def _is_decimal(text: str) -> bool:
     return text.isascii() and text.isdecimal()  # str.isdigit() also takes "²", which int() refuses
 
 
-async def read_body(request: Request, limit: int, max_upload_bytes: int, read_timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, max_upload_bytes: int, read_timeout_s: float,
+                    min_upload_rate: float) -> bytes:
     """The request body, refused (413, naming the user's `max_upload_bytes`) as soon as it is known to
-    exceed `limit`, and (408) when no data arrives for `read_timeout_s`: a stalled client must not hold
-    its connection, and a graceful shutdown, forever."""
+    exceed `limit`, and (408) when no data arrives for `read_timeout_s` or the upload falls behind
+    `min_upload_rate` bytes/s after a grace of `read_timeout_s` (Apache mod_reqtimeout's rule): a client
+    that stalls, or trickles a byte now and then, must not hold its connection (one of --max-connections),
+    its buffer, and a graceful shutdown, forever."""
     declared = request.headers.get("content-length")
     if declared is not None and _is_decimal(declared) and int(declared) > limit:
         raise _too_large(max_upload_bytes)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     body = bytearray()
     chunks = request.stream().__aiter__()
     while True:
+        # What has arrived buys time at the minimum rate; the wait for the next chunk never outlasts either limit.
+        behind_at = started + read_timeout_s + len(body) / min_upload_rate
+        wait = min(read_timeout_s, behind_at - loop.time())
         try:
-            chunk = await asyncio.wait_for(chunks.__anext__(), read_timeout_s)
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(chunks.__anext__(), wait)
         except StopAsyncIteration:
             return bytes(body)
         except asyncio.TimeoutError:
-            raise RequestError(408, "request_timeout", f"no upload data arrived for {read_timeout_s:g} s",
-                               {"Connection": "close"}) from None
+            slow = loop.time() >= behind_at
+            message = (f"the upload arrives slower than {min_upload_rate:g} bytes/s ({len(body):,} bytes in "
+                       f"{loop.time() - started:.1f} s)" if slow else f"no upload data arrived for {read_timeout_s:g} s")
+            raise RequestError(408, "request_timeout", message, {"Connection": "close"}) from None
         body += chunk
         if len(body) > limit:
             raise _too_large(max_upload_bytes)
 
 
-async def read_image_bytes(request: Request, max_upload_bytes: int, read_timeout_s: float) -> bytes:
+async def read_image_bytes(request: Request, config: ServeConfig) -> bytes:
     """The uploaded file's bytes: the `file` field of a multipart form (or its only file), else the raw body."""
     multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+    max_upload_bytes = config.max_upload_bytes
     limit = max_upload_bytes + (FORM_OVERHEAD if multipart else 0)
-    body = await read_body(request, limit, max_upload_bytes, read_timeout_s)
+    body = await read_body(request, limit, max_upload_bytes, config.read_timeout_s, config.min_upload_rate)
     if multipart:
         body = await _file_from_form(request, body)
     if not body:
@@ -130,6 +147,26 @@ def topk_parameter(request: Request, default: int, limit: int) -> int:
     return int(value)
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (its body already read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: asyncio.Future):
+    """`work`'s result; if the client goes away first, ClientDisconnect, and `work` is cancelled (a decode that
+    has not started never starts: a client that uploads and hangs up must not cost a decode anyway)."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work not in done:
+        work.cancel()
+        raise ClientDisconnect()
+    return work.result()
+
+
 class DecodeAdmission:
     """Bounds the requests waiting for (or in) the decode threads, as the batcher bounds its queue: without it,
     uploads that are slow to decode pile up in the thread pool's unbounded queue, unseen, and are never refused.
@@ -165,8 +202,9 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
         decoders.shutdown(wait=True)
 
     # No /docs, /redoc or /openapi.json: an inference endpoint, not a web page (Swagger's page loads scripts from a CDN).
+    # No redirect from "/v1/classify/": Starlette would build its Location from the client's Host header.
     app = FastAPI(title="ImagePiece classifier", summary=f"{service.model_name} through ip_runtime", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.service, app.state.metrics = service, metrics
 
     @app.exception_handler(HTTPException)
@@ -178,13 +216,15 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
     @app.post("/v1/classify")
     async def classify(request: Request) -> Response:
         began = time.perf_counter()
+        body_read = False
         try:
             topk = topk_parameter(request, config.topk, service.num_classes)
-            data = await read_image_bytes(request, config.max_upload_bytes, config.read_timeout_s)
+            data = await read_image_bytes(request, config)
+            body_read = True
             loop = asyncio.get_running_loop()
             with admission:
                 try:
-                    image = await loop.run_in_executor(decoders, service.prepare, data)
+                    image = await unless_disconnected(request, loop.run_in_executor(decoders, service.prepare, data))
                 except ImageError as error:
                     raise RequestError(422, "invalid_image", f"cannot classify the upload: {error}") from None
             try:
@@ -195,7 +235,12 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
                 raise RequestError(status, error.code, str(error), headers) from None
             answer = {"model": service.model_name, "predictions": service.top_k(logits, topk)}
         except ClientDisconnect:
-            error = RequestError(400, "client_disconnected", "the client went away before sending the whole upload")
+            error = RequestError(400, "client_disconnected", "the client went away before its answer was ready")
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still open when its graceful-shutdown time is up: they get an answer
+            # that says so (and are counted) rather than a bare 500 from the server.
+            error = RequestError(503, "shutting_down", "the server is shutting down; retry (on another instance)",
+                                 {"Retry-After": RETRY_AFTER_SECONDS, "Connection": "close"})
         except RequestError as failure:
             error = failure
         except Exception as failure:
@@ -204,6 +249,8 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
         else:
             metrics.observe(200, time.perf_counter() - began)
             return JSONResponse(answer)
+        if not body_read:  # answered before the whole upload arrived: only closing stops the rest of it
+            error.headers.setdefault("Connection", "close")
         metrics.observe(error.status, time.perf_counter() - began, error.code)
         return error.response()
 

@@ -24,11 +24,11 @@ import sys
 from pathlib import Path
 
 import ip_runtime
-import uvicorn
 
 from imagepiece.artifact import ArtifactError
 
 from .app import create_app
+from .draining_server import DrainingServer
 from .http_protocol import uvicorn_config
 from .service import MiB, ClassificationService, ServeConfig
 
@@ -66,12 +66,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     limits.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s,
                         help=f"seconds an upload may send nothing, and a request's headers may take to arrive, before it gets 408 "
                              f"(default {defaults.read_timeout_s:g})")
+    limits.add_argument("--min-upload-rate", type=float, default=defaults.min_upload_rate / 1024,
+                        help=f"KiB/s an upload must average once --read-timeout has passed, or it gets 408 "
+                             f"(default {defaults.min_upload_rate / 1024:g})")
     connections = parser.add_argument_group("connections")
     connections.add_argument("--max-connections", type=int, default=1000,
                              help="open connections beyond which new ones get 503 (default 1000)")
     connections.add_argument("--shutdown-timeout", type=float, default=10.0,
-                             help="on SIGINT/SIGTERM, seconds to let open requests finish before closing them (default 10); "
-                                  "queued images are answered either way")
+                             help="on SIGINT/SIGTERM, seconds to let open requests finish (queued images run at once) "
+                                  "before the rest get 503 (default 10)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
     args = parser.parse_args(argv)
@@ -87,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("read_timeout", "shutdown_timeout"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0, got {getattr(args, name)}")
+    if not (math.isfinite(args.min_upload_rate) and args.min_upload_rate > 0):
+        parser.error(f"--min-upload-rate must be a finite number of KiB/s > 0, got {args.min_upload_rate}")
     if not args.artifact.is_file():
         parser.error(f"--artifact {str(args.artifact)!r} is not a file")
     return args
@@ -96,7 +101,7 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(artifact=args.artifact, device=args.device, topk=args.topk, labels=args.labels, max_batch=args.max_batch,
                        max_delay_ms=args.max_delay_ms, queue_capacity=args.queue_capacity, preferred_batches=args.preferred_batch,
                        max_upload_bytes=int(args.max_upload_mb * MiB), max_pixels=args.max_pixels, decode_threads=args.decode_threads,
-                       read_timeout_s=args.read_timeout)
+                       read_timeout_s=args.read_timeout, min_upload_rate=args.min_upload_rate * 1024)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -128,6 +133,10 @@ def main(argv=None) -> int:
         except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
             print(f"imagepiece-serve: error: {error}", file=sys.stderr)
             return 2
+        options = service.batcher.options
+        if options["queue_capacity"] < options["max_batch"]:
+            print(f"imagepiece-serve: warning: --queue-capacity {options['queue_capacity']} is below the batch size "
+                  f"{options['max_batch']}: no batch can fill, so every request waits out --max-delay-ms", file=sys.stderr)
         if not is_loopback(args.host):
             print(f"imagepiece-serve: warning: listening on {args.host}, reachable from other machines, with no authentication "
                   "or TLS: put a proxy in front of it", file=sys.stderr)
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
                                 access_log=not args.no_access_log, limit_concurrency=args.max_connections,
                                 timeout_graceful_shutdown=args.shutdown_timeout)
         try:
-            uvicorn.Server(config).run(sockets=[listener])
+            DrainingServer(config, service).run(sockets=[listener])
         except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has shut down (as uvicorn.run ignores it)
             pass
     return 0

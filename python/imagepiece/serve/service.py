@@ -45,6 +45,9 @@ class ServeConfig:
     # An upload that sends nothing for this long, or a request head not complete within it, gets 408 and its
     # connection closed.
     read_timeout_s: float = 30.0
+    # After that grace, an upload must keep arriving at this many bytes/s on average (Apache mod_reqtimeout's
+    # minrate is 500): a client that trickles a byte now and then gets 408 instead of keeping its connection.
+    min_upload_rate: float = 1024.0
     warmup: bool = True
 
 
@@ -66,7 +69,8 @@ class ClassificationService:
         self.batcher = ip_runtime.Batcher(self.runtime, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
                                           queue_capacity=config.queue_capacity, preferred_batches=config.preferred_batches)
         if config.warmup:  # the first run initialises the model: not on a client's time (nor in the batcher's stats)
-            image = self.prepare(_grey_png())
+            # Decoded under the default pixel limit: a --max-pixels below the warm-up picture is about uploads.
+            image = self.model_input(self.preprocess(decode_rgb_bytes(_grey_png())))
             self.runtime.run(image.expand(int(info["batch_min"]), *image.shape).contiguous())
 
     def prepare(self, data: bytes) -> torch.Tensor:
