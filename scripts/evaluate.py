@@ -38,11 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="validation folder: <data>/<class>/<image>")
     parser.add_argument("--artifact", type=Path, help="a compiled .so/.pt2: evaluate it through ip_runtime")
-    parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
-    parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS))
+    # The eager model's; None until parsed, so that one given beside --artifact (which has its model inside) is refused.
+    parser.add_argument("--arch", choices=sorted(imagepiece.ARCHS), help="eager model (default deit_small_patch16_224)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="eager model's token reduction (default imagepiece)")
     parser.add_argument("--checkpoint", type=Path, help="weights for the eager model (default: random)")
     parser.add_argument("--num-classes", type=int, help="eager model head size (default 1000)")
-    parser.add_argument("--lcb", choices=LCB_CHOICES, default="none")
+    parser.add_argument("--lcb", choices=LCB_CHOICES, help="eager model's Local Coherence Bias (default none)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (a static-batch artifact uses its own)")
     parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -59,8 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch and --limit must be >= 1, --workers >= 0")
     if args.num_classes is not None and args.num_classes < 1:
         parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
-    if args.artifact is not None and (args.checkpoint is not None or args.num_classes is not None):
-        parser.error("--checkpoint and --num-classes build the eager model; an --artifact has its weights and head inside")
+    eager_only = [f"--{name.replace('_', '-')}" for name in ("arch", "preset", "lcb", "checkpoint", "num_classes")
+                  if getattr(args, name) is not None]
+    if args.artifact is not None and eager_only:
+        parser.error(f"{', '.join(eager_only)} build the eager model; an --artifact has its model, weights and head inside")
+    args.arch, args.preset, args.lcb = args.arch or "deit_small_patch16_224", args.preset or "imagepiece", args.lcb or "none"
     if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and 0 < args.crop_pct <= 1):
         parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if any(not math.isfinite(value) for value in (args.mean or []) + (args.std or [])) or any(value <= 0 for value in args.std or []):

@@ -29,7 +29,7 @@ from imagepiece.files import check_writable_dir
 from imagepiece.training import (RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, check_recipe, epoch_order, log_line,
                                  save_checkpoint, seed_everything)
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
-from imagepiece.weights import fine_tuned_settings
+from imagepiece.weights import fine_tuned_settings, read_state_dict
 
 # What a run's last.pth records that the same command must repeat to resume it (else the saved optimizer and
 # schedule would silently win over the new flags, or train another model under the old run's name).
@@ -62,7 +62,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.save_every < 1 or args.workers < 0 or (args.max_steps is not None and args.max_steps < 1):
         parser.error("--save-every and --max-steps must be >= 1, --workers >= 0")
+    if not 0 <= args.seed < 2**32:  # what numpy's seeding takes
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
+    check_device(parser, args.device)
     return args
+
+
+def check_device(parser: argparse.ArgumentParser, name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r} is not a device (cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {name!r} is not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
 
 
 def resolve_recipe(args):
@@ -104,9 +116,16 @@ def usable_batch(images, targets, unreadable, even: bool, reported: set):
 
 
 def build_model(args, recipe, lcb):
-    """The model to train; a checkpoint written by this script brings its own head size (e.g. its best.pth)."""
+    """The model to train. A checkpoint brings its own head size: one this script wrote records it (e.g. its
+    best.pth), any other has it in its head.weight (a timm model fine-tuned on other classes)."""
     settings = fine_tuned_settings(args.checkpoint) if args.checkpoint is not None else None
-    head = {"num_classes": settings["num_classes"]} if settings else {}
+    if settings:
+        head = {"num_classes": settings["num_classes"]}
+    elif args.checkpoint is not None:
+        head_weight = read_state_dict(args.checkpoint).get("head.weight")
+        head = {"num_classes": head_weight.shape[0]} if head_weight is not None and head_weight.dim() == 2 else {}
+    else:
+        head = {}
     model = create_model(args.arch, lcb=lcb, drop_path_rate=recipe.drop_path, **PRESETS[args.preset], **head)
     if args.checkpoint is not None:
         imagepiece.load_checkpoint(model, args.checkpoint, allow_untrained_lcb=lcb == "stem")
@@ -176,12 +195,15 @@ def main(argv=None) -> int:
     try:
         with sigterm_unwinds():  # a scheduler's SIGTERM too: checkpoints are renamed into place, so none is half written
             train(args, recipe, trainer, train_set, val_loader, device, run, extra, log, drop_last)
-    except (TrainingDiverged, NonFiniteLogits, CheckpointWriteError) as error:
-        print(f"finetune.py: error: {error}; {last} holds the last good state", file=sys.stderr)
+    except (TrainingDiverged, NonFiniteLogits, CheckpointWriteError, DatasetError) as error:
+        saved = (f"{last} holds the last good state (resuming takes the same flags; other flags, e.g. a lower --lr, "
+                 "need another --output)") if last.exists() else "nothing was saved"
+        print(f"finetune.py: error: {error}; {saved}", file=sys.stderr)
         return 1
     except STOPPED as stop:
-        print(f"finetune.py: {how_stopped(stop)}; {last} holds the last saved step: "
-              "rerun the same command to resume", file=sys.stderr)
+        saved = (f"{last} holds the last saved step: rerun the same command to resume" if last.exists()
+                 else f"nothing was saved yet (the first save is at step {args.save_every} or the epoch's end)")
+        print(f"finetune.py: {how_stopped(stop)}; {saved}", file=sys.stderr)
         return exit_status(stop)
     return 0
 
@@ -211,9 +233,13 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
                 save_checkpoint(last, trainer.state(extra()))
                 print(f"stopped at step {trainer.global_step} (--max-steps); rerun to resume")
                 return
+        if len(order) and not losses:  # not one step: "training" on would save the initial weights as the best
+            raise DatasetError(f"no training image of epoch {trainer.epoch} decoded (each skipped file is named above)")
         trainer.end_epoch()
         result = evaluate(eager_predictor(trainer.model), val_loader, device)
         name_skipped(((entry["path"], entry["error"]) for entry in result["unreadable"]), reported)
+        if result["images"] == 0:  # a top-1 of 0% over no image would be logged, and saved as the best
+            raise DatasetError("no validation image decoded (each skipped file is named above)")
         top1 = result["top1"]
         if top1 >= run["best_accuracy"]:
             run["best_accuracy"] = top1

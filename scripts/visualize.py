@@ -29,13 +29,16 @@ def load_image(path: Path, model) -> tuple:
     from timm.data import create_transform, resolve_data_config
 
     from imagepiece.predict.decode import ImageError, decode_rgb
+    from imagepiece.predict.preprocess import check_resizes
 
-    try:  # the predict CLI's decoder and refusals (a 16-bit image would otherwise be clipped to white)
+    config = resolve_data_config(pretrained_cfg=model.pretrained_cfg)
+    transform = create_transform(**config)
+    try:  # the predict CLI's decoder and refusals (a 16-bit image would otherwise be clipped to white; a strip resized to GBs)
         image = decode_rgb(str(path))
+        check_resizes(image, transform)
+        tensor = transform(image).unsqueeze(0)
     except ImageError as error:
         raise ValueError(f"--image {str(path)!r}: {error}") from None
-    config = resolve_data_config(pretrained_cfg=model.pretrained_cfg)
-    tensor = create_transform(**config)(image).unsqueeze(0)
     mean, std = torch.tensor(config["mean"]).view(3, 1, 1), torch.tensor(config["std"]).view(3, 1, 1)
     display = ((tensor[0] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0)
     return tensor, display

@@ -136,13 +136,15 @@ def test_evaluate_names_and_skips_a_corrupt_file_instead_of_scoring_its_neighbou
         (["--data", "{val}", "--device", "bogus"], "is not a device"),
         (["--data", "{val}", "--device", "meta"], "is not available here"),
         (["--data", "{val}", "--num-classes", "0"], "--num-classes must be >= 1"),
-        (["--data", "{val}", "--artifact", "{artifact}", "--num-classes", "4"], "an --artifact has its weights and head inside"),
+        (["--data", "{val}", "--artifact", "{artifact}", "--num-classes", "4"], "an --artifact has its model, weights and head inside"),
+        (["--data", "{val}", "--artifact", "{artifact}", "--preset", "tome", "--lcb", "stem"], "--preset, --lcb build the eager model"),
     ],
 )
 def test_evaluate_bad_input(dataset, artifact, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     fields = {"empty": tmp_path / "empty", "val": dataset / "val", "artifact": artifact, "root": tmp_path}
-    result = call_script("evaluate", capsys, "--arch", ARCH, "--workers", "0", *[a.format(**fields) for a in args])
+    eager = [] if "--artifact" in args else ["--arch", ARCH]
+    result = call_script("evaluate", capsys, *eager, "--workers", "0", *[a.format(**fields) for a in args])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
@@ -161,6 +163,9 @@ def test_evaluate_bad_input(dataset, artifact, tmp_path, capsys, args, message):
         (["--data", "{data}", "--output", "{tmp}/run", "--max-steps", "0"], "--save-every and --max-steps must be >= 1"),
         (["--data", "{data}", "--output", "{tmp}/run", "--workers", "-1"], "--workers >= 0"),
         (["--data", "{data}", "--output", "{tmp}/run", "--auto-augment", "bogus"], "is not a timm auto-augment policy"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--seed", "-1"], "--seed must be in [0, 2**32)"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--device", "bogus"], "is not a device"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--device", "meta"], "is not available here"),
     ],
 )
 def test_finetune_bad_input(dataset, tmp_path, capsys, args, message):
@@ -203,6 +208,32 @@ def test_finetune_starts_from_its_own_checkpoint_of_these_classes(dataset, finet
     result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path, "--checkpoint", finetuned[1], "--max-steps", "1",
                          *TRAIN)
     assert result.returncode == 0 and "stopped at step 1" in result.stdout, result.stderr
+
+
+def test_finetune_starts_from_another_trainers_checkpoint_with_its_head_size(dataset, tmp_path, capsys):
+    # A timm DeiT fine-tuned on these 4 classes elsewhere: its head fits the data, not a 1000-class model.
+    import timm
+
+    torch.save(timm.create_model(ARCH, num_classes=4).state_dict(), tmp_path / "timm_4_classes.pth")
+    result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path / "run", "--checkpoint", tmp_path / "timm_4_classes.pth",
+                         "--max-steps", "1", *TRAIN)
+    assert result.returncode == 0 and "stopped at step 1" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_finetune_stops_when_no_image_of_a_split_decodes(dataset, tmp_path, capsys, split):
+    # Neither zero steps nor a top-1 over zero images may end as "done" with a best.pth.
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    for image in (data / split).rglob("*.png"):
+        image.write_bytes(b"not an image")
+    result = call_script("finetune", capsys, "--data", data, "--output", tmp_path / "run", *TRAIN[:-6], "--epochs", "1", "--workers", "0",
+                         "--save-every", "1000")
+    assert result.returncode == 1, result.stderr
+    assert f"no {'training' if split == 'train' else 'validation'} image" in result.stderr and "done" not in result.stdout
+    assert not (tmp_path / "run" / "best.pth").exists()
+    if split == "train":
+        assert "nothing was saved" in result.stderr  # no last.pth to point at
 
 
 def test_visualize_draws_the_piece_maps(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagepiece.data import DatasetError, Unreadable, collate_readable, image_folder, spread_subset
+from imagepiece.data import DatasetError, Unreadable, collate_readable, eval_transform, image_folder, spread_subset
 from imagepiece.evaluation import NonFiniteLogits, evaluate
 from imagepiece.training import RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, save_checkpoint
 from inputs import write_image_folder
@@ -83,6 +83,39 @@ def test_images_outside_class_folders_are_refused(tmp_path):
     (tmp_path / "stray.png").write_bytes((tmp_path / "class_000" / "0.png").read_bytes())  # would become class ""
     with pytest.raises(DatasetError, match="holds images directly"):
         image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["nested", "train_and_val"])
+def test_images_deeper_than_class_folders_are_refused(tmp_path, layout):
+    # timm labels an image by the folder it sits in: <class>/<sub>/<image> became class <sub>, and the folder
+    # above train/ and val/ merged both into one set of classes.
+    if layout == "nested":
+        write_image_folder(tmp_path, classes=2, per_class=2, size=8)
+        (tmp_path / "class_000" / "sub").mkdir()
+        (tmp_path / "class_000" / "sub" / "x.png").write_bytes((tmp_path / "class_000" / "0.png").read_bytes())
+    else:
+        for split in ("train", "val"):
+            write_image_folder(tmp_path / split, classes=2, per_class=2, size=8)
+    with pytest.raises(DatasetError, match="not <class>/<image>: give the folder whose sub-folders are the classes"):
+        image_folder(tmp_path)
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    write_image_folder(tmp_path, classes=3, per_class=2, size=8)
+    for image in (tmp_path / "class_001").iterdir():
+        image.unlink()
+    with pytest.raises(DatasetError, match=r"class folder\(s\) \['class_001'\] hold no images"):
+        image_folder(tmp_path)
+
+
+def test_a_strip_that_the_eval_resize_would_blow_up_is_unreadable_not_a_crash(tmp_path):
+    write_image_folder(tmp_path, classes=2, per_class=1, size=8)
+    Image.new("RGB", (100_000, 1)).save(tmp_path / "class_001" / "strip.png")  # a few hundred bytes; resized: 18 GB
+    dataset = image_folder(tmp_path, transform=eval_transform({"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
+                                                                "crop_pct": 0.875, "crop_mode": "center"}))
+    samples = [dataset[index] for index in range(len(dataset))]
+    (strip,) = [sample for sample in samples if isinstance(sample, Unreadable)]
+    assert strip.path.endswith("strip.png") and "extreme aspect ratio" in strip.error
 
 
 def test_a_non_finite_loss_stops_training_before_the_step(tmp_path):

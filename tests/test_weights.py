@@ -113,3 +113,13 @@ def test_paths_that_are_not_checkpoints(deit_files, tmp_path):
     torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "no_tensors.pth")
     with pytest.raises(CheckpointError, match="no state dict of tensors"):
         create_model(ARCH, checkpoint=tmp_path / "no_tensors.pth")
+
+
+def test_a_file_that_is_no_pickle_says_so_and_safetensors_load_under_any_name(deit_files, tmp_path):
+    (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match=r"its bytes are no pickle \(Unsupported operand"):
+        create_model(ARCH, checkpoint=tmp_path / "noise.pth")
+    renamed = tmp_path / "deit.pth"  # a safetensors file under a .pth name: timm chose its reader by the name alone
+    renamed.write_bytes(deit_files["safetensors"].read_bytes())
+    loaded = create_model(ARCH, "plain", checkpoint=renamed)
+    assert torch.equal(loaded.state_dict()["head.weight"], create_model(ARCH, "plain", checkpoint=deit_files["safetensors"]).state_dict()["head.weight"])

@@ -8,8 +8,12 @@ from typing import Iterator, List, NamedTuple, Optional, Union
 import torch
 from PIL import Image
 from timm.data import ImageDataset, create_transform
+from timm.data.readers.img_extensions import get_img_extensions
 from timm.data import auto_augment as timm_auto_augment
 from torch.utils.data import default_collate
+
+# The file suffixes timm's folder reader lists (others in a class folder are left out).
+IMAGE_SUFFIXES = frozenset(get_img_extensions())
 
 # The pretrained-cfg entries that decide how an image becomes the model's input; an artifact stores
 # exactly these, and evaluation must use the same ones.
@@ -43,13 +47,21 @@ class ImageFolder(ImageDataset):
         # The predict CLI's decoder: its refusals too (16-bit images, which Pillow would clip to a white picture;
         # decompression bombs). Imported here: the predict package imports this module.
         from .predict.decode import ImageError, decode_rgb
+        from .predict.preprocess import check_resizes
 
         path, target = self.reader.samples[index]
         try:
             image = decode_rgb(path)
+            if self.transform is None:
+                return image, target
+            # A 100000x1 strip is a few hundred bytes, but timm's eval Resize would make 18 GB of it.
+            check_resizes(image, self.transform)
+            try:
+                return self.transform(image), target
+            except ValueError as error:  # e.g. a resize that shrinks a strip's short side to 0
+                raise ImageError(f"cannot resize and crop a {image.width}x{image.height} image ({error})") from None
         except ImageError as error:
             return Unreadable(path, str(error))
-        return (self.transform(image) if self.transform is not None else image), target
 
 
 class Batch(NamedTuple):
@@ -80,7 +92,24 @@ def image_folder(root: Union[str, Path], transform=None) -> ImageFolder:
         raise DatasetError(f"dataset folder {str(root)!r} holds no images in class sub-folders")
     if "" in dataset.reader.class_to_idx:
         raise DatasetError(f"dataset folder {str(root)!r} holds images directly; put each in a class sub-folder (<root>/<class>/<image>)")
+    _check_one_level_of_classes(root, dataset)
     return dataset
+
+
+def _check_one_level_of_classes(root: Path, dataset: ImageFolder) -> None:
+    # timm labels an image by the folder it sits in, at any depth: given imagenet/ instead of imagenet/val/,
+    # train and val would merge into one set of classes, and <class>/<sub>/<image> would be a class <sub>.
+    for path, _ in dataset.reader.samples:
+        parts = Path(os.path.relpath(path, root)).parts
+        if len(parts) != 2:
+            raise DatasetError(f"dataset folder {str(root)!r} holds {os.path.join(*parts)!r}, not <class>/<image>: give the "
+                               "folder whose sub-folders are the classes (e.g. imagenet/val), each holding its images directly")
+    # An empty class folder has no label in timm's reader: the class count would silently be one short.
+    empty = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and entry.name not in dataset.reader.class_to_idx
+                   and not entry.name.startswith("."))
+    if empty:
+        raise DatasetError(f"dataset folder {str(root)!r}: class folder(s) {empty} hold no images "
+                           f"(image files: {', '.join(sorted(IMAGE_SUFFIXES))}); fill or remove them")
 
 
 def _check_each_folder_listed_once(root: Path) -> None:

@@ -46,8 +46,14 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
     before the rename) while writing leaves the previous `path`, if any, untouched. The staged file
     sits beside `path` (a rename must not cross file systems) and keeps its suffix, for writers that
     choose the format by it (PIL, matplotlib).
+
+    A symbolic link is followed (its target is replaced, the link stays), and a target that is not a
+    regular file (/dev/stdout, a FIFO) is written directly: renaming over it would replace the device.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        write(path)
+        return path
     staged = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
         write(staged)

@@ -12,8 +12,9 @@ import warnings
 from pathlib import Path
 from typing import Dict, Optional, Union
 
+import safetensors.torch
 import torch
-from timm.models import load_state_dict
+from timm.models import clean_state_dict, load_state_dict
 from torch import nn
 
 
@@ -33,7 +34,10 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
-        state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+        if path.suffix != ".safetensors" and _is_safetensors(path):  # timm picks the reader by the name alone
+            state = clean_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
+        else:
+            state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
     except AttributeError:  # timm cleans keys with .items(): the file holds something other than a dict
         state = None
     except Exception as error:  # torch.load / safetensors raise many types for a bad file
@@ -44,13 +48,24 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file opens with its header's length (8 bytes, little-endian) and then the JSON header."""
+    with open(path, "rb") as file:
+        start = file.read(9)
+    return len(start) == 9 and start[8:9] == b"{" and 2 <= int.from_bytes(start[:8], "little") <= path.stat().st_size - 8
+
+
 def _load_failure(error: Exception) -> str:
     """What went wrong, in one line. A weights-only refusal (torch.load's, or timm's wrapper of it) ends in
     advice to load with weights_only=False, which these tools must not follow: a checkpoint holds tensors,
     and unpickling anything else runs code from the file. torch's own reason is its "WeightsUnpickler" line."""
     chain = [error, error.__cause__, error.__context__]
     texts = [str(link) for link in chain if link is not None]
-    reason = next((line.strip() for text in texts for line in text.splitlines() if "WeightsUnpickler error:" in line), None)
+    # torch's reason follows "WeightsUnpickler error:", on the same line or after a blank one.
+    reason = next((" ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+                   for text in texts if "WeightsUnpickler error:" in text), None)
+    if reason is not None and reason.startswith("Unsupported operand"):
+        return f"not a torch-saved checkpoint nor a safetensors file: its bytes are no pickle ({reason})"
     if reason is not None or "weights_only" in texts[0]:
         detail = f": {reason.split('. Please use')[0]}" if reason else ""
         return f"it holds pickled objects other than tensors and plain values, which are never unpickled here{detail}"

@@ -41,17 +41,9 @@ class Preprocess:
                              "imagepiece.predict.preprocess must be updated")
         self.geometry = transforms.Compose(steps[:-2])
         self.size = tuple(input_shape[1:])
-        self.resizes = [step for step in steps[:-2] if isinstance(step, transforms.Resize)]
 
     def __call__(self, image: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        limit = max(max_pixels, DEFAULT_MAX_PIXELS)
-        for resize in self.resizes:  # timm's eval transform has one, first
-            size = list(resize.size) if isinstance(resize.size, (list, tuple)) else [resize.size]
-            height, width = _compute_resized_output_size((image.height, image.width), size, resize.max_size)
-            if height * width > limit:
-                raise ImageError(f"image is {image.width}x{image.height}: resizing it to {width}x{height} before the centre "
-                                 f"crop would make {width * height:,} pixels, over the limit of {limit:,} "
-                                 "(an extreme aspect ratio; --max-pixels raises the limit)")
+        check_resizes(image, self.geometry, max_pixels, advice="; --max-pixels raises the limit")
         try:
             pixels = np.array(self.geometry(image))  # a writable copy (PIL exposes read-only memory)
         except ValueError as error:  # e.g. timm's "border" mode shrinking a 5000x2 strip to 248x0
@@ -59,6 +51,21 @@ class Preprocess:
         if pixels.shape != (*self.size, 3):  # a transform that changed shape would corrupt a whole batch
             raise ValueError(f"preprocessing produced {pixels.shape}, expected {(*self.size, 3)}")
         return pixels
+
+
+def check_resizes(image: Image.Image, transform, max_pixels: int = DEFAULT_MAX_PIXELS, advice: str = "") -> None:
+    """ImageError if a `transforms.Resize` in `transform` (a timm/torchvision transform or Compose) would make
+    more pixels than the limit (or the default limit, if that is higher) out of `image`."""
+    limit = max(max_pixels, DEFAULT_MAX_PIXELS)
+    for resize in getattr(transform, "transforms", [transform]):  # timm's eval transform has one, first
+        if not isinstance(resize, transforms.Resize):
+            continue
+        size = list(resize.size) if isinstance(resize.size, (list, tuple)) else [resize.size]
+        height, width = _compute_resized_output_size((image.height, image.width), size, resize.max_size)
+        if height * width > limit:
+            raise ImageError(f"image is {image.width}x{image.height}: resizing it to {width}x{height} before the centre "
+                             f"crop would make {width * height:,} pixels, over the limit of {limit:,} "
+                             f"(an extreme aspect ratio{advice})")
 
 
 def _per_channel(values: Sequence[float], device: torch.device) -> torch.Tensor:
