@@ -127,6 +127,7 @@ def main(argv=None) -> int:
         return 2
 
     dataset.transform = eval_transform(preprocessing)
+    files = len(dataset)
     if args.limit:
         dataset = spread_subset(dataset, args.limit)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
@@ -146,7 +147,12 @@ def main(argv=None) -> int:
     if not result["images"]:
         print(f"evaluate.py: error: none of the {len(dataset)} files decoded as an image", file=sys.stderr)
         return 1
-    result.update(model=description, data=str(args.data), preprocessing=preprocessing, machine=machine_info(),
+    # What was evaluated, so that a subset's or another head's figure is never read as the whole folder's.
+    given = {"artifact": args.artifact, "checkpoint": args.checkpoint, "limit": args.limit, "batch": args.batch}
+    given.update({} if args.artifact else {"arch": args.arch, "preset": args.preset, "lcb": args.lcb, "num_classes": head_classes})
+    result.update(model=description, data=str(args.data), settings={key: str(value) if isinstance(value, Path) else value
+                                                                  for key, value in given.items()},
+                  files=files, preprocessing=preprocessing, machine=machine_info(),
                   created=datetime.datetime.now().isoformat(timespec="seconds"))
     skipped = f"; {len(result['unreadable'])} unreadable files skipped (listed above)" if result["unreadable"] else ""
     print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images, "

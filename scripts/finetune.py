@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.data import DatasetError, class_names, collate_readable, eval_transform, image_folder, train_transform
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
-from imagepiece.files import check_writable_dir
+from imagepiece.files import atomic_write_text, check_writable_dir
 from imagepiece.training import (RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, check_recipe, epoch_order, log_line,
                                  save_checkpoint, seed_everything)
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
@@ -132,13 +133,30 @@ def build_model(args, recipe, lcb):
     return model
 
 
+def keep_log_up_to(log: Path, step: int) -> None:
+    """A run resumes from its last save and takes the steps after it again: their lines from the interrupted
+    run (and a line cut short by a kill) leave the log, so that each step is logged once."""
+    if not log.exists():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            return float("inf")
+
+    kept = [line for line in lines if logged_step(line) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(log, "".join(kept))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     seed_everything(args.seed)
     device = torch.device(args.device)
     try:
         recipe = resolve_recipe(args)
-        check_writable_dir(args.output, create=True)
         train_set = image_folder(args.data / "train")
         val_set = image_folder(args.data / "val")
         names = class_names(train_set)
@@ -155,16 +173,16 @@ def main(argv=None) -> int:
             train_set.transform = train_transform(preprocessing, recipe.auto_augment, recipe.re_prob)
         except (AssertionError, KeyError, ValueError) as error:  # timm asserts on an unknown policy
             raise ValueError(f"--auto-augment {recipe.auto_augment!r} is not a timm auto-augment policy ({error})") from None
+        drop_last = recipe.mixup > 0 or recipe.cutmix > 0  # mixup needs even batches
+        steps_per_epoch = len(train_set) // recipe.batch_size if drop_last else -(-len(train_set) // recipe.batch_size)
+        if steps_per_epoch == 0:
+            raise ValueError(f"{len(train_set)} training images are fewer than one batch of {recipe.batch_size}")
+        check_writable_dir(args.output, create=True)  # made last: a refused command leaves no empty run folder
     except (ValueError, CheckpointError, DatasetError) as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         return 2
 
     val_set.transform = eval_transform(preprocessing)
-    drop_last = recipe.mixup > 0 or recipe.cutmix > 0  # mixup needs even batches
-    steps_per_epoch = len(train_set) // recipe.batch_size if drop_last else -(-len(train_set) // recipe.batch_size)
-    if steps_per_epoch == 0:
-        print(f"finetune.py: error: {len(train_set)} training images are fewer than one batch of {recipe.batch_size}", file=sys.stderr)
-        return 2
     trainer = Trainer(model, recipe, classes, steps_per_epoch, device, args.amp)
     last = args.output / "last.pth"
     run = {"best_accuracy": 0.0}  # updated by train(); every checkpoint records it with the run's settings
@@ -188,6 +206,7 @@ def main(argv=None) -> int:
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.batch_size, num_workers=args.workers,
                                              collate_fn=collate_readable)
     log = args.output / "log.jsonl"
+    keep_log_up_to(log, trainer.global_step)
     if args.max_steps and trainer.global_step >= args.max_steps:  # the same command again: nothing left to do
         print(f"already at step {trainer.global_step} (--max-steps {args.max_steps}): nothing to train")
         return 0

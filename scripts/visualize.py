@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_output_file(args.out)
+        if args.out.suffix.lower() != ".png":  # PNG bytes under another name would fool every viewer
+            raise ValueError(f"--out {str(args.out)!r}: the picture is a PNG; name it *.png")
         model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes,
                              allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
         depth = len(model.blocks)

@@ -48,6 +48,8 @@ def test_a_few_steps_reduce_the_loss(finetuned):
 def test_resumed_training_continues_exactly_where_it_stopped(dataset, finetuned, tmp_path):
     first = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "5", *TRAIN)
     assert first.returncode == 0, first.stderr
+    with open(tmp_path / "log.jsonl", "a") as log:  # as if killed after two more steps than it saved, mid-line
+        log.write('{"step": 6, "loss": 9.0}\n{"step": 7, "loss": 9.0}\n{"step": 8, "lo')
     second = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "8", *TRAIN)
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "step 5" in second.stdout
@@ -103,6 +105,9 @@ def test_evaluate_gives_the_same_numbers_eager_and_through_the_runtime(dataset, 
     assert (eager_result["top1"], eager_result["top5"]) == (compiled_result["top1"], compiled_result["top5"])
     assert eager_result["top5"] == 100.0  # 4 classes: top-5 holds every class
     assert "ip_runtime" in compiled_result["model"] and compiled_result["preprocessing"]["interpolation"] == "bicubic"
+    assert eager_result["settings"]["limit"] == 22 and eager_result["settings"]["lcb"] == "residual"
+    assert eager_result["settings"]["checkpoint"] == str(finetuned[1]) and compiled_result["settings"]["artifact"] == str(artifact)
+    assert eager_result["files"] == compiled_result["files"] == 24
 
 
 def test_evaluate_names_and_skips_a_corrupt_file_instead_of_scoring_its_neighbour(dataset, finetuned, tmp_path, capsys):
@@ -152,7 +157,7 @@ def test_evaluate_bad_input(dataset, artifact, tmp_path, capsys, args, message):
     "args, message",
     [
         (["--data", "/nonexistent", "--output", "{tmp}/run"], "does not exist"),
-        (["--data", "{data}", "--output", "/sys/kernel/run"], "not writable"),
+        (["--data", "{data}", "--output", "/sys/kernel/run", "--batch-size", "8"], "not writable"),
         (["--data", "{data}", "--output", "{tmp}/run", "--batch-size", "64"], "fewer than one batch"),
         (["--data", "{data}", "--output", "{tmp}/run", "--batch-size", "7"], "even --batch-size"),
         (["--data", "{data}", "--output", "{tmp}/run", "--lr", "inf"], "lr must be finite"),
@@ -171,6 +176,7 @@ def test_evaluate_bad_input(dataset, artifact, tmp_path, capsys, args, message):
 def test_finetune_bad_input(dataset, tmp_path, capsys, args, message):
     result = call_script("finetune", capsys, "--arch", ARCH, "--workers", "0", *[a.format(data=dataset, tmp=tmp_path) for a in args])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # a refused command leaves no empty run folder
 
 
 def test_finetune_refuses_val_classes_that_are_not_train_classes(tmp_path, capsys):
@@ -295,8 +301,10 @@ def test_visualize_a_fine_tuned_checkpoint_of_other_classes(finetuned, tmp_path,
     "args, message",
     [
         (["--image", "{tmp}/missing.jpg", "--out", "{tmp}/x.png"], "file not found"),
+        (["--synthetic", "--out", "{tmp}/x.jpg"], "the picture is a PNG; name it *.png"),
         (["--image", "{tmp}/notes.jpg", "--out", "{tmp}/x.png"], "not an image"),
         (["--image", "{tmp}/deep.png", "--out", "{tmp}/x.png"], "unsupported 16-bit image"),
+        (["--image", "{tmp}/strip.png", "--out", "{tmp}/x.png"], "extreme aspect ratio"),  # resized first: 18 GB
         (["--synthetic", "--blocks", "12", "--out", "{tmp}/x.png"], "outside 0..11"),
         (["--synthetic", "--out", "/nonexistent/x.png"], "does not exist"),
         (["--synthetic", "--num-classes", "0", "--out", "{tmp}/x.png"], "--num-classes must be >= 1"),
@@ -307,6 +315,7 @@ def test_visualize_a_fine_tuned_checkpoint_of_other_classes(finetuned, tmp_path,
 def test_visualize_bad_input(tmp_path, capsys, args, message):
     (tmp_path / "notes.jpg").write_text("not a picture")
     Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")  # Pillow's RGB would clip it to white
+    Image.new("RGB", (100_000, 1)).save(tmp_path / "strip.png")
     result = call_script("visualize", capsys, "--arch", ARCH, *[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
