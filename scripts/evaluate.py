@@ -17,6 +17,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -25,12 +26,13 @@ import ip_runtime
 from imagepiece import CheckpointError, create_model
 from imagepiece.artifact import DTYPES, ArtifactError, read_metadata
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
-from imagepiece.data import DatasetError, check_num_classes, collate_readable, eval_transform, image_folder, preprocessing_config, spread_subset
+from imagepiece.data import DatasetError, check_num_classes, class_names, collate_readable, eval_transform, image_folder, preprocessing_config, spread_subset
 from imagepiece.environment import machine_info
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
 from imagepiece.predict.preprocess import pixels_of
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
+from imagepiece.weights import fine_tuned_settings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,6 +113,17 @@ def build_predictor(args, device):
     return eager_predictor(model), preprocessing, model.num_classes, None, f"eager {args.arch} {args.preset}"
 
 
+def check_trained_classes(checkpoint: Optional[Path], dataset, root: Path) -> None:
+    """A fine-tune's head scores its own class folders, by position: the same count of other folders would be
+    scored as if they were those."""
+    trained = (fine_tuned_settings(checkpoint) or {}).get("classes") if checkpoint is not None else None
+    found = class_names(dataset)
+    if trained is not None and trained != found:
+        only_trained, only_here = [n for n in trained if n not in found], [n for n in found if n not in trained]
+        raise DatasetError(f"{str(checkpoint)!r} was fine-tuned on other class folders than {str(root)!r} holds (only in its "
+                           f"training: {only_trained[:5]}; only here: {only_here[:5]}); its labels would be scored by position")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
@@ -122,6 +135,7 @@ def main(argv=None) -> int:
         dataset = image_folder(args.data)
         predict, preprocessing, head_classes, fixed_batch, description = build_predictor(args, device)
         check_num_classes(dataset, head_classes, args.data)
+        check_trained_classes(args.checkpoint, dataset, args.data)
     except (ValueError, CheckpointError, DatasetError, ip_runtime.Error) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2

@@ -124,6 +124,15 @@ def test_evaluate_names_and_skips_a_corrupt_file_instead_of_scoring_its_neighbou
     assert saved["images"] == 23 and [entry["path"] for entry in saved["unreadable"]] == [str(corrupt)]
 
 
+def test_evaluate_refuses_a_fine_tune_of_other_class_folders(dataset, finetuned, tmp_path, capsys):
+    val = tmp_path / "val"
+    shutil.copytree(dataset / "val", val)
+    (val / "class_001").rename(val / "zebra")  # the same count: its head would score them by position
+    result = call_script("evaluate", capsys, "--data", val, "--arch", ARCH, "--lcb", "residual", "--num-classes", "4",
+                         "--checkpoint", finetuned[1], "--workers", "0", "--device", "cpu")
+    assert result.returncode == 2 and "fine-tuned on other class folders" in result.stderr and "'zebra'" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -123,7 +123,8 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
 
 def fine_tuned_settings(path: Union[str, Path]) -> Optional[dict]:
     """{"arch", "lcb", "num_classes"} that scripts/finetune.py records beside the weights it writes, which
-    the weights need to fit a model; None for any other checkpoint (or an unreadable one)."""
+    the weights need to fit a model, and "classes" (the class folder names it trained on, or None); None for
+    any other checkpoint (or an unreadable one)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # safetensors, or unreadable: nothing recorded
@@ -131,7 +132,9 @@ def fine_tuned_settings(path: Union[str, Path]) -> Optional[dict]:
     if not isinstance(saved, dict) or not isinstance(saved.get("arch"), str) or isinstance(saved.get("num_classes"), bool) \
             or not isinstance(saved.get("num_classes"), int) or not isinstance(saved.get("lcb"), (str, type(None))):
         return None
-    return {"arch": saved["arch"], "lcb": saved["lcb"], "num_classes": saved["num_classes"]}
+    classes = saved.get("classes")  # its class folder names, in label order (older checkpoints: none)
+    classes = list(classes) if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes) else None
+    return {"arch": saved["arch"], "lcb": saved["lcb"], "num_classes": saved["num_classes"], "classes": classes}
 
 
 def fine_tune_hint(path: Union[str, Path]) -> str:
