@@ -22,7 +22,7 @@ from imagepiece.predict.labels import class_names
 from imagepiece.input_format import random_pixels
 from imagepiece.predict.preprocess import Preprocess, normalise, pixels_of
 from imagepiece.predict.rows import Row
-from imagepiece.predict.writers import Journal, read_rows, write_rows
+from imagepiece.predict.writers import Journal, ResumableOutput, read_rows, write_rows
 
 # The bomb fixtures are meant to trip Pillow's warning; predict refuses them itself (error rows).
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -239,6 +239,69 @@ def test_odd_names_loops_byte_order_marks_and_unlisted_folders(folder, tmp_path,
         list_inputs(str(photos / "sub"))
 
 
+def test_deep_trees_trailing_globstars_odd_table_columns_and_labels_with_a_bom(folder, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, _, _ = folder
+    levels = [tmp_path / "deep"]  # deeper than Python's recursion limit: os.walk recursed into a RecursionError
+    for _ in range(1100):
+        levels.append(levels[-1] / "d")
+    for level in levels:  # made and removed one by one: pathlib's mkdir and shutil.rmtree recurse too
+        level.mkdir()
+    shutil.copy(root / "rgb_0.jpg", levels[-1] / "x.jpg")
+    try:
+        assert [item.location for item in list_inputs(str(tmp_path / "deep"))] == [str(levels[-1] / "x.jpg")]
+    finally:
+        (levels[-1] / "x.jpg").unlink()
+        for level in reversed(levels):
+            level.rmdir()
+
+    # pathlib's trailing "**" lists folders only; glob.glob's lists every file below.
+    walked = {item.path for item in list_inputs(str(root))}
+    assert walked <= {item.path for item in list_inputs(str(root / "**"))}
+
+    pq.write_table(pa.table({"path": pa.array([os.fsencode(str(root / "rgb_0.jpg"))])}), tmp_path / "binary.parquet")
+    assert [item.location for item in list_inputs(str(tmp_path / "binary.parquet"))] == [str(root / "rgb_0.jpg")]
+    pq.write_table(pa.table({"path": pa.array([[1], [2]])}), tmp_path / "lists.parquet")
+    with pytest.raises(ValueError, match="holds list values, not text"):
+        list_inputs(str(tmp_path / "lists.parquet"))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="has no columns"):
+        list_inputs(str(tmp_path / "empty.csv"))
+
+    (tmp_path / "labels.txt").write_text("cat\ndog\n", encoding="utf-8-sig")  # a BOM would have joined "cat"
+    assert class_names(2, tmp_path / "labels.txt") == ["cat", "dog"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\ndog\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt' is not UTF-8 text"):
+        class_names(2, tmp_path / "latin1.txt")
+
+
+def test_resume_swaps_in_the_merged_journal_whole(tmp_path, monkeypatch):
+    """--resume rewrites its journal with every earlier row; a stop (or a full disk) while it does so must leave
+    the old journal, not a shorter one."""
+    from imagepiece.predict import writers
+
+    output = tmp_path / "p.jsonl"
+    journal = Journal(tmp_path / ".p.jsonl.partial.jsonl")
+    journal.append([Row(f"{index}.jpg", error="x") for index in range(100)])
+    journal.close()
+    before = journal.path.read_bytes()
+    calls = {"n": 0}
+    to_json = writers._row_to_json
+
+    def stopped_midway(row):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise KeyboardInterrupt
+        return to_json(row)
+
+    monkeypatch.setattr(writers, "_row_to_json", stopped_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ResumableOutput(output, resume=True)
+    assert journal.path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [journal.path.name]
+
+
 def test_fifos_and_strips_are_error_rows_not_hangs_or_gigabytes(tmp_path):
     fifo = tmp_path / "x.jpg"
     os.mkfifo(fifo)  # opening it would wait for a writer
@@ -440,11 +503,15 @@ def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_f
     (["--artifact", "{artifact}", "--output", "{out}.csv", "--device", "foo"], "--device 'foo' is not a device"),
     (["--artifact", "{artifact}", "--output", "{out}.csv", "--device", "cpu:1"], "there is one CPU device"),
     (["--artifact", "{artifact}", "--output", "{table}", "--input", "{table}"], "is the input: it would be overwritten"),
+    (["--artifact", "{artifact}", "--output", "{out}/ray_out", "--ray", "--workers", "2"], "with --ray, Ray decodes on its CPU workers"),
+    # A link into a folder that does not exist: found before the run, not when its rows are written.
+    (["--artifact", "{artifact}", "--output", "{out}/dangling.csv"], "/no/such/dir' does not exist"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(compiled, folder, tmp_path, capsys, args, message):
     root, _, _ = folder
     (tmp_path / "empty").mkdir()
     (tmp_path / "table.csv").write_text(f"path\n{root / 'rgb_0.jpg'}\n")
+    (tmp_path / "dangling.csv").symlink_to(tmp_path / "no" / "such" / "dir" / "p.csv")
     values = {"missing": tmp_path / "none.so", "artifact": compiled.path("ti_imagepiece_dynamic"), "out": tmp_path,
               "empty": tmp_path / "empty", "table": tmp_path / "table.csv"}
     argv = [arg.format(**values) for arg in args]

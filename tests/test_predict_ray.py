@@ -37,7 +37,7 @@ def assert_same_rows(actual, expected):
         assert got.probs == pytest.approx(want.probs, rel=1e-4)
 
 
-def test_ray_rows_equal_single_process_rows_and_resume_adds_only_new_ones(compiled, tmp_path, local_ray, capfd):
+def test_ray_rows_equal_single_process_rows_and_resume_adds_only_new_ones(compiled, tmp_path, local_ray, capfd, monkeypatch):
     photos = tmp_path / "photos"
     good = write_good_images(photos)[:12]
     bad = write_bad_images(photos)
@@ -50,7 +50,11 @@ def test_ray_rows_equal_single_process_rows_and_resume_adds_only_new_ones(compil
     single = read_rows(tmp_path / "single.parquet")
     output = tmp_path / "ray_out"
     capfd.readouterr()
-    assert main(common + ["--output", str(output), "--ray", "--concurrency", "1"]) == 0
+    # Relative paths, from another folder than Ray's workers run in (as on a cluster started elsewhere): the rows
+    # used to be written, and the images looked for, relative to the workers' folder.
+    monkeypatch.chdir(tmp_path)
+    relative = [arg if arg != str(listing) else "list.txt" for arg in common]
+    assert main(relative + ["--output", "ray_out", "--ray", "--concurrency", "1"]) == 0
     terminal = "".join(capfd.readouterr())
     # Ray Data's INFO lines (execution plans) stay in its log file; --no-progress asks for no progress hint.
     assert "Starting execution of Dataset" not in terminal and "Progress bars disabled" not in terminal, terminal

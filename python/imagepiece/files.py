@@ -50,10 +50,11 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
     A symbolic link is followed (its target is replaced, the link stays), and a target that is not a
     regular file (/dev/stdout, a FIFO) is written directly: renaming over it would replace the device.
     """
-    path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file() and not path.is_dir():
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # stat follows the link: /dev/stdout -> a pipe
         write(path)
         return path
+    path = Path(os.path.realpath(path))
     staged = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
         write(staged)

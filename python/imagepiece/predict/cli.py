@@ -32,7 +32,7 @@ from .classifier import Classifier
 from .decode import DEFAULT_MAX_PIXELS
 from .labels import class_names
 from .pipeline import RunStats, predict_items
-from .ray_job import check_output_folder, run_on_ray
+from .ray_job import RayRowsLost, check_output_folder, run_on_ray
 from .sources import list_inputs
 from .writers import ResumableOutput, output_format, warn_if_resume_matches_nothing
 
@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, default=5, help="classes per row (default 5)")
     parser.add_argument("--batch", type=int, help="batch size for a dynamic-batch artifact (default: min(32, its max); "
                                                   "a static-batch artifact always uses its own)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="decode threads (default: min(4, cores)); 0 decodes in the model's thread")
+    parser.add_argument("--workers", type=int, help="decode threads (default: min(4, cores)); 0 decodes in the model's thread "
+                                                    "(not with --ray: Ray decodes on its own CPU workers)")
     parser.add_argument("--resume", action="store_true", help="keep the predictions already in --output, do only the rest "
                                                              "(same artifact and --topk: the rows do not record the artifact)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -75,10 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if not args.ray and (args.address is not None or args.concurrency is not None):
         parser.error("--address and --concurrency apply only with --ray")
+    if args.ray and args.workers is not None:
+        parser.error("--workers sets this process's decode threads; with --ray, Ray decodes on its CPU workers")
+    args.workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
     try:
         device = torch.device(args.device) if args.device else None
     except RuntimeError:
@@ -99,7 +102,12 @@ def check_output(path: Path, ray: bool, input_spec: str) -> None:
         output_format(path)
         if path.is_dir():
             raise ValueError(f"output {str(path)!r} is a folder; give a file name ending in .csv, .jsonl or .parquet")
+        if path.exists() and not path.is_file():  # /dev/stdout, a FIFO: written in place (files.atomic_write)
+            check_writable_dir(path.parent)  # the journal sits beside the name given
+            return
     check_writable_dir(path.parent)
+    # A symbolic link is written through (its target replaced): that folder too must take the file, before the run.
+    check_writable_dir(Path(os.path.realpath(path)).parent)
 
 
 def run_single_process(args, items, classifier, names, warn) -> int:
@@ -118,6 +126,11 @@ def run_single_process(args, items, classifier, names, warn) -> int:
         print(f"{how_stopped(stop)} after {stats.images} images; they are kept in {output.journal.path}: "
               "rerun with --resume to finish", file=sys.stderr)
         return exit_status(stop)
+    except OSError as error:  # writing the output (a full disk, a folder gone): the predictions are in the journal
+        output.journal.close()
+        print(f"{program_name(None)}: error: cannot write {args.output} ({error.strerror or error}); the {stats.images} "
+              f"predictions are kept in {output.journal.path}: rerun with --resume to write them", file=sys.stderr)
+        return 1
     print(f"predicted {stats.summary()}; wrote {args.output}")
     return 0
 
@@ -125,6 +138,9 @@ def run_single_process(args, items, classifier, names, warn) -> int:
 def run_ray(args, items, warn, prog: str) -> int:
     try:
         stats = run_on_ray(args, items, warn)
+    except RayRowsLost as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
     except STOPPED as stop:
         # Ray's files are moved into --output only when the whole job finished.
         print(f"{prog}: {how_stopped(stop)}; {args.output} is as it was before this run (rerun to predict; --resume keeps "

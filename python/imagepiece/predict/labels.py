@@ -15,10 +15,12 @@ def class_names(num_classes: int, labels_file: Optional[Union[str, Path]] = None
     the class index is in the row anyway, and a made-up name would look like knowledge.
     """
     if labels_file is not None:
-        try:
-            names = Path(labels_file).read_text().splitlines()
+        try:  # -sig: a BOM (Windows editors write one) must not become part of class 0's name
+            names = Path(labels_file).read_text(encoding="utf-8-sig").splitlines()
         except OSError as error:
             raise ValueError(f"labels file {str(labels_file)!r} cannot be read ({error.strerror})") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"labels file {str(labels_file)!r} is not UTF-8 text ({error.reason} at byte {error.start})") from None
         if len(names) != num_classes:
             raise ValueError(f"labels file {str(labels_file)!r} has {len(names)} lines, the model has {num_classes} classes")
         return names

@@ -231,6 +231,10 @@ def _warn_on_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+class RayRowsLost(Exception):
+    """The job's Parquet files hold fewer (or more) rows than images were sent: never a silently partial output."""
+
+
 def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn_on_stderr) -> RunStats:
     """Predict `items` on Ray into the folder `args.output`; same row contents as the single-process path."""
     import pyarrow.parquet as pq
@@ -238,7 +242,8 @@ def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn
 
     from imagepiece.artifact import read_metadata
 
-    output = Path(args.output)
+    # Absolute: Ray's workers (on a cluster started elsewhere, --address) resolve relative paths against their own folder.
+    output = Path(os.path.abspath(args.output))
     metadata = read_metadata(args.artifact)
     earlier = _earlier_rows(output) if args.resume else []
     check_same_topk(earlier, args.topk, output)
@@ -258,7 +263,8 @@ def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn
         if todo:
             blocks = max(1, min(len(todo) // DECODE_BATCH, 1000))
             concurrency = min(concurrency, blocks)  # more actors than blocks would only idle
-            dataset = ray.data.from_items([{"path": i.path, "location": i.location} for i in todo], override_num_blocks=blocks)
+            locations = [{"path": i.path, "location": i.location and os.path.abspath(i.location)} for i in todo]  # "": its error row
+            dataset = ray.data.from_items(locations, override_num_blocks=blocks)
             dataset = dataset.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1,
                                           fn_kwargs={"preprocessing_json": json.dumps(metadata["preprocessing"]),
                                                      "input_shape": tuple(metadata["input_shape"]),
@@ -276,6 +282,10 @@ def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn
             table = pq.read_table(file, columns=["error"])
             stats.images += table.num_rows
             stats.errors += sum(1 for error in table["error"].to_pylist() if error)
+        if stats.images != len(todo):  # checked before anything moves: the output stays as it was
+            raise RayRowsLost(f"the Ray job wrote {stats.images} rows for {len(todo)} images; "
+                              f"{output} is as it was before this run")
+        for file in new_files:
             os.replace(file, output / file.name)
         if args.resume:
             _drop_rows(old_files, retried)

@@ -50,18 +50,35 @@ def found_file(location: str) -> InputItem:
 
 
 def _walk_folder(folder: str, warn: Callable[[str], None]) -> List[InputItem]:
+    """os.walk's order (each folder's files, then its sub-folders, all sorted), with a stack of its own: Python
+    3.11's os.walk recurses, and a tree deeper than ~1000 folders would end in a RecursionError."""
     suffixes = image_suffixes()
-    unlisted = []
     items = []
-    for root, dirs, files in os.walk(folder, onerror=unlisted.append):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes:
-                items.append(found_file(os.path.join(root, name)))
-    for error in unlisted:
-        if error.filename == folder:  # os.walk names the top folder as it was given
-            raise InputError(f"cannot list folder {folder!r} ({error.strerror})")
-        warn(f"cannot list folder {found_file(error.filename).path!r} ({error.strerror}): its images have no rows")
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as entries:
+                entries = sorted(entries, key=lambda entry: entry.name)
+        except OSError as error:
+            if current == folder:
+                raise InputError(f"cannot list folder {folder!r} ({error.strerror})") from None
+            warn(f"cannot list folder {found_file(current).path!r} ({error.strerror}): its images have no rows")
+            continue
+        folders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_folder = entry.is_dir()
+                followed = is_folder and not entry.is_symlink()  # as os.walk: a link to a folder is not entered
+            except OSError:
+                is_folder = followed = False
+            if followed:
+                folders.append(entry.path)
+            elif not is_folder and os.path.splitext(entry.name)[1].lower() in suffixes:
+                items.append(found_file(entry.path))
+        pending.extend(reversed(folders))  # popped in sorted order
     return items
 
 
@@ -77,6 +94,8 @@ def _hidden(part: str) -> bool:
 def _glob_without_following_links(pattern: str) -> List[str]:
     """glob.glob(pattern, recursive=True) through pathlib, whose "**" does not descend into symbolic links to
     folders (glob.glob's does: a link back up the tree lists the same files again, or without end)."""
+    if pattern.endswith("**"):  # pathlib's trailing "**" lists folders only; glob.glob's lists their files too
+        pattern = os.path.join(pattern, "*")
     path = Path(pattern)
     base = Path(path.anchor or ".")
     relative = str(path.relative_to(path.anchor)) if path.anchor else pattern
@@ -103,6 +122,8 @@ def _relative_to(listing: Path, entries: List[str]) -> List[InputItem]:
 
 
 def _pick_column(columns: List[str], column: Optional[str], source: Path) -> str:
+    if not columns:
+        raise InputError(f"{str(source)!r} has no columns (an empty table, or a CSV without its header row)")
     if column is not None:
         if column not in columns:
             raise InputError(f"{str(source)!r} has no column {column!r} (columns: {', '.join(columns)})")
@@ -130,7 +151,17 @@ def _table_column(source: Path, column: Optional[str]) -> List[str]:
         raise
     except Exception as error:  # pyarrow/csv raise many kinds for an unreadable table
         raise InputError(f"cannot read table {str(source)!r} ({type(error).__name__}: {error})") from None
-    return ["" if value is None else str(value) for value in values]  # an empty path gets an error row
+    return [_path_value(value, source) for value in values]
+
+
+def _path_value(value, source: Path) -> str:
+    """A table cell as a path: text, or bytes (a binary column) decoded as os functions would; None is the empty
+    path (its row says so). Anything else (numbers, lists) would become a made-up path: refused."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
+    raise InputError(f"table {str(source)!r}: its path column holds {type(value).__name__} values, not text (e.g. {value!r})")
 
 
 def _text_list(source: Path) -> List[str]:

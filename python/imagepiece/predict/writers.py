@@ -138,6 +138,12 @@ class Journal:
         self._handle.writelines(_row_to_json(row) + "\n" for row in rows)
         self._handle.flush()
 
+    def replace_with(self, rows: List[Row]) -> None:
+        """The journal holds exactly `rows`, swapped in whole: a kill, a SIGTERM or a full disk while they are
+        written leaves the previous journal as it was, never a shorter one."""
+        self.close()
+        atomic_write(self.path, lambda staged: staged.write_text("".join(_row_to_json(row) + "\n" for row in rows), encoding="utf-8"))
+
     def close(self) -> None:
         """Close the file and keep it (an interrupted run: `--resume` reads it)."""
         if self._handle is not None:
@@ -185,9 +191,10 @@ class ResumableOutput:
             for row in earlier + self.journal.read():
                 self.previous[row.path] = row
             check_same_topk(self.previous.values(), topk, self.path)
-        self.journal.remove()
         if self.previous:
-            self.journal.append(list(self.previous.values()))
+            self.journal.replace_with(list(self.previous.values()))
+        else:
+            self.journal.remove()
         self.new: Dict[str, Row] = {}
 
     def done(self, path: str) -> bool:
