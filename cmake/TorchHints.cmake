@@ -41,6 +41,12 @@ if(NOT CUDA_TOOLKIT_ROOT_DIR)
   endif()
 endif()
 
+# Torch's CUDA setup gives CUDA the C++ standard (20), which CMake before 3.26 does not know for nvcc and stops on;
+# no CUDA source is compiled here, so 17 costs nothing.
+if(NOT DEFINED CMAKE_CUDA_STANDARD)
+  set(CMAKE_CUDA_STANDARD 17)
+endif()
+
 set(IMAGEPIECE_CUDA_INCLUDE_DIRS "")
 if(IMAGEPIECE_SITE_PACKAGES)
   file(GLOB _imagepiece_nvrtc "${IMAGEPIECE_SITE_PACKAGES}/nvidia/cu*/lib/libnvrtc.so.*" "${IMAGEPIECE_SITE_PACKAGES}/nvidia/cuda_nvrtc/lib/libnvrtc.so.*")

@@ -33,6 +33,7 @@ import torch
 import imagepiece
 from imagepiece import METHODS, CheckpointError, create_model, format_schedule
 from imagepiece.config import LCB_CHOICES, REEVALUATIONS, lcb_from_cli
+from imagepiece.artifact_metadata import MAX_BATCH
 from imagepiece.blocks import ATTENTION_KERNELS
 from imagepiece.export import PRECISIONS, check_device_and_dtype, check_output_path, compile_artifact, default_attention
 from imagepiece.input_format import CLI_INPUT_FORMATS
@@ -51,7 +52,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{PROG}: error: {message} (see --help)\n")
 
 
-def at_least(low: int):
+def at_least(low: int, high: Optional[int] = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -59,6 +60,8 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {high:,}, got {value:,}")
         return value
 
     return parse
@@ -70,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS), help="DeiT size (default: %(default)s)")
+    model.add_argument("--arch", choices=sorted(imagepiece.ARCHS), help="DeiT size (default: deit_small_patch16_224)")
     model.add_argument("--model", help="timm-style name, e.g. deit_small_patch16_224.imagepiece (sets --arch and --method)")
     model.add_argument("--method", default=None, choices=METHODS, help="token reduction (default: imagepiece)")
     model.add_argument("--checkpoint", type=Path, help="local DeiT/ImagePiece .pth or .safetensors (default: random weights)")
@@ -102,8 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "softmax, logits in the model's dtype); default: matmul for bf16 on the CPU (faster there on the AMD EPYC it was "
                         "measured on; not measured on CPUs with AMX), else sdpa")
     batch = target.add_mutually_exclusive_group()
-    batch.add_argument("--batch", type=at_least(1), help="static batch size (default: 1 unless --max-batch)")
-    batch.add_argument("--max-batch", type=at_least(2), help="dynamic batch 1..N (tokens stay static)")
+    batch.add_argument("--batch", type=at_least(1, MAX_BATCH), help="static batch size (default: 1 unless --max-batch)")
+    batch.add_argument("--max-batch", type=at_least(2, MAX_BATCH), help="dynamic batch 1..N (tokens stay static)")
     parser.add_argument("--out", type=Path, required=True, help="output .so (one self-contained library) or .pt2 (AOTI package)")
     args = parser.parse_args(argv)
     if args.batch is None and args.max_batch is None:
@@ -149,7 +152,9 @@ def main(argv=None) -> int:
         # Cheap checks first: a bad output path or device must not cost a compile.
         out = check_output_path(args.out)
         check_device_and_dtype(args.device, args.dtype)
-        name = args.model or args.arch
+        if args.model is not None and args.arch is not None:
+            raise ValueError(f"--model {args.model!r} names its arch; drop --arch {args.arch}")
+        name = args.model or args.arch or "deit_small_patch16_224"
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             model = create_model(name, args.method, checkpoint=args.checkpoint,

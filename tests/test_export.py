@@ -85,6 +85,11 @@ def test_command_line_choices_become_the_config_and_input_format():
         (("--batch", "-1"), "--batch: must be an integer >= 1, got -1"),
         (("--batch", "two"), "--batch: must be an integer, got 'two'"),
         (("--max-batch", "1"), "--max-batch: must be an integer >= 2, got 1"),
+        (("--batch", "2000000"), "--batch: must be an integer <= 1,048,576, got 2,000,000"),  # the metadata's limit
+        (("--max-batch", "99999999999999999999"), "--max-batch: must be an integer <= 1,048,576"),
+        (("--device", "cuda:x"), "device must be cpu or cuda[:N], got 'cuda:x'"),
+        (("--dtype", "int8", "--device", "cuda"), "int8 is a CPU artifact"),  # before "no GPU here": that would not help
+        (("--model", "deit_small_patch16_224.tome"), "names its arch; drop --arch deit_tiny_patch16_224"),
         (("--num-classes", "0"), "--num-classes: must be an integer >= 1, got 0"),
         (("--num-classes", "-5"), "--num-classes: must be an integer >= 1, got -5"),
         (("--tome-r", "-1"), "tome_r must be an int"),

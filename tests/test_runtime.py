@@ -185,6 +185,34 @@ def test_bad_output_buffers_are_refused_and_left_untouched(runtimes, tmp_path, l
     assert (np.array_equal(after, before) if isinstance(after, np.ndarray) else torch.equal(after, before))
 
 
+def shrunk(tensor, nbytes):
+    """`tensor` with its storage cut to `nbytes`: sizes and strides still claim the whole tensor."""
+    tensor.untyped_storage().resize_(nbytes)
+    return tensor
+
+
+def fake_images():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(2, 3, 224, 224)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: shrunk(torch.randn(2, 3, 224, 224), 0), "no memory behind them"),
+    (lambda: shrunk(torch.randn(2, 3, 224, 224), 1000), r"reach past their storage \(1204224 bytes needed, 1000 allocated\)"),
+    (fake_images, "no memory behind them"),
+])
+def test_tensors_without_the_memory_their_shape_claims_are_refused(runtimes, make, message):
+    """Shape, dtype and strides fit, but the memory is gone or short: reading it crashed or read past the end."""
+    with pytest.raises(ip_runtime.Error, match=message) as error:
+        runtimes["static"].run(make())
+    assert error.value.code == "invalid_type"
+    with pytest.raises(ip_runtime.Error, match="no memory behind them") as error:
+        runtimes["static"].run(torch.randn(2, 3, 224, 224), shrunk(torch.zeros(2, 1000), 0))
+    assert error.value.code == "invalid_output"
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_pixel_poisons_only_its_own_image(runtimes, value):
     """As the README says: inputs are not scanned, and images of a batch never mix."""

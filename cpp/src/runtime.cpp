@@ -241,6 +241,23 @@ struct Runtime::Impl {
     if (whole_batch && !images.is_contiguous()) {
       throw Error(ErrorCode::kNotContiguous, std::string("images must be contiguous (") + (pixels ? "NHWC" : "NCHW") + "); call .contiguous() first");
     }
+    check_memory(images, ErrorCode::kInvalidType, "images");
+  }
+
+  // A tensor whose storage was shrunk (untyped_storage().resize_()) or never allocated (a fake tensor) passes every
+  // check of sizes and strides; the model would then read (or write) past its memory, or at address 0.
+  static void check_memory(const at::Tensor& tensor, ErrorCode code, const char* what) {
+    if (tensor.numel() == 0) return;
+    if (!tensor.has_storage() || tensor.storage().data() == nullptr) {
+      throw Error(code, std::string(what) + " have no memory behind them (a fake tensor, or one whose storage was freed)");
+    }
+    int64_t last = tensor.storage_offset();  // the element furthest into the storage
+    for (int64_t d = 0; d < tensor.dim(); ++d) last += (tensor.size(d) - 1) * tensor.stride(d);
+    const auto needed = static_cast<uint64_t>(last + 1) * static_cast<uint64_t>(tensor.element_size());
+    if (needed > tensor.storage().nbytes()) {
+      throw Error(code, std::string(what) + " reach past their storage (" + std::to_string(needed) + " bytes needed, " +
+                            std::to_string(tensor.storage().nbytes()) + " allocated): was it resized?");
+    }
   }
 
   // Sparse, mkldnn or other non-strided tensors would pass the shape checks and then fail inside the
@@ -269,6 +286,7 @@ struct Runtime::Impl {
     }
     if (!logits.is_contiguous()) throw Error(ErrorCode::kInvalidOutput, "logits must be contiguous");
     if (logits.requires_grad()) throw Error(ErrorCode::kInvalidOutput, "logits must not require grad (pass a tensor without requires_grad, or .detach())");
+    check_memory(logits, ErrorCode::kInvalidOutput, "logits");
   }
 
   void check_process() const {

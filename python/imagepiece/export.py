@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import datetime
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -41,6 +42,7 @@ from .artifact import (
     write_metadata,
 )
 from .artifact_containers import needed_libraries
+from .artifact_metadata import MAX_BATCH
 from .blocks import ATTENTION_KERNELS, attention_kernel
 from .cpu_target import CpuTarget, compile_target, pinned_march
 from .data import preprocessing_config
@@ -72,21 +74,25 @@ def check_device_and_dtype(device: str, dtype: str) -> torch.device:
     """The torch.device to compile for; ValueError for combinations that cannot work here."""
     if dtype not in PRECISIONS:
         raise ValueError(f"dtype must be one of {sorted(PRECISIONS)}, got {dtype!r}")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):  # torch.device("cuda:x") raises a RuntimeError of its own
         raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
     target = torch.device(device)
+    # What can never work comes first: a user told "no GPU here" should not move to one to learn that int8 is CPU-only.
+    if dtype == "int8" and target.type != "cpu":
+        raise ValueError("int8 is a CPU artifact (x86 oneDNN kernels); use --device cpu, or fp16/bf16 on a GPU")
+    if dtype == "fp16" and target.type == "cpu":
+        raise ValueError("fp16 is not supported on cpu (Inductor's CPU fp16 kernels are slow or missing); use fp32 or bf16")
     if target.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was requested but no CUDA GPU is available here (torch.cuda.is_available() is False)")
+        if (target.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0.."
+                             f"cuda:{torch.cuda.device_count() - 1}")
         if dtype == "bf16" and torch.cuda.get_device_capability(target.index or 0) < (8, 0):
             raise ValueError(f"bf16 needs a GPU of compute capability >= 8.0; this one is {current_cuda_capability(target.index or 0)}")
-    elif dtype == "fp16":
-        raise ValueError("fp16 is not supported on cpu (Inductor's CPU fp16 kernels are slow or missing); use fp32 or bf16")
     elif dtype == "bf16" and not bf16_support().native:
         warnings.warn(f"bf16 on this CPU will be slow: {bf16_support().reason}", stacklevel=2)
     if dtype == "int8":
-        if target.type != "cpu":
-            raise ValueError("int8 is a CPU artifact (x86 oneDNN kernels); use --device cpu, or fp16/bf16 on a GPU")
         from .quantize import require_torchao
 
         require_torchao()
@@ -116,11 +122,11 @@ def batch_range(batch: Optional[int], max_batch: Optional[int]) -> tuple[int, in
     if (batch is None) == (max_batch is None):
         raise ValueError("give exactly one of batch (static) or max_batch (dynamic 1..max_batch)")
     if batch is not None:
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be in 1..{MAX_BATCH:,}, got {batch:,}")
         return batch, batch
-    if max_batch < DYNAMIC_EXAMPLE_BATCH:
-        raise ValueError(f"max_batch must be >= {DYNAMIC_EXAMPLE_BATCH} (use batch=1 for a static batch of one), got {max_batch}")
+    if not DYNAMIC_EXAMPLE_BATCH <= max_batch <= MAX_BATCH:
+        raise ValueError(f"max_batch must be in {DYNAMIC_EXAMPLE_BATCH}..{MAX_BATCH:,} (use batch=1 for a static batch of one), got {max_batch:,}")
     return 1, max_batch
 
 
