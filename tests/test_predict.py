@@ -363,6 +363,12 @@ def run_predict(compiled, listing, output, *extra):
                  "--no-progress", "--batch", "4", *extra])
 
 
+def test_a_batch_the_artifact_cannot_run_is_said_not_silently_changed(compiled, few_files, tmp_path, capsys):
+    _, listing = few_files
+    assert run_predict(compiled, listing, tmp_path / "p.csv", "--batch", "500") == 0  # a dynamic 1..64 artifact
+    assert "warning: --batch 500: the artifact runs batches of 64 (its range is 1..64)" in capsys.readouterr().err
+
+
 def test_postscript_never_reaches_ghostscript(monkeypatch):
     """Pillow opens EPS by running Ghostscript on it: an upload must never reach a PostScript interpreter."""
     from PIL import EpsImagePlugin

@@ -98,6 +98,8 @@ def runtimes(compiled):
         ("static", lambda: np.asfortranarray(np.zeros((2, 3, 224, 224), dtype=np.float32)), "not_contiguous", "contiguous"),
         ("static", lambda: np.zeros((2, 3, 224, 224), dtype=np.float32)[::-1], "not_contiguous", "negative strides"),
         ("static", lambda: np.zeros((2, 3, 224, 224), dtype=">f4"), "invalid_dtype", "native byte order"),
+        # The float field of [(float, byte)] records: strides of 5-byte steps.
+        ("static", lambda: np.zeros((2, 3, 224, 224), dtype=[("x", "<f4"), ("pad", "u1")])["x"], "not_contiguous", "not whole elements"),
         ("static", lambda: np.empty((2, 3, 224, 224), dtype=object), "invalid_dtype", "numpy dtype object"),
         ("static", lambda: [[1.0, 2.0]], "invalid_type", "torch.Tensor or numpy.ndarray, got list"),
     ],

@@ -39,8 +39,13 @@ at::Tensor tensor_from_array(const py::handle& array, bool is_output) {
     throw refuse(ErrorCode::kInvalidOutput, "must be a writable array (this one is read-only: a view of bytes, a read-only mmap, "
                                             "or writeable=False)");
   }
+  const auto itemsize = array.attr("itemsize").cast<int64_t>();
   for (const auto& stride : array.attr("strides")) {
     if (stride.cast<int64_t>() < 0) throw refuse(ErrorCode::kNotContiguous, "must be contiguous (this array has negative strides)");
+    // A field of a structured array, or a byte-offset view: not a dtype problem, a layout one.
+    if (itemsize > 0 && stride.cast<int64_t>() % itemsize != 0) {
+      throw refuse(ErrorCode::kNotContiguous, "must be contiguous (its strides are not whole elements: a view into wider records)");
+    }
   }
   try {
     return torch::utils::tensor_from_numpy(array.ptr(), /*warn_if_not_writeable=*/false);

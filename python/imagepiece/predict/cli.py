@@ -28,7 +28,7 @@ from imagepiece.artifact import ArtifactError, check_compatible, read_metadata
 from imagepiece.files import check_writable_dir
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 
-from .classifier import Classifier
+from .classifier import Classifier, choose_batch
 from .decode import DEFAULT_MAX_PIXELS
 from .labels import class_names
 from .pipeline import RunStats, predict_items
@@ -169,6 +169,10 @@ def predict(args: argparse.Namespace, prog: str) -> int:
             print(f"{prog}: warning: the artifact's {num_classes} classes are no ImageNet head timm names and no --labels was "
                   "given: the label columns stay empty (the class indices are in the rows)", file=sys.stderr)
         warn = lambda message: print(f"{prog}: warning: {message}", file=sys.stderr)  # noqa: E731
+        running = choose_batch(metadata["batch"], args.batch)
+        if args.batch is not None and running != args.batch:
+            warn(f"--batch {args.batch}: the artifact runs batches of {running} (its range is "
+                 f"{metadata['batch']['min']}..{metadata['batch']['max']})")
         items = list_inputs(args.input, args.column, warn=warn)
         if args.ray:
             return run_ray(args, items, warn, prog)
