@@ -72,6 +72,30 @@ def multipart(data, content_type="multipart/form-data; boundary=x"):
     return {"content": body, "headers": {"content-type": content_type}}
 
 
+class HeldDecoder:
+    """Stands in for `service.prepare`: records each upload and holds those `holds` picks until `release` is set."""
+
+    def __init__(self, service, holds=lambda data: True):
+        self.prepare, self.holds = service.prepare, holds
+        self.decoding, self.release, self.prepared = threading.Event(), threading.Event(), []
+        service.prepare = self
+
+    def __call__(self, data):
+        self.prepared.append(data)
+        if self.holds(data):
+            self.decoding.set()
+            self.release.wait(TIMEOUT)
+        return self.prepare(data)
+
+
+def post_in_background(client, data):
+    """(thread, answer): the thread posts `data` and leaves the response in answer["response"]."""
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.update(response=client.post("/v1/classify", content=data)))
+    thread.start()
+    return thread, answer
+
+
 @pytest.fixture(scope="module")
 def artifact(compiled):
     return compiled.path("ti_imagepiece_dynamic")
@@ -176,9 +200,7 @@ def test_a_full_queue_answers_503_with_retry_after(artifact):
     config = ServeConfig(artifact=artifact, max_batch=64, max_delay_ms=10_000, queue_capacity=1, decode_threads=1, warmup=False)
     service = ClassificationService(config)
     with ServerThread(create_app(config, service)) as client:
-        first = {}
-        waiting = threading.Thread(target=lambda: first.update(response=client.post("/v1/classify", content=jpeg_bytes(seed=3))))
-        waiting.start()
+        waiting, first = post_in_background(client, jpeg_bytes(seed=3))
         deadline = time.monotonic() + TIMEOUT
         while service.batcher.stats["queue_depth"] < 1:
             assert time.monotonic() < deadline, "the first request never reached the queue"
@@ -196,23 +218,13 @@ def test_uploads_beyond_the_queue_capacity_wait_for_no_decoder(artifact):
     # queue_capacity like images waiting for a batch.
     config = ServeConfig(artifact=artifact, queue_capacity=1, decode_threads=1, warmup=False)
     service = ClassificationService(config)
-    decoding, release = threading.Event(), threading.Event()
-    prepare = service.prepare
-
-    def slow_prepare(data):
-        decoding.set()
-        release.wait(TIMEOUT)
-        return prepare(data)
-
-    service.prepare = slow_prepare
+    decoder = HeldDecoder(service)
     with ServerThread(create_app(config, service)) as client:
-        first = {}
-        waiting = threading.Thread(target=lambda: first.update(response=client.post("/v1/classify", content=jpeg_bytes(seed=6))))
-        waiting.start()
-        assert decoding.wait(TIMEOUT), "the first upload never reached the decoder"
+        waiting, first = post_in_background(client, jpeg_bytes(seed=6))
+        assert decoder.decoding.wait(TIMEOUT), "the first upload never reached the decoder"
         assert client.get("/healthz").json()["decoding"] == 1
         refused = client.post("/v1/classify", content=jpeg_bytes(seed=7))
-        release.set()
+        decoder.release.set()
         waiting.join(TIMEOUT)
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "overloaded" and "waiting to be decoded" in refused.json()["error"]["message"]
@@ -276,58 +288,35 @@ def test_shutdown_runs_queued_images_at_once_and_cancelled_requests_get_503(arti
     out the delay and the grace period), and a request still open when the grace period ends gets a JSON 503."""
     config = ServeConfig(artifact=artifact, max_batch=64, max_delay_ms=10_000, decode_threads=1, warmup=False)
     service = ClassificationService(config)
-    blocking, release = threading.Event(), threading.Event()
-    prepare = service.prepare
-
-    def prepare_or_block(data):
-        if data == b"block":
-            blocking.set()
-            release.wait(TIMEOUT)
-        return prepare(data)
-
-    service.prepare = prepare_or_block
-    answers = {}
+    decoder = HeldDecoder(service, holds=lambda data: data == b"block")
     server = ServerThread(create_app(config, service), timeout_graceful_shutdown=2)
     with server as client:
-        requests = [threading.Thread(target=lambda: answers.update(queued=client.post("/v1/classify", content=jpeg_bytes(seed=8))))]
-        requests[0].start()
+        queued_thread, queued = post_in_background(client, jpeg_bytes(seed=8))
         deadline = time.monotonic() + TIMEOUT
         while service.batcher.stats["queue_depth"] < 1:
             assert time.monotonic() < deadline, "the first request never reached the queue"
             time.sleep(0.005)
-        requests.append(threading.Thread(target=lambda: answers.update(stuck=httpx.post(f"{server.url}/v1/classify", content=b"block",
-                                                                                          timeout=TIMEOUT))))
-        requests[1].start()
-        assert blocking.wait(TIMEOUT), "the second request never reached the decoder"
+        stuck_thread, stuck = post_in_background(client, b"block")
+        assert decoder.decoding.wait(TIMEOUT), "the second request never reached the decoder"
         started = time.monotonic()
         server.server.should_exit = True
-        for request in requests:
-            request.join(TIMEOUT)
+        for thread in (queued_thread, stuck_thread):
+            thread.join(TIMEOUT)
         waited = time.monotonic() - started
-        release.set()
-    assert answers["queued"].status_code == 200, answers["queued"].text
-    assert answers["stuck"].status_code == 503 and answers["stuck"].json()["error"]["code"] == "shutting_down"
-    assert answers["stuck"].headers["retry-after"] == "1" and waited < 9  # not the 10 s delay
+        decoder.release.set()
+    queued, stuck = queued["response"], stuck["response"]
+    assert queued.status_code == 200, queued.text
+    assert stuck.status_code == 503 and stuck.json()["error"]["code"] == "shutting_down"
+    assert stuck.headers["retry-after"] == "1" and waited < 9  # not the 10 s delay
 
 
 def test_an_upload_whose_client_hangs_up_before_its_decode_is_never_decoded(artifact):
     config = ServeConfig(artifact=artifact, queue_capacity=8, decode_threads=1, warmup=False)
     service = ClassificationService(config)
-    decoding, release, prepared = threading.Event(), threading.Event(), []
-    prepare = service.prepare
-
-    def slow_prepare(data):
-        prepared.append(data)
-        decoding.set()
-        release.wait(TIMEOUT)
-        return prepare(data)
-
-    service.prepare = slow_prepare
+    decoder = HeldDecoder(service)
     with ServerThread(create_app(config, service)) as client:
-        first = {}
-        waiting = threading.Thread(target=lambda: first.update(response=client.post("/v1/classify", content=jpeg_bytes(seed=9))))
-        waiting.start()
-        assert decoding.wait(TIMEOUT), "the first upload never reached the decoder"
+        waiting, first = post_in_background(client, jpeg_bytes(seed=9))
+        assert decoder.decoding.wait(TIMEOUT), "the first upload never reached the decoder"
         gone = jpeg_bytes(seed=10)
         with socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT) as hanging_up:
             hanging_up.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {len(gone)}\r\n\r\n".encode() + gone)
@@ -338,10 +327,10 @@ def test_an_upload_whose_client_hangs_up_before_its_decode_is_never_decoded(arti
         while client.get("/healthz").json()["decoding"] > 1:  # its hang-up noticed
             assert time.monotonic() < deadline, "the hang-up was not noticed"
             time.sleep(0.01)
-        release.set()
+        decoder.release.set()
         waiting.join(TIMEOUT)
         metrics = client.get("/metrics").text
-    assert first["response"].status_code == 200 and prepared == [jpeg_bytes(seed=9)]
+    assert first["response"].status_code == 200 and decoder.prepared == [jpeg_bytes(seed=9)]
     errors = {tuple(sample.labels.items()): sample.value for family in text_string_to_metric_families(metrics)
               for sample in family.samples if sample.name == "imagepiece_http_errors_total"}
     assert errors[(("code", "client_disconnected"),)] == 1
