@@ -27,7 +27,7 @@ from imagepiece import CheckpointError, create_model
 from imagepiece.artifact import DTYPES, ArtifactError, read_metadata
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.data import DatasetError, check_num_classes, class_names, collate_readable, eval_transform, image_folder, preprocessing_config, spread_subset
-from imagepiece.environment import machine_info
+from imagepiece.environment import device_problem, machine_info
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
 from imagepiece.predict.preprocess import pixels_of
@@ -71,12 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if any(not math.isfinite(value) for value in (args.mean or []) + (args.std or [])) or any(value <= 0 for value in args.std or []):
         parser.error("--mean must be finite and --std finite and > 0")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a device (cpu, cuda or cuda:N)")
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        parser.error(f"--device {args.device!r} is not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
+    if device_problem(args.device):
+        parser.error(device_problem(args.device))
     return args
 
 

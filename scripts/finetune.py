@@ -25,6 +25,7 @@ import imagepiece
 from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.data import DatasetError, class_names, collate_readable, eval_transform, image_folder, train_transform
+from imagepiece.environment import device_problem
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_writable_dir
 from imagepiece.training import (RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, check_recipe, epoch_order, log_line,
@@ -65,17 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--save-every and --max-steps must be >= 1, --workers >= 0")
     if not 0 <= args.seed < 2**32:  # what numpy's seeding takes
         parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
-    check_device(parser, args.device)
+    if device_problem(args.device):
+        parser.error(device_problem(args.device))
     return args
-
-
-def check_device(parser: argparse.ArgumentParser, name: str) -> None:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        parser.error(f"--device {name!r} is not a device (cpu, cuda or cuda:N)")
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        parser.error(f"--device {name!r} is not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
 
 
 def resolve_recipe(args):

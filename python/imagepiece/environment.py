@@ -6,12 +6,23 @@ import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import FrozenSet
+from typing import FrozenSet, Optional
 
 import torch
 
 # Optional packages whose versions a measurement records (the peers and the int8 quantizer).
 PEER_PACKAGES = ("onnxruntime", "openvino", "onnx", "torchao")
+
+
+def device_problem(name: str) -> Optional[str]:
+    """Why the --device `name` cannot run eager PyTorch here (None if it can), for a CLI's parser.error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name!r} is not a device (cpu, cuda or cuda:N)"
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        return f"--device {name!r} is not available here (cpu{', cuda' if torch.cuda.is_available() else ''})"
+    return None
 
 
 def cpu_model() -> str:
