@@ -26,13 +26,13 @@ import ip_runtime
 from imagepiece import CheckpointError, create_model
 from imagepiece.artifact import DTYPES, ArtifactError, read_metadata
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
-from imagepiece.data import DatasetError, check_num_classes, class_names, collate_readable, eval_transform, image_folder, preprocessing_config, spread_subset
+from imagepiece.data import DatasetError, check_num_classes, class_names, collate_readable, describe_class_differences, eval_transform, image_folder, preprocessing_config, spread_subset
 from imagepiece.environment import device_problem, machine_info
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
 from imagepiece.predict.preprocess import pixels_of
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
-from imagepiece.weights import fine_tuned_settings
+from imagepiece.weights import fine_tuned_preset, fine_tuned_settings, reduction_difference
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--artifact", type=Path, help="a compiled .so/.pt2: evaluate it through ip_runtime")
     # The eager model's; None until parsed, so that one given beside --artifact (which has its model inside) is refused.
     parser.add_argument("--arch", choices=sorted(imagepiece.ARCHS), help="eager model (default deit_small_patch16_224)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="eager model's token reduction (default imagepiece)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="eager model's token reduction (default: the fine-tune's, recorded in --checkpoint, else imagepiece)")
     parser.add_argument("--checkpoint", type=Path, help="weights for the eager model (default: random)")
     parser.add_argument("--num-classes", type=int, help="eager model head size (default 1000)")
     parser.add_argument("--lcb", choices=LCB_CHOICES, help="eager model's Local Coherence Bias (default none)")
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                   if getattr(args, name) is not None]
     if args.artifact is not None and eager_only:
         parser.error(f"{', '.join(eager_only)} build the eager model; an --artifact has its model, weights and head inside")
-    args.arch, args.preset, args.lcb = args.arch or "deit_small_patch16_224", args.preset or "imagepiece", args.lcb or "none"
+    args.arch, args.lcb = args.arch or "deit_small_patch16_224", args.lcb or "none"
     if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and 0 < args.crop_pct <= 1):
         parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if any(not math.isfinite(value) for value in (args.mean or []) + (args.std or [])) or any(value <= 0 for value in args.std or []):
@@ -104,20 +104,29 @@ def build_predictor(args, device):
         dtype = DTYPES[metadata["dtype"]]
         return (lambda images: runtime.run(images.to(dtype))), preprocessing, metadata["num_classes"], fixed, f"ip_runtime {args.artifact.name}"
     options = {"num_classes": args.num_classes} if args.num_classes else {}
+    args.preset = args.preset or fine_tuned_preset(args.checkpoint) or "imagepiece"
     model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), **PRESETS[args.preset], **options).to(device)
     preprocessing = {**preprocessing_config(model.pretrained_cfg), **wanted}
+    difference = reduction_difference(args.checkpoint, model.reduction_config) if args.checkpoint else None
+    if difference:
+        print(f"evaluate.py: warning: {difference}", file=sys.stderr)
     return eager_predictor(model), preprocessing, model.num_classes, None, f"eager {args.arch} {args.preset}"
 
 
-def check_trained_classes(checkpoint: Optional[Path], dataset, root: Path) -> None:
+def trained_classes(args) -> Optional[list]:
+    """The class folders the model was fine-tuned on, in label order, where its checkpoint or artifact records them."""
+    if args.artifact is not None:
+        return read_metadata(args.artifact).get("class_names")
+    return (fine_tuned_settings(args.checkpoint) or {}).get("classes") if args.checkpoint is not None else None
+
+
+def check_trained_classes(trained: Optional[list], model: Path, dataset, root: Path) -> None:
     """A fine-tune's head scores its own class folders, by position: the same count of other folders would be
     scored as if they were those."""
-    trained = (fine_tuned_settings(checkpoint) or {}).get("classes") if checkpoint is not None else None
     found = class_names(dataset)
     if trained is not None and trained != found:
-        only_trained, only_here = [n for n in trained if n not in found], [n for n in found if n not in trained]
-        raise DatasetError(f"{str(checkpoint)!r} was fine-tuned on other class folders than {str(root)!r} holds (only in its "
-                           f"training: {only_trained[:5]}; only here: {only_here[:5]}); its labels would be scored by position")
+        raise DatasetError(f"{str(model)!r} was fine-tuned on other class folders than {str(root)!r} holds "
+                           f"({describe_class_differences(trained, found, 'its training')}); its labels would be scored by position")
 
 
 def main(argv=None) -> int:
@@ -131,7 +140,7 @@ def main(argv=None) -> int:
         dataset = image_folder(args.data)
         predict, preprocessing, head_classes, fixed_batch, description = build_predictor(args, device)
         check_num_classes(dataset, head_classes, args.data)
-        check_trained_classes(args.checkpoint, dataset, args.data)
+        check_trained_classes(trained_classes(args), args.artifact or args.checkpoint, dataset, args.data)
     except (ValueError, CheckpointError, DatasetError, ip_runtime.Error) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
@@ -165,7 +174,8 @@ def main(argv=None) -> int:
                   files=files, preprocessing=preprocessing, machine=machine_info(),
                   created=datetime.datetime.now().isoformat(timespec="seconds"))
     skipped = f"; {len(result['unreadable'])} unreadable files skipped (listed above)" if result["unreadable"] else ""
-    print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images, "
+    top5 = "top-5" if result["top_k"] == 5 else f"top-5 (all {result['top_k']} classes)"
+    print(f"top-1 {result['top1']:.2f}%  {top5} {result['top5']:.2f}%  ({result['images']} images, "
           f"{result['img_per_s']:.1f} img/s in the model{skipped})")
     if args.json:
         try:

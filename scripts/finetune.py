@@ -24,7 +24,7 @@ import torch
 import imagepiece
 from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
-from imagepiece.data import DatasetError, class_names, collate_readable, eval_transform, image_folder, train_transform
+from imagepiece.data import DatasetError, class_names, collate_readable, describe_class_differences, eval_transform, image_folder, train_transform
 from imagepiece.environment import device_problem
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_writable_dir
@@ -80,6 +80,11 @@ def resolve_recipe(args):
     recipe = dataclasses.replace(recipe, **overrides)
     if recipe.lr_base_batch and args.lr is None:
         recipe = dataclasses.replace(recipe, lr=recipe.lr * recipe.batch_size / recipe.lr_base_batch)
+        try:
+            check_recipe(recipe)
+        except ValueError as error:  # e.g. a small batch scales lr below min_lr: say where that lr came from
+            raise ValueError(f"{error} (lr {recipe.lr:.3g} is the recipe's {RECIPES[args.recipe].lr:g} x --batch-size "
+                             f"{recipe.batch_size} / {recipe.lr_base_batch}: pass --lr or --min-lr)") from None
     check_recipe(recipe)
     if recipe.batch_size % 2 and (recipe.mixup > 0 or recipe.cutmix > 0):
         raise ValueError("mixup/cutmix need an even --batch-size")
@@ -154,7 +159,7 @@ def main(argv=None) -> int:
         val_set = image_folder(args.data / "val")
         names = class_names(train_set)
         if class_names(val_set) != names:  # labels are indices: the same count in another order scores nonsense
-            raise DatasetError(f"train and val must have the same class folders; train: {names}, val: {class_names(val_set)}")
+            raise DatasetError(f"train and val must have the same class folders ({describe_class_differences(names, class_names(val_set), 'train')})")
         classes = len(names)
         lcb = lcb_from_cli(args.lcb)
         model = build_model(args, recipe, lcb)
@@ -180,7 +185,8 @@ def main(argv=None) -> int:
     last = args.output / "last.pth"
     run = {"best_accuracy": 0.0}  # updated by train(); every checkpoint records it with the run's settings
     extra = lambda: {"best_accuracy": run["best_accuracy"], "arch": args.arch, "preset": args.preset, "lcb": lcb,
-                     "num_classes": classes, "classes": names, "seed": args.seed}
+                     "num_classes": classes, "classes": names, "seed": args.seed,
+                     "reduction": model.reduction_config.to_dict()}
     if last.exists():
         try:
             state = torch.load(last, map_location=device, weights_only=True)
@@ -195,7 +201,8 @@ def main(argv=None) -> int:
                   "move it away to start afresh", file=sys.stderr)
             return 2
         run["best_accuracy"] = state.get("best_accuracy", 0.0)
-        print(f"resumed from {last}: epoch {trainer.epoch}, step {trainer.global_step}")
+        print(f"resumed from {last}: epoch {trainer.epoch}, step {trainer.global_step}"
+              + (f" (the weights of --checkpoint {args.checkpoint} are replaced by last.pth's)" if args.checkpoint else ""))
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.batch_size, num_workers=args.workers,
                                              collate_fn=collate_readable)
     log = args.output / "log.jsonl"
@@ -236,9 +243,9 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
             usable = usable_batch(*batch, even=drop_last, reported=reported)
             if usable is None:
                 continue
+            lr = trainer.optimizer.param_groups[0]["lr"]  # the step's own: the step sets the next one
             losses.append(trainer.train_step(*usable))
-            log_line(log, {"step": trainer.global_step, "epoch": trainer.epoch, "loss": losses[-1],
-                           "lr": trainer.optimizer.param_groups[0]["lr"]}, echo=lambda line: None)
+            log_line(log, {"step": trainer.global_step, "epoch": trainer.epoch, "loss": losses[-1], "lr": lr}, echo=lambda line: None)
             if trainer.global_step % args.save_every == 0:
                 save_checkpoint(last, trainer.state(extra()))
             if args.max_steps and trainer.global_step >= args.max_steps:

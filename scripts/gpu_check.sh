@@ -131,9 +131,13 @@ if [[ -n $PACK_TO ]]; then
   exit 0
 fi
 [[ -z $DEV_HEADERS || -f $DEV_HEADERS ]] || die_usage "--dev-headers: no such file '$DEV_HEADERS'"
+# Listed now, not found broken after minutes of GPU time: the archive --pack-dev-headers makes, with the headers in it.
+if [[ -n $DEV_HEADERS ]] && [[ $'\n'$(tar -tzf "$DEV_HEADERS" 2>/dev/null)$'\n' != *$'\n'usr/include/nlohmann/json.hpp$'\n'* ]]; then
+  die_usage "--dev-headers '$DEV_HEADERS' is not an archive of the headers (make it with --pack-dev-headers)"
+fi
 OUTDIR=${OUTDIR:-${OUT:-}}
 [[ -n $OUTDIR ]] || die_usage "no output folder: give OUTDIR or set \$OUT"
-[[ $BUDGET_MIN =~ ^[0-9]+$ ]] && ((BUDGET_MIN > 0)) || die_usage "--budget-minutes must be a whole number of minutes > 0, got '$BUDGET_MIN'"
+[[ $BUDGET_MIN =~ ^[0-9]+$ ]] && BUDGET_MIN=$((10#$BUDGET_MIN)) && ((BUDGET_MIN > 0)) || die_usage "--budget-minutes must be a whole number of minutes > 0, got '$BUDGET_MIN'"
 
 STEPS=()
 IFS=',' read -r -a wanted <<<"$REQUESTED"
@@ -153,14 +157,14 @@ has_step() { local s; for s in "${STEPS[@]}"; do [[ $s == "$1"* ]] && return 0; 
 # --- the interpreter: the first that imports torch ------------------------------------------------
 PY=""
 if [[ -n ${PYTHON:-} ]]; then  # an explicit choice is used as it is (a missing torch is reported below)
-  PY=$(command -v "$PYTHON") || { echo "gpu_check: cannot run: PYTHON=$PYTHON is not an executable"; exit 2; }
+  PY=$(command -v "$PYTHON") || { echo "gpu_check: cannot run: PYTHON=$PYTHON is not an executable" >&2; exit 2; }
 else
   for candidate in python python3; do
     command -v "$candidate" >/dev/null 2>&1 || continue
     [[ -z $PY ]] && PY=$(command -v "$candidate")
     if "$candidate" -c "import torch" >/dev/null 2>&1; then PY=$(command -v "$candidate"); break; fi
   done
-  [[ -n $PY ]] || { echo "gpu_check: cannot run: no python found (set PYTHON=...)"; exit 2; }
+  [[ -n $PY ]] || { echo "gpu_check: cannot run: no python found (set PYTHON=...)" >&2; exit 2; }
 fi
 
 # Everything this run needs that is not there, one line each (no GPU needed to tell).

@@ -22,6 +22,7 @@ from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.files import check_output_file
 from imagepiece.pieces import piece_maps, render_pieces, save_png
+from imagepiece.weights import fine_tuned_preset, reduction_difference
 
 
 def load_image(path: Path, model) -> tuple:
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--image", type=Path, help="an image file (resized and centre-cropped like evaluation)")
     source.add_argument("--synthetic", action="store_true", help="a built-in synthetic scene")
     parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
-    parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS), help="model setting (default: imagepiece)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="model setting (default: the fine-tune's, recorded in --checkpoint, else imagepiece)")
     parser.add_argument("--checkpoint", type=Path, help="weights (default: random, which makes arbitrary pieces)")
     parser.add_argument("--lcb", choices=LCB_CHOICES, default="none")
     parser.add_argument("--num-classes", type=int, default=1000, help="head size of --checkpoint (a fine-tune: its class folders)")
@@ -85,8 +86,12 @@ def main(argv=None) -> int:
         check_output_file(args.out)
         if args.out.suffix.lower() != ".png":  # PNG bytes under another name would fool every viewer
             raise ValueError(f"--out {str(args.out)!r}: the picture is a PNG; name it *.png")
+        args.preset = args.preset or fine_tuned_preset(args.checkpoint) or "imagepiece"
         model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes,
                              allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
+        difference = reduction_difference(args.checkpoint, model.reduction_config) if args.checkpoint else None
+        if difference:
+            print(f"visualize.py: warning: {difference}", file=sys.stderr)
         depth = len(model.blocks)
         bad = [b for b in args.blocks if not 0 <= b < depth]
         if bad:

@@ -58,6 +58,7 @@ class Spec:
 SPECS: Dict[str, Spec] = {
     "ti_plain": Spec("deit_tiny_patch16_224", "plain", ("--batch", "2")),
     "ti_tome_pt2": Spec("deit_tiny_patch16_224", "tome", ("--batch", "2"), ".pt2"),
+    "ti_tome": Spec("deit_tiny_patch16_224", "tome", ("--batch", "2")),  # ti_tome_pt2's model as a .so
     "ti_evit": Spec("deit_tiny_patch16_224", "evit", ("--batch", "2")),
     "ti_imagepiece": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2")),
     "ti_imagepiece_dynamic": Spec("deit_tiny_patch16_224", "imagepiece", ("--max-batch", "64")),

@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+import ip_runtime
+
 from imagepiece import create_model
 from imagepiece.pieces import panel_origin, piece_maps
 from inputs import write_image_folder
@@ -83,13 +85,24 @@ def artifact(finetuned, tmp_path_factory):
     return folder / "ti 4class.so"
 
 
-def test_predict_with_a_fine_tuned_head_warns_that_its_labels_are_empty(dataset, artifact, tmp_path, capsys):
+def test_predict_names_a_fine_tuned_heads_classes_after_its_class_folders(dataset, artifact, tmp_path, capsys):
+    from imagepiece.artifact import read_metadata
     from imagepiece.predict.cli import main as predict
+    from imagepiece.predict.writers import read_rows
 
-    image = next(path for path in sorted((dataset / "val").rglob("*")) if path.is_file())
-    assert predict(["--artifact", str(artifact), "--input", str(image), "--output", str(tmp_path / "p.csv"), "--topk", "2",
-                    "--no-progress"]) == 0
-    assert "the artifact's 4 classes are no ImageNet head timm names and no --labels" in capsys.readouterr().err
+    # aot_compile copied them from the fine-tune's checkpoint, in label order.
+    assert read_metadata(artifact)["class_names"] == ["class_000", "class_001", "class_002", "class_003"]
+    assert ip_runtime.Runtime(str(artifact)).info["metadata"]["class_names"] == read_metadata(artifact)["class_names"]  # Ray, serve
+    images = sorted((dataset / "val" / "class_002").iterdir())[:2]
+    assert predict(["--artifact", str(artifact), "--input", str(images[0].parent), "--output", str(tmp_path / "p.csv"),
+                    "--topk", "2", "--no-progress"]) == 0
+    assert "no --labels" not in capsys.readouterr().err
+    rows = read_rows(tmp_path / "p.csv")
+    assert rows and all(row.labels == [f"class_{index:03d}" for index in row.classes] for row in rows)
+    (tmp_path / "labels.txt").write_text("a\nb\nc\nd\n")  # --labels still wins
+    assert predict(["--artifact", str(artifact), "--input", str(images[0]), "--output", str(tmp_path / "q.csv"), "--topk", "1",
+                    "--labels", str(tmp_path / "labels.txt"), "--no-progress"]) == 0
+    assert read_rows(tmp_path / "q.csv")[0].labels == ["abcd"[read_rows(tmp_path / "q.csv")[0].classes[0]]]
 
 
 def test_evaluate_gives_the_same_numbers_eager_and_through_the_runtime(dataset, finetuned, artifact, tmp_path):
@@ -103,7 +116,8 @@ def test_evaluate_gives_the_same_numbers_eager_and_through_the_runtime(dataset, 
     eager_result, compiled_result = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("eager", "compiled"))
     assert eager_result["images"] == compiled_result["images"] == 22
     assert (eager_result["top1"], eager_result["top5"]) == (compiled_result["top1"], compiled_result["top5"])
-    assert eager_result["top5"] == 100.0  # 4 classes: top-5 holds every class
+    assert eager_result["top5"] == 100.0 and eager_result["top_k"] == 4  # 4 classes: top-5 holds every class
+    assert "top-5 (all 4 classes) 100.00%" in eager.stdout
     assert "ip_runtime" in compiled_result["model"] and compiled_result["preprocessing"]["interpolation"] == "bicubic"
     assert eager_result["settings"]["limit"] == 22 and eager_result["settings"]["lcb"] == "residual"
     assert eager_result["settings"]["checkpoint"] == str(finetuned[1]) and compiled_result["settings"]["artifact"] == str(artifact)
@@ -124,13 +138,33 @@ def test_evaluate_names_and_skips_a_corrupt_file_instead_of_scoring_its_neighbou
     assert saved["images"] == 23 and [entry["path"] for entry in saved["unreadable"]] == [str(corrupt)]
 
 
-def test_evaluate_refuses_a_fine_tune_of_other_class_folders(dataset, finetuned, tmp_path, capsys):
+@pytest.mark.parametrize("model", ["checkpoint", "artifact"])
+def test_evaluate_refuses_a_fine_tune_of_other_class_folders(dataset, finetuned, artifact, tmp_path, capsys, model):
     val = tmp_path / "val"
     shutil.copytree(dataset / "val", val)
     (val / "class_001").rename(val / "zebra")  # the same count: its head would score them by position
-    result = call_script("evaluate", capsys, "--data", val, "--arch", ARCH, "--lcb", "residual", "--num-classes", "4",
-                         "--checkpoint", finetuned[1], "--workers", "0", "--device", "cpu")
+    given = ["--artifact", artifact] if model == "artifact" else ["--arch", ARCH, "--lcb", "residual", "--num-classes", "4",
+                                                                  "--checkpoint", finetuned[1]]
+    result = call_script("evaluate", capsys, "--data", val, *given, "--workers", "0", "--device", "cpu")
     assert result.returncode == 2 and "fine-tuned on other class folders" in result.stderr and "'zebra'" in result.stderr, result.stderr
+
+
+def test_evaluate_and_visualize_use_the_fine_tunes_token_reduction_and_warn_when_told_otherwise(dataset, finetuned, tmp_path, capsys):
+    saved = torch.load(finetuned[1], weights_only=True)
+    assert saved["preset"] == "imagepiece" and saved["reduction"]["method"] == "imagepiece"
+    # An older fine-tune recorded only its preset: ToMe here.
+    torch.save({**{k: v for k, v in saved.items() if k != "reduction"}, "preset": "tome"}, tmp_path / "tome.pth")
+    common = ["--data", dataset / "val", "--limit", "4", "--batch", "4", "--workers", "0", "--device", "cpu", "--arch", ARCH,
+              "--lcb", "residual", "--num-classes", "4"]
+    result = call_script("evaluate", capsys, *common, "--checkpoint", tmp_path / "tome.pth")
+    assert result.returncode == 0 and f"eager {ARCH} tome" in result.stdout and "warning" not in result.stderr, result.stderr
+    result = call_script("evaluate", capsys, *common, "--checkpoint", finetuned[1], "--preset", "evit")
+    assert result.returncode == 0, result.stderr
+    assert ("was fine-tuned with imagepiece token reduction (--preset imagepiece); this model has method 'evit' "
+            "(trained: 'imagepiece'), keep_rate 0.7 (trained: 0.8)") in result.stderr
+    result = call_script("visualize", capsys, "--synthetic", "--arch", ARCH, "--checkpoint", tmp_path / "tome.pth", "--lcb", "residual",
+                         "--num-classes", "4", "--preset", "imagepiece_hyper", "--blocks", "0", "--out", tmp_path / "pieces.png")
+    assert result.returncode == 0 and "was fine-tuned with tome token reduction (--preset tome); this model has method" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -173,6 +207,10 @@ def test_evaluate_bad_input(dataset, artifact, tmp_path, capsys, args, message):
         (["--data", "{data}", "--output", "{tmp}/run", "--weight-decay", "nan"], "weight_decay must be finite"),
         (["--data", "{data}", "--output", "{tmp}/run", "--smoothing", "1.5"], "smoothing in [0, 1)"),
         (["--data", "{data}", "--output", "{tmp}/run", "--drop-path", "2"], "drop_path in [0, 1)"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--min-lr", "1"], "min_lr <= lr 2e-05"),  # the cosine would climb
+        (["--data", "{data}", "--output", "{tmp}/run", "--recipe", "deit", "--batch-size", "8"],
+         "(lr 7.81e-06 is the recipe's 0.0005 x --batch-size 8 / 512: pass --lr or --min-lr)"),  # below DeiT's min_lr 1e-5
+        (["--data", "{data}", "--output", "{tmp}/run", "--warmup-epochs", "3", "--epochs", "3"], "warmup_epochs < epochs 3"),
         (["--data", "{data}", "--output", "{tmp}/run", "--save-every", "0"], "--save-every and --max-steps must be >= 1"),
         (["--data", "{data}", "--output", "{tmp}/run", "--max-steps", "0"], "--save-every and --max-steps must be >= 1"),
         (["--data", "{data}", "--output", "{tmp}/run", "--workers", "-1"], "--workers >= 0"),

@@ -3,6 +3,8 @@ import asyncio
 import gc
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -152,9 +154,12 @@ def test_numpy_in_numpy_out_and_non_contiguous_images(dynamic, pool):
         # A channels-last view is copied into the batch like any other row.
         strided = images[1].permute(1, 2, 0).contiguous().permute(2, 0, 1)
         from_view = batcher.submit(strided).result(TIMEOUT)
+        # Negative strides (OpenCV's BGR -> RGB flip): copied into the batch like a torch view, not refused.
+        reversed_view = batcher.submit(np.ascontiguousarray(images[2].numpy()[::-1])[::-1]).result(TIMEOUT)
     assert isinstance(from_numpy, np.ndarray) and from_numpy.shape == (1000,)
     np.testing.assert_allclose(from_numpy, alone[0].numpy(), rtol=0, atol=1e-5)
     torch.testing.assert_close(from_view, alone[1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(reversed_view, alone[2].numpy(), rtol=0, atol=1e-5)
 
 
 def test_full_queue_raises_overloaded(dynamic, pool):
@@ -192,6 +197,21 @@ def test_shutdown_completes_or_cancels_every_pending_request(dynamic, pool, drai
     close_within(batcher, drain=True)  # a second close is harmless
 
 
+def test_an_image_buffer_reused_after_submit_does_not_change_the_queued_request(dynamic, pool):
+    # A decode loop filling one buffer: the batch is assembled later, and the first request returned the second's logits.
+    images, alone = pool
+    batcher = ip_runtime.Batcher(dynamic, max_batch=64, max_delay_ms=LONG_DELAY_MS)
+    buffer, array = images[0].clone(), images[0].numpy().copy()
+    first, first_numpy = batcher.submit(buffer), batcher.submit(array)
+    buffer.copy_(images[1])
+    array[...] = images[1].numpy()
+    second = batcher.submit(buffer)
+    close_within(batcher, drain=True)
+    torch.testing.assert_close(first.result(TIMEOUT), alone[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(first_numpy.result(TIMEOUT), alone[0].numpy(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(second.result(TIMEOUT), alone[1], rtol=0, atol=1e-5)
+
+
 def test_dropping_the_batcher_drains_it(dynamic, pool):
     images, alone = pool
     batcher = ip_runtime.Batcher(dynamic, max_batch=64, max_delay_ms=LONG_DELAY_MS)
@@ -212,6 +232,21 @@ def test_a_callback_that_drops_the_last_reference_does_not_deadlock(dynamic, poo
     while holder and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not holder
+
+
+def test_exit_with_queued_requests_whose_callbacks_drop_other_batchers(compiled):
+    # At exit ip_runtime cancels what each live Batcher still holds; these cancellations' callbacks drop the last
+    # reference to the *other* Batcher, which the exit hook then closed after it was freed (SIGSEGV, 3 runs of 3).
+    script = f"""
+import ip_runtime, torch
+runtime = ip_runtime.Runtime({str(compiled.path("ti_imagepiece_dynamic"))!r})
+image = torch.zeros(*runtime.info["input_shape"])
+holder = {{name: ip_runtime.Batcher(runtime, max_delay_ms={LONG_DELAY_MS}) for name in "xy"}}
+holder["x"].submit(image).add_done_callback(lambda _: holder.pop("y", None))
+holder["y"].submit(image).add_done_callback(lambda _: holder.pop("x", None))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
 
 
 def test_preferred_batch_runs_without_waiting_for_the_delay(dynamic, pool):

@@ -55,8 +55,9 @@ def test_quick_suite_rows_are_complete_and_consistent(quick_suite):
     assert list(rows[0]) == COLUMNS
     assert {(r["variant"], r["path"]) for r in rows} == {(v, p) for v in ("plain", "imagepiece") for p in ("eager", "aoti", "ip_runtime")}
     for row in rows:
-        for column in ("p50_ms", "p90_ms", "min_ms", "img_per_s", "gflops_per_image", "mean_tokens", "vs_plain", "vs_eager_plain", "peak_mem_mib"):
+        for column in ("p50_ms", "p90_ms", "min_ms", "img_per_s", "gflops_per_image", "mean_tokens", "vs_plain", "vs_eager_plain"):
             assert math.isfinite(float(row[column])) and float(row[column]) > 0, (column, row)
+        assert math.isnan(float(row["peak_mem_mib"]))  # the CPU has no per-call peak (every row showed the process's)
         assert float(row["min_ms"]) <= float(row["p50_ms"]) <= float(row["p90_ms"])
         assert float(row["img_per_s"]) == pytest.approx(2 / float(row["p50_ms"]) * 1e3)
         assert len(row["tokens_per_block"].split()) == 12
@@ -128,7 +129,7 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["e2e", "--ray-concurrency", "2"], "needs --ray"),
         (["e2e", "--uint8", "--uint8-artifact", __file__], "not both"),
         (["e2e", "--artifact", __file__], "is not an artifact"),
-        (["e2e", "--uint8-artifact", __file__], "is not an artifact"),
+        (["e2e", "--artifact", __file__, "--uint8-artifact", __file__], "is not an artifact"),
         (["suite", "--quick", "--arch", "deit_small_patch16_224"], "--quick sets --arch, --variants and --batch itself; drop --arch"),
         (["suite", "--quick", "--variants", "tome", "--batch", "4"], "drop --variants and --batch or --quick"),
     ],
@@ -140,6 +141,17 @@ def test_bad_arguments_are_refused_clearly(tmp_path, capsys, args, message):
         cli.main([*args, "--out", str(tmp_path)])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out, message", [("{file}", "'{file}' is a file, not a folder"),
+                                          ("{file}/results", "'{file}/results': '{file}' is a file, not a folder")])
+def test_an_output_folder_that_is_a_file_is_named_as_one(tmp_path, capsys, out, message):
+    from imagepiece.bench import cli
+
+    (tmp_path / "results.json").write_text("{}")  # --out is the results folder, not a file
+    with pytest.raises(SystemExit):
+        cli.main(["compile", "--out", out.format(file=tmp_path / "results.json")])
+    assert message.format(file=tmp_path / "results.json") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", [False, True], ids=["python -m imagepiece.bench", "scripts/benchmark.py"])
@@ -286,7 +298,13 @@ def test_artifact_options_are_checked_against_the_artifact_and_name_the_results(
     for args, message in [(["contention", "--artifact", static, "--batch", "8"], "--batch 8 is outside the batch range 2..2"),
                           (["e2e", "--artifact", static], "--batch 8 is outside the batch range 2..2"),  # not clamped to 2
                           (["e2e", "--artifact", static, "--batch", "2", "--uint8-artifact", static],
-                           "--uint8-artifact must take uint8_nhwc input")]:
+                           "--uint8-artifact must take uint8_nhwc input"),
+                          # --uint8 would compile --arch/--preset's twin (DeiT-S), not the artifact's model
+                          (["e2e", "--artifact", static, "--batch", "2", "--uint8"], "beside --artifact give --uint8-artifact"),
+                          (["e2e", "--artifact", str(compiled.path("ti_plain")), "--batch", "2", "--uint8-artifact",
+                            str(compiled.path("ti_imagepiece_uint8"))], "--uint8-artifact holds another model than --artifact (they differ in method, config)"),
+                          (["e2e", "--uint8-artifact", str(compiled.path("ti_imagepiece_uint8")), "--batch", "2"],
+                           "--uint8-artifact needs --artifact")]:
         with pytest.raises(SystemExit) as exit_:
             cli.main([*args, "--out", str(tmp_path)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err, args
@@ -299,7 +317,7 @@ def test_artifact_options_are_checked_against_the_artifact_and_name_the_results(
 def test_artifact_load_mode_times_loads_in_fresh_processes_and_traces_rss(compiled, tmp_path):
     from imagepiece.bench import cli
 
-    so, pt2 = compiled.path("ti_imagepiece"), compiled.path("ti_tome_pt2")
+    so, pt2 = compiled.path("ti_tome"), compiled.path("ti_tome_pt2")
     assert cli.main(["artifact-load", "--so", str(so), "--pt2", str(pt2), "--repeats", "1", "--cycles", "2",
                      "--old-pt2-cycles", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     files = written(tmp_path)
@@ -311,8 +329,13 @@ def test_artifact_load_mode_times_loads_in_fresh_processes_and_traces_rss(compil
     assert "digest alone" in files[".txt"].read_text()
 
 
-def test_artifact_load_mode_refuses_what_it_cannot_measure(tmp_path, capsys):
+def test_artifact_load_mode_refuses_what_it_cannot_measure(compiled, tmp_path, capsys):
     from imagepiece.bench import cli
+
+    with pytest.raises(SystemExit):  # two load paths of two models: their times would not compare
+        cli.main(["artifact-load", "--so", str(compiled.path("ti_imagepiece")), "--pt2", str(compiled.path("ti_tome_pt2")),
+                  "--out", str(tmp_path / "results")])
+    assert "--so and --pt2 hold different models (method, config)" in capsys.readouterr().err
 
     result = bench("artifact-load", "--so", tmp_path / "missing.so", "--out", tmp_path)
     assert result.returncode == 2 and "--so must be an existing .so file" in result.stderr
@@ -351,9 +374,48 @@ def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(
     assert result["uint8"]["artifact"] == str(pixels) and result["uint8"]["input_format"] == "uint8_nhwc"
     assert len(result["uint8"]["single_process_img_per_s"]) == 1 and "ray" not in result
     assert {"cpu", "torch"} <= set(record["machine"]) and record["settings"]["rounds"] == 1
+    assert record["settings"]["arch"] == "deit_tiny_patch16_224"  # the artifact's, not --arch's default (DeiT-S)
     text = files[".txt"].read_text()
     assert text.startswith("# ") and "single-process / model-only" in text and "uint8-input artifact" in text
     assert "goal" not in text and "goal_met" not in result  # the goal is about DeiT-S at batch 8, not this run
+
+
+def test_two_runs_named_in_the_same_second_keep_both_records(tmp_path, monkeypatch):
+    import datetime
+
+    from imagepiece.bench import results
+
+    class FrozenClock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 27, 3, 56, 5)
+
+    monkeypatch.setattr(results.datetime, "datetime", FrozenClock)
+    machine = {"cpu": "Test CPU", "cpu_cores": 2, "torch_threads": 2, "torch": "2.14.1", "gpu": None}
+    written = []
+    for index in range(3):  # back to back, as a script runs them
+        writer = results.ResultsWriter(tmp_path, "reevaluation", "deit_tiny_1img", machine=machine)
+        writer.report(f"run {index}", {"run": index})
+        written.append(writer.path(".txt"))
+    assert [path.name for path in written] == ["reevaluation_deit_tiny_1img_20261127-035605.txt",
+                                               "reevaluation_deit_tiny_1img_20261127-035605-2.txt",
+                                               "reevaluation_deit_tiny_1img_20261127-035605-3.txt"]
+    assert [path.read_text().splitlines()[1] for path in written] == ["run 0", "run 1", "run 2"]
+
+
+def test_flop_count_includes_the_cpu_attention_kernel():
+    # torch's counter had no formula for the CPU's flash attention: attention went uncounted (DeiT-S 8.48 instead of 9.20).
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from imagepiece import create_model
+    from imagepiece.bench.measure import gflops_per_image
+
+    model = create_model("deit_tiny_patch16_224", "plain")
+    counted = gflops_per_image(model, (3, 224, 224), torch.device("cpu"), torch.float32)
+    with sdpa_kernel(SDPBackend.MATH):  # attention as two matmuls, which the counter knows
+        as_matmuls = gflops_per_image(model, (3, 224, 224), torch.device("cpu"), torch.float32)
+    assert counted == pytest.approx(as_matmuls, rel=1e-9) and counted > 2.4
 
 
 def test_profile_parts_are_medians_so_one_stalled_call_does_not_move_them():
@@ -381,7 +443,11 @@ def test_profile_groups_gpu_kernels_and_reports_launches_per_call():
              "void cub::DeviceRadixSortOnesweepKernel<Policy, false, float, long>(...)": "sort",
              "triton_per_fused_add_native_layer_norm_3": "generated kernels", "triton_poi_fused_gather_12": "generated kernels",
              "void at::native::elementwise_kernel<128, 4>(...)": "other (allocation, views, copies, wrapper)",
-             "aoti_torch_cpu_bmm_out": "batched matmul (bmm)"}
+             "aoti_torch_cpu_bmm_out": "batched matmul (bmm)",
+             # the patchify is no GEMM: "mkl" (oneMKL's GEMMs) also matched oneDNN's "mkldnn" convolution
+             "aoti_torch_cpu_mkldnn__convolution_pointwise": "convolution (patchify)", "aoti_torch_cpu__linear_pointwise": "linear",
+             "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw": "convolution (patchify)",
+             "graph_0_cpp_fused_convolution_0": "generated kernels"}
     assert {name: group_of(name) for name in names} == names
     samples = {"plain": [{"sm90_xmma_gemm_a": 2.0, "triton_poi_fused_0": 1.0}] * 3,
                "imagepiece": [{"sm90_xmma_gemm_a": 1.0, "triton_poi_fused_0": 1.5, "void cub::DeviceRadixSortOnesweepKernel": 0.5}] * 3}

@@ -113,7 +113,11 @@ def test_bad_arguments_are_refused(tmp_path):
         ([tmp_path / "a", tmp_path / "b"], "one output folder"),
         ([], "no output folder"),
         (["--dev-headers", tmp_path / "absent.tgz", tmp_path], "--dev-headers: no such file"),
+        # an empty or wrong file was only found out in a real run, after minutes of GPU time
+        (["--dev-headers", tmp_path / "empty.tgz", tmp_path], "is not an archive of the headers (make it with --pack-dev-headers)"),
+        (["--budget-minutes", "0", tmp_path], "--budget-minutes must be a whole number of minutes > 0, got '0'"),
     ]
+    (tmp_path / "empty.tgz").write_bytes(b"")
     for args, message in cases:
         result = gpu_check(*args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
@@ -125,6 +129,10 @@ def test_it_packs_the_development_headers_the_gpu_machine_lacks(tmp_path):
     with tarfile.open(tmp_path / "headers.tgz") as archive:
         names = set(archive.getnames())
     assert {"usr/include/nlohmann/json.hpp", "usr/include/openssl/evp.h", "usr/share/cmake/nlohmann_json/nlohmann_jsonConfig.cmake"} <= names
+    # accepted as --dev-headers; a budget with a leading zero is minutes in base 10 (bash read 08 as bad octal)
+    result = gpu_check("--dry-run", "--steps", "tests", "--budget-minutes", "08", "--dev-headers", tmp_path / "headers.tgz", tmp_path / "out")
+    assert "--dev-headers" not in result.stderr and "value too great for base" not in result.stderr, result.stderr
+    assert "budget: 8 min" in result.stdout, result.stdout
 
 
 CRASHING_TESTS = """

@@ -114,7 +114,7 @@ def test_folder_rows_equal_eager_and_each_bad_file_is_one_error_row(compiled, fo
     for bad_name, phrase in bad.items():
         row = rows[str(root / bad_name)]
         assert phrase in row.error and not row.classes and not row.probs, row
-    names = class_names(1000)
+    names = class_names({"num_classes": 1000})
     assert all(row.labels == [names[c] for c in row.classes] for row in ordered)
     assert_rows_match_eager(rows, root, good, compiled.eager(name), compiled_preprocessing(compiled, name))
 
@@ -131,7 +131,7 @@ def test_static_batch_artifact_pads_its_last_batch(compiled, folder):
     classifier = Classifier(str(compiled.path(name)), topk=3)
     assert classifier.batch == 2 and len(good) % 2 == 1
     items = list_inputs(str(root))
-    batches = list(predict_items(items, classifier, class_names(1000), workers=2))
+    batches = list(predict_items(items, classifier, class_names({"num_classes": 1000}), workers=2))
     rows = {row.path: row for batch in batches for row in batch}
     assert len(rows) == len(items) == sum(len(batch) for batch in batches)
     assert_rows_match_eager(rows, root, good, compiled.eager(name), compiled_preprocessing(compiled, name), topk=3)
@@ -147,7 +147,7 @@ def test_uint8_input_artifact_gives_the_float_artifacts_rows(compiled, folder):
     for name in ("ti_imagepiece", "ti_imagepiece_uint8"):
         classifier = Classifier(str(compiled.path(name)), topk=5)
         assert classifier.takes_pixels == (name == "ti_imagepiece_uint8")
-        rows[name] = {row.path: row for batch in predict_items(items, classifier, class_names(1000), workers=2) for row in batch}
+        rows[name] = {row.path: row for batch in predict_items(items, classifier, class_names({"num_classes": 1000}), workers=2) for row in batch}
     floats, pixels = rows["ti_imagepiece"], rows["ti_imagepiece_uint8"]
     assert list(pixels) == list(floats) and all(pixels[p].error == floats[p].error for p in floats)
     preprocessing = compiled_preprocessing(compiled, "ti_imagepiece")
@@ -271,10 +271,10 @@ def test_deep_trees_trailing_globstars_odd_table_columns_and_labels_with_a_bom(f
         list_inputs(str(tmp_path / "empty.csv"))
 
     (tmp_path / "labels.txt").write_text("cat\ndog\n", encoding="utf-8-sig")  # a BOM would have joined "cat"
-    assert class_names(2, tmp_path / "labels.txt") == ["cat", "dog"]
+    assert class_names({"num_classes": 2}, tmp_path / "labels.txt") == ["cat", "dog"]
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\ndog\n".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt' is not UTF-8 text"):
-        class_names(2, tmp_path / "latin1.txt")
+        class_names({"num_classes": 2}, tmp_path / "latin1.txt")
 
 
 def test_resume_swaps_in_the_merged_journal_whole(tmp_path, monkeypatch):
@@ -548,7 +548,7 @@ def test_cuda_artifact_stages_batches_in_pinned_memory(compiled, folder):
     root, good, _ = folder
     classifier = Classifier(str(compiled.path("cuda_ti_imagepiece_dynamic")), topk=5, batch=8)
     assert classifier.device.type == "cuda" and classifier._staging.is_pinned()
-    rows = {row.path: row for batch in predict_items(list_inputs(str(root)), classifier, class_names(1000)) for row in batch}
+    rows = {row.path: row for batch in predict_items(list_inputs(str(root)), classifier, class_names({"num_classes": 1000})) for row in batch}
     eager = compiled.eager("cuda_ti_imagepiece_dynamic")
     preprocessing = compiled_preprocessing(compiled, "cuda_ti_imagepiece_dynamic")
     prepare = Preprocess(preprocessing)

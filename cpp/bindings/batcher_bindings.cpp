@@ -2,8 +2,9 @@
 //
 // submit() returns a concurrent.futures.Future (asyncio: `await asyncio.wrap_future(future)`), completed
 // by the worker thread, which takes the GIL once per batch to set the batch's futures. Nothing else the worker touches belongs to
-// Python: a torch.Tensor is detached into a tensor of its own (no Python object to release) and a numpy
-// array is copied at submit (a zero-copy wrapper would need the GIL to let go of the array).
+// Python: every image is copied at submit into a tensor of its own (no Python object to release; a numpy
+// view would need the GIL to let go of its array). Copied, unlike the C++ API's: a Python caller that decodes
+// into one reused buffer got another image's logits back, silently (its batch is assembled later).
 // The Batcher keeps its Runtime alive; close() (also at interpreter exit, and the context manager's
 // exit) and destruction release the GIL while they wait for the workers, which need it.
 #include "batcher_bindings.h"
@@ -106,8 +107,10 @@ class PyBatcher {
 
   py::object submit(const py::object& image) {
     const bool numpy_in = is_ndarray(image);
-    at::Tensor tensor = as_tensor(image, /*is_output=*/false);
-    tensor = numpy_in ? tensor.clone() : tensor.detach();
+    // Copied anyway, so a reversed numpy view (OpenCV's BGR -> RGB `img[..., ::-1]`, negative strides, which a tensor
+    // cannot wrap) is made contiguous first instead of refused; a torch view of any layout was already accepted.
+    static py::handle contiguous_copy = py::object(py::module_::import("numpy").attr("ascontiguousarray")).release();  // kept for good
+    const at::Tensor tensor = as_tensor(numpy_in ? contiguous_copy(image) : image, /*is_output=*/false).detach().clone();
     auto pending = std::make_shared<PendingFuture>();
     static py::handle future_type = py::object(py::module_::import("concurrent.futures").attr("Future")).release();  // kept for good
     pending->future = future_type();
@@ -171,8 +174,12 @@ class PyBatcher {
 
 void close_live_batchers() {
   // At exit: cancel what is still queued, before the interpreter stops serving the workers' GIL requests.
-  const std::vector<PyBatcher*> batchers(live_batchers.begin(), live_batchers.end());
-  for (PyBatcher* batcher : batchers) batcher->close(/*drain=*/false);
+  // Each is held by a Python reference while the loop runs: a close releases the GIL and completes futures, and
+  // their callbacks (or daemon threads) may drop the last reference to this or another Batcher; a raw pointer
+  // was then closed after it was freed (SIGSEGV at exit).
+  std::vector<py::object> batchers;
+  for (PyBatcher* batcher : live_batchers) batchers.push_back(py::cast(batcher, py::return_value_policy::reference));
+  for (const py::object& batcher : batchers) batcher.cast<PyBatcher&>().close(/*drain=*/false);
 }
 
 }  // namespace
@@ -199,7 +206,7 @@ void bind_batcher(py::module_& m) {
            py::arg("preferred_batches") = py::tuple(), py::keep_alive<1, 2>(),
            "Dynamic micro-batching over `runtime`: max_batch 0 = the artifact's largest batch.")
       .def("submit", &PyBatcher::submit, py::arg("image"),
-           "Queue one image (a batch's row: torch.Tensor, or numpy.ndarray, copied); returns a concurrent.futures.Future "
+           "Queue one image (a batch's row: torch.Tensor or numpy.ndarray, copied at once: its buffer may be reused); returns a concurrent.futures.Future "
            "of its logits row (numpy for numpy), already running: cancel() returns False (close(drain=False) cancels what is "
            "queued). Raises ip_runtime.Error: the input's code, `overloaded` (queue full) or `cancelled` (closed).")
       .def(

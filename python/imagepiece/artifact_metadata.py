@@ -16,7 +16,8 @@ What the artifact takes: `input_shape` is one image, [C, H, W]; `input_format` s
 them is laid out: "float_nchw" (normalised [B, C, H, W] of `dtype` fp32/fp16/bf16) or "uint8_nhwc"
 (resized and cropped RGB pixels [B, H, W, C], `dtype` "uint8", normalised by the compiled graph).
 `precision` is what it computes in (fp32, fp16, bf16, or int8 Linear layers); its logits are of
-`model_dtype(metadata)`. A CPU artifact names the CPUs it runs on (`cpu_capability`, `cpu_features`:
+`model_dtype(metadata)`. `class_names`, when not null, names each of the `num_classes` outputs (the class
+folders of the fine-tune its checkpoint came from). A CPU artifact names the CPUs it runs on (`cpu_capability`, `cpu_features`:
 see `imagepiece.cpu_target`).
 """
 from __future__ import annotations
@@ -233,7 +234,11 @@ def validated(document: dict, where: str) -> dict:
     for index, side in enumerate(shape):
         if not (_is_int(side) and 1 <= side <= MAX_IMAGE_SIDE):
             fields.fail(f"input_shape[{index}]", f"an integer in 1..{MAX_IMAGE_SIDE}", side)
-    fields.integer("num_classes", 1, MAX_CLASSES)
+    classes = fields.integer("num_classes", 1, MAX_CLASSES)
+    if fields.get("class_names") not in (None, _MISSING):  # optional: a fine-tune's class folders, in label order
+        for index, name in enumerate(fields.array("class_names", classes, classes)):
+            if not isinstance(name, str):
+                fields.fail(f"class_names[{index}]", "a string", name)
     batch = fields.object("batch")
     low = batch.integer("min", 1, MAX_BATCH)
     high = batch.integer("max", low, MAX_BATCH)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Union
 
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 from timm.data import ImageDataset, create_transform
 from timm.data.readers.img_extensions import get_img_extensions
+from timm.utils.misc import natural_key
 from timm.data import auto_augment as timm_auto_augment
 from torch.utils.data import default_collate
 
@@ -79,7 +81,7 @@ def collate_readable(samples: list) -> Batch:
 
 
 def image_folder(root: Union[str, Path], transform=None) -> ImageFolder:
-    """The images under `root/<class>/...` (timm's folder reader: classes sorted by folder name)."""
+    """The images under `root/<class>/...` (timm's folder reader). Labels follow `class_order`."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {str(root)!r} does not exist or is not a folder")
@@ -93,7 +95,28 @@ def image_folder(root: Union[str, Path], transform=None) -> ImageFolder:
     if "" in dataset.reader.class_to_idx:
         raise DatasetError(f"dataset folder {str(root)!r} holds images directly; put each in a class sub-folder (<root>/<class>/<image>)")
     _check_one_level_of_classes(root, dataset)
+    _break_class_order_ties(dataset)
     return dataset
+
+
+def class_order(names) -> List[str]:
+    """Class folder names in label order: timm's natural sort (case-insensitive, digit runs by value:
+    "class2" before "class10"), ties broken by the exact name. A labels file for predict lists them so."""
+    return sorted(names, key=lambda name: (natural_key(name), name))
+
+
+def _break_class_order_ties(dataset: ImageFolder) -> None:
+    # timm sorts a *set* of names with natural_key alone, under which "Cat" and "cat" (or "a1" and "a01") are
+    # equal: they kept the set's order, which PYTHONHASHSEED changes from run to run, so their labels could swap
+    # between a fine-tune and its evaluation. Only such ties are re-ordered; every other label stays timm's.
+    reader = dataset.reader
+    ordered = class_order(reader.class_to_idx)
+    if ordered == class_names(dataset):
+        return
+    label = {name: index for index, name in enumerate(ordered)}
+    relabel = {old: label[name] for name, old in reader.class_to_idx.items()}
+    reader.samples = [(path, relabel[target]) for path, target in reader.samples]
+    reader.class_to_idx = label
 
 
 def _check_one_level_of_classes(root: Path, dataset: ImageFolder) -> None:
@@ -127,6 +150,22 @@ def _check_each_folder_listed_once(root: Path) -> None:
 def class_names(dataset: ImageFolder) -> List[str]:
     """The class folder names, in label order."""
     return sorted(dataset.reader.class_to_idx, key=dataset.reader.class_to_idx.get)
+
+
+def describe_class_differences(expected: List[str], found: List[str], expected_as: str) -> str:
+    """What differs between two lists of class folder names, for an error message."""
+    only_expected, only_found = [n for n in expected if n not in found], [n for n in found if n not in expected]
+    if not only_expected and not only_found:
+        return f"the same names in another order: {expected_as} {expected[:8]}, here {found[:8]}"
+    text = f"only in {expected_as}: {only_expected[:5]}; only here: {only_found[:5]}"
+    if sorted(map(_nfc, only_expected)) == sorted(map(_nfc, only_found)):
+        # A folder copied from macOS spells "żółw" decomposed (NFD): it prints the same and is another name.
+        text += " (the same letters in other Unicode normal forms, NFC vs NFD: rename the folders to one form)"
+    return text
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 def num_classes(dataset: ImageFolder) -> int:

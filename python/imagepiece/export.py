@@ -169,6 +169,7 @@ def build_metadata(model: ImagePieceViT, device: torch.device, dtype: str, batch
         "cuda_version": torch.version.cuda if device.type == "cuda" else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": _checkpoint_provenance(checkpoint),
+        "class_names": _fine_tuned_class_names(checkpoint, model.num_classes),
         "artifact_format": suffix.lstrip("."),
     }
 
@@ -179,6 +180,17 @@ def _checkpoint_provenance(checkpoint: Optional[Path]) -> dict:
     from .weights import file_sha256
 
     return {"sha256": file_sha256(checkpoint), "file": Path(checkpoint).name}
+
+
+def _fine_tuned_class_names(checkpoint: Optional[Path], num_classes: int) -> Optional[list]:
+    # The class folder names a fine-tune (scripts/finetune.py) recorded, in label order: predict and serve name
+    # their top-k with them, and evaluate refuses a validation folder of other classes. None for other checkpoints.
+    if checkpoint is None:
+        return None
+    from .weights import fine_tuned_settings
+
+    classes = (fine_tuned_settings(checkpoint) or {}).get("classes")
+    return classes if classes is not None and len(classes) == num_classes else None
 
 
 # The library must use the process's C++ runtime, never a private static copy of it. On the H200

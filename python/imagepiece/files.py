@@ -17,6 +17,11 @@ def check_writable_dir(folder: Union[str, Path], create: bool = False) -> Path:
         create: make the folder (and its parents) if it does not exist yet.
     """
     folder = Path(folder) if str(folder) else Path(".")
+    # A file on the way is the usual mistake (--out results.json for a folder): say so, not "File exists".
+    blocking = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        where = "" if blocking == folder else f": {str(blocking)!r} is"
+        raise ValueError(f"output directory {str(folder)!r}{where or ' is'} a file, not a folder")
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,10 @@ def check_recipe(recipe: Recipe) -> Recipe:
         raise ValueError(f"{', '.join(bad)} must be finite numbers: {recipe}")
     rules = [("epochs", recipe.epochs >= 1, ">= 1"), ("batch_size", recipe.batch_size >= 1, ">= 1"), ("lr", recipe.lr > 0, "> 0"),
              ("min_lr", recipe.min_lr >= 0, ">= 0"), ("weight_decay", recipe.weight_decay >= 0, ">= 0"),
-             ("warmup_epochs", recipe.warmup_epochs >= 0, ">= 0"), ("mixup", recipe.mixup >= 0, ">= 0"),
+             ("warmup_epochs", recipe.warmup_epochs >= 0, ">= 0"),
+             # The cosine would climb from lr up to min_lr; a warm-up as long as the run never reaches lr.
+             ("min_lr", recipe.min_lr <= recipe.lr, f"<= lr {recipe.lr:.3g}"),
+             ("warmup_epochs", recipe.warmup_epochs < recipe.epochs, f"< epochs {recipe.epochs}"), ("mixup", recipe.mixup >= 0, ">= 0"),
              ("cutmix", recipe.cutmix >= 0, ">= 0"), ("smoothing", 0 <= recipe.smoothing < 1, "in [0, 1)"),
              ("drop_path", 0 <= recipe.drop_path < 1, "in [0, 1)"), ("re_prob", 0 <= recipe.re_prob <= 1, "in [0, 1]")]
     broken = [f"{name} {rule} (got {getattr(recipe, name)})" for name, holds, rule in rules if not holds]
@@ -105,6 +108,8 @@ class Trainer:
         self.optimizer = create_optimizer_v2(model, opt="adamw", lr=recipe.lr, weight_decay=recipe.weight_decay)
         self.scheduler, _ = create_scheduler_v2(self.optimizer, sched="cosine", num_epochs=recipe.epochs, min_lr=recipe.min_lr,
                                                 warmup_epochs=recipe.warmup_epochs, step_on_epochs=False,
+                                                # DeiT's warm-up starts at 1e-6 (timm's default, 1e-5, is above a small lr)
+                                                warmup_lr=min(1e-6, recipe.lr),
                                                 updates_per_epoch=steps_per_epoch)
         mixing = recipe.mixup > 0 or recipe.cutmix > 0
         self.mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.smoothing,

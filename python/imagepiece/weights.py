@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Dict, Optional, Union
 
 import safetensors.torch
 import torch
 from timm.models import clean_state_dict, load_state_dict
 from torch import nn
+
+from .config import PRESETS, ReductionConfig
 
 
 class CheckpointError(ValueError):
@@ -33,6 +36,8 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes)")
     try:
         if path.suffix != ".safetensors" and _is_safetensors(path):  # timm picks the reader by the name alone
             state = clean_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
@@ -64,6 +69,8 @@ def _load_failure(error: Exception) -> str:
     # torch's reason follows "WeightsUnpickler error:", on the same line or after a blank one.
     reason = next((" ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
                    for text in texts if "WeightsUnpickler error:" in text), None)
+    if isinstance(error, (KeyError, UnpicklingError)) and not reason:  # text, or bytes no pickle starts with: opcode 101 is "e"
+        return f"not a torch-saved checkpoint nor a safetensors file ({type(error).__name__}: {texts[0].strip()[:80]})"
     if reason is not None and reason.startswith("Unsupported operand"):
         return f"not a torch-saved checkpoint nor a safetensors file: its bytes are no pickle ({reason})"
     if reason is not None or "weights_only" in texts[0]:
@@ -109,11 +116,11 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
 
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} key(s): {missing}")
+        problems.append(f"missing {len(missing)} key(s): {_first(missing)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {unexpected}")
+        problems.append(f"unexpected {len(unexpected)} key(s): {_first(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatch: {mismatched}")
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_first(mismatched)}")
     if problems:
         raise CheckpointError(f"{str(path)!r} does not fit {model.pretrained_cfg.get('architecture', 'the model')}: " + "; ".join(problems)
                               + fine_tune_hint(path))
@@ -121,10 +128,17 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
     model.load_state_dict(state, strict=False)
 
 
+def _first(items: list, count: int = 6) -> str:
+    # Another DeiT size mismatches every tensor: the whole list made a 10 KB line.
+    shown = ", ".join(map(str, items[:count]))
+    return shown + (f", ... ({len(items) - count} more)" if len(items) > count else "")
+
+
 def fine_tuned_settings(path: Union[str, Path]) -> Optional[dict]:
     """{"arch", "lcb", "num_classes"} that scripts/finetune.py records beside the weights it writes, which
-    the weights need to fit a model, and "classes" (the class folder names it trained on, or None); None for
-    any other checkpoint (or an unreadable one)."""
+    the weights need to fit a model, "classes" (the class folder names it trained on), "preset" (its --preset)
+    and "reduction" (its `ReductionConfig.to_dict()`), each None where an older fine-tune did not record it;
+    None for any other checkpoint (or an unreadable one)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # safetensors, or unreadable: nothing recorded
@@ -134,7 +148,39 @@ def fine_tuned_settings(path: Union[str, Path]) -> Optional[dict]:
         return None
     classes = saved.get("classes")  # its class folder names, in label order (older checkpoints: none)
     classes = list(classes) if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes) else None
-    return {"arch": saved["arch"], "lcb": saved["lcb"], "num_classes": saved["num_classes"], "classes": classes}
+    preset = saved.get("preset") if saved.get("preset") in PRESETS else None
+    reduction = saved.get("reduction") if isinstance(saved.get("reduction"), dict) else None
+    return {"arch": saved["arch"], "lcb": saved["lcb"], "num_classes": saved["num_classes"], "classes": classes,
+            "preset": preset, "reduction": reduction}
+
+
+def fine_tuned_preset(path: Optional[Union[str, Path]]) -> Optional[str]:
+    """The --preset scripts/finetune.py trained `path` with (None: no path, another checkpoint, or not recorded)."""
+    return (fine_tuned_settings(path) or {}).get("preset") if path is not None else None
+
+
+# What changes how a model reduces its tokens (its LCB is checked with the weights; depth and patches by the arch).
+_REDUCTION_KEYS = ("method", "p", "merge_ratio", "keep_rate", "prune_blocks", "tome_r", "prop_attn", "reevaluation")
+
+
+def reduction_difference(path: Union[str, Path], config: ReductionConfig) -> Optional[str]:
+    """For a checkpoint written by scripts/finetune.py: a sentence saying how `config` reduces tokens otherwise
+    than the fine-tune did (its weights learnt that reduction: another one scores otherwise), else None."""
+    saved = fine_tuned_settings(path)
+    if saved is None:
+        return None
+    trained = saved["reduction"] or (ReductionConfig(**PRESETS[saved["preset"]]).to_dict() if saved["preset"] else None)
+    if trained is None:
+        return None
+    here = config.to_dict()
+    as_tuple = lambda value: tuple(value) if isinstance(value, list) else value  # noqa: E731
+    differing = [key for key in _REDUCTION_KEYS if key in trained and as_tuple(trained[key]) != here[key]]
+    if not differing:
+        return None
+    preset = f" (--preset {saved['preset']})" if saved["preset"] else ""
+    return (f"{str(path)!r} was fine-tuned with {trained['method']} token reduction{preset}; this model has "
+            + ", ".join(f"{key} {here[key]!r} (trained: {as_tuple(trained[key])!r})" for key in differing)
+            + ": its accuracy may differ from the fine-tune's")
 
 
 def fine_tune_hint(path: Union[str, Path]) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..files import check_writable_dir
-from .artifact_option import checked_metadata
+from .artifact_option import checked_metadata, model_differences
 from .results import ResultsWriter
 from .timing import summarize
 
@@ -46,13 +46,17 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("artifact-load measures CPU artifacts (--device cpu)")
     if min(args.repeats, args.cycles, args.old_pt2_cycles) < 1:
         parser.error("--repeats, --cycles and --old-pt2-cycles must be >= 1")
-    models = {}
+    models, found = {}, []
     for given, suffix in ((args.so, ".so"), (args.pt2, ".pt2")):
         if given is not None and (given.suffix != suffix or not given.is_file()):
             parser.error(f"--{suffix[1:]} must be an existing {suffix} file, got {str(given)!r}")
         if given is not None:
             metadata = checked_metadata(parser, f"--{suffix[1:]}", given, args.device)
             models[suffix] = (metadata["arch"], metadata["method"], metadata["batch"]["min"])
+            found.append(metadata)
+    if len(found) == 2 and (model_differences(*found) or found[0]["batch"] != found[1]["batch"]):
+        parser.error(f"--so and --pt2 hold different models ({', '.join(model_differences(*found) or ['batch'])}): "
+                     "the two load paths must load the same one to compare")
     # One artifact given: the other is compiled for its model (the results are named after it); none: ImagePiece of --arch.
     args.arch, args.preset, args.batch = next(iter(models.values()), (args.arch, "imagepiece", 1))
     if len(models) < 2:
@@ -164,7 +168,12 @@ def compiled(arch: str, method: str, batch: int, suffix: str, workdir: Path) -> 
 
     out = workdir / f"{arch}_{method}_b{batch}{suffix}"
     try:
-        if torch_release(read_metadata(out)["torch_version"]) == torch_release(torch.__version__):
+        metadata = read_metadata(out)
+        # Reused only when it holds the model its name says (a file put there by hand may not) and this torch loads it.
+        if (torch_release(metadata["torch_version"]) == torch_release(torch.__version__)
+                and (metadata["arch"], metadata["method"], metadata["batch"]["min"], metadata["batch"]["max"]) == (arch, method, batch, batch)
+                and metadata["config"] == json.loads(json.dumps(create_model(arch, method).reduction_config.to_dict()))
+                and metadata["checkpoint"]["sha256"] == "random"):
             return out
     except (ArtifactError, OSError):
         pass  # missing or unreadable: compiled below

@@ -29,6 +29,15 @@ def checked_metadata(parser: argparse.ArgumentParser, option: str, path: Path, d
     return metadata
 
 
+def model_differences(first: dict, second: dict) -> list:
+    """What makes two artifacts' models differ (their metadata's names), [] for the same model and weights;
+    batch, input format, device and file format may differ."""
+    differing = [key for key in ("arch", "method", "config", "num_classes", "precision") if first.get(key) != second.get(key)]
+    if first["checkpoint"]["sha256"] != second["checkpoint"]["sha256"]:
+        differing.append("checkpoint")
+    return differing
+
+
 def name_after_artifact(args: argparse.Namespace, metadata: dict) -> None:
     """Results are labelled with --arch and --preset; an artifact may hold another model than their defaults."""
     args.arch, args.preset = metadata["arch"], metadata["method"]

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..config import PRESETS
-from .artifact_option import checked_metadata
+from .artifact_option import checked_metadata, model_differences, name_after_artifact
 from .results import ResultsWriter
 
 HELP = "JPEG files -> predictions (single process, and Ray with --ray) beside the same artifact's model-only img/s"
@@ -44,6 +44,13 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--ray-concurrency must be >= 1 and needs --ray")
     if args.uint8 and args.uint8_artifact is not None:
         parser.error("give --uint8 (compile the twin) or --uint8-artifact (use this one), not both")
+    # The twin compiled by --uint8 is --arch/--preset's model with random weights: not an --artifact's.
+    if args.uint8 and args.artifact is not None:
+        parser.error("--uint8 compiles the uint8 twin of --arch/--preset; beside --artifact give --uint8-artifact "
+                     "(its model compiled with scripts/aot_compile.py --input-format uint8)")
+    if args.uint8_artifact is not None and args.artifact is None:
+        parser.error("--uint8-artifact needs --artifact: the same model with float input, to compare it with")
+    found = {}
     for name, input_format in (("artifact", None), ("uint8_artifact", "uint8_nhwc")):
         given, option = getattr(args, name), f"--{name.replace('_', '-')}"
         if given is None:
@@ -53,6 +60,12 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if input_format is not None and metadata["input_format"] != input_format:
             parser.error(f"{option} must take {input_format} input (scripts/aot_compile.py --input-format uint8); "
                          f"{str(given)!r} takes {metadata['input_format']}")
+        found[name] = metadata
+    if len(found) == 2 and model_differences(found["artifact"], found["uint8_artifact"]):
+        parser.error(f"--uint8-artifact holds another model than --artifact (they differ in "
+                     f"{', '.join(model_differences(found['artifact'], found['uint8_artifact']))}): it would not be its twin")
+    if "artifact" in found:  # the results are named after the model measured, not --arch's default
+        name_after_artifact(args, found["artifact"])
 
 
 def _compiled(args: argparse.Namespace, folder: Path, input_format: str) -> Path:

@@ -32,8 +32,10 @@ HELP = "kernel-time breakdown (GEMM, attention, generated kernels, sorts) of pla
 # the one-row class attention, the merge's similarity matrix.
 GROUPS = (("attention (SDPA)", ("scaled_dot_product", "flash", "fmha")),  # before "linear": fmha_cutlass* is attention
           ("batched matmul (bmm)", ("bmm",)),
+          # before "linear": oneDNN's convolution is "mkldnn__convolution", cuDNN's an xmma "fprop" (implicit GEMM)
+          ("convolution (patchify)", ("mkldnn__convolution", "aten::conv", "aten::_convolution", "cudnn", "fprop")),
           ("linear", ("linear", "mkl", "gemm", "cutlass", "xmma", "nvjet")), ("sort", ("sort", "radix")),
-          ("generated kernels", ("cpp_fused", "triton_")), ("convolution (patchify)", ("conv",)))
+          ("generated kernels", ("cpp_fused", "triton_")))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

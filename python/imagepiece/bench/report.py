@@ -21,7 +21,7 @@ def markdown_table(rows: List[dict], machine: dict, title: str) -> str:
     for row in rows:
         lines.append(f"| {row['label']} | {row['path']} | {row['precision']} | {row['batch']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
                      f"{row['img_per_s']:.1f} | {row['vs_plain']:.2f}x | {_ratio(row['vs_eager_plain'])} | {row['gflops_per_image']:.2f} | "
-                     f"{row['mean_tokens']:.1f} | {row['peak_mem_mib']:.0f} |")
+                     f"{row['mean_tokens']:.1f} | {_mib(row['peak_mem_mib'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -68,6 +68,10 @@ def plot(rows: List[dict], path: Path, machine: dict) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _mib(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.0f}"  # the CPU has no per-call figure (measure.PeakMemory)
 
 
 def _ratio(value: float) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import glob
 import io
 import json
 from pathlib import Path
@@ -53,8 +54,14 @@ class ResultsWriter:
         self.machine = machine or machine_info()
         self.created = datetime.datetime.now()
         self.folder = check_writable_dir(Path(root) / machine_slug(self.machine), create=True)
-        self.stem = f"{mode}_{subject}_{self.created:%Y%m%d-%H%M%S}"
+        self.stem = self._unused_stem(f"{mode}_{subject}_{self.created:%Y%m%d-%H%M%S}")
         self.saved: List[Path] = []
+
+    def _unused_stem(self, stem: str) -> str:
+        # A run of one mode that started in the second another one did had its names: it replaced that run's files.
+        # (Two runs at once on one machine would measure each other anyway: the benchmarks want a quiet machine.)
+        taken = lambda candidate: any(self.folder.glob(f"{glob.escape(candidate)}*"))  # noqa: E731
+        return next(candidate for candidate in (stem, *(f"{stem}-{n}" for n in range(2, 10_000))) if not taken(candidate))
 
     @property
     def provenance(self) -> str:

@@ -76,7 +76,7 @@ def model_only_img_per_s(classifier: Classifier, images: int) -> float:
 
 def single_process_run(classifier: Classifier, items: List[InputItem], workers: int) -> RunStats:
     stats = RunStats()
-    names = class_names(classifier.num_classes)
+    names = class_names(classifier.metadata)
     for _ in predict_items(items, classifier, names, workers=workers, stats=stats):
         pass
     return stats

@@ -164,9 +164,9 @@ def predict(args: argparse.Namespace, prog: str) -> int:
         num_classes = int(metadata["num_classes"])
         if args.topk > num_classes:
             raise ValueError(f"--topk {args.topk} is more than the artifact's {num_classes} classes")
-        names = class_names(num_classes, args.labels)
+        names = class_names(metadata, args.labels)
         if not any(names):
-            print(f"{prog}: warning: the artifact's {num_classes} classes are no ImageNet head timm names and no --labels was "
+            print(f"{prog}: warning: the artifact's {num_classes} classes are no ImageNet head timm names, it records no class names and no --labels was "
                   "given: the label columns stay empty (the class indices are in the rows)", file=sys.stderr)
         warn = lambda message: print(f"{prog}: warning: {message}", file=sys.stderr)  # noqa: E731
         running = choose_batch(metadata["batch"], args.batch)

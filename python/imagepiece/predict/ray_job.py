@@ -91,7 +91,7 @@ class PredictActor:
 
         torch.set_num_threads(max(1, cpus))
         self.classifier = Classifier(artifact, topk=topk, batch=batch, device=device)
-        self.names = class_names(self.classifier.num_classes, labels_file)
+        self.names = class_names(self.classifier.metadata, labels_file)
 
     def __call__(self, batch: Dict[str, np.ndarray]):
         paths, errors = [str(p) for p in batch["path"]], [str(e) for e in batch["error"]]

@@ -61,7 +61,7 @@ class ClassificationService:
         metadata = info["metadata"]
         self.model_name = str(info["model_name"])
         self.num_classes = int(info["num_classes"])
-        self.names = class_names(self.num_classes, config.labels)
+        self.names = class_names(metadata, config.labels)
         self.preprocessing = metadata["preprocessing"]
         self.preprocess = Preprocess(self.preprocessing, metadata["input_shape"])
         self.dtype = INPUT_DTYPES[info["dtype"]]
