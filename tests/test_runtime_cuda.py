@@ -134,3 +134,16 @@ def test_bad_cuda_input_is_refused_with_a_clear_error(compiled, make, code, mess
         runtime.run(make())
     assert error.value.code == code
     assert runtime.run(torch.randn(8, 3, 224, 224, device="cuda")).shape == (8, 1000)  # still serves after refusing
+
+
+def test_a_batcher_over_graph_buckets_runs_batches_no_larger_than_the_largest_bucket(compiled, dynamic_inputs):
+    # With buckets [1, 2, 4] on a 1..256 artifact, the default max_batch was 256: every batch above 4 failed under load.
+    images, _ = dynamic_inputs
+    runtime = graph_runtime(compiled.path(DYNAMIC), buckets=(1, 2, 4))
+    with ip_runtime.Batcher(runtime, max_delay_ms=50) as batcher:
+        assert batcher.options["max_batch"] == 4
+        futures = [batcher.submit(images[i]) for i in range(12)]
+        logits = torch.stack([future.result(120) for future in futures])
+    with pytest.raises(ip_runtime.Error, match=r"max_batch must be in \[1, 4\] \(the largest CUDA graph bucket\)"):
+        ip_runtime.Batcher(runtime, max_batch=8)
+    assert torch.isfinite(logits).all() and logits.shape == (12, 1000)

@@ -204,7 +204,7 @@ void bind_batcher(py::module_& m) {
            }),
            py::arg("runtime"), py::arg("max_batch") = 0, py::arg("max_delay_ms") = 1.0, py::arg("queue_capacity") = 1024,
            py::arg("preferred_batches") = py::tuple(), py::keep_alive<1, 2>(),
-           "Dynamic micro-batching over `runtime`: max_batch 0 = the artifact's largest batch.")
+           "Dynamic micro-batching over `runtime`: max_batch 0 = the largest batch the runtime runs (the artifact's, or its largest CUDA graph bucket).")
       .def("submit", &PyBatcher::submit, py::arg("image"),
            "Queue one image (a batch's row: torch.Tensor or numpy.ndarray, copied at once: its buffer may be reused); returns a concurrent.futures.Future "
            "of its logits row (numpy for numpy), already running: cancel() returns False (close(drain=False) cancels what is "

@@ -59,12 +59,17 @@ void complete(Request& request, const at::Tensor& logits, std::exception_ptr err
   request.done = nullptr;  // release what the callback holds (e.g. a Python future) here, not later
 }
 
-BatcherOptions validated(BatcherOptions options, const ModelInfo& info) {
+BatcherOptions validated(BatcherOptions options, const Runtime& runtime) {
   auto refuse = [](const std::string& why) { throw Error(ErrorCode::kInvalidOption, why); };
-  if (options.max_batch == 0) options.max_batch = info.batch_max;
-  if (options.max_batch < 1 || options.max_batch > info.batch_max) {
-    refuse("max_batch must be in [1, " + std::to_string(info.batch_max) + "] (the artifact's largest batch), got " +
-           std::to_string(options.max_batch));
+  // With CUDA graphs of the caller's buckets, a batch above the largest bucket fails (kInvalidBatch): a default
+  // max_batch of the artifact's largest would have failed every batch above it under load.
+  const auto& buckets = runtime.options().batch_buckets;
+  const bool bucketed = runtime.options().cuda_graphs && !buckets.empty();
+  const int64_t largest = bucketed ? *std::max_element(buckets.begin(), buckets.end()) : runtime.info().batch_max;
+  if (options.max_batch == 0) options.max_batch = largest;
+  if (options.max_batch < 1 || options.max_batch > largest) {
+    refuse("max_batch must be in [1, " + std::to_string(largest) + "] (" +
+           (bucketed ? "the largest CUDA graph bucket" : "the artifact's largest batch") + "), got " + std::to_string(options.max_batch));
   }
   if (options.max_delay_us < 0 || options.max_delay_us > BatcherOptions::kMaxDelayUs) {
     refuse("max_delay_us must be in [0, " + std::to_string(BatcherOptions::kMaxDelayUs) + "], got " + std::to_string(options.max_delay_us));
@@ -117,7 +122,7 @@ struct Batcher::State {
 
   State(Runtime& runtime_, BatcherOptions options_)
       : runtime(runtime_),
-        options(validated(std::move(options_), runtime_.info())),
+        options(validated(std::move(options_), runtime_)),
         smallest_run(std::max<int64_t>(1, runtime_.info().batch_min)),
         capacity(static_cast<size_t>(options.queue_capacity)),
         max_delay(std::chrono::microseconds(options.max_delay_us)) {

@@ -50,7 +50,8 @@ namespace imagepiece {
 struct BatcherOptions {
   static constexpr int64_t kMaxDelayUs = 10'000'000;
 
-  int64_t max_batch = 0;          // images per run, 1 .. the artifact's largest batch; 0 = that largest batch
+  int64_t max_batch = 0;          // images per run, 1 .. the largest the runtime runs (the artifact's, or with
+                                  // cuda_graphs and batch_buckets the largest bucket); 0 = that largest
   int64_t max_delay_us = 1000;    // how long the oldest queued request may wait for its batch to fill (0 .. 10 s)
   int64_t queue_capacity = 1024;  // waiting requests beyond this are refused with kOverloaded (>= 1)
   std::vector<int64_t> preferred_batches{};  // run at once when one of these sizes is queued (the largest
