@@ -38,7 +38,7 @@ from imagepiece.blocks import ATTENTION_KERNELS
 from imagepiece.export import PRECISIONS, check_device_and_dtype, check_output_path, compile_artifact, default_attention
 from imagepiece.input_format import CLI_INPUT_FORMATS
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
-from imagepiece.weights import reduction_difference
+from imagepiece.weights import fine_tuned_settings, reduction_difference
 
 PROG = "aot_compile.py"
 USAGE_ERROR, IO_ERROR = 2, 1
@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "RANDOM weights (pass --checkpoint for trained ones)"
     batch = f"static batch {args.batch}" if args.batch else f"dynamic batch 1..{args.max_batch}"
     print(f"model: {model.arch}.{model.reduction_config.method} with {weights}")
-    difference = reduction_difference(args.checkpoint, model.reduction_config) if args.checkpoint else None
+    difference = reduction_difference(fine_tuned_settings(args.checkpoint) if args.checkpoint else None, args.checkpoint,
+                                      model.reduction_config)
     if difference:
         print(f"{PROG}: warning: {difference} (--method and the config overrides set it)", file=sys.stderr)
     attention = args.attention or default_attention(torch.device(args.device).type, args.dtype)

@@ -17,7 +17,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -32,7 +32,7 @@ from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
 from imagepiece.predict.preprocess import pixels_of
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
-from imagepiece.weights import fine_tuned_preset, fine_tuned_settings, reduction_difference
+from imagepiece.weights import fine_tuned_settings, reduction_difference
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,8 +82,16 @@ def requested_preprocessing(args) -> dict:
     return {key: value for key, value in given.items() if value is not None}
 
 
-def build_predictor(args, device):
-    """(predict function, preprocessing, head classes, fixed batch or None, description)."""
+class Predictor(NamedTuple):
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    preprocessing: dict
+    head_classes: int
+    fixed_batch: Optional[int]  # a static-batch artifact's batch
+    description: str
+    trained_classes: Optional[list]  # the class folders it was fine-tuned on, where its checkpoint or artifact says
+
+
+def build_predictor(args, device) -> Predictor:
     wanted = requested_preprocessing(args)
     if args.artifact is not None:
         metadata = read_metadata(args.artifact)
@@ -99,25 +107,22 @@ def build_predictor(args, device):
         args.batch = batch["max"] if fixed else min(args.batch, batch["max"])
         if metadata["input_format"] == "uint8_nhwc":  # it normalises itself: hand it the pixels timm's transform normalised
             mean, std = preprocessing["mean"], preprocessing["std"]
-            return (lambda images: runtime.run(pixels_of(images, mean, std))), preprocessing, metadata["num_classes"], fixed, \
-                f"ip_runtime {args.artifact.name}"
-        dtype = DTYPES[metadata["dtype"]]
-        return (lambda images: runtime.run(images.to(dtype))), preprocessing, metadata["num_classes"], fixed, f"ip_runtime {args.artifact.name}"
+            predict = lambda images: runtime.run(pixels_of(images, mean, std))  # noqa: E731
+        else:
+            dtype = DTYPES[metadata["dtype"]]
+            predict = lambda images: runtime.run(images.to(dtype))  # noqa: E731
+        return Predictor(predict, preprocessing, metadata["num_classes"], fixed, f"ip_runtime {args.artifact.name}",
+                         metadata.get("class_names"))
     options = {"num_classes": args.num_classes} if args.num_classes else {}
-    args.preset = args.preset or fine_tuned_preset(args.checkpoint) or "imagepiece"
+    fine_tuned = fine_tuned_settings(args.checkpoint) if args.checkpoint else None  # read once: a checkpoint is ~90 MB
+    args.preset = args.preset or (fine_tuned or {}).get("preset") or "imagepiece"
     model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), **PRESETS[args.preset], **options).to(device)
     preprocessing = {**preprocessing_config(model.pretrained_cfg), **wanted}
-    difference = reduction_difference(args.checkpoint, model.reduction_config) if args.checkpoint else None
+    difference = reduction_difference(fine_tuned, args.checkpoint, model.reduction_config)
     if difference:
         print(f"evaluate.py: warning: {difference}", file=sys.stderr)
-    return eager_predictor(model), preprocessing, model.num_classes, None, f"eager {args.arch} {args.preset}"
-
-
-def trained_classes(args) -> Optional[list]:
-    """The class folders the model was fine-tuned on, in label order, where its checkpoint or artifact records them."""
-    if args.artifact is not None:
-        return read_metadata(args.artifact).get("class_names")
-    return (fine_tuned_settings(args.checkpoint) or {}).get("classes") if args.checkpoint is not None else None
+    return Predictor(eager_predictor(model), preprocessing, model.num_classes, None, f"eager {args.arch} {args.preset}",
+                     (fine_tuned or {}).get("classes"))
 
 
 def check_trained_classes(trained: Optional[list], model: Path, dataset, root: Path) -> None:
@@ -138,9 +143,9 @@ def main(argv=None) -> int:
         if args.json:
             check_output_file(args.json)
         dataset = image_folder(args.data)
-        predict, preprocessing, head_classes, fixed_batch, description = build_predictor(args, device)
+        predict, preprocessing, head_classes, fixed_batch, description, trained = build_predictor(args, device)
         check_num_classes(dataset, head_classes, args.data)
-        check_trained_classes(trained_classes(args), args.artifact or args.checkpoint, dataset, args.data)
+        check_trained_classes(trained, args.artifact or args.checkpoint, dataset, args.data)
     except (ValueError, CheckpointError, DatasetError, ip_runtime.Error) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2

@@ -78,14 +78,15 @@ def resolve_recipe(args):
     if args.auto_augment is not None:
         overrides["auto_augment"] = None if args.auto_augment == "none" else args.auto_augment
     recipe = dataclasses.replace(recipe, **overrides)
+    scaled = ""
     if recipe.lr_base_batch and args.lr is None:
         recipe = dataclasses.replace(recipe, lr=recipe.lr * recipe.batch_size / recipe.lr_base_batch)
-        try:
-            check_recipe(recipe)
-        except ValueError as error:  # e.g. a small batch scales lr below min_lr: say where that lr came from
-            raise ValueError(f"{error} (lr {recipe.lr:.3g} is the recipe's {RECIPES[args.recipe].lr:g} x --batch-size "
-                             f"{recipe.batch_size} / {recipe.lr_base_batch}: pass --lr or --min-lr)") from None
-    check_recipe(recipe)
+        scaled = (f" (lr {recipe.lr:.3g} is the recipe's {RECIPES[args.recipe].lr:g} x --batch-size {recipe.batch_size} / "
+                  f"{recipe.lr_base_batch}: pass --lr or --min-lr)")
+    try:
+        check_recipe(recipe)
+    except ValueError as error:  # e.g. a small batch scaled lr below min_lr: say where that lr came from
+        raise ValueError(f"{error}{scaled}") from None
     if recipe.batch_size % 2 and (recipe.mixup > 0 or recipe.cutmix > 0):
         raise ValueError("mixup/cutmix need an even --batch-size")
     return recipe

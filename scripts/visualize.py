@@ -22,7 +22,7 @@ from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.files import check_output_file
 from imagepiece.pieces import piece_maps, render_pieces, save_png
-from imagepiece.weights import fine_tuned_preset, reduction_difference
+from imagepiece.weights import fine_tuned_settings, reduction_difference
 
 
 def load_image(path: Path, model) -> tuple:
@@ -86,10 +86,11 @@ def main(argv=None) -> int:
         check_output_file(args.out)
         if args.out.suffix.lower() != ".png":  # PNG bytes under another name would fool every viewer
             raise ValueError(f"--out {str(args.out)!r}: the picture is a PNG; name it *.png")
-        args.preset = args.preset or fine_tuned_preset(args.checkpoint) or "imagepiece"
+        fine_tuned = fine_tuned_settings(args.checkpoint) if args.checkpoint else None
+        args.preset = args.preset or (fine_tuned or {}).get("preset") or "imagepiece"
         model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes,
                              allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
-        difference = reduction_difference(args.checkpoint, model.reduction_config) if args.checkpoint else None
+        difference = reduction_difference(fine_tuned, args.checkpoint, model.reduction_config)
         if difference:
             print(f"visualize.py: warning: {difference}", file=sys.stderr)
         depth = len(model.blocks)

@@ -37,10 +37,11 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, device: to
     "img_per_s" leaves out the first call, which pays one-time costs (an artifact's first run took 1.4 s
     where later ones took 0.04 s), unless it was the only one; "top5" is top-min(5, classes) ("top_k").
     """
-    correct1 = correct5 = seen = calls = 0
+    correct1 = correct5 = seen = 0
+    top_k = 5
     unreadable = []
     model_seconds = 0.0
-    first_call = (0.0, 0)  # (seconds, images)
+    first_call = None  # (seconds, images)
     started = time.perf_counter()
     for images, targets, failed in loader:
         unreadable += failed
@@ -57,9 +58,8 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, device: to
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - begin
-        first_call = (elapsed, count) if calls == 0 else first_call
+        first_call = first_call or (elapsed, count)
         model_seconds += elapsed
-        calls += 1
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteLogits(f"the model's logits are not finite (NaN or infinite) on images {seen}..{seen + count - 1}: "
                                   "its weights have diverged or overflow at this precision, so no accuracy can be given")
@@ -71,12 +71,13 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, device: to
         seen += count
         if progress is not None:
             progress.update(count)
-    timed_seconds, timed_images = (model_seconds - first_call[0], seen - first_call[1]) if calls > 1 else (model_seconds, seen)
+    later_calls = first_call is not None and seen > first_call[1]
+    timed_seconds, timed_images = (model_seconds - first_call[0], seen - first_call[1]) if later_calls else (model_seconds, seen)
     return {
         "images": seen,
         "top1": 100.0 * correct1 / max(seen, 1),
         "top5": 100.0 * correct5 / max(seen, 1),
-        "top_k": top_k if calls else 5,
+        "top_k": top_k,
         "unreadable": [{"path": path, "error": error} for path, error in unreadable],
         "model_seconds": model_seconds,
         "total_seconds": time.perf_counter() - started,

@@ -154,19 +154,14 @@ def fine_tuned_settings(path: Union[str, Path]) -> Optional[dict]:
             "preset": preset, "reduction": reduction}
 
 
-def fine_tuned_preset(path: Optional[Union[str, Path]]) -> Optional[str]:
-    """The --preset scripts/finetune.py trained `path` with (None: no path, another checkpoint, or not recorded)."""
-    return (fine_tuned_settings(path) or {}).get("preset") if path is not None else None
-
-
 # What changes how a model reduces its tokens (its LCB is checked with the weights; depth and patches by the arch).
 _REDUCTION_KEYS = ("method", "p", "merge_ratio", "keep_rate", "prune_blocks", "tome_r", "prop_attn", "reevaluation")
 
 
-def reduction_difference(path: Union[str, Path], config: ReductionConfig) -> Optional[str]:
-    """For a checkpoint written by scripts/finetune.py: a sentence saying how `config` reduces tokens otherwise
-    than the fine-tune did (its weights learnt that reduction: another one scores otherwise), else None."""
-    saved = fine_tuned_settings(path)
+def reduction_difference(saved: Optional[dict], path: Union[str, Path], config: ReductionConfig) -> Optional[str]:
+    """For `saved`, the `fine_tuned_settings` of the checkpoint at `path`: a sentence saying how `config` reduces
+    tokens otherwise than the fine-tune did (its weights learnt that reduction: another one scores otherwise), else
+    None (also for None: no checkpoint, or not a fine-tune's)."""
     if saved is None:
         return None
     trained = saved["reduction"] or (ReductionConfig(**PRESETS[saved["preset"]]).to_dict() if saved["preset"] else None)

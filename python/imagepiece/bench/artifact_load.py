@@ -46,20 +46,21 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("artifact-load measures CPU artifacts (--device cpu)")
     if min(args.repeats, args.cycles, args.old_pt2_cycles) < 1:
         parser.error("--repeats, --cycles and --old-pt2-cycles must be >= 1")
-    models, found = {}, []
+    found = []
     for given, suffix in ((args.so, ".so"), (args.pt2, ".pt2")):
         if given is not None and (given.suffix != suffix or not given.is_file()):
             parser.error(f"--{suffix[1:]} must be an existing {suffix} file, got {str(given)!r}")
         if given is not None:
-            metadata = checked_metadata(parser, f"--{suffix[1:]}", given, args.device)
-            models[suffix] = (metadata["arch"], metadata["method"], metadata["batch"]["min"])
-            found.append(metadata)
-    if len(found) == 2 and (model_differences(*found) or found[0]["batch"] != found[1]["batch"]):
-        parser.error(f"--so and --pt2 hold different models ({', '.join(model_differences(*found) or ['batch'])}): "
-                     "the two load paths must load the same one to compare")
+            found.append(checked_metadata(parser, f"--{suffix[1:]}", given, args.device))
+    if len(found) == 2:
+        differing = model_differences(*found) or (["batch"] if found[0]["batch"] != found[1]["batch"] else [])
+        if differing:
+            parser.error(f"--so and --pt2 hold different models ({', '.join(differing)}): the two load paths must load the same "
+                         "one to compare")
     # One artifact given: the other is compiled for its model (the results are named after it); none: ImagePiece of --arch.
-    args.arch, args.preset, args.batch = next(iter(models.values()), (args.arch, "imagepiece", 1))
-    if len(models) < 2:
+    args.arch, args.preset, args.batch = ((found[0]["arch"], found[0]["method"], found[0]["batch"]["min"]) if found
+                                          else (args.arch, "imagepiece", 1))
+    if len(found) < 2:
         check_workdir(args.workdir, parser)
 
 

@@ -61,9 +61,10 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error(f"{option} must take {input_format} input (scripts/aot_compile.py --input-format uint8); "
                          f"{str(given)!r} takes {metadata['input_format']}")
         found[name] = metadata
-    if len(found) == 2 and model_differences(found["artifact"], found["uint8_artifact"]):
-        parser.error(f"--uint8-artifact holds another model than --artifact (they differ in "
-                     f"{', '.join(model_differences(found['artifact'], found['uint8_artifact']))}): it would not be its twin")
+    differing = model_differences(found["artifact"], found["uint8_artifact"]) if len(found) == 2 else []
+    if differing:
+        parser.error(f"--uint8-artifact holds another model than --artifact (they differ in {', '.join(differing)}): "
+                     "it would not be its twin")
     if "artifact" in found:  # the results are named after the model measured, not --arch's default
         name_after_artifact(args, found["artifact"])
 
