@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <utility>
 
 #include "imagepiece/runtime.h"
@@ -62,7 +64,14 @@ SealedFile SealedFile::slice_of(const SealedFile& other, uint64_t offset, uint64
 }
 
 void SealedFile::seal_and_map() {
-  if (::fcntl(fd_, F_ADD_SEALS, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) != 0) io_error("could not seal the private copy");
+  // The kernel refuses F_SEAL_WRITE (EBUSY) while it still holds extra references to freshly written pages (seen
+  // once in CI on a busy 2-core machine); transient, so waited out (~1 s at most), as private_copy.py does.
+  constexpr int kSealAttempts = 12;
+  for (int attempt = 1;; ++attempt) {
+    if (::fcntl(fd_, F_ADD_SEALS, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) == 0) break;
+    if (errno != EBUSY || attempt == kSealAttempts) io_error("could not seal the private copy");
+    std::this_thread::sleep_for(std::chrono::milliseconds(15 * attempt));
+  }
   if (size_ == 0) return;
   void* mapped = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd_, 0);
   if (mapped == MAP_FAILED) io_error("could not map the private copy");

@@ -14,14 +14,30 @@ the same for the C++ runtime.
 from __future__ import annotations
 
 import _ctypes
+import errno
 import fcntl
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Dict
 
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+# The kernel refuses F_SEAL_WRITE (EBUSY) while it still holds extra references to freshly written pages; seen
+# once in CI, sealing a compiled library on a busy 2-core machine. Transient: waited out, ~1 s at most.
+_SEAL_ATTEMPTS = 12
 _CHUNK = 1 << 30
+
+
+def _seal(fd: int) -> None:
+    for attempt in range(1, _SEAL_ATTEMPTS + 1):
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            return
+        except OSError as error:
+            if error.errno != errno.EBUSY or attempt == _SEAL_ATTEMPTS:
+                raise
+            time.sleep(0.015 * attempt)
 
 
 class SealedFile:
@@ -37,7 +53,7 @@ class SealedFile:
         copy = cls(name)
         try:
             fill(copy)
-            fcntl.fcntl(copy.fd, fcntl.F_ADD_SEALS, _SEALS)
+            _seal(copy.fd)
         except BaseException:
             copy.close()
             raise
