@@ -6,7 +6,9 @@
 # Values already set by the caller win. Sets IMAGEPIECE_CUDA_INCLUDE_DIRS (maybe empty).
 include_guard(GLOBAL)
 
-if(NOT IMAGEPIECE_PYTHON_EXECUTABLE)
+# Only to find torch: with Torch_DIR known (an installed package's config sets it), no Python is looked up, and
+# none of FindPython's variables land in the caller's project.
+if(NOT IMAGEPIECE_PYTHON_EXECUTABLE AND NOT Torch_DIR)
   find_package(Python QUIET COMPONENTS Interpreter)
   set(IMAGEPIECE_PYTHON_EXECUTABLE "${Python_EXECUTABLE}")
 endif()

@@ -150,6 +150,19 @@ def keep_log_up_to(log: Path, step: int) -> None:
         atomic_write_text(log, "".join(kept))
 
 
+def logged_step_losses(log: Path, epoch: int) -> list:
+    """The losses `log` holds for the steps of `epoch` (a resumed run's epoch began in an earlier run)."""
+    if not log.exists():
+        return []
+    records = []
+    for line in log.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r["loss"] for r in records if isinstance(r, dict) and "loss" in r and r.get("epoch") == epoch]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     seed_everything(args.seed)
@@ -232,6 +245,8 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
     """The epochs left, from where `trainer` stands; checkpoints as it goes, the best one by val top-1."""
     last, best = args.output / "last.pth", args.output / "best.pth"
     reported = set()
+    # Steps an interrupted run took in the epoch this one resumes: its train_loss is the whole epoch's mean.
+    earlier_losses = logged_step_losses(log, trainer.epoch) if trainer.step_in_epoch else []
     while trainer.epoch < recipe.epochs:
         order = epoch_order(len(train_set), args.seed, trainer.epoch)[trainer.step_in_epoch * recipe.batch_size:]
         # Its own generator: creating a loader must not draw from the global RNG that augmentation
@@ -265,8 +280,9 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
             run["best_accuracy"] = top1
             save_checkpoint(best, {"model": trainer.model.state_dict(), **extra(), "epoch": trainer.epoch})
         save_checkpoint(last, trainer.state(extra()))
-        # The mean of the steps this run took in the epoch (None: resumed at its very end, the losses went with the last run).
-        log_line(log, {"epoch": trainer.epoch, "step": trainer.global_step, "train_loss": sum(losses) / len(losses) if losses else None,
+        epoch_losses, earlier_losses = earlier_losses + losses, []
+        log_line(log, {"epoch": trainer.epoch, "step": trainer.global_step,
+                       "train_loss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,
                        "val_top1": top1, "best_top1": run["best_accuracy"]})
     print(f"done: best val top-1 {run['best_accuracy']:.2f}% -> {best}")
 

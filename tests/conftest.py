@@ -27,3 +27,11 @@ def compiled(tmp_path_factory):
     artifacts = CompiledArtifacts(tmp_path_factory.mktemp("artifacts"))
     yield artifacts
     artifacts.close()
+
+
+@pytest.fixture(scope="session")
+def classify_app(tmp_path_factory):
+    """cpp/examples/classify, built against the installed package."""
+    from cmake_projects import build_against_installed_package
+
+    return build_against_installed_package("cpp/examples", tmp_path_factory.mktemp("classify-build"), "classify")

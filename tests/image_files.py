@@ -105,8 +105,8 @@ def write_bad_images(root: Path) -> Dict[str, str]:
         "corrupt.png": (corrupt_png(), "corrupt"),
         "empty.jpg": (b"", "empty file"),
         "not_an_image.png": (b"these are words, not pixels\n" * 20, "not an image"),
-        # PostScript: Pillow would run Ghostscript on it; only raster formats are opened.
-        "drawing.eps": (POSTSCRIPT, "not an image"),
+        # PostScript named as a photo (a folder walk lists no .eps): Pillow would run Ghostscript on it; only raster formats are opened.
+        "drawing_eps.jpg": (POSTSCRIPT, "not an image"),
         "bomb.png": (huge_png(HUGE, HUGE), "refused before decoding"),
         "bomb.jpg": (huge_jpeg(HUGE, HUGE), "refused before decoding"),
         # Over predict's default limit (89.5 Mpx) but under Pillow's own hard one: our check's message.

@@ -1,6 +1,8 @@
 """scripts/finetune.py, evaluate.py and visualize.py on tiny synthetic data (no ImageNet here)."""
 import json
+import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -63,6 +65,18 @@ def test_resumed_training_continues_exactly_where_it_stopped(dataset, finetuned,
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_a_resumed_epoch_logs_the_mean_loss_of_all_its_steps(dataset, tmp_path):
+    # 4 steps per epoch: the first run stops after step 6, in the second epoch; the resumed one ends that epoch.
+    assert run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "6", *TRAIN).returncode == 0
+    resumed = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "9", *TRAIN)
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    second_epoch = [r["loss"] for r in records if "loss" in r and r["epoch"] == 1]
+    summary = [r for r in records if "train_loss" in r and r["step"] == 8]
+    assert len(second_epoch) == 4 and len(summary) == 1, records
+    assert summary[0]["train_loss"] == pytest.approx(sum(second_epoch) / 4)
+
+
 def test_rerunning_a_finished_max_steps_run_trains_nothing(dataset, finetuned, tmp_path, capsys):
     run, _ = finetuned  # stopped at --max-steps 8
     before = torch.load(run / "last.pth")["global_step"]
@@ -85,6 +99,13 @@ def artifact(finetuned, tmp_path_factory):
     return folder / "ti 4class.so"
 
 
+def test_the_cpp_example_shows_as_many_classes_as_a_small_head_has(artifact, classify_app):
+    result = subprocess.run([str(classify_app), str(artifact), "--repeats", "1"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    shown = [re.findall(r" (\d+) \(", line) for line in result.stdout.splitlines() if line.startswith("image ")]
+    assert len(shown) == 4 and all(sorted(classes) == ["0", "1", "2", "3"] for classes in shown), result.stdout
+
+
 def test_predict_names_a_fine_tuned_heads_classes_after_its_class_folders(dataset, artifact, tmp_path, capsys):
     from imagepiece.artifact import read_metadata
     from imagepiece.predict.cli import main as predict
@@ -94,11 +115,12 @@ def test_predict_names_a_fine_tuned_heads_classes_after_its_class_folders(datase
     assert read_metadata(artifact)["class_names"] == ["class_000", "class_001", "class_002", "class_003"]
     assert ip_runtime.Runtime(str(artifact)).info["metadata"]["class_names"] == read_metadata(artifact)["class_names"]  # Ray, serve
     images = sorted((dataset / "val" / "class_002").iterdir())[:2]
+    # No --topk: the default 5 becomes the head's 4 classes (it once refused the run: "--topk 5 is more than ...").
     assert predict(["--artifact", str(artifact), "--input", str(images[0].parent), "--output", str(tmp_path / "p.csv"),
-                    "--topk", "2", "--no-progress"]) == 0
+                    "--no-progress"]) == 0
     assert "no --labels" not in capsys.readouterr().err
     rows = read_rows(tmp_path / "p.csv")
-    assert rows and all(row.labels == [f"class_{index:03d}" for index in row.classes] for row in rows)
+    assert rows and all(row.labels == [f"class_{index:03d}" for index in row.classes] and len(row.classes) == 4 for row in rows)
     (tmp_path / "labels.txt").write_text("a\nb\nc\nd\n")  # --labels still wins
     assert predict(["--artifact", str(artifact), "--input", str(images[0]), "--output", str(tmp_path / "q.csv"), "--topk", "1",
                     "--labels", str(tmp_path / "labels.txt"), "--no-progress"]) == 0

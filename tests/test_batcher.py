@@ -108,6 +108,18 @@ def test_non_dense_images_are_refused_with_a_code(dynamic, pool, layout):
     assert refused.value.code == "invalid_output"
 
 
+def test_lazily_negated_views_are_refused_not_read_as_their_memory(dynamic, pool):
+    images, _ = pool
+    negated = torch._neg_view(-images[:1])  # equals images[:1], but its memory holds -images[:1]
+    assert negated.is_neg() and negated.is_contiguous()
+    with pytest.raises(ip_runtime.Error, match="lazily negated view; call .resolve_neg") as refused:
+        dynamic.run(negated)
+    assert refused.value.code == "invalid_type"
+    with pytest.raises(ip_runtime.Error, match="logits must not be a lazily negated view") as refused:
+        dynamic.run(images[:1], torch._neg_view(torch.zeros(1, 1000)))
+    assert refused.value.code == "invalid_output"
+
+
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 def test_nested_tensors_are_refused_and_odd_size_one_strides_run(dynamic, pool):
     images, alone = pool
@@ -195,6 +207,20 @@ def test_shutdown_completes_or_cancels_every_pending_request(dynamic, pool, drai
         batcher.submit(images[0])
     assert refused.value.code == "cancelled"
     close_within(batcher, drain=True)  # a second close is harmless
+
+
+def test_expedite_runs_what_waits_at_once_and_later_requests_as_they_come(dynamic, pool):
+    images, alone = pool
+    batcher = ip_runtime.Batcher(dynamic, max_batch=64, max_delay_ms=LONG_DELAY_MS)
+    waiting = [batcher.submit(images[i]) for i in range(2)]
+    time.sleep(0.2)
+    assert not any(future.done() for future in waiting), "a batch of 2 waits for 64 or the 10 s delay"
+    batcher.expedite()  # a server's shutdown began: requests still uploading are yet to come
+    later = batcher.submit(images[2])
+    for i, future in enumerate([*waiting, later]):
+        torch.testing.assert_close(future.result(timeout=LONG_DELAY_MS / 1000 / 2), alone[i], rtol=0, atol=1e-5)
+    assert batcher.stats["completed"] == 3 and batcher.options["max_delay_ms"] == LONG_DELAY_MS
+    close_within(batcher, drain=True)
 
 
 def test_an_image_buffer_reused_after_submit_does_not_change_the_queued_request(dynamic, pool):

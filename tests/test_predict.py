@@ -213,6 +213,23 @@ def test_odd_names_loops_byte_order_marks_and_unlisted_folders(folder, tmp_path,
     globbed = [item.path for item in list_inputs(str(photos / "**" / "*.jpg"))]
     assert globbed == [item.path for item in walked]
 
+    # Hidden names: a wildcard matches none (macOS's ._a.jpg, a .thumbs folder), a fixed part of the pattern may be one.
+    cache = tmp_path / ".cache" / "photos"
+    (cache / ".thumbs").mkdir(parents=True)
+    for name in ("a.jpg", "._a.jpg", ".thumbs/t.jpg"):
+        shutil.copy(root / "rgb_0.jpg", cache / name)
+    assert [item.path for item in list_inputs(str(cache / "**" / "*.jpg"))] == [str(cache / "a.jpg")]
+    assert [item.path for item in list_inputs(str(cache / "**" / ".thumbs" / "*.jpg"))] == [str(cache / ".thumbs" / "t.jpg")]
+    # A folder walk lists only the formats the decoder opens: a .pdf, .psd or .eps beside the photos is no row.
+    for name in ("doc.pdf", "layers.psd", "figure.eps"):
+        (photos / "sub" / name).write_bytes(b"%PDF-1.4")
+    assert [item.path for item in list_inputs(str(photos))] == [item.path for item in walked]
+
+    # ls *.jpg > files.csv: no header line, and its first path would silently become the column's name.
+    (tmp_path / "headerless.csv").write_text("photos/sub/a.jpg\nphotos/sub/b.jpg\n")
+    with pytest.raises(ValueError, match="looks like a list of paths without a header line: its first line, 'photos/sub/a.jpg'"):
+        list_inputs(str(tmp_path / "headerless.csv"))
+
     # Excel's "CSV UTF-8" and some editors start a file with a byte order mark.
     (tmp_path / "bom.csv").write_text("path,label\nphotos/sub/a.jpg,cat\n", encoding="utf-8-sig")
     (tmp_path / "bom.txt").write_text("photos/sub/a.jpg\n", encoding="utf-8-sig")
@@ -263,6 +280,12 @@ def test_deep_trees_trailing_globstars_odd_table_columns_and_labels_with_a_bom(f
 
     pq.write_table(pa.table({"path": pa.array([os.fsencode(str(root / "rgb_0.jpg"))])}), tmp_path / "binary.parquet")
     assert [item.location for item in list_inputs(str(tmp_path / "binary.parquet"))] == [str(root / "rgb_0.jpg")]
+    # A binary cell that is not UTF-8 (a Linux file name): its row spells the byte, as a folder walk's does (the
+    # bare surrogate once stopped every writer, and the run).
+    pq.write_table(pa.table({"path": pa.array([b"caf\xe9.jpg"])}), tmp_path / "latin.parquet")
+    [odd] = list_inputs(str(tmp_path / "latin.parquet"))
+    assert (odd.path, odd.location) == ("caf\\xe9.jpg", str(tmp_path / os.fsdecode(b"caf\xe9.jpg")))
+    write_rows(tmp_path / "odd.jsonl", [Row(odd.path, error="x")])
     pq.write_table(pa.table({"path": pa.array([[1], [2]])}), tmp_path / "lists.parquet")
     with pytest.raises(ValueError, match="holds list values, not text"):
         list_inputs(str(tmp_path / "lists.parquet"))
@@ -300,6 +323,32 @@ def test_resume_swaps_in_the_merged_journal_whole(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ResumableOutput(output, resume=True)
     assert journal.path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [journal.path.name]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_resume_streams_the_latest_row_of_each_path_and_never_piles_up_duplicates(tmp_path, monkeypatch, suffix):
+    from imagepiece.predict import writers
+
+    monkeypatch.setattr(writers, "PARQUET_ROWS_PER_GROUP", 2)  # several row groups to write and read back
+    output = tmp_path / f"p{suffix}"
+    write_rows(output, [Row("gone.jpg", [1], ["b"], [0.5]), Row("a.jpg", error="truncated"), Row("b.jpg", [2], ["c"], [0.25])])
+    for attempt in range(3):  # three interrupted resumes, each retrying a.jpg in vain
+        run = ResumableOutput(output, resume=True, topk=1)
+        assert run.done("b.jpg") and not run.done("a.jpg") and not run.done("c.jpg")
+        run.add([Row("a.jpg", error=f"still truncated {attempt}")])
+        run.journal.close()
+    assert len(run.journal.read()) == 4, "the 3 earlier rows and the newest retry, not one more per interruption"
+    run = ResumableOutput(output, resume=True, topk=1)
+    assert run.earlier_paths == ["gone.jpg", "b.jpg", "a.jpg"]
+    run.add([Row("a.jpg", [0], ["a"], [0.75]), Row("c.jpg", [3], ["d"], [0.125])])
+    run.finish(["c.jpg", "a.jpg", "b.jpg"])
+    assert read_rows(output) == [Row("c.jpg", [3], ["d"], [0.125]), Row("a.jpg", [0], ["a"], [0.75]),
+                                 Row("b.jpg", [2], ["c"], [0.25]), Row("gone.jpg", [1], ["b"], [0.5])]
+    assert not run.journal.path.exists()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        assert pq.ParquetFile(output).num_row_groups == 2
 
 
 def test_fifos_and_strips_are_error_rows_not_hangs_or_gigabytes(tmp_path):
@@ -375,7 +424,7 @@ def test_postscript_never_reaches_ghostscript(monkeypatch):
 
     interpreted = []
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: interpreted.append(args))
-    with pytest.raises(ImageError, match="not an image .* accepted: JPEG, PNG"):
+    with pytest.raises(ImageError, match="not an image in an accepted format .no decoder of JPEG, PNG"):
         decode_rgb_bytes(POSTSCRIPT)
     assert interpreted == []
 
@@ -423,6 +472,16 @@ def open_files():
         except OSError:  # closed since the listing (the listing's own descriptor)
             pass
     return paths
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a file every write to fails with ENOSPC")
+def test_a_journal_closed_after_a_full_disk_does_not_fail_a_second_time():
+    # The run's handler closes the journal to say where the predictions are: flushing the same buffer failed again,
+    # and the user saw a bare "[Errno 28]" instead of how to resume.
+    journal = Journal(Path("/dev/full"))
+    with pytest.raises(OSError, match="No space left"):
+        journal.append([Row("a.jpg", error="x")])
+    journal.close(after_failure=True)
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files through /proc (Linux)")
@@ -483,7 +542,7 @@ def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_f
     assert run_predict(compiled, listing, output, "--resume") == 0
     after = {r.path: r for r in read_rows(output)}
     assert after["empty.jpg"].ok and after["empty.jpg"].classes == after[first].classes
-    assert after["not_an_image.png"].error.startswith("not an image (no decoder recognises the file's format; accepted: JPEG, PNG")
+    assert after["not_an_image.png"].error.startswith("not an image in an accepted format (no decoder of JPEG, PNG")
     (here / "empty.jpg").write_bytes(b"")
 
     # Rows of another --topk would leave a file whose rows disagree; paths spelled differently match nothing.

@@ -381,19 +381,6 @@ def assert_threads_reproduce(runtime, inputs, expected, calls):
     assert failures == [] and mismatches == []
 
 
-@pytest.fixture(scope="module")
-def classify_app(tmp_path_factory):
-    """cpp/examples built as a separate CMake project against the installed package."""
-    build = tmp_path_factory.mktemp("classify-build")
-    env = dict(os.environ, PATH=f"{Path(os.sys.executable).parent}:{os.environ['PATH']}")
-    configure = subprocess.run(["cmake", "-S", str(ROOT / "cpp" / "examples"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                                f"-DCMAKE_PREFIX_PATH={ip_runtime.cmake_prefix_path}"], capture_output=True, text=True, env=env)
-    assert configure.returncode == 0, configure.stdout + configure.stderr
-    built = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True, env=env)
-    assert built.returncode == 0, built.stdout + built.stderr
-    return build / "classify"
-
-
 def test_cpp_example_top5_equals_python(compiled, classify_app, tmp_path):
     path = compiled.path("ti_imagepiece_dynamic")
     images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
@@ -407,6 +394,15 @@ def test_cpp_example_top5_equals_python(compiled, classify_app, tmp_path):
     assert re.search(r"latency: p50 [\d.]+ ms over 3 runs, batch 3 -> [\d.]+ img/s", result.stdout)
 
 
+@pytest.mark.skipif(not Path("/lib64/ld-linux-x86-64.so.2").exists(), reason="x86-64 glibc loader")
+def test_cpp_example_starts_without_the_loader_cache(compiled, classify_app):
+    # As on a machine with the torch wheel and no CUDA toolkit in ld.so.conf: every library the app and
+    # libimagepiece_runtime need (libcudart with a CUDA wheel) is found through their own search paths.
+    result = subprocess.run(["/lib64/ld-linux-x86-64.so.2", "--inhibit-cache", str(classify_app),
+                             str(compiled.path("ti_imagepiece")), "--repeats", "1"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_cpp_example_reports_errors_with_their_code(classify_app, compiled, tmp_path):
     result = subprocess.run([str(classify_app), str(tmp_path / "missing.so")], capture_output=True, text=True)
     assert result.returncode == 1 and "error [file_not_found]" in result.stderr
@@ -417,6 +413,14 @@ def test_cpp_example_reports_errors_with_their_code(classify_app, compiled, tmp_
     for flag, value in (("--repeats", "0"), ("--batch", "abc")):
         result = subprocess.run([str(classify_app), str(compiled.path("ti_imagepiece")), flag, value], capture_output=True, text=True)
         assert result.returncode == 2 and f"{flag} needs a whole number >= 1, got '{value}'" in result.stderr
+    for args, message in ((["--input", str(tmp_path)], f"--input {tmp_path} is not a file"),
+                          (["--input", str(tmp_path / "short.f32"), "--batch", "2"], "with --input the file's size sets it")):
+        result = subprocess.run([str(classify_app), str(compiled.path("ti_imagepiece")), *args], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    # Refused before the batch is made: 10^12 images would be 600 TB.
+    result = subprocess.run([str(classify_app), str(compiled.path("ti_imagepiece_dynamic")), "--batch", str(10**12)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and f"error [invalid_batch]: a batch of {10**12} images; the artifact runs 1..64" in result.stderr
 
 
 def test_cpp_example_feeds_a_uint8_artifact_pixels(classify_app, compiled, tmp_path):

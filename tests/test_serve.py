@@ -157,6 +157,7 @@ def test_classify_answers_top_k_from_multipart_and_raw_uploads(served):
     (lambda c: c.post("/v1/classify", files={"file": (None, b"some text")}), 400, "no_file", "holds text, not a file upload"),
     (lambda c: c.post("/v1/classify?topk=0", content=b"x"), 400, "bad_topk", "topk"),
     (lambda c: c.post("/v1/classify?topk=%C2%B2", content=b"x"), 400, "bad_topk", "topk"),  # "²".isdigit(), not int()
+    (lambda c: c.post("/v1/classify?topk=" + "9" * 5000, content=b"x"), 400, "bad_topk", "topk"),  # past int()'s 4300 digits: a 500
     (lambda c: c.get("/v1/classify"), 405, "method_not_allowed", "Method Not Allowed"),
     (lambda c: c.get("/v2/classify"), 404, "not_found", "Not Found"),
     # No redirect to the path without the slash (its Location would come from the client's Host header).
@@ -283,12 +284,15 @@ def test_an_upload_over_the_limit_gets_413_and_its_connection_closed(served):
     assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower() and answer.count(b"HTTP/1.1") == 1
 
 
-def test_shutdown_runs_queued_images_at_once_and_cancelled_requests_get_503(artifact):
-    """At shutdown the batcher drains at once (a request waiting for its batch to fill is answered, not left to wait
-    out the delay and the grace period), and a request still open when the grace period ends gets a JSON 503."""
-    config = ServeConfig(artifact=artifact, max_batch=64, max_delay_ms=10_000, decode_threads=1, warmup=False)
+def test_shutdown_answers_queued_and_decoding_requests_at_once_and_cancelled_ones_get_503(artifact):
+    """At shutdown no image waits for its batch to fill any more (a queued request is answered, not left to wait out
+    the delay and the grace period); a request still decoding then is answered when its decode ends within the grace
+    period (it was once refused: the batcher closed as the shutdown began); one still open at its end gets a JSON 503."""
+    config = ServeConfig(artifact=artifact, max_batch=64, max_delay_ms=10_000, decode_threads=2, warmup=False)
     service = ClassificationService(config)
+    late_image = jpeg_bytes(seed=11)
     decoder = HeldDecoder(service, holds=lambda data: data == b"block")
+    late_decoder = HeldDecoder(service, holds=lambda data: data == late_image)
     server = ServerThread(create_app(config, service), timeout_graceful_shutdown=2)
     with server as client:
         queued_thread, queued = post_in_background(client, jpeg_bytes(seed=8))
@@ -297,15 +301,19 @@ def test_shutdown_runs_queued_images_at_once_and_cancelled_requests_get_503(arti
             assert time.monotonic() < deadline, "the first request never reached the queue"
             time.sleep(0.005)
         stuck_thread, stuck = post_in_background(client, b"block")
-        assert decoder.decoding.wait(TIMEOUT), "the second request never reached the decoder"
+        late_thread, late = post_in_background(client, late_image)
+        assert decoder.decoding.wait(TIMEOUT) and late_decoder.decoding.wait(TIMEOUT), "a request never reached the decoder"
         started = time.monotonic()
         server.server.should_exit = True
-        for thread in (queued_thread, stuck_thread):
+        queued_thread.join(TIMEOUT)
+        late_decoder.release.set()  # its decode ends within the grace period, after the shutdown began
+        for thread in (late_thread, stuck_thread):
             thread.join(TIMEOUT)
         waited = time.monotonic() - started
         decoder.release.set()
-    queued, stuck = queued["response"], stuck["response"]
+    queued, late, stuck = queued["response"], late["response"], stuck["response"]
     assert queued.status_code == 200, queued.text
+    assert late.status_code == 200, late.text
     assert stuck.status_code == 503 and stuck.json()["error"]["code"] == "shutting_down"
     assert stuck.headers["retry-after"] == "1" and waited < 9  # not the 10 s delay
 
@@ -334,6 +342,9 @@ def test_an_upload_whose_client_hangs_up_before_its_decode_is_never_decoded(arti
     errors = {tuple(sample.labels.items()): sample.value for family in text_string_to_metric_families(metrics)
               for sample in family.samples if sample.name == "imagepiece_http_errors_total"}
     assert errors[(("code", "client_disconnected"),)] == 1
+    statuses = {sample.labels["status"]: sample.value for family in text_string_to_metric_families(metrics)
+                for sample in family.samples if sample.name == "imagepiece_http_requests_total"}
+    assert statuses.get("499") == 1 and "400" not in statuses, statuses  # never answered: not a 400
 
 
 def test_a_pixel_limit_below_the_warm_up_picture_still_serves(artifact):
@@ -362,7 +373,58 @@ def test_headers_that_trickle_past_the_read_timeout_get_408_and_the_connection_c
             time.sleep(0.7)
 
 
+def test_uvicorns_own_answers_are_json_errors_too(artifact):
+    """Malformed HTTP and a request over --max-connections: uvicorn answers these itself, in plain text (and its 503
+    without Retry-After) unless the protocol says otherwise."""
+    config = ServeConfig(artifact=artifact, decode_threads=1, warmup=False)
+    with ServerThread(create_app(config, ClassificationService(config)), limit_concurrency=2) as client:
+        malformed = raw_exchange(client, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        assert malformed.startswith(b"HTTP/1.1 400") and b'"code": "bad_request"' in malformed, malformed
+        with socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT):  # one idle connection
+            time.sleep(0.2)
+            over = client.get("/healthz", headers={"Connection": "close"})
+        assert over.status_code == 503 and over.headers["retry-after"] == "1", over.text
+        assert over.json()["error"]["code"] == "overloaded"
+        deadline = time.monotonic() + TIMEOUT
+        while client.get("/healthz").status_code != 200:  # once the server has seen the idle connection go
+            assert time.monotonic() < deadline, "still over the limit with one connection"
+            time.sleep(0.05)
+
+
+def test_uploads_in_progress_hold_a_bounded_total_and_none_outlasts_the_upload_timeout(artifact):
+    config = ServeConfig(artifact=artifact, decode_threads=1, warmup=False, max_buffered_bytes=1_500_000, upload_timeout_s=1.0)
+    with ServerThread(create_app(config, ClassificationService(config))) as client:
+        host, port = client.base_url.host, client.base_url.port
+        with socket.create_connection((host, port), timeout=TIMEOUT) as holding:  # 900 kB of a 1 MB upload, then silence
+            holding.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 900_000)
+            time.sleep(0.3)
+            refused = client.post("/v1/classify", content=b"y" * 700_000)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+            assert "uploads in progress already hold" in refused.json()["error"]["message"]
+            # Steady enough for --min-upload-rate, but past the whole-upload deadline: 408 within about a second.
+            answer, started = b"", time.monotonic()
+            with socket.create_connection((host, port), timeout=TIMEOUT) as steady:
+                steady.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+                try:
+                    for _ in range(50):
+                        steady.sendall(b"z" * 2_000)
+                        time.sleep(0.1)
+                except OSError:  # the server answered and closed while the rest was still being sent
+                    pass
+                while chunk := steady.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408") and b"took longer than 1 s" in answer, answer
+            assert time.monotonic() - started < 4
+        deadline = time.monotonic() + TIMEOUT
+        while (accepted := client.post("/v1/classify", content=b"y" * 700_000)).status_code == 503:  # the budget is back
+            assert time.monotonic() < deadline, accepted.text
+            time.sleep(0.05)
+        assert accepted.status_code == 422, accepted.text  # taken and decoded: not an image
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--max-buffered-mb", "10"], "--max-buffered-mb 10 is below --max-upload-mb 20"),
+    (["--upload-timeout", "0"], "--upload-timeout must be a finite number of seconds > 0"),
     (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number > 0, got inf"),
     (["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number > 0, got nan"),
     (["--max-upload-mb", "0"], "--max-upload-mb must be a finite number > 0, got 0.0"),

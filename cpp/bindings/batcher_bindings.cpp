@@ -123,6 +123,11 @@ class PyBatcher {
     return pending->future;
   }
 
+  void expedite() {
+    py::gil_scoped_release release;
+    batcher_->expedite();
+  }
+
   void close(bool drain) {
     py::gil_scoped_release release;
     batcher_->shutdown(drain);
@@ -209,6 +214,9 @@ void bind_batcher(py::module_& m) {
            "Queue one image (a batch's row: torch.Tensor or numpy.ndarray, copied at once: its buffer may be reused); returns a concurrent.futures.Future "
            "of its logits row (numpy for numpy), already running: cancel() returns False (close(drain=False) cancels what is "
            "queued). Raises ip_runtime.Error: the input's code, `overloaded` (queue full) or `cancelled` (closed).")
+      .def("expedite", &PyBatcher::expedite,
+           "From now on no request waits for its batch to fill (max_delay 0): what is queued runs at once, later requests as "
+           "they arrive; still accepting (a server's graceful shutdown, while uploads are still arriving).")
       .def(
           "close", [](PyBatcher& self, const py::object& drain) { self.close(bool_argument("drain", drain)); }, py::arg("drain") = true,
           "Stop accepting; drain=True runs what is queued, drain=False cancels it (`cancelled`); waits for the workers.")

@@ -4,15 +4,18 @@
 //
 // --input is raw float32 NCHW data, already preprocessed (B is the file size over 3*224*224*4), or for
 // an artifact compiled with --input-format uint8, raw uint8 NHWC RGB pixels (B = size over 224*224*3);
-// without it the batch is synthetic (seeded noise), so the app runs with nothing but the artifact.
-// Exit status 1 on any imagepiece::Error, with its code and message on stderr; 2 on bad arguments.
+// without it the batch is synthetic (seeded noise, --batch images), so the app runs with nothing but the artifact.
+// Exit status 2 on bad arguments; 1 on any other failure (an imagepiece::Error with its code), message on stderr.
 #include <imagepiece/runtime.h>
 
 #include <ATen/ATen.h>
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -56,7 +59,16 @@ Arguments parse(int argc, char** argv) {
     else args.artifact = flag;
   }
   if (args.artifact.empty()) throw std::invalid_argument("usage: classify ARTIFACT [--input images.f32] [--batch N] [--device cpu|cuda] [--repeats N] [--cuda-graphs]");
+  if (!args.input.empty() && args.batch) throw std::invalid_argument("--batch sets the synthetic batch; with --input the file's size sets it");
   return args;
+}
+
+// Before anything is allocated for them: a batch the artifact would refuse can be huge.
+void check_batch(int64_t batch, const imagepiece::ModelInfo& info) {
+  if (batch < info.batch_min || batch > info.batch_max) {
+    throw imagepiece::Error(imagepiece::ErrorCode::kInvalidBatch, "a batch of " + std::to_string(batch) + " images; the artifact runs " +
+                            std::to_string(info.batch_min) + ".." + std::to_string(info.batch_max));
+  }
 }
 
 at::Tensor load_images(const Arguments& args, const imagepiece::ModelInfo& info) {
@@ -65,10 +77,13 @@ at::Tensor load_images(const Arguments& args, const imagepiece::ModelInfo& info)
   auto shape = [&](int64_t batch) { return pixels ? std::vector<int64_t>{batch, height, width, channels} : std::vector<int64_t>{batch, channels, height, width}; };
   if (args.input.empty()) {
     const int64_t batch = args.batch ? args.batch : info.batch_min;
+    check_batch(batch, info);
     at::manual_seed(0);
     return pixels ? at::randint(0, 256, shape(batch), at::kByte) : at::randn(shape(batch));
   }
   const int64_t per_image = channels * height * width * (pixels ? 1 : 4);
+  std::error_code error;
+  if (!std::filesystem::is_regular_file(args.input, error)) throw std::invalid_argument("--input " + args.input + " is not a file");
   std::ifstream file(args.input, std::ios::binary | std::ios::ate);
   if (!file) throw std::invalid_argument("cannot open input file " + args.input);
   const auto bytes = static_cast<int64_t>(file.tellg());
@@ -76,6 +91,7 @@ at::Tensor load_images(const Arguments& args, const imagepiece::ModelInfo& info)
     throw std::invalid_argument(args.input + " holds " + std::to_string(bytes) + " bytes, not a whole number of " +
                                 (pixels ? "uint8 [H, W, 3] images" : "float32 [3, H, W] images") + " of " + std::to_string(per_image) + " bytes");
   }
+  check_batch(bytes / per_image, info);
   auto images = at::empty(shape(bytes / per_image), pixels ? at::kByte : at::kFloat);
   file.seekg(0);
   file.read(static_cast<char*>(images.data_ptr()), bytes);
@@ -99,11 +115,12 @@ int main(int argc, char** argv) {
     if (info.dtype == "fp16") images = images.to(at::kHalf);  // (a uint8 artifact's dtype is "uint8": left as it is)
     if (info.dtype == "bf16") images = images.to(at::kBFloat16);
     at::Tensor logits = runtime.run(images).to(at::kCPU, at::kFloat);
-    auto top = logits.topk(5, /*dim=*/1);
+    const int64_t shown = std::min<int64_t>(5, logits.size(1));  // a fine-tuned head may have fewer classes
+    auto top = logits.topk(shown, /*dim=*/1);
     auto values = std::get<0>(top), classes = std::get<1>(top);
     for (int64_t i = 0; i < logits.size(0); ++i) {
       std::printf("image %lld:", static_cast<long long>(i));
-      for (int64_t k = 0; k < 5; ++k) {
+      for (int64_t k = 0; k < shown; ++k) {
         std::printf(" %lld (%.4f)", static_cast<long long>(classes[i][k].item<int64_t>()), values[i][k].item<float>());
       }
       std::printf("\n");
@@ -125,8 +142,14 @@ int main(int argc, char** argv) {
   } catch (const imagepiece::Error& error) {
     std::cerr << "classify: error [" << imagepiece::error_code_name(error.code()) << "]: " << error.what() << "\n";
     return 1;
-  } catch (const std::exception& error) {
+  } catch (const std::invalid_argument& error) {
     std::cerr << "classify: error: " << error.what() << "\n";
     return 2;
+  } catch (const c10::Error& error) {  // ATen's own (e.g. out of memory), without its C++ backtrace
+    std::cerr << "classify: error: " << error.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& error) {
+    std::cerr << "classify: error: " << error.what() << "\n";
+    return 1;
   }
 }

@@ -102,7 +102,7 @@ std::exception_ptr as_run_error(std::exception_ptr error) {
 }  // namespace
 
 struct Batcher::State {
-  Runtime& runtime;
+  Runtime runtime;  // shares the caller's model: it may be moved or destroyed while requests run
   const BatcherOptions options;
   const int64_t smallest_run;  // the artifact's smallest batch: shorter batches are padded to it
   const size_t capacity;
@@ -115,15 +115,16 @@ struct Batcher::State {
   std::deque<Request> queue;
   bool accepting = true;
   bool stopping = false;
+  bool expedited = false;  // expedite(): no request waits for max_delay any more
   BatcherStats counters;
 
   std::mutex join_mutex;  // concurrent shutdown() calls: one joins, the others wait for it
   std::vector<std::thread> workers;
 
-  State(Runtime& runtime_, BatcherOptions options_)
-      : runtime(runtime_),
-        options(validated(std::move(options_), runtime_)),
-        smallest_run(std::max<int64_t>(1, runtime_.info().batch_min)),
+  State(Runtime shared_runtime, BatcherOptions options_)
+      : runtime(std::move(shared_runtime)),
+        options(validated(std::move(options_), runtime)),
+        smallest_run(std::max<int64_t>(1, runtime.info().batch_min)),
         capacity(static_cast<size_t>(options.queue_capacity)),
         max_delay(std::chrono::microseconds(options.max_delay_us)) {
     counters.batch_sizes.assign(static_cast<size_t>(options.max_batch) + 1, 0);
@@ -175,7 +176,7 @@ struct Batcher::State {
       work.wait(lock, [&] { return !queue.empty() || stopping; });
       if (queue.empty()) return false;
       const auto deadline = queue.front().submitted + max_delay;
-      const size_t count = ready_count(stopping || Clock::now() >= deadline);
+      const size_t count = ready_count(stopping || expedited || Clock::now() >= deadline);
       if (count == 0) {
         work.wait_until(lock, deadline);
         continue;  // re-check: more arrived, the deadline passed, or another worker took them
@@ -306,7 +307,7 @@ struct Batcher::State {
   }
 };
 
-Batcher::Batcher(Runtime& runtime, BatcherOptions options) : state_(std::make_shared<State>(runtime, std::move(options))) {
+Batcher::Batcher(Runtime& runtime, BatcherOptions options) : state_(std::make_shared<State>(runtime.share(), std::move(options))) {
   const int instances = std::max(1, runtime.options().instances);
   try {
     for (int i = 0; i < instances; ++i) {
@@ -393,6 +394,16 @@ std::future<at::Tensor> Batcher::submit(const at::Tensor& image) {
     }
   });
   return result;
+}
+
+void Batcher::expedite() {
+  if (!state_) refuse_moved_from();
+  if (state_->in_forked_child()) return;  // no worker waits here; a lock held by a parent thread at fork() is held for good
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->expedited = true;
+  }
+  state_->work.notify_all();  // workers waiting out a deadline take what is queued now
 }
 
 void Batcher::shutdown(bool drain) {

@@ -269,6 +269,8 @@ struct Runtime::Impl {
       layout << images.layout();
       throw Error(ErrorCode::kInvalidType, "images must be a dense (strided) tensor, got layout " + layout.str() + "; call .to_dense() first");
     }
+    // A lazily negated view (torch._neg_view, the .imag of a conjugate) stores -x: the compiled code reads the memory.
+    if (images.is_neg()) throw Error(ErrorCode::kInvalidType, "images are a lazily negated view; call .resolve_neg() first");
   }
 
   void check_logits(const at::Tensor& images, const at::Tensor& logits) const {
@@ -286,6 +288,7 @@ struct Runtime::Impl {
     }
     if (!logits.is_contiguous()) throw Error(ErrorCode::kInvalidOutput, "logits must be contiguous");
     if (logits.requires_grad()) throw Error(ErrorCode::kInvalidOutput, "logits must not require grad (pass a tensor without requires_grad, or .detach())");
+    if (logits.is_neg()) throw Error(ErrorCode::kInvalidOutput, "logits must not be a lazily negated view");
     check_memory(logits, ErrorCode::kInvalidOutput, "logits");
   }
 
@@ -484,10 +487,15 @@ auto as_error(ErrorCode code, const char* doing, Step&& step) {
 
 Runtime::Runtime(const std::string& artifact, RuntimeOptions options)
     : impl_(as_error(ErrorCode::kLoadFailed, ("could not load '" + artifact + "'").c_str(),
-                     [&] { return std::make_unique<Impl>(artifact, std::move(options)); })) {}
+                     [&] { return std::make_shared<Impl>(artifact, std::move(options)); })) {}
 Runtime::~Runtime() = default;
 Runtime::Runtime(Runtime&&) noexcept = default;
 Runtime& Runtime::operator=(Runtime&&) noexcept = default;
+
+Runtime Runtime::share() const {
+  impl();  // a moved-from Runtime has nothing to share: kInvalidOption
+  return Runtime(impl_);
+}
 
 Runtime::Impl& Runtime::impl() const {
   if (!impl_) throw Error(ErrorCode::kInvalidOption, "this Runtime was moved from: use the Runtime it was moved to");

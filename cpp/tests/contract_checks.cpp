@@ -45,6 +45,20 @@ bool moved_from_runtime(const std::string& artifact) {
   return moved_to.run(images).size(0) == 1 || fail("the moved-to Runtime does not run");
 }
 
+// A Batcher shares its Runtime's model: the Runtime may move (a vector growing) or be destroyed meanwhile.
+bool batcher_keeps_a_moved_or_destroyed_runtimes_model(const std::string& artifact) {
+  std::vector<imagepiece::Runtime> runtimes;
+  runtimes.emplace_back(artifact);
+  const auto& shape = runtimes[0].info().input_shape;
+  const at::Tensor image = at::randn({shape[0], shape[1], shape[2]});
+  const at::Tensor expected = runtimes[0].run(image.unsqueeze(0))[0];
+  imagepiece::Batcher batcher(runtimes[0]);
+  for (int i = 0; i < 3; ++i) runtimes.emplace_back(artifact);  // reallocates: runtimes[0] is moved
+  if (!at::allclose(batcher.submit(image).get(), expected, 1e-4, 1e-4)) return fail("wrong logits after the Runtime moved");
+  runtimes.clear();
+  return at::allclose(batcher.submit(image).get(), expected, 1e-4, 1e-4) || fail("wrong logits after the Runtime was destroyed");
+}
+
 // shutdown(false) completes queued requests with kCancelled on the calling thread; a callback may destroy
 // the Batcher there (as it may on a worker thread) without shutdown() touching the freed object.
 bool batcher_destroyed_by_a_cancellation_callback(const std::string& artifact) {
@@ -99,6 +113,7 @@ bool options_name_the_device_in_effect(const std::string& artifact) {
 int main(int argc, char** argv) {
   const std::map<std::string, bool (*)(const std::string&)> checks = {
       {"moved_from_runtime", moved_from_runtime},
+      {"batcher_keeps_a_moved_or_destroyed_runtimes_model", batcher_keeps_a_moved_or_destroyed_runtimes_model},
       {"batcher_destroyed_by_a_cancellation_callback", batcher_destroyed_by_a_cancellation_callback},
       {"submit_without_a_callback", submit_without_a_callback},
       {"options_name_the_device_in_effect", options_name_the_device_in_effect},

@@ -16,8 +16,11 @@
 //    already wait, kCancelled once shutdown() began. A failure while a batch runs reaches the
 //    requests of that batch only.
 //  * Every accepted request completes exactly once: with its logits, its batch's error, or kCancelled.
-//  * Lifetime: the Batcher holds the Runtime by reference; the Runtime must outlive it (the Python
-//    binding keeps the Runtime object alive for as long as the Batcher).
+//  * Lifetime: the Batcher shares the Runtime's loaded model: the Runtime may be moved (into a container
+//    that grows, say) or destroyed while the Batcher runs; the model is released when both are gone.
+//  * expedite(): from now on no request waits for its batch to fill (max_delay 0: what is queued runs at
+//    once, each later request as it arrives, preferred sizes aside), and submit() keeps accepting; for a
+//    server's graceful shutdown, where requests still being uploaded or decoded must yet be answered.
 //  * shutdown(drain) stops accepting, then drain = true runs every queued request, drain = false
 //    completes queued requests with kCancelled (a batch already running finishes); it returns once the
 //    workers have exited. Later calls wait for the same; the destructor calls shutdown(true).
@@ -102,6 +105,7 @@ class Batcher {
 
   std::future<at::Tensor> submit(const at::Tensor& image);
   void submit(const at::Tensor& image, Completion done);  // the one mechanism; the future wraps it
+  void expedite();
   void shutdown(bool drain = true);
   BatcherStats stats() const;
   const BatcherOptions& options() const;  // as validated: max_batch resolved, preferred_batches sorted

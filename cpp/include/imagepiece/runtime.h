@@ -2,11 +2,14 @@
 //
 // Contract
 //  * Every failure throws imagepiece::Error, whose code() says which kind; nothing returns error values.
-//  * Runtime is RAII and move-only: the constructor loads and checks the artifact, the destructor releases it.
+//  * Runtime is RAII and move-only: the constructor loads and checks the artifact, the destructor releases it
+//    (a Batcher shares it: the model stays until both are gone, and moving the Runtime is safe).
 //  * Loading reads the file once into a sealed private copy, checks the sha256 digest its metadata records
 //    over payload and metadata (kNotAnArtifact "modified or corrupt" on mismatch) and loads exactly those
-//    bytes; the file may then be replaced or deleted. One copy per distinct artifact stays loaded for the
-//    life of the process (AOTInductor libraries cannot be unloaded) and is shared by later loads of it.
+//    bytes; the file may then be replaced or deleted. One copy of each distinct artifact's library stays
+//    loaded for the life of the process (AOTInductor libraries cannot be unloaded) and is shared by later
+//    loads of it, so reloading does not grow memory; but each live Runtime holds its own model container
+//    with its own copy of the weights (share one Runtime, with `instances` for concurrency, not many).
 //    The digest catches corruption and mix-ups, not forgery: an artifact is native code, load only ones
 //    you trust.
 //  * run() is thread-safe: concurrent calls share the loaded model (CPU) or take turns over `instances`
@@ -110,8 +113,11 @@ class Runtime {
 
  private:
   struct Impl;
+  friend class Batcher;
+  explicit Runtime(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+  Runtime share() const;  // another handle on this model (a Batcher's), unaffected by moving this one
   Impl& impl() const;  // a moved-from Runtime: every method throws kInvalidOption
-  std::unique_ptr<Impl> impl_;
+  std::shared_ptr<Impl> impl_;
 };
 
 }  // namespace imagepiece

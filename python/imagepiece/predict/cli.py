@@ -37,6 +37,9 @@ from .sources import list_inputs
 from .writers import ResumableOutput, output_format, warn_if_resume_matches_nothing
 
 
+DEFAULT_TOPK = 5
+
+
 class _OneLineErrors(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -53,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="folder, glob, image, text file of paths, or .csv/.parquet table")
     parser.add_argument("--output", type=Path, required=True, help="preds.csv | preds.jsonl | preds.parquet (--ray: a folder)")
     parser.add_argument("--column", help="table column holding the paths (default: 'path' or the only column)")
-    parser.add_argument("--topk", type=int, default=5, help="classes per row (default 5)")
+    parser.add_argument("--topk", type=int, help=f"classes per row (default {DEFAULT_TOPK}, or all of a smaller head's)")
     parser.add_argument("--batch", type=int, help="batch size for a dynamic-batch artifact (default: min(32, its max); "
                                                   "a static-batch artifact always uses its own)")
     parser.add_argument("--workers", type=int, help="decode threads (default: min(4, cores)); 0 decodes in the model's thread "
@@ -112,7 +115,7 @@ def check_output(path: Path, ray: bool, input_spec: str) -> None:
 
 def run_single_process(args, items, classifier, names, warn) -> int:
     output = ResumableOutput(args.output, args.resume, args.topk)
-    warn_if_resume_matches_nothing(list(output.previous), [item.path for item in items], args.output, warn)
+    warn_if_resume_matches_nothing(output.earlier_paths, [item.path for item in items], args.output, warn)
     todo = [item for item in items if not output.done(item.path)]
     stats = RunStats(skipped=len(items) - len(todo))
     try:
@@ -122,14 +125,14 @@ def run_single_process(args, items, classifier, names, warn) -> int:
                 progress.update(len(rows))
         output.finish([item.path for item in items])  # in the try: a stop while writing keeps the journal too
     except STOPPED as stop:  # Ctrl-C, or SIGTERM (a scheduler's stop): the decode threads have finished by now
-        output.journal.close()
+        output.journal.close(after_failure=True)
         print(f"{how_stopped(stop)} after {stats.images} images; they are kept in {output.journal.path}: "
               "rerun with --resume to finish", file=sys.stderr)
         return exit_status(stop)
-    except OSError as error:  # writing the output (a full disk, a folder gone): the predictions are in the journal
-        output.journal.close()
-        print(f"{program_name(None)}: error: cannot write {args.output} ({error.strerror or error}); the {stats.images} "
-              f"predictions are kept in {output.journal.path}: rerun with --resume to write them", file=sys.stderr)
+    except OSError as error:  # writing the journal or the output (a full disk, a folder gone)
+        output.journal.close(after_failure=True)
+        print(f"{program_name(None)}: error: cannot write {error.filename or args.output} ({error.strerror or error}); the "
+              f"predictions written so far are kept in {output.journal.path}: rerun with --resume to finish", file=sys.stderr)
         return 1
     print(f"predicted {stats.summary()}; wrote {args.output}")
     return 0
@@ -162,6 +165,8 @@ def predict(args: argparse.Namespace, prog: str) -> int:
         metadata = read_metadata(args.artifact)
         check_compatible(metadata, torch.device(args.device or metadata["device_type"]))
         num_classes = int(metadata["num_classes"])
+        if args.topk is None:  # a fine-tuned head may have fewer classes than the default asks for
+            args.topk = min(DEFAULT_TOPK, num_classes)
         if args.topk > num_classes:
             raise ValueError(f"--topk {args.topk} is more than the artifact's {num_classes} classes")
         names = class_names(metadata, args.labels)

@@ -34,7 +34,9 @@ UNSUPPORTED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;
                      "F": "32-bit float"}
 
 # The formats Image.open may try, by Pillow's format names (a JPEG with several pictures, MPO, opens as JPEG).
-RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "PPM", "TGA", "ICO", "JPEG2000")
+# Not ICO: Pillow decodes an icon's embedded PNG inside Image.open, before its size can be checked (a 0.6 MiB
+# .ico claiming 256x256 held a 13000x13000 PNG: 650 MB decoded past --max-pixels).
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "PPM", "TGA", "JPEG2000")
 
 # This module enforces the pixel limit itself (as an error row); Pillow's warning for images between
 # its limit and twice it would only repeat that on stderr.
@@ -105,7 +107,7 @@ def _decode(source: Union[str, BinaryIO], max_pixels: int) -> Image.Image:
     except PermissionError as error:
         raise ImageError(f"cannot read file ({error.strerror})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"not an image (no decoder recognises the file's format; accepted: {', '.join(RASTER_FORMATS)})") from None
+        raise ImageError(f"not an image in an accepted format (no decoder of {', '.join(RASTER_FORMATS)} recognises the file)") from None
     except Image.DecompressionBombError as error:  # Pillow's guard fired first: only ever above our limit
         raise ImageError(f"image has more than {max_pixels:,} pixels: refused before decoding "
                          f"(decompression-bomb guard; --max-pixels raises it; Pillow says: {error})") from None

@@ -3,12 +3,15 @@
 Each input becomes an `InputItem`: `path`, the string its output row carries (as listed, so a user
 can join rows back to their table), and `location`, where to open it. Relative paths in a list or a
 table are relative to that file's folder (a list travels with its images), not to the working
-directory. A folder is walked recursively in sorted order and yields files with an image suffix
-(Pillow's registered ones), hidden files and folders skipped, so a README or .DS_Store beside the
-photos is not an error row; a sub-folder that cannot be listed is reported through `warn`. A list,
+directory. A folder is walked recursively in sorted order and yields files with the suffix of a format
+decode.py opens (RASTER_FORMATS: .jpg, .png, .webp, ...; not .pdf, .psd or .eps), hidden files and folders
+skipped, so a README or .DS_Store beside the photos is not an error row; a sub-folder that cannot be listed is reported through `warn`. A list,
 a table or a glob names its files explicitly and every entry gets a row, whatever its suffix. A
 glob's `**` does not follow symbolic links to folders (as a folder walk does not): a link back up
-the tree would list the same files again, or without end.
+the tree would list the same files again, or without end; and, as glob.glob, its wildcards match no hidden
+names unless they spell one (a hidden folder in the pattern's fixed part, ~/.cache/photos/**, is fine).
+A CSV's first line is its header: a one-column CSV whose "header" is an image path is refused, not read
+one image short.
 
 A file name that is not valid UTF-8 (possible on Linux) is opened as it is, and its row's `path`
 spells the bad bytes as backslash escapes (\\xff): every output format holds only valid text.
@@ -24,12 +27,15 @@ from typing import Callable, List, Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from .decode import RASTER_FORMATS
+
 TABLE_SUFFIXES = (".csv", ".parquet")
 DEFAULT_COLUMN = "path"
 
 
 def image_suffixes() -> frozenset:
-    return frozenset(suffix.lower() for suffix in Image.registered_extensions())
+    """The suffixes of the formats decode.py opens: a folder's .pdf, .psd or .mpg is no input at all."""
+    return frozenset(suffix.lower() for suffix, name in Image.registered_extensions().items() if name in RASTER_FORMATS)
 
 
 class InputError(ValueError):
@@ -42,11 +48,14 @@ class InputItem:
     location: str
 
 
+def printable(location: str) -> str:
+    # os functions (and os.fsdecode) hand back undecodable bytes as lone surrogates, which no UTF-8 writer accepts.
+    return location.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def found_file(location: str) -> InputItem:
     """An item for a file name found on disk (not read from a list)."""
-    # os functions hand back undecodable bytes as lone surrogates, which no UTF-8 writer accepts.
-    printable = location.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return InputItem(printable, location)
+    return InputItem(printable(location), location)
 
 
 def _walk_folder(folder: str, warn: Callable[[str], None]) -> List[InputItem]:
@@ -96,12 +105,15 @@ def _glob_without_following_links(pattern: str) -> List[str]:
     folders (glob.glob's does: a link back up the tree lists the same files again, or without end)."""
     if pattern.endswith("**"):  # pathlib's trailing "**" lists folders only; glob.glob's lists their files too
         pattern = os.path.join(pattern, "*")
-    path = Path(pattern)
-    base = Path(path.anchor or ".")
-    relative = str(path.relative_to(path.anchor)) if path.anchor else pattern
-    keep_hidden = any(_hidden(part) for part in path.parts)  # as glob.glob: hidden names only where the pattern has one
+    parts = Path(pattern).parts
+    fixed = 0  # the leading parts without wildcards: matched as they are, hidden or not
+    while fixed < len(parts) - 1 and not glob.has_magic(parts[fixed]):
+        fixed += 1
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    # As glob.glob: a wildcard matches a hidden name only where the pattern spells one.
+    keep_hidden = any(_hidden(part) for part in parts[fixed:])
     prefix = "./" if pattern.startswith("./") else ""  # Path drops it; rows keep the user's spelling
-    return [prefix + str(match) for match in base.glob(relative)
+    return [prefix + str(match) for match in base.glob(str(Path(*parts[fixed:])))
             if keep_hidden or not any(_hidden(part) for part in match.relative_to(base).parts)]
 
 
@@ -118,7 +130,7 @@ def _single_image(source: Path) -> bool:
 
 def _relative_to(listing: Path, entries: List[str]) -> List[InputItem]:
     base = listing.parent
-    return [InputItem(entry, entry if os.path.isabs(entry) or not entry else str(base / entry)) for entry in entries]
+    return [InputItem(printable(entry), entry if os.path.isabs(entry) or not entry else str(base / entry)) for entry in entries]
 
 
 def _pick_column(columns: List[str], column: Optional[str], source: Path) -> str:
@@ -145,7 +157,12 @@ def _table_column(source: Path, column: Optional[str]) -> List[str]:
         else:
             with open(source, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
                 reader = csv.DictReader(handle)
-                name = _pick_column(list(reader.fieldnames or []), column, source)
+                names = list(reader.fieldnames or [])
+                name = _pick_column(names, column, source)
+                if column is None and names == [name] and os.path.splitext(name)[1].lower() in image_suffixes():
+                    raise InputError(f"{str(source)!r} looks like a list of paths without a header line: its first line, "
+                                     f"{name!r}, would be read as the column's name and that image left out; add a first "
+                                     f"line '{DEFAULT_COLUMN}', or give the paths as a .txt list")
                 values = [row[name] for row in reader]
     except InputError:
         raise

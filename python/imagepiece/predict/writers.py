@@ -11,19 +11,24 @@ leaves the previous output intact and its progress in the journal. `--resume` re
 every path that already has a prediction, retries paths that had an error row (a file may have been
 fixed or become reachable), and the final output merges old and new rows in input order, followed
 by old rows whose paths are no longer in the input (they are kept, not silently dropped).
+
+Rows are streamed, never all held in memory: a run keeps one flag per earlier path, and the final
+output is written from the journal through an index of its lines (one offset per path).
 """
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from itertools import chain, islice
+from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from imagepiece.files import atomic_write
 
 from .rows import Row, round_prob
 
 FORMATS = (".csv", ".jsonl", ".parquet")
+PARQUET_ROWS_PER_GROUP = 16_384  # rows converted to Arrow at a time while writing or reading Parquet
 
 
 def output_format(path: Path) -> str:
@@ -61,8 +66,7 @@ def _row_from_json(line: str) -> Row:
     return Row(data["path"], data["classes"], data["labels"], data["probs"], data["error"])
 
 
-def _write_csv(handle, rows: List[Row]) -> None:
-    k = max((len(r.classes) for r in rows), default=0)
+def _write_csv(handle, rows: Iterable[Row], k: int) -> None:
     writer = csv.writer(handle)
     writer.writerow(["path", *(f"{name}_{i}" for name in ("class", "label", "prob") for i in range(1, k + 1)), "error"])
     for row in rows:
@@ -70,42 +74,60 @@ def _write_csv(handle, rows: List[Row]) -> None:
         writer.writerow([row.path, *row.classes, *pad, *row.labels, *pad, *(repr(p) for p in row.probs), *pad, row.error])
 
 
-def _read_csv(handle) -> List[Row]:
-    rows = []
+def _read_csv(handle) -> Iterator[Row]:
     for record in csv.DictReader(handle):
         k = sum(1 for name in record if name.startswith("class_"))
         present = [i for i in range(1, k + 1) if record[f"class_{i}"] != ""]
-        rows.append(Row(record["path"], [int(record[f"class_{i}"]) for i in present], [record[f"label_{i}"] for i in present],
-                        [float(record[f"prob_{i}"]) for i in present], record["error"]))
-    return rows
+        yield Row(record["path"], [int(record[f"class_{i}"]) for i in present], [record[f"label_{i}"] for i in present],
+                  [float(record[f"prob_{i}"]) for i in present], record["error"])
 
 
-def read_rows(path: Path) -> List[Row]:
-    """The rows of an output file written by `write_rows`."""
+def iter_rows(path: Path) -> Iterator[Row]:
+    """The rows of an output file written by `write_rows`, one at a time."""
     suffix = output_format(path)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return rows_from_arrow(pq.read_table(path))
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_ROWS_PER_GROUP):
+            yield from rows_from_arrow(batch)
+        return
     with open(path, newline="", encoding="utf-8") as handle:
         if suffix == ".csv":
-            return _read_csv(handle)
-        return [_row_from_json(line) for line in handle if line.strip()]
+            yield from _read_csv(handle)
+        else:
+            yield from (_row_from_json(line) for line in handle if line.strip())
 
 
-def write_rows(path: Path, rows: List[Row]) -> None:
-    """Write `rows` to `path` atomically: readers see the old file or the whole new one."""
+def read_rows(path: Path) -> List[Row]:
+    """The rows of an output file written by `write_rows`."""
+    return list(iter_rows(path))
+
+
+def _chunks(rows: Iterable[Row], size: int) -> Iterator[List[Row]]:
+    rows = iter(rows)
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+def write_rows(path: Path, rows: Iterable[Row], k: Optional[int] = None) -> None:
+    """Write `rows` to `path` atomically (readers see the old file or the whole new one), streaming them.
+    A CSV has k columns of each kind for the widest row: give `k`, or the rows are listed first to find it."""
     suffix = output_format(path)
+    if suffix == ".csv" and k is None:
+        rows = list(rows)
+        k = max((len(r.classes) for r in rows), default=0)
 
     def write(staged: Path) -> None:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            pq.write_table(rows_to_arrow(rows), staged)
+            with pq.ParquetWriter(staged, rows_to_arrow([]).schema) as writer:
+                for chunk in _chunks(rows, PARQUET_ROWS_PER_GROUP):
+                    writer.write_table(rows_to_arrow(chunk))
             return
         with open(staged, "w", newline="", encoding="utf-8") as handle:
             if suffix == ".csv":
-                _write_csv(handle, rows)
+                _write_csv(handle, rows, k)
             else:
                 handle.writelines(_row_to_json(row) + "\n" for row in rows)
 
@@ -119,18 +141,33 @@ class Journal:
         self.path = path
         self._handle = None
 
-    def read(self) -> List[Row]:
+    def entries(self) -> Iterator[Tuple[int, Row]]:
+        """(byte offset, row) of each whole line, up to the first that is not one (a crash mid-write)."""
         if not self.path.exists():
-            return []
-        rows = []
-        # Lines split as bytes, decoded one by one: a crash can cut the last line inside a UTF-8 character, and
-        # str.splitlines() would also split inside a path holding U+2028 (JSON leaves it unescaped).
-        for line in self.path.read_bytes().split(b"\n"):
-            try:
-                rows.append(_row_from_json(line.decode("utf-8")))
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                break
-        return rows
+            return
+        with open(self.path, "rb") as handle:
+            offset = 0
+            # Lines split as bytes, decoded one by one: a crash can cut the last line inside a UTF-8 character, and
+            # str.splitlines() would also split inside a path holding U+2028 (JSON leaves it unescaped).
+            for line in handle:
+                row = _parse_line(line)
+                if row is None:
+                    return
+                yield offset, row
+                offset += len(line)
+
+    def path_offsets(self) -> Dict[str, int]:
+        """Where each path's last row starts, in the order of each path's first row. Only for a journal this run
+        wrote and closed (whole lines only): it decodes just the path that opens each line."""
+        offsets, offset = {}, 0
+        with open(self.path, "rb") as handle:
+            for line in handle:
+                offsets[_path_of(line)] = offset
+                offset += len(line)
+        return offsets
+
+    def read(self) -> List[Row]:
+        return [row for _, row in self.entries()]
 
     def append(self, rows: List[Row]) -> None:
         if self._handle is None:
@@ -138,21 +175,50 @@ class Journal:
         self._handle.writelines(_row_to_json(row) + "\n" for row in rows)
         self._handle.flush()
 
-    def replace_with(self, rows: List[Row]) -> None:
+    def replace_with(self, rows: Iterable[Row]) -> None:
         """The journal holds exactly `rows`, swapped in whole: a kill, a SIGTERM or a full disk while they are
         written leaves the previous journal as it was, never a shorter one."""
         self.close()
-        atomic_write(self.path, lambda staged: staged.write_text("".join(_row_to_json(row) + "\n" for row in rows), encoding="utf-8"))
 
-    def close(self) -> None:
-        """Close the file and keep it (an interrupted run: `--resume` reads it)."""
+        def write(staged: Path) -> None:
+            with open(staged, "w", encoding="utf-8") as handle:
+                handle.writelines(_row_to_json(row) + "\n" for row in rows)
+
+        atomic_write(self.path, write)
+
+    def close(self, after_failure: bool = False) -> None:
+        """Close the file and keep it (an interrupted run: `--resume` reads it). `after_failure`: a write failed (a
+        full disk), and flushing what is buffered may fail the same way; the journal then ends with a torn line,
+        which `read` ignores."""
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            try:
+                handle.close()
+            except OSError:
+                if not after_failure:
+                    raise
 
     def remove(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+_JSON = json.JSONDecoder()
+_PATH_KEY = '{"path": '  # how _row_to_json begins every line
+
+
+def _path_of(line: bytes) -> str:
+    text = line.decode("utf-8")
+    if not text.startswith(_PATH_KEY):
+        raise ValueError(f"not a journal line: {text[:80]!r}")
+    return _JSON.raw_decode(text, len(_PATH_KEY))[0]
+
+
+def _parse_line(line: bytes) -> Optional[Row]:
+    try:
+        return _row_from_json(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def check_same_topk(rows: Iterable[Row], topk: Optional[int], path: Path) -> None:
@@ -180,36 +246,63 @@ class ResumableOutput:
         self.path = Path(path)
         output_format(self.path)
         self.journal = Journal(self.path.with_name(f".{self.path.name}.partial.jsonl"))
-        self.previous: Dict[str, Row] = {}
+        self._predicted: Dict[str, bool] = {}  # each earlier path: whether its latest row is a prediction
+        self._widest = 0  # the most classes in a row: a CSV's columns
         if resume:
-            try:
-                earlier = read_rows(self.path) if self.path.exists() else []
-            except Exception as error:  # pyarrow, csv and json each fail in their own way
-                raise ValueError(f"cannot resume: {str(self.path)!r} is not a readable {self.path.suffix} output "
-                                 f"({type(error).__name__}: {error})") from None
             # Rewrite the journal so that it holds every earlier row: a second interruption loses nothing.
-            for row in earlier + self.journal.read():
-                self.previous[row.path] = row
-            check_same_topk(self.previous.values(), topk, self.path)
-        if self.previous:
-            self.journal.replace_with(list(self.previous.values()))
+            self.journal.replace_with(self._latest_earlier_rows(topk))
         else:
             self.journal.remove()
-        self.new: Dict[str, Row] = {}
+
+    def _earlier_rows(self) -> Iterator[Row]:
+        """The earlier output's rows, then the journal's (newer: a path's last row is the one that counts)."""
+        try:
+            yield from iter_rows(self.path) if self.path.exists() else ()
+        except Exception as error:  # pyarrow, csv and json each fail in their own way
+            raise ValueError(f"cannot resume: {str(self.path)!r} is not a readable {self.path.suffix} output "
+                             f"({type(error).__name__}: {error})") from None
+        yield from (row for _, row in self.journal.entries())
+
+    def _latest_earlier_rows(self, topk: Optional[int]) -> Iterator[Row]:
+        # Two passes, so that neither the rows nor a repeatedly interrupted run's duplicates pile up:
+        # the first finds where each path's last row is, the second keeps only those.
+        last_seen = {row.path: index for index, row in enumerate(self._earlier_rows())}
+        for index, row in enumerate(self._earlier_rows()):
+            if last_seen[row.path] == index:
+                check_same_topk([row], topk, self.path)
+                self._predicted[row.path] = row.ok
+                self._widest = max(self._widest, len(row.classes))
+                yield row
+
+    @property
+    def earlier_paths(self) -> List[str]:
+        return list(self._predicted)
 
     def done(self, path: str) -> bool:
-        row = self.previous.get(path)
-        return row is not None and row.ok
+        return self._predicted.get(path, False)
 
     def add(self, rows: List[Row]) -> None:
         self.journal.append(rows)
-        self.new.update((row.path, row) for row in rows)
+        self._widest = max([self._widest, *(len(row.classes) for row in rows)])
 
-    def finish(self, input_paths: List[str]) -> List[Row]:
-        """Write the merged rows (input order, then earlier rows for paths no longer listed); return them."""
-        merged = [self.new.get(path) or self.previous[path] for path in input_paths]
+    def finish(self, input_paths: List[str]) -> None:
+        """Write the merged rows: input order, then earlier rows for paths no longer listed."""
+        self.journal.close()
+        where = self.journal.path_offsets() if self.journal.path.exists() else {}
+        missing = next((path for path in input_paths if path not in where), None)
+        if missing is not None:  # every input got a row (a prediction or an error): anything else is a bug
+            raise RuntimeError(f"no row for input {missing!r}; the rows so far are kept in {self.journal.path}")
         listed = set(input_paths)
-        merged += [row for path, row in self.previous.items() if path not in listed]
-        write_rows(self.path, merged)
+        ordered = chain(input_paths, (path for path in where if path not in listed))
+        if not where:  # no input and nothing earlier: no journal was written
+            write_rows(self.path, [], 0)
+        else:
+            with open(self.journal.path, "rb") as handle:
+                write_rows(self.path, (_row_at(handle, where[path]) for path in ordered), self._widest)
         self.journal.remove()
-        return merged
+
+
+def _row_at(handle: BinaryIO, offset: int) -> Row:
+    if handle.tell() != offset:  # rows mostly come in journal order: no seek, the read buffer stays
+        handle.seek(offset)
+    return _row_from_json(handle.readline().decode("utf-8"))

@@ -7,12 +7,14 @@
 
 Every failure is JSON {"error": {"code", "message"}} with a 4xx/5xx status: 400 empty upload, missing
 file field, malformed form or bad topk; 404/405 unknown route or method; 408 (connection closed) when
-the upload stalls for `read_timeout_s` or falls behind `min_upload_rate` (or, from scripts/serve.py's
+the upload stalls for `read_timeout_s`, falls behind `min_upload_rate` or outlasts `upload_timeout_s` (or, from scripts/serve.py's
 protocol, http_protocol.py, when the request line and headers take longer than `read_timeout_s`); 413 over
 the upload limit (checked against Content-Length before reading, and while reading; the connection is
 closed); 422 not a usable image (predict's decode rules: not a raster image, corrupt, 16-bit, over the pixel
-limit); 503 (Retry-After) when `queue_capacity` requests already wait to be decoded, when the batcher's
-queue is full, or when the server is shutting down; 500 if the model fails
+limit); 503 (Retry-After) when `queue_capacity` requests already wait to be decoded, when the uploads in
+progress already hold `max_buffered_bytes`, when the batcher's queue is full, or when the server is shutting
+down (scripts/serve.py's protocol also answers over --max-connections, and malformed HTTP, in this JSON
+shape); 500 if the model fails
 (or anything unexpected: logged with its traceback). The event loop only moves bytes: decoding and
 preprocessing run in a thread pool, and the model's result arrives through the batcher's future. A
 client that hangs up before its upload is decoded costs no decode (its work is cancelled).
@@ -23,8 +25,8 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
-from typing import Dict, Optional
+from contextlib import asynccontextmanager, contextmanager
+from typing import Callable, Dict, Iterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -65,16 +67,45 @@ def _too_large(limit: int) -> RequestError:
 
 
 def _is_decimal(text: str) -> bool:
-    return text.isascii() and text.isdecimal()  # str.isdigit() also takes "²", which int() refuses
+    # str.isdigit() also takes "²", which int() refuses; and int() refuses more than 4300 digits (a 500, once).
+    return text.isascii() and text.isdecimal() and len(text) <= 18
 
 
-async def read_body(request: Request, limit: int, max_upload_bytes: int, read_timeout_s: float,
-                    min_upload_rate: float) -> bytes:
+class UploadBudget:
+    """The upload bytes all requests in progress hold together (each body is buffered whole, then decoded),
+    bounded by `capacity`: beyond it, 503. Used on the event loop only (no lock needed)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.held = capacity, 0
+
+    @contextmanager
+    def holding(self) -> Iterator[Callable[[int], None]]:
+        """A request's share: call it with each chunk's size; all of it is given back when the request ends."""
+        share = 0
+
+        def take(size: int) -> None:
+            nonlocal share
+            if self.held + size > self.capacity:
+                raise RequestError(503, "overloaded", f"uploads in progress already hold {self.held:,} bytes (the limit is "
+                                                      f"{self.capacity / MiB:g} MiB, --max-buffered-mb); retry later",
+                                   {"Retry-After": RETRY_AFTER_SECONDS, "Connection": "close"})
+            self.held += size
+            share += size
+
+        try:
+            yield take
+        finally:
+            self.held -= share
+
+
+async def read_body(request: Request, limit: int, config: ServeConfig, take: Callable[[int], None]) -> bytes:
     """The request body, refused (413, naming the user's `max_upload_bytes`) as soon as it is known to
-    exceed `limit`, and (408) when no data arrives for `read_timeout_s` or the upload falls behind
-    `min_upload_rate` bytes/s after a grace of `read_timeout_s` (Apache mod_reqtimeout's rule): a client
-    that stalls, or trickles a byte now and then, must not hold its connection (one of --max-connections),
-    its buffer, and a graceful shutdown, forever."""
+    exceed `limit`, and (408) when no data arrives for `read_timeout_s`, the upload falls behind
+    `min_upload_rate` bytes/s after a grace of `read_timeout_s` (Apache mod_reqtimeout's rule), or it takes
+    longer than `upload_timeout_s` in all: a client that stalls, or trickles a byte now and then, must not
+    hold its connection (one of --max-connections), its buffer, and a graceful shutdown, forever. Each chunk
+    is `take`n from the upload budget first (503 beyond it)."""
+    max_upload_bytes, read_timeout_s, min_upload_rate = config.max_upload_bytes, config.read_timeout_s, config.min_upload_rate
     declared = request.headers.get("content-length")
     if declared is not None and _is_decimal(declared) and int(declared) > limit:
         raise _too_large(max_upload_bytes)
@@ -83,9 +114,9 @@ async def read_body(request: Request, limit: int, max_upload_bytes: int, read_ti
     body = bytearray()
     chunks = request.stream().__aiter__()
     while True:
-        # What has arrived buys time at the minimum rate; the wait for the next chunk never outlasts either limit.
+        # What has arrived buys time at the minimum rate; the wait for the next chunk never outlasts any limit.
         behind_at = started + read_timeout_s + len(body) / min_upload_rate
-        wait = min(read_timeout_s, behind_at - loop.time())
+        wait = min(read_timeout_s, behind_at - loop.time(), started + config.upload_timeout_s - loop.time())
         try:
             if wait <= 0:
                 raise asyncio.TimeoutError
@@ -93,21 +124,26 @@ async def read_body(request: Request, limit: int, max_upload_bytes: int, read_ti
         except StopAsyncIteration:
             return bytes(body)
         except asyncio.TimeoutError:
-            slow = loop.time() >= behind_at
-            message = (f"the upload arrives slower than {min_upload_rate:g} bytes/s ({len(body):,} bytes in "
-                       f"{loop.time() - started:.1f} s)" if slow else f"no upload data arrived for {read_timeout_s:g} s")
+            elapsed = loop.time() - started
+            if elapsed >= config.upload_timeout_s:
+                message = f"the upload took longer than {config.upload_timeout_s:g} s ({len(body):,} bytes arrived)"
+            elif loop.time() >= behind_at:
+                message = f"the upload arrives slower than {min_upload_rate:g} bytes/s ({len(body):,} bytes in {elapsed:.1f} s)"
+            else:
+                message = f"no upload data arrived for {read_timeout_s:g} s"
             raise RequestError(408, "request_timeout", message, {"Connection": "close"}) from None
-        body += chunk
-        if len(body) > limit:
+        if len(body) + len(chunk) > limit:
             raise _too_large(max_upload_bytes)
+        take(len(chunk))
+        body += chunk
 
 
-async def read_image_bytes(request: Request, config: ServeConfig) -> bytes:
+async def read_image_bytes(request: Request, config: ServeConfig, take: Callable[[int], None]) -> bytes:
     """The uploaded file's bytes: the `file` field of a multipart form (or its only file), else the raw body."""
     multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
     max_upload_bytes = config.max_upload_bytes
     limit = max_upload_bytes + (FORM_OVERHEAD if multipart else 0)
-    body = await read_body(request, limit, max_upload_bytes, config.read_timeout_s, config.min_upload_rate)
+    body = await read_body(request, limit, config, take)
     if multipart:
         body = await _file_from_form(request, body)
     if not body:
@@ -191,6 +227,7 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
     """The app over `service` (made from `config` when not given); closing the app drains the batcher."""
     service = service or ClassificationService(config)
     admission = DecodeAdmission(config.queue_capacity)
+    uploads = UploadBudget(config.max_buffered_bytes)
     metrics = ServerMetrics(service.batcher, admission)
     decoders = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="imagepiece-decode")
 
@@ -219,14 +256,16 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
         body_read = False
         try:
             topk = topk_parameter(request, config.topk, service.num_classes)
-            data = await read_image_bytes(request, config)
-            body_read = True
-            loop = asyncio.get_running_loop()
-            with admission:
-                try:
-                    image = await unless_disconnected(request, loop.run_in_executor(decoders, service.prepare, data))
-                except ImageError as error:
-                    raise RequestError(422, "invalid_image", f"cannot classify the upload: {error}") from None
+            with uploads.holding() as take:  # until the upload is decoded (its bytes are then dropped)
+                data = await read_image_bytes(request, config, take)
+                body_read = True
+                loop = asyncio.get_running_loop()
+                with admission:
+                    try:
+                        image = await unless_disconnected(request, loop.run_in_executor(decoders, service.prepare, data))
+                    except ImageError as error:
+                        raise RequestError(422, "invalid_image", f"cannot classify the upload: {error}") from None
+                del data
             try:
                 logits = await asyncio.wrap_future(service.submit(image))
             except ip_runtime.Error as error:
@@ -235,7 +274,8 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
                 raise RequestError(status, error.code, str(error), headers) from None
             answer = {"model": service.model_name, "predictions": service.top_k(logits, topk)}
         except ClientDisconnect:
-            error = RequestError(400, "client_disconnected", "the client went away before its answer was ready")
+            # Never sent: counted as nginx logs it (499), not as a client error the server answered.
+            error = RequestError(499, "client_disconnected", "the client went away before its answer was ready")
         except asyncio.CancelledError:
             # uvicorn cancels the requests still open when its graceful-shutdown time is up: they get an answer
             # that says so (and are counted) rather than a bare 500 from the server.

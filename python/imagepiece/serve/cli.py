@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     limits = parser.add_argument_group("uploads")
     limits.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / MiB,
                         help=f"largest upload in MiB (default {defaults.max_upload_bytes / MiB:g}); larger gets 413")
+    limits.add_argument("--max-buffered-mb", type=float, default=defaults.max_buffered_bytes / MiB,
+                        help=f"MiB that all uploads in progress may hold together (each is buffered whole before its decode); "
+                             f"beyond, 503 (default {defaults.max_buffered_bytes / MiB:g})")
     limits.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                         help=f"refuse images with more pixels, before decoding them (default {defaults.max_pixels:,})")
     limits.add_argument("--decode-threads", type=int, default=defaults.decode_threads,
@@ -69,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     limits.add_argument("--min-upload-rate", type=float, default=defaults.min_upload_rate / 1024,
                         help=f"KiB/s an upload must average once --read-timeout has passed, or it gets 408 "
                              f"(default {defaults.min_upload_rate / 1024:g})")
+    limits.add_argument("--upload-timeout", type=float, default=defaults.upload_timeout_s,
+                        help=f"seconds an upload may take in all, however steadily it arrives, before it gets 408 "
+                             f"(default {defaults.upload_timeout_s:g})")
     connections = parser.add_argument_group("connections")
     connections.add_argument("--max-connections", type=int, default=1000,
                              help="open connections beyond which new ones get 503 (default 1000)")
@@ -83,11 +89,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
-    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):  # inf would overflow int() below
-        parser.error(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
-    if int(args.max_upload_mb * MiB) < 1:
-        parser.error(f"--max-upload-mb {args.max_upload_mb:g} is less than one byte")
-    for name in ("read_timeout", "shutdown_timeout"):
+    for name in ("max_upload_mb", "max_buffered_mb"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):  # inf would overflow int() below
+            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        if int(value * MiB) < 1:
+            parser.error(f"--{name.replace('_', '-')} {value:g} is less than one byte")
+    if args.max_buffered_mb < args.max_upload_mb:
+        parser.error(f"--max-buffered-mb {args.max_buffered_mb:g} is below --max-upload-mb {args.max_upload_mb:g}: "
+                     "no upload of the largest size could ever be taken")
+    for name in ("read_timeout", "shutdown_timeout", "upload_timeout"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0, got {getattr(args, name)}")
     if not (math.isfinite(args.min_upload_rate) and args.min_upload_rate > 0):
@@ -100,8 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def config_from(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(artifact=args.artifact, device=args.device, topk=args.topk, labels=args.labels, max_batch=args.max_batch,
                        max_delay_ms=args.max_delay_ms, queue_capacity=args.queue_capacity, preferred_batches=args.preferred_batch,
-                       max_upload_bytes=int(args.max_upload_mb * MiB), max_pixels=args.max_pixels, decode_threads=args.decode_threads,
-                       read_timeout_s=args.read_timeout, min_upload_rate=args.min_upload_rate * 1024)
+                       max_upload_bytes=int(args.max_upload_mb * MiB), max_buffered_bytes=int(args.max_buffered_mb * MiB),
+                       max_pixels=args.max_pixels, decode_threads=args.decode_threads, read_timeout_s=args.read_timeout,
+                       min_upload_rate=args.min_upload_rate * 1024, upload_timeout_s=args.upload_timeout)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

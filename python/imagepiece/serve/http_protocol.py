@@ -6,6 +6,9 @@ but a client that opens a connection and sends nothing, or trickles its head a b
 such clients and every real request gets 503. Here a head that is not complete within `read_timeout_s`
 gets 408 and the connection is closed. A request whose head has arrived is never cut: its body and its
 inference are the app's business.
+
+The answers uvicorn gives itself, to malformed HTTP (400) and to a request over --max-connections (503),
+come in the API's JSON error shape too (uvicorn's are plain text, its 503 without Retry-After).
 """
 from __future__ import annotations
 
@@ -14,16 +17,38 @@ import json
 from typing import Optional
 
 import uvicorn
+from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
-def request_timeout_response(seconds: float) -> bytes:
-    """The raw 408 with the API's JSON error shape, written below h11 (which sends no response to a
-    request it has not seen)."""
-    body = json.dumps({"error": {"code": "request_timeout",
-                                 "message": f"the request line and headers did not arrive within {seconds:g} s"}}).encode()
-    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+def _error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def raw_error_response(status: str, code: str, message: str) -> bytes:
+    """A raw response (`status`: "408 Request Timeout") with the API's JSON error shape, written below h11, which
+    sends nothing for a request it has not seen (or could not parse); the connection is closed after it."""
+    body = _error_body(code, message)
+    return (b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def request_timeout_response(seconds: float) -> bytes:
+    return raw_error_response("408 Request Timeout", "request_timeout",
+                              f"the request line and headers did not arrive within {seconds:g} s")
+
+
+async def _over_connection_limit(scope, receive, send) -> None:
+    body = _error_body("overloaded", "the server has as many open connections as --max-connections allows; retry later")
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+# uvicorn answers a request over its concurrency limit with this module-level ASGI app of its own, looked up
+# when the request arrives: replaced (in this process, whose only uvicorn is the server's) by the JSON one.
+h11_impl.service_unavailable = _over_connection_limit
 
 
 class HeadDeadlineProtocol(H11Protocol):
@@ -49,6 +74,12 @@ class HeadDeadlineProtocol(H11Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes h11 cannot parse as HTTP (a bad request line or chunk size), in JSON."""
+        self._disarm()
+        self.transport.write(raw_error_response("400 Bad Request", "bad_request", f"malformed HTTP request: {msg}"))
+        self.transport.close()
 
     def _waiting_for_head(self) -> bool:
         # No request yet, or the last one answered: a request in progress (its body, its inference) is the app's.

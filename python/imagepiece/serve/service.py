@@ -40,6 +40,9 @@ class ServeConfig:
     queue_capacity: int = 128
     preferred_batches: List[int] = field(default_factory=list)
     max_upload_bytes: int = 20 * MiB
+    # Uploads are buffered whole before their decode: all those in progress together may hold this much (beyond it,
+    # 503), or --max-connections clients each sending just under the upload limit would hold 1000 x 20 MiB.
+    max_buffered_bytes: int = 512 * MiB
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_threads: int = 2
     # An upload that sends nothing for this long, or a request head not complete within it, gets 408 and its
@@ -48,6 +51,9 @@ class ServeConfig:
     # After that grace, an upload must keep arriving at this many bytes/s on average (Apache mod_reqtimeout's
     # minrate is 500): a client that trickles a byte now and then gets 408 instead of keeping its connection.
     min_upload_rate: float = 1024.0
+    # However fast it keeps arriving, an upload that takes longer gets 408: what has arrived would otherwise buy a
+    # trickling client hours at the minimum rate, holding its buffer.
+    upload_timeout_s: float = 300.0
     warmup: bool = True
 
 
@@ -96,6 +102,10 @@ class ClassificationService:
         top = torch.softmax(logits.float(), dim=0).topk(k)
         return [{"index": index, "label": self.names[index], "probability": round_prob(prob)}
                 for index, prob in zip(top.indices.tolist(), top.values.tolist())]
+
+    def expedite(self) -> None:
+        """A graceful shutdown began: no image waits for its batch to fill any more; new ones are still taken."""
+        self.batcher.expedite()
 
     def close(self, drain: bool = True) -> None:
         self.batcher.close(drain)
