@@ -339,7 +339,7 @@ def test_resume_streams_the_latest_row_of_each_path_and_never_piles_up_duplicate
         run.journal.close()
     assert len(run.journal.read()) == 4, "the 3 earlier rows and the newest retry, not one more per interruption"
     run = ResumableOutput(output, resume=True, topk=1)
-    assert run.earlier_paths == ["gone.jpg", "b.jpg", "a.jpg"]
+    assert run.earlier_paths == ["gone.jpg", "a.jpg", "b.jpg"]  # as they first came
     run.add([Row("a.jpg", [0], ["a"], [0.75]), Row("c.jpg", [3], ["d"], [0.125])])
     run.finish(["c.jpg", "a.jpg", "b.jpg"])
     assert read_rows(output) == [Row("c.jpg", [3], ["d"], [0.125]), Row("a.jpg", [0], ["a"], [0.75]),

@@ -392,7 +392,8 @@ def test_uvicorns_own_answers_are_json_errors_too(artifact):
 
 
 def test_uploads_in_progress_hold_a_bounded_total_and_none_outlasts_the_upload_timeout(artifact):
-    config = ServeConfig(artifact=artifact, decode_threads=1, warmup=False, max_buffered_bytes=1_500_000, upload_timeout_s=1.0)
+    config = ServeConfig(artifact=artifact, decode_threads=1, warmup=False, max_upload_bytes=1_000_000,
+                         max_buffered_bytes=1_500_000, upload_timeout_s=1.0)
     with ServerThread(create_app(config, ClassificationService(config))) as client:
         host, port = client.base_url.host, client.base_url.port
         with socket.create_connection((host, port), timeout=TIMEOUT) as holding:  # 900 kB of a 1 MB upload, then silence
@@ -423,7 +424,7 @@ def test_uploads_in_progress_hold_a_bounded_total_and_none_outlasts_the_upload_t
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-buffered-mb", "10"], "--max-buffered-mb 10 is below --max-upload-mb 20"),
+    (["--max-buffered-mb", "20"], "--max-buffered-mb 20 cannot hold one upload of --max-upload-mb 20 and its multipart form"),
     (["--upload-timeout", "0"], "--upload-timeout must be a finite number of seconds > 0"),
     (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number > 0, got inf"),
     (["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number > 0, got nan"),

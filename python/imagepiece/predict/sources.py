@@ -34,8 +34,9 @@ DEFAULT_COLUMN = "path"
 
 
 def image_suffixes() -> frozenset:
-    """The suffixes of the formats decode.py opens: a folder's .pdf, .psd or .mpg is no input at all."""
-    return frozenset(suffix.lower() for suffix, name in Image.registered_extensions().items() if name in RASTER_FORMATS)
+    """The suffixes of the formats decode.py opens: a folder's .pdf, .psd or .mpg is no input at all. (.mpo, a JPEG
+    with several pictures, is Pillow's "MPO" by suffix and opens as JPEG.)"""
+    return frozenset(suffix.lower() for suffix, name in Image.registered_extensions().items() if name in (*RASTER_FORMATS, "MPO"))
 
 
 class InputError(ValueError):

@@ -267,6 +267,7 @@ class ResumableOutput:
         # Two passes, so that neither the rows nor a repeatedly interrupted run's duplicates pile up:
         # the first finds where each path's last row is, the second keeps only those.
         last_seen = {row.path: index for index, row in enumerate(self._earlier_rows())}
+        self._predicted = dict.fromkeys(last_seen, False)  # in the order each path first came (the output's tail)
         for index, row in enumerate(self._earlier_rows()):
             if last_seen[row.path] == index:
                 check_same_topk([row], topk, self.path)
@@ -293,7 +294,7 @@ class ResumableOutput:
         if missing is not None:  # every input got a row (a prediction or an error): anything else is a bug
             raise RuntimeError(f"no row for input {missing!r}; the rows so far are kept in {self.journal.path}")
         listed = set(input_paths)
-        ordered = chain(input_paths, (path for path in where if path not in listed))
+        ordered = chain(input_paths, (path for path in self._predicted if path not in listed))
         if not where:  # no input and nothing earlier: no journal was written
             write_rows(self.path, [], 0)
         else:

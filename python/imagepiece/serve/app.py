@@ -67,8 +67,7 @@ def _too_large(limit: int) -> RequestError:
 
 
 def _is_decimal(text: str) -> bool:
-    # str.isdigit() also takes "²", which int() refuses; and int() refuses more than 4300 digits (a 500, once).
-    return text.isascii() and text.isdecimal() and len(text) <= 18
+    return text.isascii() and text.isdecimal()  # str.isdigit() also takes "²", which int() refuses
 
 
 class UploadBudget:
@@ -107,7 +106,8 @@ async def read_body(request: Request, limit: int, config: ServeConfig, take: Cal
     is `take`n from the upload budget first (503 beyond it)."""
     max_upload_bytes, read_timeout_s, min_upload_rate = config.max_upload_bytes, config.read_timeout_s, config.min_upload_rate
     declared = request.headers.get("content-length")
-    if declared is not None and _is_decimal(declared) and int(declared) > limit:
+    # (h11 refuses an absurdly long Content-Length itself; another ASGI server may pass it on: too large, unparsed.)
+    if declared is not None and _is_decimal(declared) and (len(declared) > 18 or int(declared) > limit):
         raise _too_large(max_upload_bytes)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -178,7 +178,8 @@ def topk_parameter(request: Request, default: int, limit: int) -> int:
     value = request.query_params.get("topk")
     if value is None:
         return default
-    if not _is_decimal(value) or not 1 <= int(value) <= limit:
+    # int() refuses more than 4300 digits (a 500, once): a long value is out of range anyway.
+    if not _is_decimal(value) or len(value) > 9 or not 1 <= int(value) <= limit:
         raise RequestError(400, "bad_topk", f"topk must be an integer in [1, {limit}], got {value!r}")
     return int(value)
 
@@ -225,6 +226,9 @@ class DecodeAdmission:
 
 def create_app(config: ServeConfig, service: Optional[ClassificationService] = None) -> FastAPI:
     """The app over `service` (made from `config` when not given); closing the app drains the batcher."""
+    if config.max_buffered_bytes < config.max_upload_bytes + FORM_OVERHEAD:
+        raise ValueError(f"max_buffered_bytes {config.max_buffered_bytes:,} cannot hold one upload of the largest size "
+                         f"({config.max_upload_bytes:,} bytes, and {FORM_OVERHEAD:,} of multipart form around it)")
     service = service or ClassificationService(config)
     admission = DecodeAdmission(config.queue_capacity)
     uploads = UploadBudget(config.max_buffered_bytes)

@@ -27,7 +27,7 @@ import ip_runtime
 
 from imagepiece.artifact import ArtifactError
 
-from .app import create_app
+from .app import FORM_OVERHEAD, create_app
 from .draining_server import DrainingServer
 from .http_protocol import uvicorn_config
 from .service import MiB, ClassificationService, ServeConfig
@@ -95,9 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
         if int(value * MiB) < 1:
             parser.error(f"--{name.replace('_', '-')} {value:g} is less than one byte")
-    if args.max_buffered_mb < args.max_upload_mb:
-        parser.error(f"--max-buffered-mb {args.max_buffered_mb:g} is below --max-upload-mb {args.max_upload_mb:g}: "
-                     "no upload of the largest size could ever be taken")
+    if args.max_buffered_mb * MiB < args.max_upload_mb * MiB + FORM_OVERHEAD:
+        parser.error(f"--max-buffered-mb {args.max_buffered_mb:g} cannot hold one upload of --max-upload-mb {args.max_upload_mb:g} "
+                     f"and its multipart form ({FORM_OVERHEAD // 1024} KiB)")
     for name in ("read_timeout", "shutdown_timeout", "upload_timeout"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0, got {getattr(args, name)}")
