@@ -15,8 +15,9 @@ examples:
   python scripts/aot_compile.py --dtype int8 --calibration val_images/ --batch 8 --out deit_s_ip_int8.so
   python scripts/aot_compile.py --input-format uint8 --batch 8 --out deit_s_ip_u8.so   # takes uint8 [B,224,224,3] pixels
 
-exit status: 0 done, 2 the request cannot work (arguments, checkpoint), 1 the system failed (the output
-cannot be written: read-only, no permission, disk full). Either way nothing is left at --out.
+exit status: 0 done, 2 the request cannot work (arguments, checkpoint, calibration images), 1 the system
+failed (no C++ compiler or objcopy; the output cannot be written: read-only, no permission, disk full);
+130/143 stopped by Ctrl-C/SIGTERM. Whatever the failure, nothing is left at --out.
 """
 from __future__ import annotations
 
@@ -33,10 +34,12 @@ import torch
 import imagepiece
 from imagepiece import METHODS, CheckpointError, create_model, format_schedule
 from imagepiece.config import LCB_CHOICES, REEVALUATIONS, lcb_from_cli
-from imagepiece.artifact_metadata import MAX_BATCH
+from imagepiece.artifact_metadata import MAX_BATCH, MAX_CLASSES
 from imagepiece.blocks import ATTENTION_KERNELS
-from imagepiece.export import PRECISIONS, check_device_and_dtype, check_output_path, compile_artifact, default_attention
+from imagepiece.export import (PRECISIONS, check_build_tools, check_device_and_dtype, check_output_path, compile_artifact,
+                               default_attention)
 from imagepiece.input_format import CLI_INPUT_FORMATS
+from imagepiece.model import parse_model_name
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 from imagepiece.weights import fine_tuned_settings, reduction_difference
 
@@ -79,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--method", default=None, choices=METHODS, help="token reduction (default: imagepiece)")
     model.add_argument("--checkpoint", type=Path, help="local DeiT/ImagePiece .pth or .safetensors (default: random weights)")
     model.add_argument("--allow-untrained-lcb", action="store_true", help="accept a checkpoint without LCB 'stem' weights")
-    model.add_argument("--num-classes", type=at_least(1), help="classifier size of the checkpoint (default 1000)")
+    model.add_argument("--num-classes", type=at_least(1, MAX_CLASSES), help="classifier size of the checkpoint (default 1000)")
     overrides = parser.add_argument_group("config overrides (default: the method's published setting)")
     overrides.add_argument("--p", type=float, help="ImagePiece non-semantic fraction (0.3)")
     overrides.add_argument("--merge-ratio", type=float, help="ImagePiece merges per block / image tokens (0.08)")
@@ -91,8 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                            help="ImagePiece: how merged tokens are scored for pruning (attention: recomputed, the paper's step 3)")
     overrides.add_argument("--no-prop-attn", dest="prop_attn", action="store_false", default=None, help="disable proportional attention")
     target = parser.add_argument_group("target")
-    target.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda[:N] (default here: %(default)s)")
+    target.add_argument("--device", help=f"cpu or cuda[:N] (default: {'cuda' if torch.cuda.is_available() else 'cpu'} here; "
+                                         "cpu for --dtype int8, a CPU artifact)")
     target.add_argument("--dtype", default="fp32", choices=sorted(PRECISIONS),
                         help="precision (default: fp32); int8 (CPU) quantizes the Linear layers and still takes fp32 images")
     target.add_argument("--input-format", default="float", choices=list(CLI_INPUT_FORMATS),
@@ -112,7 +115,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch is None and args.max_batch is None:
         args.batch = 1
+    if args.device is None:  # the documented int8 example must not fail on a machine that has a GPU
+        args.device = "cuda" if torch.cuda.is_available() and args.dtype != "int8" else "cpu"
+    if (args.calibration is not None or args.calibration_images is not None) and args.dtype != "int8":  # before any work
+        parser.error("--calibration and --calibration-images apply only to --dtype int8")
     return args
+
+
+# The overrides only some methods read: given to another, they would change nothing but the metadata's record.
+USED_BY = {"p": ("imagepiece",), "merge_ratio": ("imagepiece",), "reevaluation": ("imagepiece",), "tome_r": ("tome",),
+           "keep_rate": ("evit", "imagepiece"), "prune_blocks": ("evit", "imagepiece")}
+
+
+def check_overrides_apply(method: str, overrides: dict) -> None:
+    for field, methods in USED_BY.items():
+        if field in overrides and method not in methods:
+            raise ValueError(f"--{field.replace('_', '-')} has no effect with method {method!r} (it applies to "
+                             f"{' and '.join(methods)}); drop it")
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -150,20 +169,25 @@ def fail(status: int, message: str) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        # Cheap checks first: a bad output path or device must not cost a compile.
+        # Cheap checks first: a bad output path, device or missing tool must not cost a compile.
         out = check_output_path(args.out)
         check_device_and_dtype(args.device, args.dtype)
+        check_build_tools(out)
         if args.model is not None and args.arch is not None:
             raise ValueError(f"--model {args.model!r} names its arch; drop --arch {args.arch}")
         name = args.model or args.arch or "deit_small_patch16_224"
+        overrides = config_overrides(args)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
+            check_overrides_apply(parse_model_name(name, args.method)[1], overrides)
             model = create_model(name, args.method, checkpoint=args.checkpoint,
-                                 allow_untrained_lcb=args.allow_untrained_lcb, **config_overrides(args))
+                                 allow_untrained_lcb=args.allow_untrained_lcb, **overrides)
     except (ValueError, CheckpointError) as error:
         return fail(USAGE_ERROR, str(error))
-    except OSError as error:
+    except OSError as error:  # the output folder cannot be written; a build tool is missing
         return fail(IO_ERROR, error.strerror or str(error))
+    except KeyboardInterrupt:  # reading the checkpoint, building the model: nothing written yet
+        return fail(exit_status(KeyboardInterrupt()), f"interrupted before compiling; {args.out} was not written")
 
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "RANDOM weights (pass --checkpoint for trained ones)"
     batch = f"static batch {args.batch}" if args.batch else f"dynamic batch 1..{args.max_batch}"

@@ -92,7 +92,12 @@ def test_command_line_choices_become_the_config_and_input_format():
         (("--model", "deit_small_patch16_224.tome"), "names its arch; drop --arch deit_tiny_patch16_224"),
         (("--num-classes", "0"), "--num-classes: must be an integer >= 1, got 0"),
         (("--num-classes", "-5"), "--num-classes: must be an integer >= 1, got -5"),
-        (("--tome-r", "-1"), "tome_r must be an int"),
+        (("--num-classes", "99999999"), "--num-classes: must be an integer <= 16,777,216"),  # the metadata's limit
+        (("--method", "tome", "--p", "0.5"), "--p has no effect with method 'tome' (it applies to imagepiece)"),
+        (("--method", "plain", "--prune-blocks", "1", "2"), "--prune-blocks has no effect with method 'plain'"),
+        (("--method", "evit", "--tome-r", "5"), "--tome-r has no effect with method 'evit' (it applies to tome)"),
+        (("--calibration-images", "4"), "--calibration and --calibration-images apply only to --dtype int8"),
+        (("--method", "tome", "--tome-r", "-1"), "tome_r must be an int"),
         (("--out-suffix", ".onnx"), "must end in .so"),
         (("--out-dir", "/nonexistent-dir"), "does not exist"),
     ],
@@ -108,6 +113,34 @@ def test_bad_requests_fail_in_one_line_with_status_2_and_leave_nothing(tmp_path,
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("missing", ["compiler", "objcopy"])
+def test_a_missing_build_tool_fails_in_one_line_with_status_1_before_compiling(tmp_path, missing):
+    tools = tmp_path / "bin"  # a PATH with the compiler and without objcopy
+    tools.mkdir()
+    (tools / "g++").symlink_to(shutil.which("g++"))
+    env = dict(os.environ, CXX="/nonexistent/g++") if missing == "compiler" else dict(os.environ, PATH=str(tools))
+    result = subprocess.run([sys.executable, str(SCRIPT), "--arch", "deit_tiny_patch16_224", "--out", str(tmp_path / "m.so")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    expected = "needs a C++ compiler" if missing == "compiler" else "objcopy (binutils) is needed"
+    assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert [path.name for path in tmp_path.iterdir()] == ["bin"]
+
+
+def test_a_model_name_and_a_different_method_are_refused():
+    from imagepiece.model import parse_model_name
+
+    with pytest.raises(ValueError, match="says method 'tome' but method='evit'"):
+        parse_model_name("tome_deit_tiny_patch16_224", "evit")  # the prefix once lost silently
+    assert parse_model_name("tome_deit_tiny_patch16_224", "tome") == ("deit_tiny_patch16_224", "tome")
+
+
+def test_int8_compiles_for_the_cpu_by_default_even_where_there_is_a_gpu(monkeypatch):
+    cli = load_script("aot_compile")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.parse_args(["--dtype", "int8", "--out", "q.so"]).device == "cpu"
+    assert cli.parse_args(["--out", "f.so"]).device == "cuda"
 
 
 def test_an_unwritable_target_fails_in_one_line_with_status_1():

@@ -71,7 +71,7 @@ def test_int8_artifact_refuses_low_precision_images(compiled):
 
 
 def test_folder_calibration_prepares_images_as_predict_does(tmp_path):
-    from imagepiece.quantize import folder_calibration, image_files
+    from imagepiece.quantize import folder_calibration, image_files, spread_over_folders
 
     write_image_folder(tmp_path, classes=2, per_class=3)
     (tmp_path / "notes.txt").write_text("not an image")
@@ -86,10 +86,18 @@ def test_folder_calibration_prepares_images_as_predict_does(tmp_path):
         folder_calibration(tmp_path / "empty", preprocessing, (3, 224, 224))
     with pytest.raises(ValueError, match="does not exist"):
         folder_calibration(tmp_path / "missing", preprocessing, (3, 224, 224))
+    # An ImageNet-style val/<class>/ folder: every class in turn, not the first class's images only.
+    classes = sorted(path for path in tmp_path.iterdir() if path.is_dir() and any(path.iterdir()))
+    picked = spread_over_folders(image_files(tmp_path), 4)
+    assert [path.parent for path in picked] == [classes[0], classes[1], classes[0], classes[1]]
+    # A file that is no usable image is named: a bad request (exit 2), not "could not write" the artifact.
+    (classes[0] / "aaa_broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="calibration image .*aaa_broken.jpg' cannot be used: not an image"):
+        folder_calibration(tmp_path, preprocessing, (3, 224, 224), count=8)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dtype", "fp32", "--calibration", "."], "calibration images are for --dtype int8 only"),
+    (["--dtype", "fp32", "--calibration", "."], "--calibration and --calibration-images apply only to --dtype int8"),
     (["--dtype", "int8", "--calibration", "/nonexistent/images"], "does not exist"),
 ])
 def test_aot_compile_refuses_bad_int8_requests_before_compiling(tmp_path, capsys, args, message):

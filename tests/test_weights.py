@@ -36,6 +36,16 @@ def test_deit_checkpoint_loads_into_every_method(deit_files, deit_state, layout,
     torch.testing.assert_close(model.state_dict()["blocks.5.attn.qkv.weight"], deit_state["blocks.5.attn.qkv.weight"])
 
 
+def test_the_trained_weights_are_read_not_the_ema_copy_beside_them(deit_state, tmp_path):
+    # DeiT's checkpoint.pth holds both; timm's reader preferred the EMA copy, silently.
+    ema = {name: torch.zeros_like(value) for name, value in deit_state.items()}
+    torch.save({"model": deit_state, "model_ema": ema, "epoch": 3}, tmp_path / "both.pth")
+    torch.save({"state_dict_ema": deit_state}, tmp_path / "ema_only.pth")  # nothing else: the EMA copy is it
+    for name in ("both.pth", "ema_only.pth"):
+        model = create_model(ARCH, "imagepiece", checkpoint=tmp_path / name)
+        torch.testing.assert_close(model.state_dict()["head.weight"], deit_state["head.weight"])
+
+
 def test_a_plain_deit_checkpoint_fills_every_tensor_of_a_residual_lcb_model(deit_files, deit_state):
     residual = create_model(ARCH, "imagepiece", checkpoint=deit_files["pth_plain"], lcb="residual")
     loaded = residual.state_dict()

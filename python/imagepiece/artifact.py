@@ -256,10 +256,12 @@ def _seal_library(path: Path, metadata: Union[dict, bytes]) -> None:
     blob = path.with_name(path.name + ".metadata.json")
     blob.write_bytes(_metadata_bytes(metadata))
     try:
-        subprocess.run([objcopy, "--remove-section", SECTION_NAME, "--add-section", f"{SECTION_NAME}={blob}",
-                        "--set-section-flags", f"{SECTION_NAME}=noload,readonly", str(path)], check=True, capture_output=True)
+        done = subprocess.run([objcopy, "--remove-section", SECTION_NAME, "--add-section", f"{SECTION_NAME}={blob}",
+                               "--set-section-flags", f"{SECTION_NAME}=noload,readonly", str(path)], capture_output=True, text=True)
     finally:
         blob.unlink()
+    if done.returncode != 0:  # its reason (a full disk: "No space left on device") is in what it printed
+        raise OSError(f"objcopy could not write the metadata into {path.name}: {done.stderr.strip() or f'exit status {done.returncode}'}")
     data = SealedFile.copy_of(path)
     try:
         offset, size = _metadata_section(data, path)

@@ -99,6 +99,22 @@ def check_device_and_dtype(device: str, dtype: str) -> torch.device:
     return target
 
 
+def check_build_tools(out: Union[str, Path]) -> None:
+    """OSError (the system's failure, not the request's) naming what this machine lacks to compile `out` (a C++
+    compiler; objcopy for a .so), before any work: Inductor finds out only when it first compiles, and objcopy is
+    needed after the whole compile."""
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except InvalidCxxCompiler:
+        raise OSError("AOTInductor needs a C++ compiler and none was found: install g++ (Debian/Ubuntu: "
+                      "apt-get install g++), or set CXX to one") from None
+    if Path(out).suffix == ".so" and shutil.which("objcopy") is None:
+        raise OSError("objcopy (binutils) is needed to put the metadata into a .so: install binutils, or write a .pt2")
+
+
 def check_output_path(out: Union[str, Path]) -> Path:
     """`out` as a Path; ValueError for a request that cannot work (suffix, missing folder, a directory),
     OSError when the folder cannot be written (read-only, no permission, full)."""

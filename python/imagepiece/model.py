@@ -159,7 +159,9 @@ def parse_model_name(name: str, method: Optional[str] = None) -> Tuple[str, str]
         method = tagged
     for prefix in METHODS:
         if arch.startswith(prefix + "_") and arch[len(prefix) + 1 :] in ARCHS:
-            arch, method = arch[len(prefix) + 1 :], method or prefix
+            if method is not None and method != prefix:
+                raise ValueError(f"model name {name!r} says method {prefix!r} but method={method!r} was passed")
+            arch, method = arch[len(prefix) + 1 :], prefix
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
     method = method or "imagepiece"

@@ -67,18 +67,42 @@ def folder_calibration(folder: Union[str, Path], preprocessing: dict, input_shap
                        count: int = CALIBRATION_IMAGES) -> Calibration:
     """Up to `count` images from `folder`, decoded, resized and normalised exactly as
     `imagepiece.predict` prepares images for this model (its preprocessing metadata)."""
-    from .predict.decode import decode_rgb
+    from .predict.decode import ImageError, decode_rgb
     from .predict.preprocess import Preprocess, normalise
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"calibration folder {str(folder)!r} does not exist or is not a folder")
-    files = image_files(folder)[:count]
+    files = spread_over_folders(image_files(folder), count)
     if not files:
         raise ValueError(f"calibration folder {str(folder)!r} holds no image files")
     prepare = Preprocess(preprocessing, input_shape)
-    pixels = torch.stack([torch.from_numpy(prepare(decode_rgb(str(path)))) for path in files])
+    images = []
+    for path in files:
+        try:
+            images.append(torch.from_numpy(prepare(decode_rgb(str(path)))))
+        except ImageError as error:  # a request that cannot work (exit 2), not a failed write
+            raise ValueError(f"calibration image {str(path)!r} cannot be used: {error}; remove it or give another --calibration") from None
+    pixels = torch.stack(images)
     return Calibration(normalise(pixels, preprocessing["mean"], preprocessing["std"]), f"folder {folder.name!r}")
+
+
+def spread_over_folders(files: List[Path], count: int) -> List[Path]:
+    """Up to `count` of `files` taken in turn from each folder (val/<class>/...: every class, not the first
+    one's 32 images), each folder's in sorted order: stable from run to run."""
+    by_folder: dict = {}
+    for path in files:
+        by_folder.setdefault(path.parent, []).append(path)
+    queues = [iter(group) for _, group in sorted(by_folder.items())]
+    chosen: List[Path] = []
+    while queues and len(chosen) < count:
+        for queue in list(queues):
+            path = next(queue, None)
+            if path is None:
+                queues.remove(queue)
+            elif len(chosen) < count:
+                chosen.append(path)
+    return chosen
 
 
 def int8_quantizer():

@@ -29,8 +29,11 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     """Read a `.safetensors` or torch-saved checkpoint into a flat {name: tensor} dict on CPU.
 
     timm's `load_state_dict` does the reading: safetensors or `torch.load(weights_only=True)`, the
-    state dict found under "state_dict_ema" / "model_ema" / "state_dict" / "model" (DeiT, timm and
-    common trainers wrap it so), and `clean_state_dict`'s removal of DDP / torch.compile prefixes.
+    state dict found under "state_dict" / "model" (DeiT, timm and common trainers wrap it so), and
+    `clean_state_dict`'s removal of DDP / torch.compile prefixes. The trained weights, not an EMA copy beside
+    them: DeiT's checkpoint.pth holds both "model" and "model_ema", and DeiT (as timm's validate.py) evaluates
+    "model"; the EMA copy of a short fine-tune is still near its starting weights. Only a checkpoint with no
+    other state dict is read from "state_dict_ema" / "model_ema".
     What this adds: one error type whose message names the file and says what is wrong.
     """
     path = Path(path)
@@ -42,15 +45,21 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         if path.suffix != ".safetensors" and _is_safetensors(path):  # timm picks the reader by the name alone
             state = clean_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
         else:
-            state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+            state = load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
+            if not _is_tensor_dict(state):  # only an EMA copy inside (timm looks for it only when asked)
+                state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
     except AttributeError:  # timm cleans keys with .items(): the file holds something other than a dict
         state = None
     except Exception as error:  # torch.load / safetensors raise many types for a bad file
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint ({_load_failure(error)})") from None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not _is_tensor_dict(state):
         raise CheckpointError(f"{str(path)!r} holds no state dict of tensors (looked at the top level and under "
                               "'state_dict_ema', 'model_ema', 'state_dict', 'model')")
     return state
+
+
+def _is_tensor_dict(state) -> bool:
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -108,7 +117,8 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
         if stem_missing and not allow_untrained_lcb:
             raise CheckpointError(
                 f"{str(path)!r} has no weights for LCB 'stem' ({len(stem_missing)} tensors, e.g. {stem_missing[0]}); "
-                "the stem must be trained (scripts/finetune.py) or pass allow_untrained_lcb=True to use it untrained"
+                "the stem must be trained (scripts/finetune.py), or use it untrained with --allow-untrained-lcb "
+                "(allow_untrained_lcb=True from Python)"
             )
         if stem_missing:
             warnings.warn(f"LCB 'stem' left untrained: {str(path)!r} has no stem weights", stacklevel=2)

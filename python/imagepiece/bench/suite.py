@@ -36,7 +36,7 @@ CPP_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what the binary registers (c
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"default: {' '.join(DEFAULT_VARIANTS)}")
-    parser.add_argument("--paths", nargs="+", choices=list(PATHS), help="default: every path the device supports")
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), help="default: every path the device supports, except the optional peers and the bf16/int8 ones (name them)")
     parser.add_argument("--batch", type=int, nargs="+", help="default: 1 8 64 (CPU), 1 8 64 256 (CUDA)")
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "fp16", "bf16"], help="default: fp32 (CPU), fp16 bf16 (CUDA)")
     parser.add_argument("--repeats", type=int, help="timed rounds per batch size (median and p90 reported; default 10, --quick 3)")

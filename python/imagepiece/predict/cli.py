@@ -10,7 +10,7 @@ examples:
 line, # comments), or a .csv/.parquet table (column `path`, the only column, or --column); relative
 paths in a list or table are relative to that file. --output: .csv, .jsonl or .parquet, one row per
 input (path, top-k classes, labels, probs, error); with --ray a folder of Parquet files. Files that
-cannot be predicted (corrupt, truncated, not an image, 16-bit, over --max-pixels, unreadable) get
+cannot be predicted (corrupt, truncated, not an image, 16-bit grayscale, over --max-pixels, unreadable) get
 an error row and the run goes on.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                              "(same artifact and --topk: the rows do not record the artifact)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse images with more pixels, before decoding them (default {DEFAULT_MAX_PIXELS:,})")
-    parser.add_argument("--labels", type=Path, help="class names, one per line (default: timm's ImageNet names)")
+    parser.add_argument("--labels", type=Path, help="class names, one per line (default: the artifact's own, else timm's ImageNet names)")
     parser.add_argument("--device", default="", help="run on this device (default: the artifact's), e.g. cuda:1")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     scale = parser.add_argument_group("scale-out on Ray Data")

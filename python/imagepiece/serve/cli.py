@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--device", default="", help="run on this device (default: the artifact's), e.g. cuda:1")
     parser.add_argument("--topk", type=int, default=defaults.topk, help="classes per answer unless ?topk= says (default 5)")
-    parser.add_argument("--labels", type=Path, help="class names, one per line (default: timm's ImageNet names)")
+    parser.add_argument("--labels", type=Path, help="class names, one per line (default: the artifact's own, else timm's ImageNet names)")
     batching = parser.add_argument_group("batching (ip_runtime.Batcher)")
     batching.add_argument("--max-batch", type=int, default=defaults.max_batch, help="images per run (default: the artifact's largest batch)")
     batching.add_argument("--max-delay-ms", type=float, default=defaults.max_delay_ms,
