@@ -1,5 +1,6 @@
 """imagepiece-predict --ray on a local 2-CPU Ray: the same rows as the single-process path, and --resume."""
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -16,7 +17,7 @@ from imagepiece.predict.ray_job import check_output_folder, resume_plan
 from imagepiece.predict.rows import Row
 from imagepiece.predict.sources import InputItem
 from imagepiece.predict.writers import read_rows, rows_from_arrow, rows_to_arrow
-from imagepiece.termination import sigterm_unwinds
+from imagepiece.termination import Terminated, sigterm_unwinds
 
 # The bomb fixtures are meant to trip Pillow's warning; predict refuses them itself (error rows).
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -162,3 +163,54 @@ def test_starting_ray_keeps_the_clis_sigterm_handler(monkeypatch):
         ours = signal.getsignal(signal.SIGTERM)
         assert ray_job._start_ray(None) is True
         assert signal.getsignal(signal.SIGTERM) is ours
+
+
+def test_a_stop_while_the_output_is_committed_waits_for_the_commit_and_says_it_is_complete(compiled, tmp_path, monkeypatch, capsys):
+    # No Ray: the job's staged files are made by hand. A Ctrl-C between the moves and the removal of the earlier files
+    # once left every path with two rows, and a message that the folder was as before.
+    output = tmp_path / "out"
+    output.mkdir()
+    pq.write_table(rows_to_arrow([Row("old.jpg", error="truncated")]), output / "earlier.parquet")
+    (output / f"{ray_job.STAGING_PREFIX}deadbeef").mkdir()  # a killed run's leftover
+    (tmp_path / "x.jpg").write_bytes(b"")
+
+    def staged_job(args, todo, metadata, output, staging, stats):
+        staging.mkdir()
+        pq.write_table(rows_to_arrow([Row(item.path, error="empty file") for item in todo]), staging / "new.parquet")
+        stats.images = len(todo)
+        return [staging / "new.parquet"]
+
+    commit = ray_job._commit
+
+    def interrupted_commit(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives during the commit
+        commit(*args)
+
+    monkeypatch.setattr(ray_job, "_start_ray", lambda address: False)
+    monkeypatch.setattr(ray_job, "_run_job", staged_job)
+    monkeypatch.setattr(ray_job, "_commit", interrupted_commit)
+    status = main(["--artifact", str(compiled.path("ti_imagepiece")), "--input", str(tmp_path / "x.jpg"), "--output", str(output),
+                   "--ray", "--no-progress"])
+    assert status == 130 and "interrupted after the output was complete" in capsys.readouterr().err
+    assert sorted(p.name for p in output.iterdir()) == ["new.parquet"]  # no earlier rows, no stale staging folder
+
+
+def test_ray_starts_locally_unless_an_address_or_ray_address_says_where_and_a_sigterm_while_it_starts_unwinds(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **options: calls.append(options.get("address")))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(ray_job, "check_reachable", lambda address: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_job._start_ray(None)  # "local": a `ray start` cluster on the machine is not joined (ray.init() would, then refuse num_cpus)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # as `ray job submit` runs its entrypoint
+    ray_job._start_ray(None)
+    assert calls == ["local", "10.0.0.1:6379"]
+
+    def terminated_while_starting(**options):
+        sys.exit(signal.SIGTERM)  # what Ray's own handler does while ray.init runs
+
+    monkeypatch.setattr(ray, "init", terminated_while_starting)
+    with pytest.raises(Terminated):
+        ray_job._start_ray(None)
+    assert calls[-1] == "shutdown", "its half-started processes are stopped"

@@ -39,6 +39,26 @@ def _raise_terminated(signum, frame) -> None:
 
 
 @contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM are noted, not raised; the first is raised (KeyboardInterrupt,
+    Terminated) when the block has finished: for steps that a stop must not cut in half. Python-level handlers,
+    not a signal mask: Python runs handlers in the main thread whichever thread the kernel delivered to."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {number: signal.signal(number, lambda signum, frame: received.append(signum))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        raise Terminated() if received[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` in the main thread; the previous handler comes back after.
     Elsewhere than the main thread (where Python delivers signals) it changes nothing."""

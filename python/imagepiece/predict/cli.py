@@ -32,7 +32,7 @@ from .classifier import Classifier, choose_batch
 from .decode import DEFAULT_MAX_PIXELS
 from .labels import class_names
 from .pipeline import RunStats, predict_items
-from .ray_job import RayRowsLost, check_output_folder, run_on_ray
+from .ray_job import RayRowsLost, StoppedAfterWriting, check_output_folder, run_on_ray
 from .sources import list_inputs
 from .writers import ResumableOutput, output_format, warn_if_resume_matches_nothing
 
@@ -144,6 +144,10 @@ def run_ray(args, items, warn, prog: str) -> int:
     except RayRowsLost as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
+    except StoppedAfterWriting as late:
+        print(f"{prog}: {how_stopped(late.stop)} after the output was complete: predicted {late.stats.summary()}; wrote "
+              f"{args.output}/", file=sys.stderr)
+        return exit_status(late.stop)
     except STOPPED as stop:
         # Ray's files are moved into --output only when the whole job finished.
         print(f"{prog}: {how_stopped(stop)}; {args.output} is as it was before this run (rerun to predict; --resume keeps "

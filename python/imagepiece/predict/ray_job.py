@@ -25,9 +25,11 @@ must see the image files, the artifact and --labels at the same paths (a shared 
 travel by path, not through the object store.
 
 Without --address a local Ray is started for the run (all cores, a small object store, no
-dashboard, worker logs kept off the terminal) and stopped after; with one, the job joins that
+dashboard, worker logs kept off the terminal) and stopped after, even where a `ray start` cluster
+runs on the machine; with one (or with RAY_ADDRESS set, as `ray job submit` does), the job joins that
 cluster ("auto" finds a running local one) once a TCP connect to it succeeded within
-RAY_CONNECT_TIMEOUT_S (Ray itself retries an unreachable address forever).
+RAY_CONNECT_TIMEOUT_S (Ray itself retries an unreachable address forever; an address that accepts TCP
+but is no Ray cluster still makes Ray wait).
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ from .preprocess import Preprocess
 from .rows import Row, prediction_rows
 from .sources import InputItem
 from .writers import check_same_topk, rows_from_arrow, rows_to_arrow, warn_if_resume_matches_nothing
+from imagepiece.termination import STOPPED, Terminated, how_stopped, stops_deferred
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 DECODE_BATCH = 16  # images per decode task: small enough to spread over workers, big enough to amortise a task
@@ -194,13 +197,24 @@ def _start_ray(address: Optional[str]) -> bool:
     # ray.init replaces the SIGTERM handler with its own (sys.exit(15)): the caller's comes back after it, so that the
     # CLI's SIGTERM unwinds, cleans up and reports as its Ctrl-C does (imagepiece.termination).
     caller_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if address:
-        check_reachable(address)
-        ray.init(address=address, **common)
-    else:
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
-    if caller_sigterm is not None:
-        signal.signal(signal.SIGTERM, caller_sigterm)
+    address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` runs its entrypoint with it set
+    try:
+        if address:
+            check_reachable(address)
+            ray.init(address=address, **common)
+        else:  # "local": a new Ray even where a `ray start` cluster runs (ray.init() would join it, then refuse num_cpus)
+            ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
+    except SystemExit as exit_:  # SIGTERM while Ray starts: its own handler's sys.exit(15)
+        ray.shutdown()  # its half-started processes go too
+        if exit_.code == signal.SIGTERM:
+            raise Terminated() from None
+        raise
+    except BaseException:
+        ray.shutdown()
+        raise
+    finally:
+        if caller_sigterm is not None:
+            signal.signal(signal.SIGTERM, caller_sigterm)
     return True
 
 
@@ -235,9 +249,16 @@ class RayRowsLost(Exception):
     """The job's Parquet files hold fewer (or more) rows than images were sent: never a silently partial output."""
 
 
+class StoppedAfterWriting(Exception):
+    """Ctrl-C or SIGTERM came once the output was complete (while Ray shut down): `stop` says which."""
+
+    def __init__(self, stop: BaseException, stats: RunStats) -> None:
+        super().__init__(how_stopped(stop))
+        self.stop, self.stats = stop, stats
+
+
 def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn_on_stderr) -> RunStats:
     """Predict `items` on Ray into the folder `args.output`; same row contents as the single-process path."""
-    import pyarrow.parquet as pq
     import ray
 
     from imagepiece.artifact import read_metadata
@@ -254,49 +275,76 @@ def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn
     created = not output.exists()
     staging = output / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
     started = _start_ray(args.address)
+    committed = False
     try:
-        output.mkdir(exist_ok=True)  # not before: a Ray that cannot start leaves no empty folder behind
-        _set_ray_data_output(progress=not args.no_progress)
-        cuda = (args.device or metadata["device_type"]).startswith("cuda")
-        concurrency = args.concurrency or default_concurrency(cuda)
-        began = time.perf_counter()
-        if todo:
-            blocks = max(1, min(len(todo) // DECODE_BATCH, 1000))
-            concurrency = min(concurrency, blocks)  # more actors than blocks would only idle
-            locations = [{"path": i.path, "location": i.location and os.path.abspath(i.location)} for i in todo]  # "": its error row
-            dataset = ray.data.from_items(locations, override_num_blocks=blocks)
-            dataset = dataset.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1,
-                                          fn_kwargs={"preprocessing_json": json.dumps(metadata["preprocessing"]),
-                                                     "input_shape": tuple(metadata["input_shape"]),
-                                                     "max_pixels": args.max_pixels})
-            dataset = dataset.map_batches(PredictActor, batch_size=choose_batch(metadata["batch"], args.batch), batch_format="numpy",
-                                          compute=ray.data.ActorPoolStrategy(size=concurrency),
-                                          num_gpus=1 if cuda else 0, num_cpus=1,
-                                          fn_constructor_kwargs={"artifact": str(Path(args.artifact).resolve()), "topk": args.topk,
-                                                                 "batch": args.batch, "cpus": 1, "device": args.device,
-                                                                 "labels_file": str(Path(args.labels).resolve()) if args.labels else None})
-            dataset.write_parquet(str(staging))
-        stats.seconds = time.perf_counter() - began
-        new_files = _parquet_files(staging)
-        for file in new_files:
-            table = pq.read_table(file, columns=["error"])
-            stats.images += table.num_rows
-            stats.errors += sum(1 for error in table["error"].to_pylist() if error)
-        if stats.images != len(todo):  # checked before anything moves: the output stays as it was
-            raise RayRowsLost(f"the Ray job wrote {stats.images} rows for {len(todo)} images; "
-                              f"{output} is as it was before this run")
-        for file in new_files:
-            os.replace(file, output / file.name)
-        if args.resume:
-            _drop_rows(old_files, retried)
-        else:
-            for file in old_files:
-                file.unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:  # a folder this run made is empty only if the job failed or was interrupted: it goes again
-            with contextlib.suppress(OSError):  # rmdir removes nothing but an empty folder
-                output.rmdir()
-        if started:
-            ray.shutdown()
+        try:
+            new_files = _run_job(args, todo, metadata, output, staging, stats)
+            with stops_deferred():  # a stop half-way would leave old and new rows side by side
+                _commit(new_files, output, staging, old_files, retried, args.resume)
+                committed = True
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created:  # a folder this run made is empty only if the job failed or was interrupted: it goes again
+                with contextlib.suppress(OSError):  # rmdir removes nothing but an empty folder
+                    output.rmdir()
+            if started:
+                ray.shutdown()
+    except STOPPED as stop:
+        if committed:  # the output is whole (the stop came after, or while Ray shut down): not "as it was"
+            raise StoppedAfterWriting(stop, stats) from None
+        raise
     return stats
+
+
+def _run_job(args, todo: List[InputItem], metadata: dict, output: Path, staging: Path, stats: RunStats) -> List[Path]:
+    """The Ray job, writing into `staging`; its files, once their rows are counted into `stats`."""
+    import pyarrow.parquet as pq
+    import ray
+
+    output.mkdir(exist_ok=True)  # not before: a Ray that cannot start leaves no empty folder behind
+    _set_ray_data_output(progress=not args.no_progress)
+    cuda = (args.device or metadata["device_type"]).startswith("cuda")
+    concurrency = args.concurrency or default_concurrency(cuda)
+    began = time.perf_counter()
+    if todo:
+        blocks = max(1, min(len(todo) // DECODE_BATCH, 1000))
+        concurrency = min(concurrency, blocks)  # more actors than blocks would only idle
+        # Absolute without normalising: "link/../x.jpg" must resolve through the link, as the single-process path opens it.
+        locations = [{"path": i.path, "location": i.location and os.path.join(os.getcwd(), i.location)} for i in todo]  # "": its error row
+        dataset = ray.data.from_items(locations, override_num_blocks=blocks)
+        dataset = dataset.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1,
+                                      fn_kwargs={"preprocessing_json": json.dumps(metadata["preprocessing"]),
+                                                 "input_shape": tuple(metadata["input_shape"]),
+                                                 "max_pixels": args.max_pixels})
+        dataset = dataset.map_batches(PredictActor, batch_size=choose_batch(metadata["batch"], args.batch), batch_format="numpy",
+                                      compute=ray.data.ActorPoolStrategy(size=concurrency),
+                                      num_gpus=1 if cuda else 0, num_cpus=1,
+                                      fn_constructor_kwargs={"artifact": str(Path(args.artifact).resolve()), "topk": args.topk,
+                                                             "batch": args.batch, "cpus": 1, "device": args.device,
+                                                             "labels_file": str(Path(args.labels).resolve()) if args.labels else None})
+        dataset.write_parquet(str(staging))
+    stats.seconds = time.perf_counter() - began
+    new_files = _parquet_files(staging)
+    for file in new_files:
+        table = pq.read_table(file, columns=["error"])
+        stats.images += table.num_rows
+        stats.errors += sum(1 for error in table["error"].to_pylist() if error)
+    if stats.images != len(todo):  # checked before anything moves: the output stays as it was
+        raise RayRowsLost(f"the Ray job wrote {stats.images} rows for {len(todo)} images; "
+                          f"{output} is as it was before this run")
+    return new_files
+
+
+def _commit(new_files: List[Path], output: Path, staging: Path, old_files: List[Path], retried: Set[str], resume: bool) -> None:
+    """The new files into `output`; the earlier ones removed (a fresh run) or without the retried rows (--resume);
+    staging folders of earlier runs killed before they could remove theirs go too."""
+    for file in new_files:
+        os.replace(file, output / file.name)
+    if resume:
+        _drop_rows(old_files, retried)
+    else:
+        for file in old_files:
+            file.unlink()
+    for stale in output.glob(f"{STAGING_PREFIX}*"):
+        if stale != staging:
+            shutil.rmtree(stale, ignore_errors=True)
