@@ -100,6 +100,7 @@ def test_command_line_choices_become_the_config_and_input_format():
         (("--method", "tome", "--tome-r", "-1"), "tome_r must be an int"),
         (("--out-suffix", ".onnx"), "must end in .so"),
         (("--out-dir", "/nonexistent-dir"), "does not exist"),
+        (("--out-dir", __file__), "is a file, not a folder"),
     ],
 )
 def test_bad_requests_fail_in_one_line_with_status_2_and_leave_nothing(tmp_path, capsys, args, message):

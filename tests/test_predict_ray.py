@@ -77,8 +77,7 @@ def test_ray_rows_equal_single_process_rows_and_resume_adds_only_new_ones(compil
 
 def test_resume_replaces_only_error_rows_of_paths_listed_again():
     # No Ray needed: which rows a --ray --resume redoes, and which earlier error rows it then drops.
-    earlier = [Row("done.jpg", classes=[1], labels=["a"], probs=[0.9]), Row("broken.jpg", error="truncated"),
-               Row("unlisted.jpg", error="truncated")]
+    earlier = {"done.jpg": True, "broken.jpg": False, "unlisted.jpg": False}  # which earlier paths have a prediction
     items = [InputItem("done.jpg", "/x/done.jpg"), InputItem("broken.jpg", "/x/broken.jpg"), InputItem("new.jpg", "/x/new.jpg")]
     todo, retried = resume_plan(earlier, items)
     assert [item.path for item in todo] == ["broken.jpg", "new.jpg"]

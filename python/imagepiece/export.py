@@ -124,6 +124,8 @@ def check_output_path(out: Union[str, Path]) -> Path:
     if out.is_dir():
         raise ValueError(f"output {str(out)!r} is a directory")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"output directory {str(parent)!r} is a file, not a folder")
     if not parent.is_dir():
         raise ValueError(f"output directory {str(parent)!r} does not exist")
     try:

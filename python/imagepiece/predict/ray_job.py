@@ -56,7 +56,7 @@ from .pipeline import ImagePreparer, RunStats
 from .preprocess import Preprocess
 from .rows import Row, prediction_rows
 from .sources import InputItem
-from .writers import check_same_topk, rows_from_arrow, rows_to_arrow, warn_if_resume_matches_nothing
+from .writers import check_topk_found, rows_to_arrow, warn_if_resume_matches_nothing
 from imagepiece.termination import STOPPED, Terminated, how_stopped, stops_deferred
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
@@ -133,27 +133,37 @@ def check_output_folder(folder: Path, input_spec: str) -> None:
                          f"{foreign[0]!r}); with --ray give a new or empty folder, or one holding only an earlier run's output")
 
 
-def _earlier_rows(folder: Path) -> List[Row]:
+def _earlier_outcomes(folder: Path, topk: Optional[int]) -> Dict[str, bool]:
+    """Each path an earlier run's files hold: True if one of its rows is a prediction. Read as Arrow columns
+    (path, error, the number of classes), never as Python rows: a resumed job of a billion images must not
+    hold them all in the driver. Refuses rows of another --topk."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    rows = []
+    outcomes: Dict[str, bool] = {}
+    found: Set[int] = set()
     for file in _parquet_files(folder):
         try:
-            rows += rows_from_arrow(pq.read_table(file))
+            table = pq.read_table(file, columns=["path", "error", "classes"])
         except Exception as error:
             raise ValueError(f"cannot resume: {str(file)!r} is not a readable predict output ({type(error).__name__}: {error})") from None
-    return rows
+        ok = pc.fill_null(pc.equal(pc.fill_null(table["error"], ""), ""), False)
+        found.update(pc.unique(pc.filter(pc.list_value_length(table["classes"]), ok)).to_pylist())
+        for path, predicted in zip(table["path"].to_pylist(), ok.to_pylist()):
+            outcomes[path] = outcomes.get(path, False) or predicted
+    check_topk_found({int(count) for count in found if count is not None}, topk, folder)
+    return outcomes
 
 
-def resume_plan(earlier: List[Row], items: List[InputItem]) -> Tuple[List[InputItem], Set[str]]:
-    """(items still to do, paths whose earlier error rows the new run replaces).
+def resume_plan(earlier: Dict[str, bool], items: List[InputItem]) -> Tuple[List[InputItem], Set[str]]:
+    """(items still to do, paths whose earlier error rows the new run replaces), from each earlier path's outcome
+    (True: it has a prediction).
 
     Only error rows of paths that are listed again are replaced: an earlier error row for a path no
     longer in the input stays, as in the single-process path (its merge keeps unlisted rows).
     """
-    done = {row.path for row in earlier if row.ok}
-    todo = [item for item in items if item.path not in done]
-    retried = {row.path for row in earlier if not row.ok} & {item.path for item in todo}
+    todo = [item for item in items if not earlier.get(item.path, False)]
+    retried = {item.path for item in todo if item.path in earlier}
     return todo, retried
 
 
@@ -266,9 +276,8 @@ def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn
     # Absolute: Ray's workers (on a cluster started elsewhere, --address) resolve relative paths against their own folder.
     output = Path(os.path.abspath(args.output))
     metadata = read_metadata(args.artifact)
-    earlier = _earlier_rows(output) if args.resume else []
-    check_same_topk(earlier, args.topk, output)
-    warn_if_resume_matches_nothing(list(dict.fromkeys(row.path for row in earlier)), [item.path for item in items], output, warn)
+    earlier = _earlier_outcomes(output, args.topk) if args.resume else {}
+    warn_if_resume_matches_nothing(list(earlier), [item.path for item in items], output, warn)
     todo, retried = resume_plan(earlier, items)
     stats = RunStats(skipped=len(items) - len(todo), decode_seconds=None, inference_seconds=None)
     old_files = _parquet_files(output)

@@ -21,7 +21,7 @@ import csv
 import json
 from pathlib import Path
 from itertools import chain, islice
-from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from imagepiece.files import atomic_write
 
@@ -224,7 +224,11 @@ def _parse_line(line: bytes) -> Optional[Row]:
 def check_same_topk(rows: Iterable[Row], topk: Optional[int], path: Path) -> None:
     # The rows do not say which artifact made them; their number of classes at least shows a different --topk,
     # which would leave a file whose rows disagree.
-    found = {len(row.classes) for row in rows if row.ok}
+    check_topk_found({len(row.classes) for row in rows if row.ok}, topk, path)
+
+
+def check_topk_found(found: Set[int], topk: Optional[int], path: Path) -> None:
+    """`found`: the numbers of classes the earlier prediction rows hold."""
     if topk is not None and found and found != {topk}:
         raise ValueError(f"cannot resume: {str(path)!r} holds top-{'/'.join(map(str, sorted(found)))} rows, this run asks for "
                          f"--topk {topk}; resume with the same --topk and artifact, or write to a new output")
