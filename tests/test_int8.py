@@ -96,6 +96,22 @@ def test_folder_calibration_prepares_images_as_predict_does(tmp_path):
         folder_calibration(tmp_path, preprocessing, (3, 224, 224), count=8)
 
 
+def test_calibration_runs_and_records_the_images_a_graph_can_take():
+    from imagepiece.quantize import Calibration, calibration_chunks, quantize_int8, usable_calibration
+
+    # A static batch of 2 takes whole batches: 5 images calibrate on 4, and the metadata must say 4, not 5.
+    assert calibration_chunks(5, 2, dynamic=False) == [slice(0, 2), slice(2, 4)]
+    assert len(usable_calibration(Calibration(torch.randn(5, 3, 8, 8), "x"), 2, dynamic=False).images) == 4
+    with pytest.raises(ValueError, match="static batch-4 artifact needs at least 4 images, got 3"):
+        usable_calibration(Calibration(torch.randn(3, 3, 8, 8), "x"), 4, dynamic=False)
+    # A dynamic batch takes the rest too: one image is enough (it once asked for "one batch of 2").
+    assert calibration_chunks(5, 2, dynamic=True) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)).eval()
+    quantized = quantize_int8(model, torch.randn(2, 3, 2, 2), Calibration(torch.randn(1, 3, 2, 2), "one"), batch=2,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
+    assert quantized(torch.randn(3, 3, 2, 2)).shape == (3, 4)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--dtype", "fp32", "--calibration", "."], "--calibration and --calibration-images apply only to --dtype int8"),
     (["--dtype", "int8", "--calibration", "/nonexistent/images"], "does not exist"),

@@ -105,6 +105,23 @@ def spread_over_folders(files: List[Path], count: int) -> List[Path]:
     return chosen
 
 
+def calibration_chunks(count: int, batch: int, dynamic: bool) -> List[slice]:
+    """The slices of `count` calibration images that run through the model: chunks of `batch`, and for a dynamic-batch
+    graph the rest too (a static graph takes whole batches only)."""
+    end = count if dynamic else count - count % batch
+    return [slice(start, min(start + batch, end)) for start in range(0, end, batch)]
+
+
+def usable_calibration(calibration: Calibration, batch: int, dynamic: bool) -> Calibration:
+    """`calibration` without the images no chunk would run (a static batch's remainder), so that the metadata
+    records the images the ranges were measured on; ValueError if none would run."""
+    used = sum(part.stop - part.start for part in calibration_chunks(len(calibration.images), batch, dynamic))
+    if used == 0:
+        raise ValueError(f"int8 calibration of a static batch-{batch} artifact needs at least {batch} images, "
+                         f"got {len(calibration.images)}")
+    return Calibration(calibration.images[:used], calibration.source)
+
+
 def int8_quantizer():
     """X86InductorQuantizer annotating nn.Linear only (see the module docstring)."""
     _, x86 = require_torchao()
@@ -116,29 +133,29 @@ def int8_quantizer():
 def quantize_int8(model: torch.nn.Module, example: torch.Tensor, calibration: Calibration, batch: int,
                   dynamic_shapes: Optional[tuple] = None) -> torch.nn.Module:
     """`model` with int8 Linear layers (quantize/dequantize nodes in an exported graph module), its
-    activation ranges calibrated on `calibration.images` in chunks of `batch` (the static batch, if any)."""
+    activation ranges calibrated on `usable_calibration(calibration, ...)`'s images in chunks of `batch`."""
     quantize_pt2e, _ = require_torchao()
+    dynamic = dynamic_shapes is not None
+    images = usable_calibration(calibration, batch, dynamic).images.to(example.device)
     with torch.no_grad():
         graph = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes).module()
         prepared = quantize_pt2e.prepare_pt2e(graph, int8_quantizer())
-        images = calibration.images.to(example.device)
-        if len(images) < batch:
-            raise ValueError(f"calibration needs at least one batch of {batch} images, got {len(images)}")
-        for start in range(0, len(images) - batch + 1, batch):  # whole batches only: a static graph takes no other size
-            prepared(images[start : start + batch])
+        for chunk in calibration_chunks(len(images), batch, dynamic):
+            prepared(images[chunk])
         return quantize_pt2e.convert_pt2e(prepared)
 
 
-def agreement_with_fp32(reference: torch.nn.Module, quantized: torch.nn.Module, images: torch.Tensor, batch: int) -> dict:
-    """How the quantized model's logits compare with the fp32 model's on `images` (whole batches of `batch`).
+def agreement_with_fp32(reference: torch.nn.Module, quantized: torch.nn.Module, images: torch.Tensor, batch: int,
+                        dynamic: bool = False) -> dict:
+    """How the quantized model's logits compare with the fp32 model's on `images` (`calibration_chunks`' chunks).
 
     `quantized` is `quantize_int8`'s graph module, which computes int8 in reference form (quantize ->
     dequantize -> fp32 op); the compiled artifact runs the fused int8 kernels instead, equal up to rounding
     (tests/test_int8.py measures the artifact itself; `python -m imagepiece.bench precision` the figures)."""
     expected, actual = [], []
     with torch.no_grad():
-        for start in range(0, len(images) - batch + 1, batch):
-            chunk = images[start : start + batch]
+        for part in calibration_chunks(len(images), batch, dynamic):
+            chunk = images[part]
             expected.append(reference(chunk).float())
             actual.append(quantized(chunk).float())
     return logit_agreement(torch.cat(actual), torch.cat(expected))
