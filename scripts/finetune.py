@@ -135,32 +135,29 @@ def build_model(args, recipe, lcb):
 def keep_log_up_to(log: Path, step: int) -> None:
     """A run resumes from its last save and takes the steps after it again: their lines from the interrupted
     run (and a line cut short by a kill) leave the log, so that each step is logged once."""
-    if not log.exists():
-        return
-    lines = log.read_text().splitlines(keepends=True)
-
-    def logged_step(line: str) -> float:
-        try:
-            return json.loads(line).get("step", 0)
-        except (ValueError, AttributeError):
-            return float("inf")
-
-    kept = [line for line in lines if logged_step(line) <= step]
+    lines = log_records(log)
+    kept = [line for line, record in lines if record is not None and record.get("step", 0) <= step]
     if len(kept) != len(lines):
         atomic_write_text(log, "".join(kept))
 
 
 def logged_step_losses(log: Path, epoch: int) -> list:
     """The losses `log` holds for the steps of `epoch` (a resumed run's epoch began in an earlier run)."""
+    return [record["loss"] for _, record in log_records(log) if record is not None and "loss" in record and record.get("epoch") == epoch]
+
+
+def log_records(log: Path) -> list:
+    """(line, its JSON object, or None for a line cut short by a kill) for each line of `log`."""
     if not log.exists():
         return []
     records = []
-    for line in log.read_text().splitlines():
+    for line in log.read_text().splitlines(keepends=True):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            continue
-    return [r["loss"] for r in records if isinstance(r, dict) and "loss" in r and r.get("epoch") == epoch]
+            record = None
+        records.append((line, record if isinstance(record, dict) else None))
+    return records
 
 
 def main(argv=None) -> int:

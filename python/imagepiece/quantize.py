@@ -56,10 +56,11 @@ def synthetic_calibration(input_shape: Sequence[int], count: int = CALIBRATION_I
 
 
 def image_files(folder: Path) -> List[Path]:
-    """Image files under `folder` (any depth), in a stable order."""
-    from PIL import Image
+    """Image files under `folder` (any depth), in a stable order: the suffixes predict's folder walk lists (the formats
+    the decoder opens: a .psd or .pdf beside the images is no calibration image)."""
+    from .predict.sources import image_suffixes
 
-    extensions = {suffix.lower() for suffix, _ in Image.registered_extensions().items()}
+    extensions = image_suffixes()
     return sorted(path for path in Path(folder).rglob("*") if path.is_file() and path.suffix.lower() in extensions)
 
 
@@ -108,14 +109,14 @@ def spread_over_folders(files: List[Path], count: int) -> List[Path]:
 def calibration_chunks(count: int, batch: int, dynamic: bool) -> List[slice]:
     """The slices of `count` calibration images that run through the model: chunks of `batch`, and for a dynamic-batch
     graph the rest too (a static graph takes whole batches only)."""
-    end = count if dynamic else count - count % batch
-    return [slice(start, min(start + batch, end)) for start in range(0, end, batch)]
+    return [slice(start, min(start + batch, count)) for start in range(0, count if dynamic else count - batch + 1, batch)]
 
 
 def usable_calibration(calibration: Calibration, batch: int, dynamic: bool) -> Calibration:
     """`calibration` without the images no chunk would run (a static batch's remainder), so that the metadata
     records the images the ranges were measured on; ValueError if none would run."""
-    used = sum(part.stop - part.start for part in calibration_chunks(len(calibration.images), batch, dynamic))
+    count = len(calibration.images)
+    used = count if dynamic else count - count % batch
     if used == 0:
         raise ValueError(f"int8 calibration of a static batch-{batch} artifact needs at least {batch} images, "
                          f"got {len(calibration.images)}")

@@ -145,26 +145,25 @@ class Journal:
         """(byte offset, row) of each whole line, up to the first that is not one (a crash mid-write)."""
         if not self.path.exists():
             return
-        with open(self.path, "rb") as handle:
-            offset = 0
-            # Lines split as bytes, decoded one by one: a crash can cut the last line inside a UTF-8 character, and
-            # str.splitlines() would also split inside a path holding U+2028 (JSON leaves it unescaped).
-            for line in handle:
-                row = _parse_line(line)
-                if row is None:
-                    return
-                yield offset, row
-                offset += len(line)
+        for offset, line in self._lines():
+            row = _parse_line(line)
+            if row is None:
+                return
+            yield offset, row
 
     def path_offsets(self) -> Dict[str, int]:
-        """Where each path's last row starts, in the order of each path's first row. Only for a journal this run
-        wrote and closed (whole lines only): it decodes just the path that opens each line."""
-        offsets, offset = {}, 0
+        """Where each path's last row starts. Only for a journal this run wrote and closed (whole lines only):
+        it decodes just the path that opens each line."""
+        return {_path_of(line): offset for offset, line in self._lines()}
+
+    def _lines(self) -> Iterator[Tuple[int, bytes]]:
+        # Lines split as bytes, decoded one by one: a crash can cut the last line inside a UTF-8 character, and
+        # str.splitlines() would also split inside a path holding U+2028 (JSON leaves it unescaped).
         with open(self.path, "rb") as handle:
+            offset = 0
             for line in handle:
-                offsets[_path_of(line)] = offset
+                yield offset, line
                 offset += len(line)
-        return offsets
 
     def read(self) -> List[Row]:
         return [row for _, row in self.entries()]
