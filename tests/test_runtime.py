@@ -403,6 +403,22 @@ def test_cpp_example_starts_without_the_loader_cache(compiled, classify_app):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_an_app_binds_to_the_versioned_api_so_one_built_against_other_headers_does_not_start(classify_app):
+    # Wheels have no versioned soname: the inline namespace imagepiece::abi_v1 is what makes an app compiled
+    # against another layout of Runtime stop at "undefined symbol" instead of running with it.
+    library = Path(ip_runtime._core.__file__).parent / "lib" / "libimagepiece_runtime.so"
+
+    def symbols(path, *flags):
+        listing = subprocess.run(["nm", "-DC", *flags, str(path)], capture_output=True, text=True, check=True).stdout
+        names = (re.sub(r"^\s*(?:[0-9a-f]+\s+)?\S\s+", "", line) for line in listing.splitlines())  # [address] type name
+        return {name for name in names if name.startswith("imagepiece::")}
+
+    used = symbols(classify_app, "--undefined-only")
+    assert used and all(name.startswith("imagepiece::abi_v1::") for name in used), sorted(used)
+    assert used <= symbols(library, "--defined-only")
+
+
 def test_cpp_example_reports_errors_with_their_code(classify_app, compiled, tmp_path):
     result = subprocess.run([str(classify_app), str(tmp_path / "missing.so")], capture_output=True, text=True)
     assert result.returncode == 1 and "error [file_not_found]" in result.stderr

@@ -88,6 +88,17 @@ def test_mismatched_checkpoints_list_every_problem(deit_state, tmp_path):
     assert len(str(error.value)) < 1000
 
 
+def test_a_checkpoint_with_nan_or_infinite_weights_is_refused(deit_state, tmp_path):
+    # It would load, compile and answer NaN logits for every image.
+    diverged = dict(deit_state)
+    diverged["blocks.3.mlp.fc1.weight"] = deit_state["blocks.3.mlp.fc1.weight"].clone()
+    diverged["blocks.3.mlp.fc1.weight"][0, 0] = float("nan")
+    diverged["head.bias"] = torch.full_like(deit_state["head.bias"], float("inf"))
+    torch.save(diverged, tmp_path / "diverged.pth")
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in 2 tensor\(s\): blocks.3.mlp.fc1.weight, head.bias"):
+        create_model(ARCH, checkpoint=tmp_path / "diverged.pth")
+
+
 def test_a_fine_tuned_checkpoint_that_does_not_fit_says_which_flags_rebuild_its_model(tmp_path):
     tuned = create_model(ARCH, "imagepiece", lcb="residual", num_classes=10)
     torch.save({"model": tuned.state_dict(), "epoch": 3, "arch": ARCH, "preset": "imagepiece", "lcb": "residual", "num_classes": 10},

@@ -16,6 +16,7 @@
 #include "process_setup.h"
 
 namespace imagepiece {
+inline namespace abi_v1 {
 
 namespace {
 
@@ -434,4 +435,5 @@ const BatcherOptions& Batcher::options() const {
   return state_->options;
 }
 
+}  // inline namespace abi_v1
 }  // namespace imagepiece

@@ -26,6 +26,7 @@
 #endif
 
 namespace imagepiece {
+inline namespace abi_v1 {
 
 const char* error_code_name(ErrorCode code) {
   switch (code) {
@@ -526,4 +527,5 @@ void Runtime::check_sample(const at::Tensor& image) const {
 const ModelInfo& Runtime::info() const { return impl().info; }
 const RuntimeOptions& Runtime::options() const { return impl().options; }
 
+}  // inline namespace abi_v1
 }  // namespace imagepiece

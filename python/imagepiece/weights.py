@@ -134,6 +134,13 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
     if problems:
         raise CheckpointError(f"{str(path)!r} does not fit {model.pretrained_cfg.get('architecture', 'the model')}: " + "; ".join(problems)
                               + fine_tune_hint(path))
+    # A diverged run saves NaN/Inf weights that load and compile fine and then answer NaN logits for
+    # every image: refuse them here, where the file is named.
+    non_finite = [key for key in expected if key in state and state[key].is_floating_point()
+                  and not bool(torch.isfinite(state[key]).all())]
+    if non_finite:
+        raise CheckpointError(f"{str(path)!r} holds NaN or infinite values in {len(non_finite)} tensor(s): "
+                              f"{_first(non_finite)} (a diverged training run?)")
 
     model.load_state_dict(state, strict=False)
 

@@ -49,6 +49,7 @@
 #include "imagepiece/runtime.h"
 
 namespace imagepiece {
+inline namespace abi_v1 {
 
 struct BatcherOptions {
   static constexpr int64_t kMaxDelayUs = 10'000'000;
@@ -115,4 +116,5 @@ class Batcher {
   std::shared_ptr<State> state_;  // shared with the workers, so one destroyed from a callback can finish
 };
 
+}  // inline namespace abi_v1
 }  // namespace imagepiece

@@ -34,6 +34,11 @@
 #include <vector>
 
 namespace imagepiece {
+// Every public type lives in a versioned inline namespace, so its symbols are named imagepiece::abi_v1::...:
+// bump it whenever a class layout or a signature here changes, and an app compiled against other
+// headers then fails to start with an undefined symbol instead of running with the wrong layout
+// (wheels carry no versioned soname that could say so). Code still writes imagepiece::Runtime.
+inline namespace abi_v1 {
 
 enum class ErrorCode {
   kFileNotFound,   // the artifact path does not exist
@@ -120,4 +125,5 @@ class Runtime {
   std::shared_ptr<Impl> impl_;
 };
 
+}  // inline namespace abi_v1
 }  // namespace imagepiece
