@@ -5,6 +5,8 @@ import shutil
 import signal
 import socket
 import sys
+import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -118,6 +120,31 @@ def test_an_address_where_no_ray_answers_is_a_one_line_error_and_leaves_no_folde
     assert not output.exists()
     with pytest.raises(ValueError, match="is not host:port"):
         ray_job.check_reachable("headnode")
+
+
+@pytest.mark.parametrize("server", ["silent", "http"])
+def test_an_address_that_accepts_connections_but_is_no_ray_cluster_is_refused_not_waited_on(server):
+    # ray.init would retry such an address forever.
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = "%s:%d" % listening.getsockname()
+
+        def answer():
+            connection, _ = listening.accept()
+            with connection:
+                if server == "http":
+                    connection.recv(1024)
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    connection.recv(1024)
+                    time.sleep(1.5)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        with pytest.raises(ValueError, match=f"--address {address} accepts connections but is no Ray cluster"):
+            ray_job.check_reachable(address, timeout=0.5)
+        thread.join()
 
 
 def test_ray_resume_checks_topk_and_spelling_as_the_single_process_path_does(compiled, tmp_path, monkeypatch, capsys):

@@ -27,9 +27,8 @@ travel by path, not through the object store.
 Without --address a local Ray is started for the run (all cores, a small object store, no
 dashboard, worker logs kept off the terminal) and stopped after, even where a `ray start` cluster
 runs on the machine; with one (or with RAY_ADDRESS set, as `ray job submit` does), the job joins that
-cluster ("auto" finds a running local one) once a TCP connect to it succeeded within
-RAY_CONNECT_TIMEOUT_S (Ray itself retries an unreachable address forever; an address that accepts TCP
-but is no Ray cluster still makes Ray wait).
+cluster ("auto" finds a running local one) once it accepted a connection and answered as a gRPC server does,
+within RAY_CONNECT_TIMEOUT_S (Ray itself retries an address where nothing, or something else, answers forever).
 """
 from __future__ import annotations
 
@@ -182,19 +181,38 @@ def _drop_rows(files: List[Path], paths: Set[str]) -> None:
             os.replace(staged, file)
 
 
+# An HTTP/2 client's opening (preface + an empty SETTINGS frame). Ray's GCS and its Ray Client server are gRPC
+# servers, which answer it with a SETTINGS frame; anything else (a web server, a port that accepts and stays
+# silent) does not, and ray.init would retry that address forever.
+HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4
+
+
 def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """Raise ValueError unless a TCP connect to `address` (host:port or ray://host:port) succeeds within `timeout`:
-    ray.init retries an address where nothing answers forever. "auto" needs no probe (Ray fails at once without a
-    local cluster)."""
+    """Raise ValueError unless `address` (host:port or ray://host:port) accepts a TCP connection and answers an HTTP/2
+    opening as a gRPC server does, each within `timeout`: ray.init retries an address where nothing answers, or
+    something other than Ray does, forever. "auto" needs no probe (Ray fails at once without a local cluster)."""
     if address == "auto":
         return
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--address {address!r} is not host:port (or 'auto')")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as error:
         raise ValueError(f"no Ray cluster answers at --address {address} ({error.strerror or error})") from None
+    with connection:
+        try:
+            connection.sendall(HTTP2_CLIENT_PREFACE)
+            reply = b""  # a frame header: length (3 bytes), type, flags, stream id
+            while len(reply) < 4 and (chunk := connection.recv(9)):
+                reply += chunk
+        except OSError:  # a timeout, or a reset
+            reply = b""
+    if len(reply) < 4 or reply[3] != HTTP2_SETTINGS:
+        raise ValueError(f"--address {address} accepts connections but is no Ray cluster (no gRPC answer within "
+                         f"{timeout:g} s): give the head node's GCS port (ray start --head --port, 6379 by default) "
+                         "or ray://host:10001") from None
 
 
 def _start_ray(address: Optional[str]) -> bool:
