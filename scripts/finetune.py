@@ -200,7 +200,8 @@ def main(argv=None) -> int:
                      "reduction": model.reduction_config.to_dict()}
     if last.exists():
         try:
-            state = torch.load(last, map_location=device, weights_only=True)
+            # On the CPU: the RNG states must stay there; load_state_dict moves the rest to the model's device.
+            state = torch.load(last, map_location="cpu", weights_only=True)
             differing = resume_mismatches(state, {**extra(), "recipe": dataclasses.asdict(recipe)})
             if differing:
                 print(f"finetune.py: error: {last} belongs to a run with other settings ({'; '.join(differing)}); "
@@ -245,7 +246,7 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
     # Steps an interrupted run took in the epoch this one resumes: its train_loss is the whole epoch's mean.
     earlier_losses = logged_step_losses(log, trainer.epoch) if trainer.step_in_epoch else []
     while trainer.epoch < recipe.epochs:
-        order = epoch_order(len(train_set), args.seed, trainer.epoch)[trainer.step_in_epoch * recipe.batch_size:]
+        order = epoch_order(len(train_set), args.seed, trainer.epoch)[trainer.batches_in_epoch * recipe.batch_size:]
         # Its own generator: creating a loader must not draw from the global RNG that augmentation
         # uses, or a resumed run would diverge from an uninterrupted one.
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, order.tolist()), batch_size=recipe.batch_size,
@@ -255,6 +256,7 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
         for batch in loader:
             usable = usable_batch(*batch, even=drop_last, reported=reported)
             if usable is None:
+                trainer.skip_batch()
                 continue
             lr = trainer.optimizer.param_groups[0]["lr"]  # the step's own: the step sets the next one
             losses.append(trainer.train_step(*usable))
@@ -265,7 +267,7 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
                 save_checkpoint(last, trainer.state(extra()))
                 print(f"stopped at step {trainer.global_step} (--max-steps); rerun to resume")
                 return
-        if len(order) and not losses:  # not one step: "training" on would save the initial weights as the best
+        if trainer.step_in_epoch == 0:  # not one step: "training" on would save the initial weights as the best
             raise DatasetError(f"no training image of epoch {trainer.epoch} decoded (each skipped file is named above)")
         trainer.end_epoch()
         result = evaluate(eager_predictor(trainer.model), val_loader, device)

@@ -77,6 +77,49 @@ def test_a_resumed_epoch_logs_the_mean_loss_of_all_its_steps(dataset, tmp_path):
     assert summary[0]["train_loss"] == pytest.approx(sum(second_epoch) / 4)
 
 
+# Mixup: batches of an even size, the last partial one dropped; 2 images a batch, so one that does not decode
+# leaves an odd one, and the batch is consumed without a step.
+MIXUP_PAIRS = [*TRAIN[:-6], "--mixup", "0.8", "--batch-size", "2", "--epochs", "2", "--workers", "0", "--save-every", "1000"]
+
+
+def test_a_resumed_run_skips_the_same_batches_as_an_uninterrupted_one(dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    for image in (data / "train" / "class_002").glob("*.png"):  # 8 of 32: batches without a step early in the epoch
+        image.write_bytes(b"not an image")
+    straight = run_script("finetune", "--data", data, "--output", tmp_path / "straight", "--max-steps", "8", *MIXUP_PAIRS)
+    first = run_script("finetune", "--data", data, "--output", tmp_path / "resumed", "--max-steps", "4", *MIXUP_PAIRS)
+    assert straight.returncode == first.returncode == 0, straight.stderr + first.stderr
+    assert "class_002" in first.stdout + first.stderr, "a batch before step 4 was skipped"
+    second = run_script("finetune", "--data", data, "--output", tmp_path / "resumed", "--max-steps", "8", *MIXUP_PAIRS)
+    assert second.returncode == 0, second.stderr
+    straight, resumed = torch.load(tmp_path / "straight" / "last.pth"), torch.load(tmp_path / "resumed" / "last.pth")
+    assert straight["global_step"] == resumed["global_step"] == 8 == straight["step_in_epoch"]  # still the first epoch
+    assert straight["batches_in_epoch"] == resumed["batches_in_epoch"] > 8
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_a_run_stopped_at_an_epochs_last_step_resumes_into_the_next_epoch(dataset, tmp_path):
+    # 32 images in pairs with 6 a batch: 5 steps an epoch, 2 images left over that make no batch.
+    flags = [*MIXUP_PAIRS[:-8], "--batch-size", "6", "--epochs", "2", "--workers", "0", "--save-every", "1000"]
+    assert run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "5", *flags).returncode == 0
+    resumed = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "6", *flags)
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "val_top1" in r] == [0]
+    assert torch.load(tmp_path / "last.pth")["epoch"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_resumes(dataset, tmp_path):
+    # Its RNG states must be restored from CPU tensors, whatever device the run trains on.
+    for steps in ("1", "2"):
+        result = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", steps, *TRAIN, "--device", "cuda")
+        assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and torch.load(tmp_path / "last.pth")["global_step"] == 2
+
+
 def test_rerunning_a_finished_max_steps_run_trains_nothing(dataset, finetuned, tmp_path, capsys):
     run, _ = finetuned  # stopped at --max-steps 8
     before = torch.load(run / "last.pth")["global_step"]
@@ -401,3 +444,13 @@ def test_deit_randaugment_runs_with_this_pillow():
         assert transform(image).shape == (3, 224, 224)
     # The fix lives in that transform only: timm's own table of ops is untouched.
     assert auto_augment.NAME_TO_OP["PosterizeIncreasing"] is auto_augment.posterize
+
+
+def test_random_erasing_fills_with_noise_as_deit_does():
+    from timm.data.random_erasing import RandomErasing
+
+    from imagepiece.data import train_transform
+
+    transform = train_transform({"interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3}, None, 0.25)
+    erasing = [op for op in transform.transforms if isinstance(op, RandomErasing)]
+    assert len(erasing) == 1 and erasing[0].mode == "pixel" and erasing[0].probability == 0.25

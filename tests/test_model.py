@@ -188,6 +188,17 @@ def test_timm_feature_extraction_follows_the_token_schedule(images):
         model.forward_intermediates(images, output_fmt="NCHW")
 
 
+def test_timm_feature_extraction_takes_a_checkpoint(images, tmp_path):
+    trained = create_model("deit_tiny_patch16_224", "imagepiece")
+    torch.nn.init.normal_(trained.blocks[0].mlp.fc1.weight)
+    torch.save(trained.state_dict(), tmp_path / "trained.pth")
+    features = timm.create_model("imagepiece_deit_tiny_patch16_224", features_only=True, out_indices=(0,),
+                                 checkpoint=tmp_path / "trained.pth").eval()
+    with torch.inference_mode():
+        expected = trained.forward_intermediates(images, indices=(0,), intermediates_only=True, output_fmt="NLC")
+        torch.testing.assert_close(features(images)[0], expected[0])
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -197,6 +208,9 @@ def test_timm_feature_extraction_follows_the_token_schedule(images):
         (lambda: create_model("deit_small_patch16_224", ratio=0.1), "unknown option"),
         (lambda: create_model("deit_small_patch16_224", keep_rate=2.0), "keep_rate"),
         (lambda: timm.create_model("imagepiece_deit_small_patch16_224", pretrained=True), "no hub weights"),
+        # They change the tokens the static schedule counts: refused, not run with the wrong schedule.
+        (lambda: timm.create_model("imagepiece_deit_tiny_patch16_224", reg_tokens=4), r"\['reg_tokens'\] are not supported"),
+        (lambda: timm.create_model("tome_deit_tiny_patch16_224", global_pool="avg"), r"\['global_pool'\] are not supported"),
     ],
 )
 def test_bad_model_requests_raise_value_error(call, message):

@@ -88,6 +88,13 @@ def test_mismatched_checkpoints_list_every_problem(deit_state, tmp_path):
     assert len(str(error.value)) < 1000
 
 
+def test_a_model_without_a_head_takes_a_checkpoint_with_one(deit_files, deit_state):
+    # num_classes=0 (a feature model, as timm builds one): the checkpoint's classifier is dropped, as timm's loader does.
+    model = create_model(ARCH, "imagepiece", num_classes=0, checkpoint=deit_files["pth_plain"])
+    assert "head.weight" not in model.state_dict()
+    torch.testing.assert_close(model.state_dict()["blocks.5.attn.qkv.weight"], deit_state["blocks.5.attn.qkv.weight"])
+
+
 def test_a_checkpoint_with_nan_or_infinite_weights_is_refused(deit_state, tmp_path):
     # It would load, compile and answer NaN logits for every image.
     diverged = dict(deit_state)

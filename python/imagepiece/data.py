@@ -208,7 +208,9 @@ def train_transform(preprocessing: dict, auto_augment: Optional[str], re_prob: f
 
     Its posterize ops keep the all-black result of "keep 0 bits" (see `_posterize_keeping_zero_bits`).
     """
+    # DeiT erases with per-pixel noise (its --remode pixel); timm's default fills a constant.
     transform = create_transform(input_size=tuple(input_size), is_training=True, auto_augment=auto_augment, re_prob=re_prob,
+                                 re_mode="pixel",
                                  interpolation=preprocessing["interpolation"], mean=preprocessing["mean"], std=preprocessing["std"])
     for op in _augment_ops(transform):
         if op.aug_fn is timm_auto_augment.posterize:

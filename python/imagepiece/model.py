@@ -20,7 +20,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -35,6 +36,11 @@ ARCHS = {
 }
 # timm keyword arguments a user may pass through create_model (training-time regularisation, head size).
 VIT_OPTIONS = ("num_classes", "drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate")
+# What timm.create_model hands an entry point besides those: its own factory arguments, and feature extraction.
+# Every other VisionTransformer argument (reg_tokens, class_token, global_pool, img_size, patch_drop_rate, ...) changes
+# the tokens that the static schedule counts, or how the output is pooled: refused, not silently mis-scheduled.
+TIMM_FACTORY_OPTIONS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args",
+                        "features_only", "out_indices", "device", "dtype")
 # Method names of earlier releases, still accepted by name parsing (with a warning).
 RENAMED_METHODS = {"none": "plain"}
 
@@ -226,23 +232,29 @@ def _create_imagepiece(
         )
     config_fields = {field.name for field in dataclasses.fields(ReductionConfig)}
     overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in config_fields}
+    unsupported = sorted(set(kwargs) - set(VIT_OPTIONS) - set(TIMM_FACTORY_OPTIONS))
+    if unsupported:
+        raise ValueError(f"{variant}: option(s) {unsupported} are not supported (the token reduction schedules DeiT's own "
+                         f"token layout); timm options: {list(VIT_OPTIONS + TIMM_FACTORY_OPTIONS)}, "
+                         f"config fields: {sorted(config_fields)}")
     config = config.replace(method=method, **overrides) if config else ReductionConfig(method=method, **overrides)
-    out_indices = kwargs.pop("out_indices", 3)
-    model = build_model_with_cfg(
-        ImagePieceViT,
-        variant,
-        pretrained=False,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter", output_fmt="NCHW" if method == "plain" else "NLC"),
-        reduction=config,
-        **ARCHS[arch],
-        **kwargs,
-    )
+    features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", 3)
+    model = build_model_with_cfg(ImagePieceViT, variant, pretrained=False, reduction=config, **ARCHS[arch], **kwargs)
     model.arch = arch
     if checkpoint is not None:
         from .weights import load_checkpoint  # deferred: weights imports this module's types
 
         load_checkpoint(model, checkpoint, allow_untrained_lcb=allow_untrained_lcb)
+    if features_only:  # wrapped after the checkpoint is loaded: the wrapper drops the head that a checkpoint fills
+        model = _feature_extractor(model, out_indices, output_fmt="NCHW" if method == "plain" else "NLC")
     return model
+
+
+def _feature_extractor(model: ImagePieceViT, out_indices, output_fmt: str) -> nn.Module:
+    """What timm's builder makes of a ViT with features_only=True: its intermediate-layer getter."""
+    features = FeatureGetterNet(model, out_indices=out_indices, output_fmt=output_fmt)
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return features
 
 
 def _cfg(**kwargs) -> dict:

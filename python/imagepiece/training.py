@@ -118,12 +118,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
         self.epoch = 0  # current epoch
         self.step_in_epoch = 0  # optimizer steps done in the current epoch
+        # Loader batches the current epoch consumed, skipped ones (no image decoded) included: where a resumed
+        # epoch picks up its sample order. Counting steps instead would replay samples after a skipped batch.
+        self.batches_in_epoch = 0
         self.global_step = 0
 
     def state(self, extra: dict) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "step_in_epoch": self.step_in_epoch, "batches_in_epoch": self.batches_in_epoch,
+                "global_step": self.global_step,
                 "recipe": dataclasses.asdict(self.recipe),
                 # Augmentation and mixup draw from these: restoring them makes a resumed run
                 # continue exactly as the uninterrupted one would have.
@@ -136,6 +140,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.batches_in_epoch = state.get("batches_in_epoch", self.step_in_epoch)  # older checkpoints: a batch per step
         torch.set_rng_state(state["rng"]["torch"])
         name, keys, position, has_gauss, cached = state["rng"]["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
@@ -157,12 +162,18 @@ class Trainer:
         self.scaler.update()
         self.global_step += 1
         self.step_in_epoch += 1
+        self.batches_in_epoch += 1
         self.scheduler.step_update(num_updates=self.global_step)
         return float(loss.detach())
+
+    def skip_batch(self) -> None:
+        """A batch of which no image (or, for mixup, no even number of images) decoded: consumed without a step."""
+        self.batches_in_epoch += 1
 
     def end_epoch(self) -> None:
         self.epoch += 1
         self.step_in_epoch = 0
+        self.batches_in_epoch = 0
         self.scheduler.step(self.epoch)
 
 

@@ -97,6 +97,8 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
             so accuracy needs training; a warning says so).
     """
     state = read_state_dict(path)
+    if model.num_classes == 0:  # built without a head (num_classes=0, for features): the checkpoint's is dropped, as timm does
+        state = {key: value for key, value in state.items() if not key.startswith("head.")}
     expected = model.state_dict()
     lcb = model.reduction_config.lcb
     missing = [key for key in expected if key not in state]
@@ -117,8 +119,8 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
         if stem_missing and not allow_untrained_lcb:
             raise CheckpointError(
                 f"{str(path)!r} has no weights for LCB 'stem' ({len(stem_missing)} tensors, e.g. {stem_missing[0]}); "
-                "the stem must be trained (scripts/finetune.py), or use it untrained with --allow-untrained-lcb "
-                "(allow_untrained_lcb=True from Python)"
+                "the stem must be trained (scripts/finetune.py), or used untrained: aot_compile.py --allow-untrained-lcb, "
+                "allow_untrained_lcb=True from Python"
             )
         if stem_missing:
             warnings.warn(f"LCB 'stem' left untrained: {str(path)!r} has no stem weights", stacklevel=2)
@@ -202,7 +204,7 @@ def fine_tune_hint(path: Union[str, Path]) -> str:
     if saved is None:
         return ""
     return (f". It was fine-tuned (scripts/finetune.py) as --arch {saved['arch']} --lcb {saved['lcb'] or 'none'} "
-            f"--num-classes {saved['num_classes']}: pass the same flags")
+            f"--num-classes {saved['num_classes']}: pass the same flags (finetune.py takes the class count from the checkpoint)")
 
 
 def file_sha256(path: Union[str, Path]) -> str:
