@@ -87,6 +87,8 @@ def test_command_line_choices_become_the_config_and_input_format():
         (("--max-batch", "1"), "--max-batch: must be an integer >= 2, got 1"),
         (("--batch", "2000000"), "--batch: must be an integer <= 1,048,576, got 2,000,000"),  # the metadata's limit
         (("--max-batch", "99999999999999999999"), "--max-batch: must be an integer <= 1,048,576"),
+        # Within the limit, but its example images alone (588 GiB) exceed the machine: refused before any allocation.
+        (("--batch", "1048576"), "a static batch of 1,048,576 is traced with 588.0 GiB of example images"),
         (("--device", "cuda:x"), "device must be cpu or cuda[:N], got 'cuda:x'"),
         (("--dtype", "int8", "--device", "cuda"), "int8 is a CPU artifact"),  # before "no GPU here": that would not help
         (("--model", "deit_small_patch16_224.tome"), "names its arch; drop --arch deit_tiny_patch16_224"),

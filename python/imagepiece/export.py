@@ -10,6 +10,8 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import logging
+import math
 import os
 import re
 import shlex
@@ -298,6 +300,7 @@ def compile_artifact(
     """
     out = check_output_path(out)
     target = check_device_and_dtype(device, dtype)
+    _import_cpp_extension_quietly()
     low, high = batch_range(batch, max_batch)
     if (calibration is not None or calibration_images is not None) and dtype != "int8":
         raise ValueError("calibration images are for --dtype int8 only")
@@ -313,7 +316,7 @@ def compile_artifact(
     float_dtype = model_dtype(metadata)
     model = model.to(device=target, dtype=float_dtype).eval()
     example_batch = low if low == high else DYNAMIC_EXAMPLE_BATCH
-    example = torch.randn(example_batch, *metadata["input_shape"], device=target, dtype=float_dtype)
+    example = _example_batch(example_batch, metadata["input_shape"], target, float_dtype)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=high)},) if low != high else None
 
     started = time.perf_counter()
@@ -379,6 +382,41 @@ def command_line_safe(folder: Path) -> Iterator[Path]:
         yield link
     finally:
         shutil.rmtree(links)  # the link only: rmtree does not follow it
+
+
+def _import_cpp_extension_quietly() -> None:
+    """Inductor imports torch.utils.cpp_extension, which logs "No CUDA runtime is found" on import wherever a CUDA
+    toolkit is installed without a GPU: noise on every CPU compile (a CUDA one without a GPU is refused before)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)
+
+
+def _device_memory_bytes(target: torch.device) -> int:
+    if target.type == "cuda":
+        return torch.cuda.get_device_properties(target).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _example_batch(batch: int, shape, target: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The random images a static batch is traced with: all of them real, so a huge --batch is refused here, with
+    the way out, rather than ending in an allocator's traceback or the OOM killer."""
+    needed = batch * math.prod(shape) * torch.finfo(dtype).bits // 8
+    too_large = (f"a static batch of {batch:,} is traced with {needed / 2**30:.1f} GiB of example images, more than "
+                 f"this {target.type.upper() if target.type == 'cuda' else 'machine'}'s memory; a dynamic batch "
+                 f"(--max-batch, traced at {DYNAMIC_EXAMPLE_BATCH}) or a smaller --batch compiles")
+    if needed > _device_memory_bytes(target):
+        raise ValueError(too_large)
+    try:
+        return torch.randn(batch, *shape, device=target, dtype=dtype)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+            raise ValueError(too_large.replace("more than", "which could not be allocated in")) from None
+        raise
 
 
 def _quantized(model: ImagePieceViT, metadata: dict, example: torch.Tensor, calibration: Optional[Union[str, Path]],
