@@ -174,7 +174,16 @@ def test_ray_resume_checks_topk_and_spelling_as_the_single_process_path_does(com
     assert "none of the 2 rows already in" in error and "interrupted; " in error and "before predicting" not in error
     assert [p.name for p in output.iterdir()] == ["earlier.parquet"] and (output / "earlier.parquet").read_bytes() == before
 
+    def no_ray(address):
+        raise AssertionError("Ray started with nothing to predict")
+
+    monkeypatch.setattr(ray_job, "_start_ray", no_ray)  # every path has its row: done without Ray, output untouched
+    listing.write_text("".join(f"photos/{name}\n" for name in names))
+    assert main(common + ["--input", str(listing), "--topk", "3"]) == 0
+    assert [p.name for p in output.iterdir()] == ["earlier.parquet"] and (output / "earlier.parquet").read_bytes() == before
+
     fresh = tmp_path / "fresh"  # made for the run, and gone again when it was interrupted
+    monkeypatch.setattr(ray_job, "_start_ray", lambda address: False)
     assert main(["--artifact", str(compiled.path("ti_imagepiece")), "--input", str(listing), "--output", str(fresh), "--ray",
                  "--no-progress"]) == 130
     assert not fresh.exists()

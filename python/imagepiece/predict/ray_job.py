@@ -298,6 +298,8 @@ def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn
     warn_if_resume_matches_nothing(list(earlier), [item.path for item in items], output, warn)
     todo, retried = resume_plan(earlier, items)
     stats = RunStats(skipped=len(items) - len(todo), decode_seconds=None, inference_seconds=None)
+    if not todo:  # --resume with every path predicted already: the output stands as it is, and Ray need not start
+        return stats
     old_files = _parquet_files(output)
     created = not output.exists()
     staging = output / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
