@@ -113,6 +113,13 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["profile", "--top-kernels", "-1"], "--top-kernels must be >= 0"),
         (["profile", "--dtype", "fp16"], "fp16 is not supported on cpu"),
         (["suite", "--dtype", "bf16", "--paths", "ort"], "runs only in a --dtype fp32 run"),
+        # bf16 with only fp32-run paths: refused before timing, not a crash in the bf16 plot after it
+        (["suite", "--dtype", "fp32", "bf16", "--paths", "cpp", "--cpp-bench", __file__, "--batch", "1"],
+         "--dtype bf16: none of the chosen --paths runs in a bf16 run (cpp in fp32)"),
+        (["suite", "--min-seconds", "nan"], "--min-seconds must be a finite number >= 0"),
+        (["suite", "--min-seconds", "-1"], "--min-seconds must be a finite number >= 0"),
+        (["contention", "--neighbours", "0", "100000"], "--neighbours 100000 is more busy processes"),
+        (["precision", "--calibration", "/nonexistent/images"], "--calibration is for the int8 artifact: add ip_runtime_int8"),
         (["precision", "--images", "0"], "--images and --batch must be >= 1"),
         (["precision", "--batch", "0"], "--images and --batch must be >= 1"),
         (["contention", "--artifact", "/nonexistent/model.so"], "is not a file"),
@@ -262,13 +269,16 @@ def test_contention_mode_times_each_openmp_setting_beside_busy_neighbours(compil
 
 
 def test_contention_settings_reach_libgomp_as_named_after_ip_runtime_sets_its_own_default():
-    # `import ip_runtime` makes a process PASSIVE where no OpenMP variable is set: "default" must still spin.
+    # `import ip_runtime` makes a process PASSIVE where no OpenMP variable is set: "default" and "1 thread" must
+    # still spin (else "1 thread" would be "passive, 1 thread" twice over).
     from imagepiece.bench.contention import SETTINGS, child_environment
 
-    probe = "import ip_runtime, os; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    probe = ("import ip_runtime, os; print(*(os.environ.get(name) for name in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', "
+             "'OMP_NUM_THREADS')))")
     seen = {name: subprocess.run([sys.executable, "-c", probe], env=child_environment(SETTINGS[name]), capture_output=True,
-                                 text=True, check=True).stdout.split() for name in ("default", "passive")}
-    assert seen == {"default": ["None", "300000"], "passive": ["PASSIVE", "None"]}
+                                 text=True, check=True).stdout.split() for name in SETTINGS}
+    assert seen == {"default": ["None", "300000", "None"], "passive": ["PASSIVE", "None", "None"],
+                    "1 thread": ["None", "300000", "1"], "passive, 1 thread": ["PASSIVE", "None", "1"]}
 
 
 def test_sigterm_stops_a_mode_and_its_child_processes_with_one_line(compiled, tmp_path):
@@ -350,11 +360,43 @@ def test_artifact_load_mode_refuses_what_it_cannot_measure(compiled, tmp_path, c
         assert message in capsys.readouterr().err
 
 
-def test_artifact_load_compiles_the_missing_artifact_for_the_given_ones_model(compiled):
+def test_artifact_load_compiles_the_missing_artifact_for_the_given_ones_model(compiled, tmp_path, monkeypatch):
+    """The twin of one given artifact is compiled from its metadata: its config, precision, attention kernel, batch
+    range and input, not just its arch and method. One compiled from a checkpoint has no reproducible twin."""
+    from imagepiece import export
+    from imagepiece.artifact import read_metadata
+    from imagepiece.bench import artifact_load
     from imagepiece.bench.cli import parse_args
 
-    args = parse_args(["artifact-load", "--pt2", str(compiled.path("ti_tome_pt2"))])  # default --arch: DeiT-S
-    assert (args.arch, args.preset, args.batch) == ("deit_tiny_patch16_224", "tome", 2)
+    with pytest.raises(SystemExit) as exit_:  # the fixtures are compiled from a (random) checkpoint file
+        parse_args(["artifact-load", "--pt2", str(compiled.path("ti_tome_pt2")), "--out", str(tmp_path / "results")])
+    assert exit_.value.code == 2 and not (tmp_path / "results").exists()
+
+    metadata = read_metadata(compiled.path("ti_imagepiece_dynamic"))
+    config = {**metadata["config"], "p": 0.4, "merge_ratio": 0.15, "keep_rate": 0.7}  # imagepiece_hyper
+    given = {**metadata, "config": config, "precision": "bf16", "dtype": "bf16", "attention": "matmul",
+             "checkpoint": {"sha256": "random", "file": None}}
+    assert artifact_load.twin_problem(given) is None
+    assert "checkpoint" in artifact_load.twin_problem(metadata)
+    calls = []
+    monkeypatch.setattr(export, "compile_artifact", lambda model, out, **options: calls.append((model, out, options)))
+    artifact_load.compiled(artifact_load.twin_settings(given), ".so", tmp_path)
+    ((model, out, options),) = calls
+    assert (model.arch, model.num_classes) == ("deit_tiny_patch16_224", 1000)
+    assert json.loads(json.dumps(model.reduction_config.to_dict())) == config
+    assert options == {"dtype": "bf16", "batch": None, "max_batch": 64, "input_format": "float_nchw", "attention": "matmul",
+                       "calibration_images": None}
+    assert out.suffix == ".so" and out.parent == tmp_path
+
+
+def test_artifact_load_refuses_one_artifact_from_a_checkpoint_with_one_line(compiled, tmp_path, capsys):
+    from imagepiece.bench import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["artifact-load", "--so", str(compiled.path("ti_tome")), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "--so was compiled from the checkpoint" in err and "give both --so and --pt2" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(compiled, tmp_path):
@@ -481,3 +523,175 @@ def test_profile_mode_measures_real_artifacts_and_lists_their_slowest_events(com
         start = lines.index(f"{preset}: top 3 events by median self ms")
         listed = [float(line.split()[0]) for line in lines[start + 1:start + 4]]
         assert listed == sorted(listed, reverse=True) and listed[0] > 0
+
+
+def test_suite_plot_refuses_no_rows_and_skips_nothing_else(tmp_path):
+    from imagepiece.bench import report
+
+    with pytest.raises(ValueError, match="no rows to plot"):
+        report.plot([], tmp_path / "empty.png", {})
+    assert not (tmp_path / "empty.png").exists()
+
+
+def test_precision_pads_a_short_last_chunk_to_a_compiled_contenders_static_batch(monkeypatch):
+    """--images 3 --batch 2: a static batch-2 artifact gets the last image padded to 2, and only its logits back."""
+    import argparse
+
+    import torch
+
+    from imagepiece import create_model
+    from imagepiece.bench import precision
+
+    torch.manual_seed(0)
+    model = create_model("deit_tiny_patch16_224", "plain")
+    seen = []
+
+    def static_batch_of_two(contender, copied, folder, batch, calibration):
+        def run(images):
+            seen.append(images.shape[0])
+            if images.shape[0] != batch:
+                raise RuntimeError(f"batch {images.shape[0]} is outside the artifact's batch range (exactly {batch})")
+            with torch.inference_mode():
+                return copied(images)
+        return run
+
+    monkeypatch.setattr(precision, "compiled_runner", static_batch_of_two)
+    images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    args = argparse.Namespace(seed=0, calibration=None)
+    result = precision.measure(model, "ip_runtime_int8", images, 2, Path("unused"), args)
+    assert seen == [2, 2] and result["images"] == 3 and result["top1_agree"] == 3  # the same model: no deviation
+    assert result["max_abs_logit_diff"] < 1e-4
+
+
+def test_precision_calibration_folder_is_checked_before_the_run(tmp_path, capsys):
+    from imagepiece.bench import cli
+
+    empty, other = tmp_path / "empty", tmp_path / "other"
+    empty.mkdir()
+    other.mkdir()
+    (other / "notes.txt").write_text("no image")
+    (other / "broken.jpg").write_bytes(b"not a jpeg")
+    one = tmp_path / "one"
+    one.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(one / "a.png")
+    for folder, batch, message in [(empty, 1, "holds no image files"), (other, 1, "broken.jpg' cannot be used"),
+                                   (one, 8, "holds 1 image file(s); calibrating a batch-8 artifact needs at least 8")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["precision", "--contenders", "ip_runtime_int8", "--calibration", str(folder), "--batch", str(batch),
+                      "--out", str(tmp_path / "results")])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and "error: --calibration: " in err and message in err, err
+        assert not (tmp_path / "results").exists()
+
+
+def test_repeated_list_values_are_measured_once(tmp_path):
+    """A value given twice would be timed twice, overwrite its own row or collide with its own folder."""
+    from imagepiece.bench.cli import parse_args
+
+    out = ["--out", str(tmp_path)]
+    assert parse_args(["serve", "--concurrency", "2", "2", "4", *out]).concurrency == [2, 4]
+    assert parse_args(["reevaluation", "--weights", "sharpened", "timm-init", "sharpened", *out]).weights == ["sharpened", "timm-init"]
+    assert parse_args(["compile", "--batch", "8", "1", "8", *out]).batch == [8, 1]
+    assert parse_args(["overhead", "--batch", "1", "1", *out]).batch == [1]
+    assert parse_args(["tuning", "--tunings", "default", "march-native", "default", *out]).tunings == ["default", "march-native"]
+    args = parse_args(["contention", "--neighbours", "1", "0", "1", "--settings", "passive", "passive", *out])
+    assert (args.neighbours, args.settings) == ([1, 0], ["passive"])
+    args = parse_args(["precision", "--contenders", "fp32_noise", "fp32_noise", "--weights", "sharpened", "sharpened", *out])
+    assert (args.contenders, args.weights) == (["fp32_noise"], ["sharpened"])
+    assert list(tmp_path.iterdir()) == []  # the machine's folder is made with the first file, not by a check
+
+
+def test_serve_feeds_each_artifact_the_images_it_takes(compiled):
+    """A uint8-input artifact gets uint8 [H, W, C] pixels (it had fp32 images cast by a dtype it has none of)."""
+    import ip_runtime
+    import torch
+
+    from imagepiece.bench.serving import request_images
+
+    runtime = ip_runtime.Runtime(str(compiled.path("ti_imagepiece_uint8")), device="cpu")
+    images = request_images(runtime.info, 3)
+    assert len(images) == 3 and all(image.dtype == torch.uint8 and image.shape == (224, 224, 3) for image in images)
+    assert runtime.run(torch.stack(images[:2])).shape == (2, 1000)
+    assert all(torch.equal(a, b) for a, b in zip(images, request_images(runtime.info, 3)))  # the same every run
+    floats = request_images({"input_format": "float_nchw", "dtype": "bf16", "input_shape": [3, 224, 224]}, 1)
+    assert floats[0].dtype == torch.bfloat16 and floats[0].shape == (3, 224, 224)
+
+
+def test_artifact_results_are_named_after_the_preset_the_config_matches():
+    """imagepiece_hyper and imagepiece_sum artifacts share the method "imagepiece": the config tells them apart, and
+    only the default setting gets the e2e goal's verdict."""
+    import argparse
+
+    from imagepiece.bench.artifact_option import CUSTOM, name_after_artifact, preset_of
+    from imagepiece.config import PRESETS, ReductionConfig
+    from imagepiece.predict.bench import goal_applies
+
+    def metadata(preset=None, arch="deit_small_patch16_224", precision="fp32", **fields):
+        config = ReductionConfig(**{**PRESETS[preset or "imagepiece"], **fields}, depth=12, num_patches=196).to_dict()
+        return {"arch": arch, "method": config["method"], "config": json.loads(json.dumps(config)), "dtype": "fp32",
+                "precision": precision}
+
+    assert {name: preset_of(metadata(name)) for name in PRESETS} == {name: name for name in PRESETS}
+    assert preset_of(metadata("imagepiece", keep_rate=0.75)) == CUSTOM
+    args = argparse.Namespace(arch="deit_small_patch16_224", preset="imagepiece")
+    name_after_artifact(args, metadata("imagepiece_sum", arch="deit_tiny_patch16_224"))
+    assert (args.arch, args.preset) == ("deit_tiny_patch16_224", "imagepiece_sum")
+    assert goal_applies(metadata("imagepiece"), 8)
+    assert not any([goal_applies(metadata("imagepiece_hyper"), 8), goal_applies(metadata("imagepiece", keep_rate=0.75), 8),
+                    goal_applies(metadata("imagepiece", precision="int8"), 8), goal_applies(metadata("imagepiece"), 4)])
+
+
+def test_cold_inductor_cache_moves_the_precompiled_headers_too(tmp_path):
+    import functools
+
+    from torch._inductor import codecache
+
+    from imagepiece.bench.tuning import inductor_cache
+
+    before = (codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR)
+    calls = []
+    remembered = functools.cache(lambda header: calls.append(header) or f"{codecache._HEADER_DIR}/{header}")
+    original, codecache._precompile_header = codecache._precompile_header, remembered
+    try:
+        remembered("warm.h")  # a header built before the cold compile, in the user's cache
+        with inductor_cache(tmp_path / "cold"):
+            assert codecache._HEADER_DIR == str(tmp_path / "cold" / "precompiled_headers")
+            assert codecache._HEADER_LOCK_DIR == str(tmp_path / "cold" / "precompiled_headers" / "locks")
+            assert remembered("warm.h").startswith(str(tmp_path / "cold"))  # built afresh, not the remembered one
+        assert (codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR) == before
+        assert remembered("warm.h").startswith(before[0]) and len(calls) == 3  # not the deleted folder's
+    finally:
+        codecache._precompile_header = original
+
+
+def test_a_cpu_run_is_filed_under_the_cpu_and_a_cuda_run_under_its_gpu(tmp_path, monkeypatch):
+    import torch
+
+    from imagepiece import environment
+    from imagepiece.bench import results
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"NVIDIA H{100 + (device or 0)}")
+    cpu = environment.machine_info("cpu")
+    assert cpu["gpu"] is None and environment.machine_slug(cpu).endswith(f"-{os.cpu_count()}core")
+    assert environment.machine_info("cuda:1")["gpu"] == "NVIDIA H101" and environment.machine_info("cuda:0")["gpu"] == "NVIDIA H100"
+    writer = results.ResultsWriter(tmp_path, "suite", "deit_tiny_cpu", device="cpu")
+    assert writer.folder.name == environment.machine_slug(cpu) and "no GPU used" in writer.provenance
+    assert results.ResultsWriter(tmp_path, "suite", "deit_tiny_cuda", device="cuda:1").folder.name == "nvidia-h101"
+    assert list(tmp_path.iterdir()) == []  # no folder until a file is written
+    writer.text("a result")
+    assert [path.name for path in tmp_path.iterdir()] == [writer.folder.name]
+
+
+def test_a_file_in_the_machines_place_is_refused_before_the_run(tmp_path, capsys):
+    from imagepiece.bench import cli
+    from imagepiece.environment import machine_info, machine_slug
+
+    blocking = tmp_path / machine_slug(machine_info("cpu"))
+    blocking.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["reevaluation", "--arch", "deit_tiny_patch16_224", "--images", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[-1].endswith(f"results folder {str(blocking)!r} is a file, not a folder")

@@ -6,7 +6,7 @@ import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import FrozenSet, Optional
+from typing import FrozenSet, Optional, Union
 
 import torch
 
@@ -36,17 +36,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict:
-    """CPU, core count, GPU (if any) and library versions, for result files and artifact metadata."""
+def machine_info(device: Union[str, torch.device, None] = None) -> dict:
+    """CPU, core count, GPU (if any) and library versions, for result files and artifact metadata.
+
+    `device`: the one a measurement ran on. A CPU run records no GPU (so its results are filed under the CPU, not
+    under a GPU it never used), a CUDA run the GPU it chose (cuda:1, not GPU 0). None: the current GPU, if any.
+    """
     info = {
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu": gpu_name(device),
         "python": platform.python_version(),
     }
+    if device is not None:
+        info["device"] = str(device)
     try:
         import timm
 
@@ -62,6 +68,14 @@ def machine_info() -> dict:
             pass
     info["cpu_low_precision"] = sorted(cpu_flags() & LOW_PRECISION_FLAGS)
     return info
+
+
+def gpu_name(device: Union[str, torch.device, None] = None) -> Optional[str]:
+    """The name of the GPU a run on `device` uses: None for a CPU run or without CUDA; `device` None: the current GPU."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None
+    index = None if device is None else torch.device(device).index
+    return torch.cuda.get_device_name(index)  # None: the current device, as `cuda` alone means
 
 
 LOW_PRECISION_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni", "avx512_fp16"})
@@ -102,6 +116,6 @@ def int8_support() -> LowPrecisionSupport:
 
 
 def machine_slug(info: dict) -> str:
-    """A folder name for benchmarks/results/: the GPU if there is one, else the CPU and its cores."""
+    """A folder name for benchmarks/results/: the GPU the run used (`machine_info(device)`), else the CPU and its cores."""
     name = info["gpu"] or f"{info['cpu']}-{info['cpu_cores']}core"
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..files import check_writable_dir
-from .artifact_option import checked_metadata, model_differences
+from .artifact_option import checked_metadata, model_differences, preset_of
 from .results import ResultsWriter
 from .timing import summarize
 
@@ -57,11 +57,28 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if differing:
             parser.error(f"--so and --pt2 hold different models ({', '.join(differing)}): the two load paths must load the same "
                          "one to compare")
+    if len(found) == 1:  # the other one is compiled as its twin: the same model, precision, batch range and input
+        problem = twin_problem(found[0])
+        if problem:
+            given = "--so" if args.so is not None else "--pt2"
+            parser.error(f"{given} {problem}, so its twin cannot be compiled here; give both --so and --pt2 (the same model)")
     # One artifact given: the other is compiled for its model (the results are named after it); none: ImagePiece of --arch.
-    args.arch, args.preset, args.batch = ((found[0]["arch"], found[0]["method"], found[0]["batch"]["min"]) if found
+    args.arch, args.preset, args.batch = ((found[0]["arch"], preset_of(found[0]), found[0]["batch"]["min"]) if found
                                           else (args.arch, "imagepiece", 1))
     if len(found) < 2:
         check_workdir(args.workdir, parser)
+
+
+def twin_problem(metadata: dict) -> Optional[str]:
+    """Why a twin of the artifact with `metadata` cannot be compiled from it alone (None if it can): its weights
+    or int8 calibration images are not in it, and random weights or synthetic images would make another model."""
+    checkpoint = metadata["checkpoint"]
+    if checkpoint["sha256"] != "random":
+        return f"was compiled from the checkpoint {checkpoint.get('file')!r}, not random weights"
+    calibration = (metadata.get("quantization") or {}).get("calibration", {})
+    if calibration and not str(calibration.get("source", "")).startswith("synthetic"):
+        return f"was calibrated on the images of a {calibration['source']}"
+    return None
 
 
 def check_workdir(workdir: Path, parser: argparse.ArgumentParser) -> None:
@@ -158,37 +175,73 @@ def in_child(threads: Optional[int], *args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def compiled(arch: str, method: str, batch: int, suffix: str, workdir: Path) -> Path:
-    """`workdir`'s artifact of this model, compiled unless one that this torch release can load is there."""
+# What makes a compiled artifact the twin of another (metadata keys): the model, what it computes in, the batch
+# range and input it takes. Its weights are random, as the twin's original's must be (`twin_problem`).
+TWIN_SETTINGS = ("arch", "method", "config", "num_classes", "precision", "attention", "input_format", "batch")
+
+
+def twin_settings(metadata: dict) -> dict:
+    """What a twin of the artifact with `metadata` must share with it (TWIN_SETTINGS, and int8's calibration count)."""
+    settings = {key: metadata.get(key) for key in TWIN_SETTINGS}
+    settings["calibration_images"] = ((metadata.get("quantization") or {}).get("calibration") or {}).get("images")
+    return settings
+
+
+def default_settings(arch: str) -> dict:
+    """The twin settings of the artifact compiled when neither --so nor --pt2 is given: --arch ImagePiece, fp32, batch 1."""
+    from ..export import default_attention
+    from ..model import create_model
+
+    model = create_model(arch, "imagepiece")
+    return {"arch": arch, "method": "imagepiece", "config": json.loads(json.dumps(model.reduction_config.to_dict())),
+            "num_classes": model.num_classes, "precision": "fp32", "attention": default_attention("cpu", "fp32"),
+            "input_format": "float_nchw", "batch": {"min": 1, "max": 1, "dynamic": False}, "calibration_images": None}
+
+
+def compiled(settings: dict, suffix: str, workdir: Path) -> Path:
+    """`workdir`'s artifact with `settings` (`twin_settings`), compiled with random weights unless one that this
+    torch release can load is there."""
+    import hashlib
+
     import torch
 
     from ..artifact import ArtifactError, read_metadata
     from ..artifact_metadata import torch_release
+    from ..config import ReductionConfig
     from ..export import compile_artifact
     from ..model import create_model
 
-    out = workdir / f"{arch}_{method}_b{batch}{suffix}"
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    out = workdir / f"{settings['arch']}_{settings['method']}_{digest}{suffix}"
     try:
         metadata = read_metadata(out)
         # Reused only when it holds the model its name says (a file put there by hand may not) and this torch loads it.
-        if (torch_release(metadata["torch_version"]) == torch_release(torch.__version__)
-                and (metadata["arch"], metadata["method"], metadata["batch"]["min"], metadata["batch"]["max"]) == (arch, method, batch, batch)
-                and metadata["config"] == json.loads(json.dumps(create_model(arch, method).reduction_config.to_dict()))
+        if (torch_release(metadata["torch_version"]) == torch_release(torch.__version__) and twin_settings(metadata) == settings
                 and metadata["checkpoint"]["sha256"] == "random"):
             return out
     except (ArtifactError, OSError):
         pass  # missing or unreadable: compiled below
-    print(f"compiling {out.name} ...", flush=True)
-    compile_artifact(create_model(arch, method), out, batch=batch)
+    batch = settings["batch"]
+    print(f"compiling {out.name} ({settings['precision']}, batch {batch['min']}..{batch['max']}, {settings['input_format']} input) ...",
+          flush=True)
+    torch.manual_seed(0)
+    model = create_model(settings["arch"], config=ReductionConfig(**settings["config"]), num_classes=settings["num_classes"])
+    compile_artifact(model, out, dtype=settings["precision"], batch=None if batch["dynamic"] else batch["min"],
+                     max_batch=batch["max"] if batch["dynamic"] else None, input_format=settings["input_format"],
+                     attention=settings["attention"], calibration_images=settings["calibration_images"])
     return out
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..artifact import read_metadata
+
     if args.so is None or args.pt2 is None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-    artifacts = {".so": args.so or compiled(args.arch, args.preset, args.batch, ".so", args.workdir),
-                 ".pt2": args.pt2 or compiled(args.arch, args.preset, args.batch, ".pt2", args.workdir)}
-    writer = ResultsWriter(args.out, "artifact_load", f"{args.arch}_{args.preset}")
+    given = args.so or args.pt2
+    settings = twin_settings(read_metadata(given)) if given is not None else default_settings(args.arch)
+    artifacts = {".so": args.so or compiled(settings, ".so", args.workdir),
+                 ".pt2": args.pt2 or compiled(settings, ".pt2", args.workdir)}
+    writer = ResultsWriter(args.out, "artifact_load", f"{args.arch}_{args.preset}", device=args.device)
     print(f"# {writer.provenance}", flush=True)
     loads = {(suffix, kind): [] for suffix in artifacts for kind in KINDS}
     for repeat in range(args.repeats):

@@ -4,12 +4,14 @@ file, a file that is no artifact, another device or a batch it cannot run are re
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..artifact import ArtifactError, read_metadata
+from ..config import PRESETS, ReductionConfig
 
 
 def checked_metadata(parser: argparse.ArgumentParser, option: str, path: Path, device: str,
@@ -38,6 +40,21 @@ def model_differences(first: dict, second: dict) -> list:
     return differing
 
 
+CUSTOM = "custom"  # the label of an artifact's reduction setting that no preset has
+
+
+def preset_of(metadata: dict) -> str:
+    """The PRESETS name whose reduction setting the artifact's model has, else CUSTOM: its method alone would name
+    imagepiece_hyper and imagepiece_sum artifacts "imagepiece"."""
+    config = metadata["config"]
+    for name, preset in PRESETS.items():
+        # depth and the patch count come from the arch, not the preset; JSON: tuples are lists in metadata
+        expected = ReductionConfig(**preset, depth=config["depth"], num_patches=config["num_patches"]).to_dict()
+        if json.loads(json.dumps(expected)) == config:
+            return name
+    return CUSTOM
+
+
 def name_after_artifact(args: argparse.Namespace, metadata: dict) -> None:
     """Results are labelled with --arch and --preset; an artifact may hold another model than their defaults."""
-    args.arch, args.preset = metadata["arch"], metadata["method"]
+    args.arch, args.preset = metadata["arch"], preset_of(metadata)

@@ -29,12 +29,13 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from ..environment import machine_info
 from ..files import check_writable_dir
 from ..model import ARCHS
 from ..termination import STOPPED, Terminated, exit_status, sigterm_unwinds
 from . import (artifact_load, compile_time, contention, overhead, precision, predict_e2e, profiling, reevaluation, serving, suite,
                tuning)
-from .results import RESULTS_ROOT
+from .results import RESULTS_ROOT, results_folder
 from .variants import DEFAULT_ARCH
 
 DESCRIPTION = "Benchmarks of the ImagePiece family; raw results go to benchmarks/results/<machine>/."
@@ -80,6 +81,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m imag
     MODES[args.mode].check(args, subparsers[args.mode])
     try:  # last: a run that is refused must not leave a folder behind
         check_writable_dir(args.out, create=True)
+        # <out>/<machine> too, before the measurement rather than after it (the folder is made with the first file)
+        results_folder(args.out, machine_info(args.device))
     except ValueError as error:
         subparsers[args.mode].error(str(error))
     return args

@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if any(b < 1 for b in args.batch) or args.repeats < 1:
         parser.error("--batch sizes and --repeats must be >= 1")
+    args.batch = list(dict.fromkeys(args.batch))  # a size given twice would be compiled twice, its row written twice
 
 
 def measure(model: torch.nn.Module, batch: int, workdir: Path, args: argparse.Namespace) -> dict:
@@ -50,7 +51,7 @@ def measure(model: torch.nn.Module, batch: int, workdir: Path, args: argparse.Na
 
 
 def run(args: argparse.Namespace) -> int:
-    writer = ResultsWriter(args.out, "compile", f"{args.arch}_{args.preset}_{args.device.split(':')[0]}")
+    writer = ResultsWriter(args.out, "compile", f"{args.arch}_{args.preset}_{args.device.split(':')[0]}", device=args.device)
     lines = [f"AOTInductor compile + latency, {args.arch} {args.preset}, {args.device} fp32, "
              f"{'warm' if args.warm_cache else 'cold'} Inductor cache"]
     print(f"# {writer.provenance}\n{lines[0]}", flush=True)

@@ -8,7 +8,8 @@ its own child process (libgomp reads its environment once, when it loads):
   * default:          libgomp's own default (spins 300,000 times, then sleeps), given as GOMP_SPINCOUNT=300000:
                       with no setting at all, `import ip_runtime` would make the child PASSIVE;
   * passive:          OMP_WAIT_POLICY=PASSIVE (a waiting thread sleeps at once);
-  * 1 thread:         OMP_NUM_THREADS=1;
+  * 1 thread:         OMP_NUM_THREADS=1, waiting as in default (GOMP_SPINCOUNT=300000 again: without it this
+                      would be "passive, 1 thread");
   * passive, 1 thread.
 
 Each runs alone and beside N busy processes (spin loops), in rounds that alternate the settings, so
@@ -42,7 +43,7 @@ LIBGOMP_DEFAULT_SPINCOUNT = "300000"
 SETTINGS: Dict[str, Dict[str, str]] = {
     "default": {"GOMP_SPINCOUNT": LIBGOMP_DEFAULT_SPINCOUNT},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "1 thread": {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": LIBGOMP_DEFAULT_SPINCOUNT},
     "passive, 1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
 }
 OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -76,8 +77,18 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("contention sets each child's thread count through --settings; drop --threads")
     if args.batch < 1 or args.rounds < 1 or args.calls < 1 or any(n < 0 for n in args.neighbours):
         parser.error("--batch, --rounds and --calls must be >= 1, --neighbours >= 0")
+    if max(args.neighbours) > max_neighbours():
+        parser.error(f"--neighbours {max(args.neighbours)} is more busy processes than this machine can time anything beside "
+                     f"(at most {max_neighbours()}, 4 per core)")
+    # A value given twice would be timed twice as often as the others and its rows pooled under one name.
+    args.neighbours, args.settings = list(dict.fromkeys(args.neighbours)), list(dict.fromkeys(args.settings))
     if args.artifact is not None:
         name_after_artifact(args, checked_metadata(parser, "--artifact", args.artifact, args.device, batch=args.batch))
+
+
+def max_neighbours() -> int:
+    """The most busy neighbours a run may start: 4 per core already starves the measured process."""
+    return 4 * (os.cpu_count() or 1)
 
 
 def child_environment(setting: Dict[str, str]) -> Dict[str, str]:
@@ -107,7 +118,7 @@ def with_neighbours(count: int, measure):
 
 
 def run(args: argparse.Namespace) -> int:
-    writer = ResultsWriter(args.out, "contention", f"{args.arch}_{args.preset}_b{args.batch}")
+    writer = ResultsWriter(args.out, "contention", f"{args.arch}_{args.preset}_b{args.batch}", device=args.device)
     with tempfile.TemporaryDirectory(prefix="benchmark_contention.") as folder:
         artifact = args.artifact
         if artifact is None:

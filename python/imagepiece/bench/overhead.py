@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if any(b < 1 for b in args.batch) or args.rounds < 1:
         parser.error("--batch sizes and --rounds must be >= 1")
+    args.batch = list(dict.fromkeys(args.batch))  # a size given twice would be measured twice, its stats overwritten
 
 
 def _aoti_runner(path: Path, device: torch.device):
@@ -57,7 +58,7 @@ def time_contenders(model: torch.nn.Module, folder: Path, batch: int, device: to
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    writer = ResultsWriter(args.out, "overhead", f"{args.arch}_{args.preset}_{device.type}")
+    writer = ResultsWriter(args.out, "overhead", f"{args.arch}_{args.preset}_{device.type}", device=args.device)
     torch.manual_seed(0)
     model = create_model(args.arch, **PRESETS[args.preset]).to(device)
     lines = [f"ip_runtime overhead over the AOTI runner, {args.arch} {args.preset}, {device} fp32, {args.rounds} interleaved rounds"]

@@ -73,8 +73,35 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         missing = [module for module in modules if importlib.util.find_spec(module) is None]
         if contender in args.contenders and missing:
             parser.error(f"{contender} needs {missing}: pip install 'imagepiece[{extra}]'")
-    if args.calibration is not None and not args.calibration.is_dir():
-        parser.error(f"--calibration {str(args.calibration)!r} is not a folder")
+    # A value given twice would be measured twice into one folder name (FileExistsError) and one record key.
+    args.contenders, args.weights = list(dict.fromkeys(args.contenders)), list(dict.fromkeys(args.weights))
+    if args.calibration is not None:
+        if "ip_runtime_int8" not in args.contenders:
+            parser.error("--calibration is for the int8 artifact: add ip_runtime_int8 to --contenders or drop --calibration")
+        try:
+            check_calibration_folder(args.calibration, args.batch)
+        except ValueError as error:
+            parser.error(f"--calibration: {error}")
+
+
+def check_calibration_folder(folder: Path, batch: int) -> None:
+    """ValueError (one line) unless the int8 compile can calibrate on `folder`'s images: the ones it would take
+    (`quantize.image_files`, `spread_over_folders`), that many decoding, at least one static `batch` of them."""
+    from ..predict.decode import ImageError, decode_rgb
+    from ..quantize import CALIBRATION_IMAGES, image_files, spread_over_folders
+
+    if not folder.is_dir():
+        raise ValueError(f"{str(folder)!r} is not a folder")
+    files = spread_over_folders(image_files(folder), CALIBRATION_IMAGES)
+    if not files:
+        raise ValueError(f"{str(folder)!r} holds no image files")
+    if len(files) < batch:  # the artifact has a static --batch: calibration runs whole batches only
+        raise ValueError(f"{str(folder)!r} holds {len(files)} image file(s); calibrating a batch-{batch} artifact needs at least {batch}")
+    for path in files:
+        try:
+            decode_rgb(str(path))
+        except ImageError as error:
+            raise ValueError(f"calibration image {str(path)!r} cannot be used: {error}") from None
 
 
 def block_sources(model: torch.nn.Module, images: torch.Tensor, autocast: bool = False) -> List[torch.Tensor]:
@@ -151,6 +178,20 @@ def compiled_runner(contender: str, model: torch.nn.Module, folder: Path, batch:
     return (lambda images: runtime.run(images.to(torch.bfloat16))) if precision == "bf16" else runtime.run
 
 
+def padded_to(batch: int, infer: Callable) -> Callable:
+    """`infer` for a compiled contender, which takes exactly `batch` images (a static-batch artifact or ONNX file):
+    a short last chunk (--images not a multiple of --batch) is padded with copies of its first image, and the
+    padding's logits dropped (the images of a batch do not see each other)."""
+
+    def run(chunk: torch.Tensor) -> torch.Tensor:
+        missing = batch - len(chunk)
+        if missing == 0:
+            return infer(chunk)
+        return infer(torch.cat([chunk, chunk[:1].expand(missing, *chunk.shape[1:])]))[: len(chunk)]
+
+    return run
+
+
 def measure(model: torch.nn.Module, contender: str, images: torch.Tensor, batch: int, folder: Path,
             args: argparse.Namespace) -> Dict:
     """Deviation from the fp32 eager `model` on `images`, and the eager contenders' decision agreement."""
@@ -162,7 +203,7 @@ def measure(model: torch.nn.Module, contender: str, images: torch.Tensor, batch:
             with torch.autocast(chunk.device.type, torch.bfloat16, enabled=autocast):
                 return other(chunk.to(dtype))
     else:
-        infer = compiled_runner(contender, model, folder, batch, args.calibration)
+        infer = padded_to(batch, compiled_runner(contender, model, folder, batch, args.calibration))
     reference, logits, same, identical = [], [], [], []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
@@ -195,7 +236,7 @@ def format_row(weights: str, contender: str, method: str, result: Dict, plain: O
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    writer = ResultsWriter(args.out, "precision", f"{args.arch}_{args.images}img")
+    writer = ResultsWriter(args.out, "precision", f"{args.arch}_{args.images}img", device=args.device)
     lines = [f"deviation from fp32 eager, {args.arch}, {args.images} Gaussian-noise images (seed {args.seed}), batch {args.batch}, "
              f"{device}; fp32_noise = fp32 with weights x (1 + {NOISE:g} N(0,1))"]
     print(f"# {writer.provenance}\n{lines[0]}", flush=True)

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         pixels: Optional[Path] = args.uint8_artifact or (_compiled(args, Path(folder), "uint8_nhwc") if args.uint8 else None)
         result = e2e_benchmark(str(artifact), images=args.images, size=tuple(args.image_size), batch=args.batch,
                                workers=args.workers, rounds=args.rounds, ray=args.ray, ray_concurrency=args.ray_concurrency,
-                               uint8_artifact=str(pixels) if pixels else None)
+                               uint8_artifact=str(pixels) if pixels else None, device=args.device)
     text = report(result)
     print(text, end="")
     subject = f"{result['model'].replace(' ', '_')}_b{result['batch']}"

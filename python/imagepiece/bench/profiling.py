@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     from ..export import compile_artifact
 
     inductor_config.cpp.enable_kernel_profile = True  # CPU artifacts record each kernel (a GPU's profiler sees them anyway)
-    writer = ResultsWriter(args.out, "profile", f"{args.arch}_{args.preset}_{args.device.split(':')[0]}_{args.dtype}_b{args.batch}")
+    writer = ResultsWriter(args.out, "profile", f"{args.arch}_{args.preset}_{args.device.split(':')[0]}_{args.dtype}_b{args.batch}",
+                           device=args.device)
     torch.manual_seed(0)
     paths, flops = {}, {}
     with tempfile.TemporaryDirectory(prefix="benchmark_profile.") as folder:

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.images < 1 or args.batch < 1:
         parser.error("--images and --batch must be >= 1")
+    args.weights = list(dict.fromkeys(args.weights))  # given twice, its blocks would be reported twice under one key
 
 
 def _kept(scores: torch.Tensor, num_kept: int) -> torch.Tensor:
@@ -67,7 +68,7 @@ def changed_decisions(model: torch.nn.Module, images: torch.Tensor) -> Dict[int,
 
 
 def run(args: argparse.Namespace) -> int:
-    writer = ResultsWriter(args.out, "reevaluation", f"{args.arch}_{args.images}img")
+    writer = ResultsWriter(args.out, "reevaluation", f"{args.arch}_{args.images}img", device=args.device)
     lines = [f"keep/prune decisions changed by re-evaluation ('attention') vs summed scores ('sum'), {args.arch} "
              f"ImagePiece defaults, {args.images} Gaussian-noise images, seed {args.seed}"]
     print(f"# {writer.provenance}\n{lines[0]}", flush=True)

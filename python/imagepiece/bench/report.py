@@ -35,6 +35,8 @@ def compile_table(seconds: Dict[tuple, float]) -> str:
 
 def plot(rows: List[dict], path: Path, machine: dict) -> None:
     """Left: img/s vs batch, one panel per path. Right: speed-up vs FLOPs reduction (largest batch)."""
+    if not rows:
+        raise ValueError("no rows to plot: nothing was timed")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -34,26 +34,41 @@ def json_setting(value: Any) -> Any:
 
 def provenance(machine: dict) -> str:
     """One line: CPU, cores, threads, GPU and library versions."""
-    gpu = machine.get("gpu") or "no GPU"
+    gpu = machine.get("gpu") or ("no GPU used" if machine.get("device") == "cpu" else "no GPU")  # a CPU run on a GPU host
     peers = "".join(f", {name} {machine[name]}" for name in PEER_PACKAGES if machine.get(name))
     low_precision = "/".join(machine.get("cpu_low_precision", [])) or "no bf16/VNNI/AMX"
     return (f"{machine['cpu']} ({machine['cpu_cores']} cores, {low_precision}, {machine['torch_threads']} torch threads), "
             f"{gpu}; torch {machine['torch']}, CUDA {machine.get('cuda')}, timm {machine.get('timm')}{peers}")
 
 
+def results_folder(root: Path, machine: dict) -> Path:
+    """Where a run's files go: `root`/<machine>, or ValueError (one line) when nothing could be written there;
+    nothing is made (the CLI checks it before a run, `ResultsWriter` makes it when it writes its first file)."""
+    folder = Path(root) / machine_slug(machine)
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        where = "" if existing == folder else f": {str(existing)!r} is"
+        raise ValueError(f"results folder {str(folder)!r}{where or ' is'} a file, not a folder")
+    check_writable_dir(existing)
+    return folder
+
+
 class ResultsWriter:
     """The files of one benchmark run.
 
     Args:
-        root: results root; a folder named after the machine is made below it.
+        root: results root; a folder named after the machine is made below it when the first file is written
+            (an interrupted run leaves no empty folder).
         mode: the benchmark mode ("suite", "compile", ...), first part of every file name.
         subject: what was measured, e.g. "deit_small_patch16_224_cpu".
+        machine: `environment.machine_info(device)` if given, else made here for `device`.
+        device: what the run measured on (--device): a CPU run is filed under the CPU, a CUDA run under its GPU.
     """
 
-    def __init__(self, root: Path, mode: str, subject: str, machine: Optional[dict] = None) -> None:
-        self.machine = machine or machine_info()
+    def __init__(self, root: Path, mode: str, subject: str, machine: Optional[dict] = None, device: Optional[str] = None) -> None:
+        self.machine = machine or machine_info(device)
         self.created = datetime.datetime.now()
-        self.folder = check_writable_dir(Path(root) / machine_slug(self.machine), create=True)
+        self.folder = results_folder(root, self.machine)
         self.stem = self._unused_stem(f"{mode}_{subject}_{self.created:%Y%m%d-%H%M%S}")
         self.saved: List[Path] = []
 
@@ -70,14 +85,18 @@ class ResultsWriter:
     def path(self, suffix: str, variant: str = "") -> Path:
         return self.folder / f"{self.stem}{variant}{suffix}"
 
+    def _path_to_write(self, suffix: str, variant: str = "") -> Path:
+        check_writable_dir(self.folder, create=True)  # made with the first file, not when the run starts
+        return self.path(suffix, variant)
+
     def text(self, body: str, suffix: str = ".txt") -> Path:
         """A text report (txt or markdown) under a provenance line."""
         header = f"<!-- {self.provenance} -->" if suffix == ".md" else f"# {self.provenance}"
-        return self._keep(atomic_write_text(self.path(suffix), f"{header}\n{body.rstrip()}\n"))
+        return self._keep(atomic_write_text(self._path_to_write(suffix), f"{header}\n{body.rstrip()}\n"))
 
     def json(self, payload: Dict) -> Path:
         record = {"machine": self.machine, "created": self.created.isoformat(timespec="seconds"), **payload}
-        return self._keep(atomic_write_text(self.path(".json"), json.dumps(record, indent=2, default=str) + "\n"))
+        return self._keep(atomic_write_text(self._path_to_write(".json"), json.dumps(record, indent=2, default=str) + "\n"))
 
     def csv(self, rows: List[dict], columns: List[str]) -> Path:
         buffer = io.StringIO()
@@ -85,11 +104,11 @@ class ResultsWriter:
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        return self._keep(atomic_write_text(self.path(".csv"), buffer.getvalue()))
+        return self._keep(atomic_write_text(self._path_to_write(".csv"), buffer.getvalue()))
 
     def figure(self, draw: Callable[[Path], None], variant: str = "") -> Path:
         """A plot: `draw(path)` saves it (with `provenance` in its title)."""
-        return self._keep(atomic_write(self.path(".png", variant), draw))
+        return self._keep(atomic_write(self._path_to_write(".png", variant), draw))
 
     def report(self, text: str, settings: Dict, **payload) -> None:
         """The usual pair, a text report and a JSON record of the settings and data; says where they went."""

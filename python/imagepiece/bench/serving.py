@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..artifact import DTYPES
+from ..artifact_metadata import example_images
 from ..config import PRESETS
 from ..export import DYNAMIC_EXAMPLE_BATCH, compile_artifact
 from ..model import create_model
@@ -64,6 +64,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--max-batch must be >= {DYNAMIC_EXAMPLE_BATCH} (a dynamic batch)")
     if min(args.concurrency) < 1 or args.requests < 1 or args.rounds < 1 or args.decode_threads < 1:
         parser.error("--concurrency, --requests, --rounds and --decode-threads must be >= 1")
+    # A client count given twice would be two contenders of one name: the second's rounds pooled into the first's.
+    args.concurrency = list(dict.fromkeys(args.concurrency))
     if not 0 <= args.max_delay_ms <= MAX_DELAY_MS:
         parser.error(f"--max-delay-ms must be in [0, {MAX_DELAY_MS}] (ip_runtime.Batcher's range)")
     if args.artifact is not None:
@@ -202,6 +204,14 @@ def _artifact(args: argparse.Namespace, folder: Path, log) -> Path:
     return out
 
 
+def request_images(info: dict, count: int) -> List[torch.Tensor]:
+    """One image per client, as the artifact takes it (`info`: its metadata): float or bf16 [C, H, W], or uint8
+    [H, W, C] pixels for an `--input-format uint8` artifact. Each its own tensor: the batcher stacks them."""
+    with torch.random.fork_rng(devices=[]):  # the same images every run, the caller's random state untouched
+        torch.manual_seed(0)
+        return [image.clone() for image in example_images(info, count)]
+
+
 def _in_process_round(runtime, batcher, inputs: List[torch.Tensor], contenders: Dict, args: argparse.Namespace) -> None:
     batch_of_one = inputs[0].unsqueeze(0)
     contenders[SEQUENTIAL].add(run_clients(lambda _: runtime.run(batch_of_one), 1, args.requests), args.requests, args.requests)
@@ -237,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     import ip_runtime
 
     device = torch.device(args.device)
-    writer = ResultsWriter(args.out, "serve", f"{args.arch}_{args.preset}_{device.type}")
+    writer = ResultsWriter(args.out, "serve", f"{args.arch}_{args.preset}_{device.type}", device=args.device)
     print(f"# {writer.provenance}", flush=True)
     load_before = machine_load()
     with tempfile.TemporaryDirectory(prefix="benchmark_serve.") as scratch:
@@ -245,8 +255,7 @@ def run(args: argparse.Namespace) -> int:
         artifact = _artifact(args, folder, lambda message: print(message, flush=True))
         runtime = ip_runtime.Runtime(str(artifact), device=args.device)
         info = runtime.info
-        inputs = [torch.randn(*info["input_shape"], generator=torch.Generator().manual_seed(i)).to(DTYPES[info["dtype"]])
-                  for i in range(max(args.concurrency))]
+        inputs = request_images(info, max(args.concurrency))
         runtime.run(inputs[0].unsqueeze(0))  # model initialisation is not a request
         body = Path(synthetic_jpegs(folder / "jpegs", 1)[0].path).read_bytes()
         queue_capacity = 2 * max(args.concurrency)  # every client's request fits: no overload in this benchmark

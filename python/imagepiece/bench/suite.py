@@ -74,6 +74,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--batch sizes must be >= 1, got {args.batch}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if not (math.isfinite(args.min_seconds) and args.min_seconds >= 0):
+        parser.error(f"--min-seconds must be a finite number >= 0, got {args.min_seconds}")
     wrong_device = [name for name in args.paths if device not in PATHS[name].devices]
     if wrong_device:
         parser.error(f"path(s) {wrong_device} cannot run on {args.device}")
@@ -83,6 +85,11 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error(f"path {name!r} needs {PATHS[name].missing()}: pip install 'imagepiece[{extra}]'")
         if not set(args.dtype) & set(PATHS[name].dtypes):
             parser.error(f"path {name!r} runs only in a --dtype {' or '.join(PATHS[name].dtypes)} run (its own precision is in its name)")
+    for dtype in args.dtype:  # a dtype no path runs would time nothing, and leave nothing to plot or tabulate
+        if not any(dtype in PATHS[name].dtypes for name in args.paths):
+            runs = ", ".join(f"{name} in {'/'.join(PATHS[name].dtypes)}" for name in args.paths)
+            parser.error(f"--dtype {dtype}: none of the chosen --paths runs in a {dtype} run ({runs}); drop {dtype} or add a path "
+                         "that runs in it")
     if device == "cpu" and "fp16" in args.dtype:
         parser.error("fp16 is not supported on cpu; use fp32 or bf16")
     if "cpp" in args.paths and not args.cpp_bench.exists():
@@ -143,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     subject = f"{args.arch}_{device.type}_{'-'.join(args.dtype)}{'_quick' if args.quick else ''}"
-    writer = ResultsWriter(args.out, "suite", subject)
+    writer = ResultsWriter(args.out, "suite", subject, device=args.device)
     print(f"# {writer.provenance}\n# {args.arch}, {device}, dtypes {args.dtype}, batch {args.batch}, "
           f"variants {args.variants}, paths {args.paths}", flush=True)
     rows, compile_seconds = [], {}
@@ -178,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
     writer.text(markdown, ".md")
     for dtype in args.dtype:
         dtype_rows = [r for r in rows if r["dtype"] == dtype and not math.isnan(r["img_per_s"])]
+        if not dtype_rows:  # check() refuses a dtype no path runs; a plot of nothing is no plot either way
+            continue
         writer.figure(lambda path: report.plot(dtype_rows, path, writer.machine), "" if len(args.dtype) == 1 else f"_{dtype}")
     print(markdown)
     print(writer.summary())

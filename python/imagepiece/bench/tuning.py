@@ -76,13 +76,32 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--batch and --repeats must be >= 1")
     if args.dtype == "int8" and importlib.util.find_spec("torchao") is None:
         parser.error("--dtype int8 needs torchao: pip install 'imagepiece[int8]'")
+    # A setting given twice would compile into the same cache folder (warm the second time) and keep one row of two.
+    args.tunings = list(dict.fromkeys(args.tunings))
+
+
+# torch._inductor.codecache's precompiled-header folders (module globals), as paths below the cache folder.
+HEADER_FOLDERS = {"_HEADER_DIR": ("precompiled_headers",), "_HEADER_LOCK_DIR": ("precompiled_headers", "locks")}
 
 
 @contextlib.contextmanager
 def inductor_cache(folder: Path) -> Iterator[None]:
-    """Inductor's cache in `folder` (cold: nothing reused) while inside; the caller's setting after."""
+    """Inductor's cache in `folder` (cold: nothing reused) while inside; the caller's setting after.
+
+    TORCHINDUCTOR_CACHE_DIR moves the cache Inductor looks up per compile, but not its precompiled headers:
+    torch._inductor.codecache fixes their folder (_HEADER_DIR, and _HEADER_LOCK_DIR below it) when it is imported,
+    from the cache folder of that time, and remembers each header it has built (`_precompile_header` is a
+    functools.cache). Both folders are pointed into `folder` too, and the memo is emptied on the way in and out:
+    a cold compile builds its headers afresh, and no later compile is handed a header from a deleted folder.
+    """
+    from torch._inductor import codecache
+
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    headers_before = {name: getattr(codecache, name) for name in HEADER_FOLDERS if hasattr(codecache, name)}
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    for name in headers_before:
+        setattr(codecache, name, os.path.join(folder, *HEADER_FOLDERS[name]))
+    _forget_precompiled_headers(codecache)
     try:
         yield
     finally:
@@ -90,6 +109,15 @@ def inductor_cache(folder: Path) -> Iterator[None]:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
         else:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+        for name, value in headers_before.items():
+            setattr(codecache, name, value)
+        _forget_precompiled_headers(codecache)
+
+
+def _forget_precompiled_headers(codecache) -> None:
+    remembered = getattr(codecache, "_precompile_header", None)
+    if hasattr(remembered, "cache_clear"):
+        remembered.cache_clear()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..export import compile_artifact
 
-    writer = ResultsWriter(args.out, "tuning", f"{args.arch}_{args.preset}_{args.dtype}_b{args.batch}")
+    writer = ResultsWriter(args.out, "tuning", f"{args.arch}_{args.preset}_{args.dtype}_b{args.batch}", device=args.device)
     torch.manual_seed(0)
     model = create_model(args.arch, **PRESETS[args.preset])
     compile_seconds, calls, deviation, attention = {}, {}, {}, {}
