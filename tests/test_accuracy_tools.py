@@ -107,8 +107,8 @@ def test_a_run_stopped_at_an_epochs_last_step_resumes_into_the_next_epoch(datase
     resumed = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "6", *flags)
     assert resumed.returncode == 0, resumed.stderr
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if "val_top1" in r] == [0]
-    assert torch.load(tmp_path / "last.pth")["epoch"] == 1
+    assert [r["epoch"] for r in records if "val_top1" in r] == [1]  # the first epoch's end, logged once
+    assert torch.load(tmp_path / "last.pth")["epoch"] == 1 and [r["step"] for r in records if "loss" in r][-1] == 6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

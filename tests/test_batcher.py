@@ -370,6 +370,9 @@ def test_asyncio_clients(dynamic, pool):
         ({"queue_capacity": 1.5}, "invalid_type", "queue_capacity"),
         ({"max_batch": 8, "preferred_batches": [4, 9]}, "invalid_option", "preferred batch 9"),
         ({"preferred_batches": "4"}, "invalid_type", "preferred_batches"),
+        ({"max_delay_ms": np.array([1.0, 2.0])}, "invalid_type", "max_delay_ms must be a number"),  # float() raises on these
+        ({"max_delay_ms": torch.ones(2)}, "invalid_type", "max_delay_ms must be a number"),
+        ({"max_delay_ms": 10**400}, "invalid_option", "past the float range"),
     ],
 )
 def test_invalid_options(dynamic, kwargs, code, message):
@@ -382,3 +385,35 @@ def test_runtime_must_be_a_runtime():
     with pytest.raises(ip_runtime.Error) as refused:
         ip_runtime.Batcher("model.so")
     assert refused.value.code == "invalid_type"
+
+
+@pytest.mark.parametrize("use", [lambda b: b.submit(torch.zeros(3, 224, 224)), lambda b: b.stats, lambda b: b.options,
+                                 lambda b: b.close(), lambda b: b.expedite()])
+def test_a_batcher_made_without_init_is_refused_not_read(use):
+    # Batcher.__new__(Batcher) holds no C++ object: its methods read garbage (SIGSEGV, a hang, SIGILL).
+    with pytest.raises(ip_runtime.Error, match="made without __init__") as refused:
+        use(ip_runtime.Batcher.__new__(ip_runtime.Batcher))
+    assert refused.value.code == "invalid_type"
+    with pytest.raises(ip_runtime.Error, match="ip_runtime.Runtime was made without __init__"):
+        ip_runtime.Batcher(ip_runtime.Runtime.__new__(ip_runtime.Runtime))
+
+
+def test_a_batcher_made_while_the_interpreter_exits_is_refused(compiled):
+    # After ip_runtime closed the live Batchers at exit, a new one's worker would ask for the GIL during
+    # finalization, which ends that thread: the process aborted ("FATAL: exception not rethrown").
+    script = f"""
+import atexit
+
+def late():
+    runtime = ip_runtime.Runtime({str(compiled.path("ti_imagepiece_dynamic"))!r})
+    try:
+        ip_runtime.Batcher(runtime, max_delay_ms=300).submit(torch.zeros(*runtime.info["input_shape"]))
+    except ip_runtime.Error as error:
+        print(error.code, error)
+
+atexit.register(late)  # runs after ip_runtime's own exit hook, registered later
+import ip_runtime, torch
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "cancelled the interpreter is exiting" in result.stdout

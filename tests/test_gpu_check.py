@@ -79,6 +79,7 @@ def test_every_benchmark_step_is_a_command_the_benchmark_cli_accepts(tmp_path, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the plan is for a GPU machine; only parsed here
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100's, for the bf16 check
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")  # names the results folder
     for words in commands:
         argv = words[words.index("scripts/benchmark.py") + 1:]
         assert argv[0] in cli.MODES, words

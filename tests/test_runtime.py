@@ -215,6 +215,30 @@ def test_tensors_without_the_memory_their_shape_claims_are_refused(runtimes, mak
     assert error.value.code == "invalid_output"
 
 
+def nested_images():
+    return torch.nested.nested_tensor([torch.randn(3, 224, 224), torch.randn(3, 224, 224)])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: torch._neg_view(torch.randn(2, 3, 224, 224)), "lazily negated view"),  # was run as its memory, +x
+    (lambda: shrunk(torch.randn(2, 3, 224, 224), 0), "no memory behind them"),  # SIGSEGV
+    (lambda: torch._efficientzerotensor((2, 3, 224, 224)), "no memory"),  # SIGSEGV
+    (nested_images, "nested tensor"),
+])
+def test_the_python_loader_refuses_what_the_runtime_refuses(compiled, make, message):
+    model = load(compiled.path("ti_imagepiece"))
+    with pytest.raises(ArtifactError, match=message) as error:
+        model(make())
+    assert error.value.code == "invalid_type"
+
+
+def test_the_python_loader_runs_images_with_an_odd_stride_on_a_size_one_dimension(compiled):
+    model = load(compiled.path("ti_imagepiece_dynamic"))
+    image = torch.randn(1, 3, 224, 224)
+    odd = image.as_strided(image.shape, (7, 224 * 224, 224, 1))  # still "contiguous" to PyTorch; AOTI compares strides
+    torch.testing.assert_close(model(odd), model(image), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_pixel_poisons_only_its_own_image(runtimes, value):
     """As the README says: inputs are not scanned, and images of a batch never mix."""
@@ -308,6 +332,28 @@ class ArtifactPath:
 
     def __fspath__(self):
         return str(self.path)
+
+
+def test_a_file_name_that_is_not_utf8_loads_and_a_nul_in_a_path_is_refused(compiled, tmp_path):
+    name = os.fsencode(tmp_path) + b"/model-\xff\xfe.so"  # bytes the file system holds, no UTF-8
+    shutil.copy(compiled.path("ti_imagepiece"), name)
+    for artifact in (name, os.fsdecode(name), Path(os.fsdecode(name))):
+        assert ip_runtime.Runtime(artifact).info["arch"] == "deit_tiny_patch16_224"
+    # The C library reads up to the NUL: that would load another file than the one named.
+    with pytest.raises(ip_runtime.Error, match="contains a NUL byte") as error:
+        ip_runtime.Runtime(f"{compiled.path('ti_imagepiece')}\0/../other.so")
+    assert error.value.code == "invalid_type"
+    with pytest.raises(ip_runtime.Error, match="not valid UTF-8") as error:
+        ip_runtime.Runtime(compiled.path("ti_imagepiece"), device="\udcff")
+    assert error.value.code == "invalid_option"
+
+
+@pytest.mark.parametrize("use", [lambda r: r.run(torch.zeros(2, 3, 224, 224)), lambda r: r.info, lambda r: r.options])
+def test_a_runtime_made_without_init_is_refused_not_read(use):
+    # Runtime.__new__(Runtime) holds no C++ object: its methods read garbage (MemoryError, nonsense shapes).
+    with pytest.raises(ip_runtime.Error, match="ip_runtime.Runtime was made without __init__") as error:
+        use(ip_runtime.Runtime.__new__(ip_runtime.Runtime))
+    assert error.value.code == "invalid_type"
 
 
 def test_paths_and_options_of_any_accepted_type(compiled):

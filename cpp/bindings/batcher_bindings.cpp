@@ -31,7 +31,16 @@ int64_t delay_us_argument(const py::handle& object) {
                                             py::hasattr(object, "__float__"))) {
     wrong_type("max_delay_ms", "a number of milliseconds", object);
   }
-  const double ms = py::float_(py::reinterpret_borrow<py::object>(object)).cast<double>();
+  double ms = 0;
+  try {
+    ms = py::float_(py::reinterpret_borrow<py::object>(object)).cast<double>();
+  } catch (const py::error_already_set& failure) {  // an array of several numbers, an int past the float range, ...
+    if (failure.matches(PyExc_OverflowError)) {
+      throw Error(ErrorCode::kInvalidOption,
+                  "max_delay_ms must be in [0, " + std::to_string(static_cast<int64_t>(kMaxMs)) + "], got a number past the float range");
+    }
+    wrong_type("max_delay_ms", "a number of milliseconds", object);
+  }
   if (!std::isfinite(ms) || ms < 0 || ms > kMaxMs) {
     throw Error(ErrorCode::kInvalidOption, "max_delay_ms must be in [0, " + std::to_string(static_cast<int64_t>(kMaxMs)) + "], got " +
                                                py::str(object).cast<std::string>());
@@ -92,10 +101,15 @@ struct PendingFuture {
 
 class PyBatcher;
 std::set<PyBatcher*> live_batchers;  // guarded by the GIL; closed at interpreter exit
+// Set once those are closed: a Batcher made later (by another atexit function, a daemon thread) would have a worker
+// asking for the GIL while the interpreter finalizes, which ends that thread (and aborts the process).
+bool interpreter_exiting = false;
 
 class PyBatcher {
  public:
-  PyBatcher(Runtime& runtime, BatcherOptions options) : batcher_(std::make_unique<Batcher>(runtime, std::move(options))) {
+  PyBatcher(Runtime& runtime, BatcherOptions options) {
+    if (interpreter_exiting) throw Error(ErrorCode::kCancelled, "the interpreter is exiting: no new Batcher");
+    batcher_ = std::make_unique<Batcher>(runtime, std::move(options));
     live_batchers.insert(this);
   }
 
@@ -177,11 +191,14 @@ class PyBatcher {
   std::unique_ptr<Batcher> batcher_;
 };
 
+PyBatcher& batcher(const py::handle& self) { return constructed<PyBatcher>(self, "Batcher"); }
+
 void close_live_batchers() {
   // At exit: cancel what is still queued, before the interpreter stops serving the workers' GIL requests.
   // Each is held by a Python reference while the loop runs: a close releases the GIL and completes futures, and
   // their callbacks (or daemon threads) may drop the last reference to this or another Batcher; a raw pointer
   // was then closed after it was freed (SIGSEGV at exit).
+  interpreter_exiting = true;
   std::vector<py::object> batchers;
   for (PyBatcher* batcher : live_batchers) batchers.push_back(py::cast(batcher, py::return_value_policy::reference));
   for (const py::object& batcher : batchers) batcher.cast<PyBatcher&>().close(/*drain=*/false);
@@ -205,25 +222,28 @@ void bind_batcher(py::module_& m) {
                py::gil_scoped_acquire gil;
                complete();
              };
-             return std::make_unique<PyBatcher>(runtime.cast<Runtime&>(), std::move(options));
+             return std::make_unique<PyBatcher>(constructed<Runtime>(runtime, "Runtime"), std::move(options));
            }),
            py::arg("runtime"), py::arg("max_batch") = 0, py::arg("max_delay_ms") = 1.0, py::arg("queue_capacity") = 1024,
            py::arg("preferred_batches") = py::tuple(), py::keep_alive<1, 2>(),
            "Dynamic micro-batching over `runtime`: max_batch 0 = the largest batch the runtime runs (the artifact's, or its largest CUDA graph bucket).")
-      .def("submit", &PyBatcher::submit, py::arg("image"),
+      .def(
+          "submit", [](const py::object& self, const py::object& image) { return batcher(self).submit(image); }, py::arg("image"),
            "Queue one image (a batch's row: torch.Tensor or numpy.ndarray, copied at once: its buffer may be reused); returns a concurrent.futures.Future "
            "of its logits row (numpy for numpy), already running: cancel() returns False (close(drain=False) cancels what is "
            "queued). Raises ip_runtime.Error: the input's code, `overloaded` (queue full) or `cancelled` (closed).")
-      .def("expedite", &PyBatcher::expedite,
+      .def(
+          "expedite", [](const py::object& self) { batcher(self).expedite(); },
            "From now on no request waits for its batch to fill (max_delay 0): what is queued runs at once, later requests as "
            "they arrive; still accepting (a server's graceful shutdown, while uploads are still arriving).")
       .def(
-          "close", [](PyBatcher& self, const py::object& drain) { self.close(bool_argument("drain", drain)); }, py::arg("drain") = true,
+          "close", [](const py::object& self, const py::object& drain) { batcher(self).close(bool_argument("drain", drain)); },
+          py::arg("drain") = true,
           "Stop accepting; drain=True runs what is queued, drain=False cancels it (`cancelled`); waits for the workers.")
-      .def_property_readonly("stats", &PyBatcher::stats)
-      .def_property_readonly("options", &PyBatcher::options)
+      .def_property_readonly("stats", [](const py::object& self) { return batcher(self).stats(); })
+      .def_property_readonly("options", [](const py::object& self) { return batcher(self).options(); })
       .def("__enter__", [](const py::object& self) { return self; })
-      .def("__exit__", [](PyBatcher& self, const py::args&) { self.close(/*drain=*/true); });
+      .def("__exit__", [](const py::object& self, const py::args&) { batcher(self).close(/*drain=*/true); });
 
   py::module_::import("atexit").attr("register")(py::cpp_function(&close_live_batchers));
 }

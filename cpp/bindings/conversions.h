@@ -23,4 +23,17 @@ at::Tensor as_tensor(const pybind11::handle& object, bool is_output);
 // The ip_runtime.Error instance (with `.code`) for an Error; needs the GIL.
 pybind11::object error_object(const Error& error);
 
+// The C++ object behind `self`, a Python instance of a bound class T. One made by T.__new__(T) without __init__
+// holds none (pybind11 would hand a method uninitialised memory): refused with invalid_type.
+template <class T>
+T& constructed(const pybind11::handle& self, const char* class_name) {
+  auto* instance = reinterpret_cast<pybind11::detail::instance*>(self.ptr());
+  auto holder = instance->get_value_and_holder(pybind11::detail::get_type_info(typeid(T)), /*throw_if_missing=*/false);
+  if (!holder || !holder.holder_constructed()) {
+    throw Error(ErrorCode::kInvalidType, std::string("this ip_runtime.") + class_name + " was made without __init__; create it as ip_runtime." +
+                                             class_name + "(...)");
+  }
+  return *holder.template value_ptr<T>();
+}
+
 }  // namespace imagepiece::python

@@ -126,18 +126,27 @@ namespace {
 using namespace imagepiece::python;
 
 std::string path_argument(const py::handle& object) {
+  std::string path;
   try {
+    // The file system's bytes (os.fsencode), not UTF-8: a name that is not UTF-8 (surrogate-escaped in a str) is a path too.
     py::module_ os = py::module_::import("os");
-    return os.attr("fsdecode")(os.attr("fspath")(object)).cast<std::string>();
+    path = os.attr("fsencode")(os.attr("fspath")(object)).cast<py::bytes>().cast<std::string>();
   } catch (const py::error_already_set&) {
-    wrong_type("artifact", "a path (str or os.PathLike)", object);
+    wrong_type("artifact", "a path (str, bytes or os.PathLike)", object);
   }
+  // The C library would stop reading at the NUL and open another file than the one named (open() refuses it too).
+  if (path.find('\0') != std::string::npos) throw Error(ErrorCode::kInvalidType, "artifact path contains a NUL byte");
+  return path;
 }
 
 std::string device_argument(const py::handle& object) {
   // A torch.device is accepted by its name ("cuda:1").
   if (py::isinstance<py::str>(object) || py::isinstance(object, py::module_::import("torch").attr("device"))) {
-    return py::str(object).cast<std::string>();
+    try {
+      return py::str(object).cast<std::string>();
+    } catch (const py::cast_error&) {  // a lone surrogate: names no device
+      throw Error(ErrorCode::kInvalidOption, "device must be a name such as 'cpu' or 'cuda:0', got a str that is not valid UTF-8");
+    }
   }
   wrong_type("device", "a str such as 'cpu' or 'cuda:0'", object);
 }
@@ -227,7 +236,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("batch_buckets") = py::tuple())
       .def(
           "run",
-          [](Runtime& self, const py::object& images, const py::object& logits) -> py::object {
+          [](const py::object& instance, const py::object& images, const py::object& logits) -> py::object {
+            Runtime& self = constructed<Runtime>(instance, "Runtime");
             const bool numpy_in = is_ndarray(images);
             at::Tensor input = as_tensor(images, /*is_output=*/false);
             if (!logits.is_none()) {
@@ -249,8 +259,8 @@ PYBIND11_MODULE(_core, m) {
           py::arg("images"), py::arg("logits") = py::none(),
           "Logits for a batch of images (torch.Tensor or numpy.ndarray, NCHW, contiguous). With `logits` given "
           "(writable, contiguous, without requires_grad), fills it in place and returns it.")
-      .def_property_readonly("info", [](const Runtime& self) { return info_dict(self.info()); })
-      .def_property_readonly("options", [](const Runtime& self) { return self.options(); });
+      .def_property_readonly("info", [](const py::object& self) { return info_dict(constructed<Runtime>(self, "Runtime").info()); })
+      .def_property_readonly("options", [](const py::object& self) { return constructed<Runtime>(self, "Runtime").options(); });
 
   bind_batcher(m);  // ip_runtime.Batcher (batcher_bindings.cpp)
 }

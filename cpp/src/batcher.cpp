@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cxxabi.h>
 #include <deque>
 #include <mutex>
 #include <system_error>
@@ -289,6 +290,8 @@ struct Batcher::State {
     if (options.around_completions) {
       try {
         options.around_completions(complete_remaining);
+      } catch (abi::__forced_unwind&) {
+        throw;  // the thread is being ended (pthread_exit: Python does it to a thread that wants the GIL while it exits)
       } catch (...) {
       }
     }

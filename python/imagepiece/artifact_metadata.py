@@ -331,6 +331,7 @@ def check_images(metadata: dict, images, device: torch.device) -> None:
     layout = f"[B, {', '.join(map(str, expected))}]" + (" uint8 RGB pixels (the artifact normalises them)" if uint8 else "")
     if not isinstance(images, torch.Tensor):
         raise ArtifactError("invalid_type", f"images must be a torch.Tensor, got {type(images).__name__}")
+    _check_dense(images)
     if images.dim() != 4:
         raise ArtifactError("invalid_shape", f"images must be 4-D {layout}, got {images.dim()}-D {list(images.shape)}")
     if list(images.shape[1:]) != expected:
@@ -345,3 +346,31 @@ def check_images(metadata: dict, images, device: torch.device) -> None:
         raise ArtifactError("invalid_device", f"images are on {images.device}, the artifact runs on {device}")
     if not images.is_contiguous():
         raise ArtifactError("not_contiguous", f"images must be contiguous ({'NHWC' if uint8 else 'NCHW'}); call .contiguous() first")
+    _check_memory(images)
+
+
+def _check_dense(images: torch.Tensor) -> None:
+    """What the C++ runtime refuses before the shape checks (runtime.cpp, check_layout): tensors whose memory is not
+    the plain strided values the compiled code reads."""
+    if images.is_nested:
+        raise ArtifactError("invalid_type", "images must be a dense (strided) tensor, got a nested tensor")
+    if images.layout != torch.strided:
+        raise ArtifactError("invalid_type", f"images must be a dense (strided) tensor, got layout {images.layout}; call .to_dense() first")
+    if images.is_neg():  # torch._neg_view stores x and means -x: the compiled code would read x
+        raise ArtifactError("invalid_type", "images are a lazily negated view; call .resolve_neg() first")
+    if images._is_zerotensor():  # no memory at all, by design
+        raise ArtifactError("invalid_type", "images are an efficient zero tensor (no memory); pass torch.zeros(...) instead")
+
+
+def _check_memory(images: torch.Tensor) -> None:
+    """A tensor whose storage was shrunk (untyped_storage().resize_()) passes every check of sizes and strides; the
+    model would then read past its memory, or at address 0 (runtime.cpp, check_memory)."""
+    if images.numel() == 0:
+        return
+    storage = images.untyped_storage()
+    if storage.data_ptr() == 0:
+        raise ArtifactError("invalid_type", "images have no memory behind them (a fake tensor, or one whose storage was freed)")
+    last = images.storage_offset() + sum((size - 1) * stride for size, stride in zip(images.shape, images.stride()))
+    needed = (last + 1) * images.element_size()
+    if needed > storage.nbytes():
+        raise ArtifactError("invalid_type", f"images reach past their storage ({needed} bytes needed, {storage.nbytes()} allocated): was it resized?")

@@ -484,13 +484,25 @@ class CompiledModel:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         check_images(self.metadata, images, self.device)
         try:
-            logits = self._runner.run([images])[0]
+            logits = self._runner.run([_with_exact_strides(images)])[0]
         except RuntimeError as error:  # e.g. the library's own input check refused what the metadata allowed
             raise ArtifactError("run_failed", f"the compiled model failed: {error}") from None
         promised = [images.shape[0], self.metadata["num_classes"]]
         if list(logits.shape) != promised:
             raise ArtifactError("run_failed", f"the compiled model returned {list(logits.shape)} but its metadata promises {promised}")
         return logits
+
+
+def _with_exact_strides(images: torch.Tensor) -> torch.Tensor:
+    """`images` with the strides of a freshly allocated tensor. PyTorch calls a tensor contiguous whatever the
+    stride of a size-1 dimension; AOTInductor compares every stride. Such a stride moves no address, so the view
+    reads the same memory (as runtime.cpp's with_exact_strides)."""
+    strides, step = [], 1
+    for size in reversed(images.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    strides = tuple(reversed(strides))
+    return images if images.stride() == strides else images.as_strided(images.shape, strides)
 
 
 _prepared = False
