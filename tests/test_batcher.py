@@ -387,13 +387,16 @@ def test_runtime_must_be_a_runtime():
     assert refused.value.code == "invalid_type"
 
 
-@pytest.mark.parametrize("use", [lambda b: b.submit(torch.zeros(3, 224, 224)), lambda b: b.stats, lambda b: b.options,
-                                 lambda b: b.close(), lambda b: b.expedite()])
+@pytest.mark.parametrize("use", [lambda b: ip_runtime.Batcher.submit(b, torch.zeros(3, 224, 224)),
+                                 lambda b: ip_runtime.Batcher.stats.fget(b), lambda b: ip_runtime.Batcher.options.fget(b),
+                                 lambda b: ip_runtime.Batcher.close(b), lambda b: ip_runtime.Batcher.expedite(b)])
 def test_a_batcher_made_without_init_is_refused_not_read(use):
     # Batcher.__new__(Batcher) holds no C++ object: its methods read garbage (SIGSEGV, a hang, SIGILL).
     with pytest.raises(ip_runtime.Error, match="made without __init__") as refused:
         use(ip_runtime.Batcher.__new__(ip_runtime.Batcher))
     assert refused.value.code == "invalid_type"
+    with pytest.raises(ip_runtime.Error, match="self must be an ip_runtime.Batcher, got str"):  # not a Batcher at all
+        use("x")
     with pytest.raises(ip_runtime.Error, match="ip_runtime.Runtime was made without __init__"):
         ip_runtime.Batcher(ip_runtime.Runtime.__new__(ip_runtime.Runtime))
 

@@ -188,8 +188,8 @@ def test_timm_feature_extraction_follows_the_token_schedule(images):
         model.forward_intermediates(images, output_fmt="NCHW")
 
 
-def test_timm_feature_extraction_takes_a_checkpoint(images, tmp_path):
-    trained = create_model("deit_tiny_patch16_224", "imagepiece")
+def test_timm_feature_extraction_takes_a_checkpoint_of_any_head(images, tmp_path):
+    trained = create_model("deit_tiny_patch16_224", "imagepiece", num_classes=10)  # as finetune.py saves one
     torch.nn.init.normal_(trained.blocks[0].mlp.fc1.weight)
     torch.save(trained.state_dict(), tmp_path / "trained.pth")
     features = timm.create_model("imagepiece_deit_tiny_patch16_224", features_only=True, out_indices=(0,),
@@ -197,6 +197,13 @@ def test_timm_feature_extraction_takes_a_checkpoint(images, tmp_path):
     with torch.inference_mode():
         expected = trained.forward_intermediates(images, indices=(0,), intermediates_only=True, output_fmt="NLC")
         torch.testing.assert_close(features(images)[0], expected[0])
+
+
+def test_timm_options_at_deits_own_values_are_taken():
+    # timm's validate.py passes img_size and in_chans from the model's cfg: the same layout, no reason to refuse.
+    for options in (dict(img_size=224), dict(img_size=(224, 224)), dict(in_chans=3), dict(global_pool="token"),
+                    dict(pretrained_strict=True), dict(features_only=True, feature_cls="getter")):
+        timm.create_model("tome_deit_tiny_patch16_224", **options)
 
 
 @pytest.mark.parametrize(
@@ -209,8 +216,10 @@ def test_timm_feature_extraction_takes_a_checkpoint(images, tmp_path):
         (lambda: create_model("deit_small_patch16_224", keep_rate=2.0), "keep_rate"),
         (lambda: timm.create_model("imagepiece_deit_small_patch16_224", pretrained=True), "no hub weights"),
         # They change the tokens the static schedule counts: refused, not run with the wrong schedule.
-        (lambda: timm.create_model("imagepiece_deit_tiny_patch16_224", reg_tokens=4), r"\['reg_tokens'\] are not supported"),
-        (lambda: timm.create_model("tome_deit_tiny_patch16_224", global_pool="avg"), r"\['global_pool'\] are not supported"),
+        (lambda: timm.create_model("imagepiece_deit_tiny_patch16_224", reg_tokens=4), "reg_tokens=4 is not supported"),
+        (lambda: timm.create_model("tome_deit_tiny_patch16_224", global_pool="avg"), "global_pool='avg' is not supported"),
+        (lambda: timm.create_model("evit_deit_tiny_patch16_224", img_size=384), "img_size=384 is not supported"),
+        (lambda: timm.create_model("evit_deit_tiny_patch16_224", features_only=True, feature_cls="hook"), "'getter' only"),
     ],
 )
 def test_bad_model_requests_raise_value_error(call, message):

@@ -122,8 +122,8 @@ def test_an_address_where_no_ray_answers_is_a_one_line_error_and_leaves_no_folde
         ray_job.check_reachable("headnode")
 
 
-@pytest.mark.parametrize("server", ["silent", "http"])
-def test_an_address_that_accepts_connections_but_is_no_ray_cluster_is_refused_not_waited_on(server):
+@pytest.mark.parametrize("server", ["silent", "http", "grpc", "grpc_bytewise", "tls"])
+def test_an_address_is_probed_for_a_grpc_answer_and_one_without_is_refused_not_waited_on(server, monkeypatch):
     # ray.init would retry such an address forever.
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
@@ -133,17 +133,27 @@ def test_an_address_that_accepts_connections_but_is_no_ray_cluster_is_refused_no
         def answer():
             connection, _ = listening.accept()
             with connection:
+                connection.recv(1024)
                 if server == "http":
-                    connection.recv(1024)
                     connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-                else:
-                    connection.recv(1024)
+                elif server.startswith("grpc"):  # what Ray's GCS answers: an empty SETTINGS frame (seen from `ray start --head`)
+                    settings = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+                    for piece in ([settings[i:i + 1] for i in range(9)] if server == "grpc_bytewise" else [settings]):
+                        connection.sendall(piece)
+                        time.sleep(0.01)
+                else:  # silent, or a TLS server waiting for its handshake
                     time.sleep(1.5)
 
         thread = threading.Thread(target=answer, daemon=True)
         thread.start()
-        with pytest.raises(ValueError, match=f"--address {address} accepts connections but is no Ray cluster"):
+        if server == "tls":  # Ray's gRPC on TLS answers no plaintext opening: only the connection is checked
+            monkeypatch.setenv("RAY_USE_TLS", "1")
             ray_job.check_reachable(address, timeout=0.5)
+        elif server.startswith("grpc"):
+            ray_job.check_reachable(address, timeout=0.5)
+        else:
+            with pytest.raises(ValueError, match=f"--address {address} accepts connections but is no Ray cluster"):
+                ray_job.check_reachable(address, timeout=0.5)
         thread.join()
 
 

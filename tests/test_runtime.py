@@ -348,12 +348,15 @@ def test_a_file_name_that_is_not_utf8_loads_and_a_nul_in_a_path_is_refused(compi
     assert error.value.code == "invalid_option"
 
 
-@pytest.mark.parametrize("use", [lambda r: r.run(torch.zeros(2, 3, 224, 224)), lambda r: r.info, lambda r: r.options])
+@pytest.mark.parametrize("use", [lambda r: ip_runtime.Runtime.run(r, torch.zeros(2, 3, 224, 224)),
+                                 lambda r: ip_runtime.Runtime.info.fget(r), lambda r: ip_runtime.Runtime.options.fget(r)])
 def test_a_runtime_made_without_init_is_refused_not_read(use):
     # Runtime.__new__(Runtime) holds no C++ object: its methods read garbage (MemoryError, nonsense shapes).
     with pytest.raises(ip_runtime.Error, match="ip_runtime.Runtime was made without __init__") as error:
         use(ip_runtime.Runtime.__new__(ip_runtime.Runtime))
     assert error.value.code == "invalid_type"
+    with pytest.raises(ip_runtime.Error, match="self must be an ip_runtime.Runtime, got object"):  # not a Runtime at all
+        use(object())
 
 
 def test_paths_and_options_of_any_accepted_type(compiled):

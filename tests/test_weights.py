@@ -104,6 +104,9 @@ def test_a_checkpoint_with_nan_or_infinite_weights_is_refused(deit_state, tmp_pa
     torch.save(diverged, tmp_path / "diverged.pth")
     with pytest.raises(CheckpointError, match=r"NaN or infinite values in 2 tensor\(s\): blocks.3.mlp.fc1.weight, head.bias"):
         create_model(ARCH, checkpoint=tmp_path / "diverged.pth")
+    float8 = {**deit_state, "head.weight": deit_state["head.weight"].to(torch.float8_e4m3fn)}  # no isfinite of its own
+    torch.save(float8, tmp_path / "float8.pth")
+    create_model(ARCH, checkpoint=tmp_path / "float8.pth")
 
 
 def test_a_fine_tuned_checkpoint_that_does_not_fit_says_which_flags_rebuild_its_model(tmp_path):

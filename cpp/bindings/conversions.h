@@ -27,6 +27,8 @@ pybind11::object error_object(const Error& error);
 // holds none (pybind11 would hand a method uninitialised memory): refused with invalid_type.
 template <class T>
 T& constructed(const pybind11::handle& self, const char* class_name) {
+  // The methods take `self` untyped (to see an unconstructed one): any other object, Runtime.run(object(), ...), ends here.
+  if (!pybind11::isinstance<T>(self)) wrong_type("self", std::string("an ip_runtime.") + class_name, self);
   auto* instance = reinterpret_cast<pybind11::detail::instance*>(self.ptr());
   auto holder = instance->get_value_and_holder(pybind11::detail::get_type_info(typeid(T)), /*throw_if_missing=*/false);
   if (!holder || !holder.holder_constructed()) {

@@ -397,9 +397,14 @@ def _import_cpp_extension_quietly() -> None:
 
 
 def _device_memory_bytes(target: torch.device) -> int:
+    """The memory a compile on `target` can have: the GPU's, or the machine's capped by the container's limit."""
     if target.type == "cuda":
         return torch.cuda.get_device_properties(target).total_memory
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        with contextlib.suppress(OSError, ValueError):  # absent, or "max": no limit
+            memory = min(memory, int(Path(limit).read_text().strip()))
+    return memory
 
 
 def _example_batch(batch: int, shape, target: torch.device, dtype: torch.dtype) -> torch.Tensor:

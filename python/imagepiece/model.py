@@ -35,12 +35,14 @@ ARCHS = {
     "deit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
 }
 # timm keyword arguments a user may pass through create_model (training-time regularisation, head size).
-VIT_OPTIONS = ("num_classes", "drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate")
-# What timm.create_model hands an entry point besides those: its own factory arguments, and feature extraction.
-# Every other VisionTransformer argument (reg_tokens, class_token, global_pool, img_size, patch_drop_rate, ...) changes
-# the tokens that the static schedule counts, or how the output is pooled: refused, not silently mis-scheduled.
-TIMM_FACTORY_OPTIONS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args",
-                        "features_only", "out_indices", "device", "dtype")
+VIT_OPTIONS = ("num_classes", "drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate")
+# What timm.create_model and its builder take besides those: factory and builder arguments, feature extraction.
+TIMM_FACTORY_OPTIONS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args", "pretrained_strict",
+                        "kwargs_filter", "features_only", "out_indices", "feature_cls", "device", "dtype")
+# VisionTransformer arguments that set the tokens the static schedule counts, or how the output is pooled: taken at
+# DeiT's own values (timm's validate.py passes img_size and in_chans), refused at any other, not silently mis-scheduled.
+DEIT_LAYOUT = {"img_size": 224, "in_chans": 3, "global_pool": "token", "class_token": True, "reg_tokens": 0,
+               "no_embed_class": False, "dynamic_img_size": False, "dynamic_img_pad": False, "patch_drop_rate": 0.0}
 # Method names of earlier releases, still accepted by name parsing (with a warning).
 RENAMED_METHODS = {"none": "plain"}
 
@@ -218,8 +220,9 @@ def _create_imagepiece(
     config: Optional[ReductionConfig] = None,
     allow_untrained_lcb: bool = False,
     **kwargs,
-) -> ImagePieceViT:
-    """What every entry point runs: config from keyword arguments, then timm's `build_model_with_cfg`.
+) -> nn.Module:
+    """What every entry point runs: config from keyword arguments, then timm's `build_model_with_cfg`, the checkpoint,
+    and for features_only=True the feature wrapper (else the `ImagePieceViT` itself).
 
     `kwargs` holds `ReductionConfig` fields and timm's own arguments (num_classes, drop_path_rate,
     features_only, pretrained_cfg_overlay, ...).
@@ -232,13 +235,18 @@ def _create_imagepiece(
         )
     config_fields = {field.name for field in dataclasses.fields(ReductionConfig)}
     overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in config_fields}
+    _take_deit_layout(variant, kwargs)
     unsupported = sorted(set(kwargs) - set(VIT_OPTIONS) - set(TIMM_FACTORY_OPTIONS))
     if unsupported:
-        raise ValueError(f"{variant}: option(s) {unsupported} are not supported (the token reduction schedules DeiT's own "
-                         f"token layout); timm options: {list(VIT_OPTIONS + TIMM_FACTORY_OPTIONS)}, "
+        raise ValueError(f"{variant}: option(s) {unsupported} are not supported; timm options: "
+                         f"{list(VIT_OPTIONS + TIMM_FACTORY_OPTIONS)} (and {list(DEIT_LAYOUT)} at DeiT's values), "
                          f"config fields: {sorted(config_fields)}")
     config = config.replace(method=method, **overrides) if config else ReductionConfig(method=method, **overrides)
     features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", 3)
+    if features_only:
+        if kwargs.pop("feature_cls", "getter") != "getter":  # timm's hook/fx extractors see the patch grid, which merging ends
+            raise ValueError(f"{variant}: features_only takes feature_cls 'getter' only (the tokens after chosen blocks)")
+        kwargs.setdefault("num_classes", 0)  # as timm's builder: no head, so a checkpoint of any head size loads
     model = build_model_with_cfg(ImagePieceViT, variant, pretrained=False, reduction=config, **ARCHS[arch], **kwargs)
     model.arch = arch
     if checkpoint is not None:
@@ -250,10 +258,32 @@ def _create_imagepiece(
     return model
 
 
+def _take_deit_layout(variant: str, kwargs: dict) -> None:
+    """Remove the DEIT_LAYOUT options from `kwargs` where they hold DeiT's values; ValueError where one does not."""
+    for name, deit_value in DEIT_LAYOUT.items():
+        if name not in kwargs:
+            continue
+        value = kwargs.pop(name)
+        same = (tuple(value) == (deit_value, deit_value) if isinstance(value, (tuple, list)) else value == deit_value)
+        if not same:
+            raise ValueError(f"{variant}: {name}={value!r} is not supported: the token reduction schedules DeiT's own layout "
+                             f"({name}={deit_value!r})")
+
+
 def _feature_extractor(model: ImagePieceViT, out_indices, output_fmt: str) -> nn.Module:
-    """What timm's builder makes of a ViT with features_only=True: its intermediate-layer getter."""
+    """What timm's builder makes of a ViT with features_only=True: its intermediate-layer getter, with the model's
+    pretrained cfg for features and its input traits."""
     features = FeatureGetterNet(model, out_indices=out_indices, output_fmt=output_fmt)
     features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    try:  # timm >= 1.0.2x records input traits, and its builder copies them onto the wrapper
+        from timm.models._input import get_model_traits
+    except ImportError:
+        get_model_traits = None
+    if get_model_traits is not None and hasattr(model, "_traits"):
+        features._traits = dict(model._traits)
+        if "in_chans" in get_model_traits(model):
+            features.in_chans = get_model_traits(model)["in_chans"]
+    features.arch = model.arch
     return features
 
 

@@ -139,7 +139,8 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
     # A diverged run saves NaN/Inf weights that load and compile fine and then answer NaN logits for
     # every image: refuse them here, where the file is named.
     non_finite = [key for key in expected if key in state and state[key].is_floating_point()
-                  and not bool(torch.isfinite(state[key]).all())]
+                  # float8 has no isfinite of its own: checked as float32
+                  and not bool(torch.isfinite(state[key] if state[key].element_size() > 1 else state[key].float()).all())]
     if non_finite:
         raise CheckpointError(f"{str(path)!r} holds NaN or infinite values in {len(non_finite)} tensor(s): "
                               f"{_first(non_finite)} (a diverged training run?)")

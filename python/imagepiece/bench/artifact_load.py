@@ -11,6 +11,7 @@ of the old way over a few cycles: it kept every load mapped).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -201,8 +202,6 @@ def default_settings(arch: str) -> dict:
 def compiled(settings: dict, suffix: str, workdir: Path) -> Path:
     """`workdir`'s artifact with `settings` (`twin_settings`), compiled with random weights unless one that this
     torch release can load is there."""
-    import hashlib
-
     import torch
 
     from ..artifact import ArtifactError, read_metadata

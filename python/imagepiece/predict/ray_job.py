@@ -191,7 +191,9 @@ HTTP2_SETTINGS = 4
 def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
     """Raise ValueError unless `address` (host:port or ray://host:port) accepts a TCP connection and answers an HTTP/2
     opening as a gRPC server does, each within `timeout`: ray.init retries an address where nothing answers, or
-    something other than Ray does, forever. "auto" needs no probe (Ray fails at once without a local cluster)."""
+    something other than Ray does, forever. "auto" needs no probe (Ray fails at once without a local cluster). A
+    cluster on TLS (RAY_USE_TLS, as Ray reads it) answers no plaintext opening: there only the connection is checked.
+    Any gRPC server passes (another Ray process's port too): this catches the wrong host or port, not every one."""
     if address == "auto":
         return
     host, _, port = address.split("://", 1)[-1].rpartition(":")
@@ -202,17 +204,28 @@ def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
     except OSError as error:
         raise ValueError(f"no Ray cluster answers at --address {address} ({error.strerror or error})") from None
     with connection:
-        try:
-            connection.sendall(HTTP2_CLIENT_PREFACE)
-            reply = b""  # a frame header: length (3 bytes), type, flags, stream id
-            while len(reply) < 4 and (chunk := connection.recv(9)):
-                reply += chunk
-        except OSError:  # a timeout, or a reset
-            reply = b""
-    if len(reply) < 4 or reply[3] != HTTP2_SETTINGS:
-        raise ValueError(f"--address {address} accepts connections but is no Ray cluster (no gRPC answer within "
-                         f"{timeout:g} s): give the head node's GCS port (ray start --head --port, 6379 by default) "
-                         "or ray://host:10001") from None
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return
+        if not _answers_as_grpc(connection, time.monotonic() + timeout):
+            raise ValueError(f"--address {address} accepts connections but is no Ray cluster (no gRPC answer within "
+                             f"{timeout:g} s): give the head node's GCS port (ray start --head --port, 6379 by default) "
+                             "or ray://host:10001")
+
+
+def _answers_as_grpc(connection: socket.socket, deadline: float) -> bool:
+    """Whether the server on `connection` answers an HTTP/2 opening with a SETTINGS frame before `deadline`."""
+    reply = b""  # a frame header: length (3 bytes), type, flags, stream id
+    try:
+        connection.sendall(HTTP2_CLIENT_PREFACE)
+        while len(reply) < 4 and (left := deadline - time.monotonic()) > 0:
+            connection.settimeout(left)
+            chunk = connection.recv(9)
+            if not chunk:
+                break
+            reply += chunk
+    except OSError:  # a timeout, or a reset
+        return False
+    return len(reply) >= 4 and reply[3] == HTTP2_SETTINGS
 
 
 def _start_ray(address: Optional[str]) -> bool:
