@@ -159,6 +159,8 @@ int instances_argument(const py::handle& object) {
   return static_cast<int>(instances);  // the runtime checks the range
 }
 
+Runtime& runtime(const py::handle& self) { return constructed<Runtime>(self, "Runtime"); }
+
 py::dict info_dict(const imagepiece::ModelInfo& info) {
   py::dict out;
   out["model_name"] = info.model_name;
@@ -237,7 +239,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "run",
           [](const py::object& instance, const py::object& images, const py::object& logits) -> py::object {
-            Runtime& self = constructed<Runtime>(instance, "Runtime");
+            Runtime& self = runtime(instance);
             const bool numpy_in = is_ndarray(images);
             at::Tensor input = as_tensor(images, /*is_output=*/false);
             if (!logits.is_none()) {
@@ -259,8 +261,8 @@ PYBIND11_MODULE(_core, m) {
           py::arg("images"), py::arg("logits") = py::none(),
           "Logits for a batch of images (torch.Tensor or numpy.ndarray, NCHW, contiguous). With `logits` given "
           "(writable, contiguous, without requires_grad), fills it in place and returns it.")
-      .def_property_readonly("info", [](const py::object& self) { return info_dict(constructed<Runtime>(self, "Runtime").info()); })
-      .def_property_readonly("options", [](const py::object& self) { return constructed<Runtime>(self, "Runtime").options(); });
+      .def_property_readonly("info", [](const py::object& self) { return info_dict(runtime(self).info()); })
+      .def_property_readonly("options", [](const py::object& self) { return runtime(self).options(); });
 
   bind_batcher(m);  // ip_runtime.Batcher (batcher_bindings.cpp)
 }

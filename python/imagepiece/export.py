@@ -410,7 +410,7 @@ def _device_memory_bytes(target: torch.device) -> int:
 def _example_batch(batch: int, shape, target: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The random images a static batch is traced with: all of them real, so a huge --batch is refused here, with
     the way out, rather than ending in an allocator's traceback or the OOM killer."""
-    needed = batch * math.prod(shape) * torch.finfo(dtype).bits // 8
+    needed = batch * math.prod(shape) * dtype.itemsize
     too_large = (f"a static batch of {batch:,} is traced with {needed / 2**30:.1f} GiB of example images, more than "
                  f"this {target.type.upper() if target.type == 'cuda' else 'machine'}'s memory; a dynamic batch "
                  f"(--max-batch, traced at {DYNAMIC_EXAMPLE_BATCH}) or a smaller --batch compiles")

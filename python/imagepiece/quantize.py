@@ -68,24 +68,34 @@ def folder_calibration(folder: Union[str, Path], preprocessing: dict, input_shap
                        count: int = CALIBRATION_IMAGES) -> Calibration:
     """Up to `count` images from `folder`, decoded, resized and normalised exactly as
     `imagepiece.predict` prepares images for this model (its preprocessing metadata)."""
-    from .predict.decode import ImageError, decode_rgb
     from .predict.preprocess import Preprocess, normalise
 
+    prepare = Preprocess(preprocessing, input_shape)
+    pixels = torch.stack([torch.from_numpy(prepare(decoded_calibration_image(path))) for path in calibration_files(folder, count)])
+    return Calibration(normalise(pixels, preprocessing["mean"], preprocessing["std"]), f"folder {Path(folder).name!r}")
+
+
+def calibration_files(folder: Union[str, Path], count: int = CALIBRATION_IMAGES) -> List[Path]:
+    """The up to `count` image files of `folder` that calibrate (`spread_over_folders`); ValueError if `folder` is
+    not a folder or holds none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"calibration folder {str(folder)!r} does not exist or is not a folder")
     files = spread_over_folders(image_files(folder), count)
     if not files:
         raise ValueError(f"calibration folder {str(folder)!r} holds no image files")
-    prepare = Preprocess(preprocessing, input_shape)
-    images = []
-    for path in files:
-        try:
-            images.append(torch.from_numpy(prepare(decode_rgb(str(path)))))
-        except ImageError as error:  # a request that cannot work (exit 2), not a failed write
-            raise ValueError(f"calibration image {str(path)!r} cannot be used: {error}; remove it or give another --calibration") from None
-    pixels = torch.stack(images)
-    return Calibration(normalise(pixels, preprocessing["mean"], preprocessing["std"]), f"folder {folder.name!r}")
+    return files
+
+
+def decoded_calibration_image(path: Path):
+    """`path` decoded to RGB; a file that does not decode is a request that cannot work (ValueError, exit 2),
+    not a failed write."""
+    from .predict.decode import ImageError, decode_rgb
+
+    try:
+        return decode_rgb(str(path))
+    except ImageError as error:
+        raise ValueError(f"calibration image {str(path)!r} cannot be used: {error}; remove it or give another --calibration") from None
 
 
 def spread_over_folders(files: List[Path], count: int) -> List[Path]:

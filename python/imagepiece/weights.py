@@ -62,6 +62,13 @@ def _is_tensor_dict(state) -> bool:
     return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
+def _has_non_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point():
+        return False
+    checked = tensor if tensor.element_size() > 1 else tensor.float()  # float8 has no isfinite of its own
+    return not bool(torch.isfinite(checked).all())
+
+
 def _is_safetensors(path: Path) -> bool:
     """A safetensors file opens with its header's length (8 bytes, little-endian) and then the JSON header."""
     with open(path, "rb") as file:
@@ -138,9 +145,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
                               + fine_tune_hint(path))
     # A diverged run saves NaN/Inf weights that load and compile fine and then answer NaN logits for
     # every image: refuse them here, where the file is named.
-    non_finite = [key for key in expected if key in state and state[key].is_floating_point()
-                  # float8 has no isfinite of its own: checked as float32
-                  and not bool(torch.isfinite(state[key] if state[key].element_size() > 1 else state[key].float()).all())]
+    non_finite = [key for key in expected if key in state and _has_non_finite(state[key])]
     if non_finite:
         raise CheckpointError(f"{str(path)!r} holds NaN or infinite values in {len(non_finite)} tensor(s): "
                               f"{_first(non_finite)} (a diverged training run?)")

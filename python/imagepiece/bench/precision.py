@@ -86,22 +86,14 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 def check_calibration_folder(folder: Path, batch: int) -> None:
     """ValueError (one line) unless the int8 compile can calibrate on `folder`'s images: the ones it would take
-    (`quantize.image_files`, `spread_over_folders`), that many decoding, at least one static `batch` of them."""
-    from ..predict.decode import ImageError, decode_rgb
-    from ..quantize import CALIBRATION_IMAGES, image_files, spread_over_folders
+    (`quantize.calibration_files`), each decoding, at least one static `batch` of them."""
+    from ..quantize import calibration_files, decoded_calibration_image
 
-    if not folder.is_dir():
-        raise ValueError(f"{str(folder)!r} is not a folder")
-    files = spread_over_folders(image_files(folder), CALIBRATION_IMAGES)
-    if not files:
-        raise ValueError(f"{str(folder)!r} holds no image files")
+    files = calibration_files(folder)
     if len(files) < batch:  # the artifact has a static --batch: calibration runs whole batches only
         raise ValueError(f"{str(folder)!r} holds {len(files)} image file(s); calibrating a batch-{batch} artifact needs at least {batch}")
     for path in files:
-        try:
-            decode_rgb(str(path))
-        except ImageError as error:
-            raise ValueError(f"calibration image {str(path)!r} cannot be used: {error}") from None
+        decoded_calibration_image(path)
 
 
 def block_sources(model: torch.nn.Module, images: torch.Tensor, autocast: bool = False) -> List[torch.Tensor]:

@@ -245,13 +245,10 @@ def _start_ray(address: Optional[str]) -> bool:
             ray.init(address=address, **common)
         else:  # "local": a new Ray even where a `ray start` cluster runs (ray.init() would join it, then refuse num_cpus)
             ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
-    except SystemExit as exit_:  # SIGTERM while Ray starts: its own handler's sys.exit(15)
+    except BaseException as error:
         ray.shutdown()  # its half-started processes go too
-        if exit_.code == signal.SIGTERM:
+        if isinstance(error, SystemExit) and error.code == signal.SIGTERM:  # SIGTERM while Ray starts: its handler's sys.exit(15)
             raise Terminated() from None
-        raise
-    except BaseException:
-        ray.shutdown()
         raise
     finally:
         if caller_sigterm is not None:
@@ -348,23 +345,22 @@ def _run_job(args, todo: List[InputItem], metadata: dict, output: Path, staging:
     cuda = (args.device or metadata["device_type"]).startswith("cuda")
     concurrency = args.concurrency or default_concurrency(cuda)
     began = time.perf_counter()
-    if todo:
-        blocks = max(1, min(len(todo) // DECODE_BATCH, 1000))
-        concurrency = min(concurrency, blocks)  # more actors than blocks would only idle
-        # Absolute without normalising: "link/../x.jpg" must resolve through the link, as the single-process path opens it.
-        locations = [{"path": i.path, "location": i.location and os.path.join(os.getcwd(), i.location)} for i in todo]  # "": its error row
-        dataset = ray.data.from_items(locations, override_num_blocks=blocks)
-        dataset = dataset.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1,
-                                      fn_kwargs={"preprocessing_json": json.dumps(metadata["preprocessing"]),
-                                                 "input_shape": tuple(metadata["input_shape"]),
-                                                 "max_pixels": args.max_pixels})
-        dataset = dataset.map_batches(PredictActor, batch_size=choose_batch(metadata["batch"], args.batch), batch_format="numpy",
-                                      compute=ray.data.ActorPoolStrategy(size=concurrency),
-                                      num_gpus=1 if cuda else 0, num_cpus=1,
-                                      fn_constructor_kwargs={"artifact": str(Path(args.artifact).resolve()), "topk": args.topk,
-                                                             "batch": args.batch, "cpus": 1, "device": args.device,
-                                                             "labels_file": str(Path(args.labels).resolve()) if args.labels else None})
-        dataset.write_parquet(str(staging))
+    blocks = max(1, min(len(todo) // DECODE_BATCH, 1000))
+    concurrency = min(concurrency, blocks)  # more actors than blocks would only idle
+    # Absolute without normalising: "link/../x.jpg" must resolve through the link, as the single-process path opens it.
+    locations = [{"path": i.path, "location": i.location and os.path.join(os.getcwd(), i.location)} for i in todo]  # "": its error row
+    dataset = ray.data.from_items(locations, override_num_blocks=blocks)
+    dataset = dataset.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1,
+                                  fn_kwargs={"preprocessing_json": json.dumps(metadata["preprocessing"]),
+                                             "input_shape": tuple(metadata["input_shape"]),
+                                             "max_pixels": args.max_pixels})
+    dataset = dataset.map_batches(PredictActor, batch_size=choose_batch(metadata["batch"], args.batch), batch_format="numpy",
+                                  compute=ray.data.ActorPoolStrategy(size=concurrency),
+                                  num_gpus=1 if cuda else 0, num_cpus=1,
+                                  fn_constructor_kwargs={"artifact": str(Path(args.artifact).resolve()), "topk": args.topk,
+                                                         "batch": args.batch, "cpus": 1, "device": args.device,
+                                                         "labels_file": str(Path(args.labels).resolve()) if args.labels else None})
+    dataset.write_parquet(str(staging))
     stats.seconds = time.perf_counter() - began
     new_files = _parquet_files(staging)
     for file in new_files:
