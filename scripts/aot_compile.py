@@ -33,7 +33,7 @@ import torch
 
 import imagepiece
 from imagepiece import METHODS, CheckpointError, create_model, format_schedule
-from imagepiece.config import LCB_CHOICES, REEVALUATIONS, lcb_from_cli
+from imagepiece.config import LCB_CHOICES, REEVALUATIONS, fields_without_effect, lcb_from_cli
 from imagepiece.artifact_metadata import MAX_BATCH, MAX_CLASSES
 from imagepiece.blocks import ATTENTION_KERNELS
 from imagepiece.export import (PRECISIONS, check_build_tools, check_device_and_dtype, check_output_path, compile_artifact,
@@ -122,16 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# The overrides only some methods read: given to another, they would change nothing but the metadata's record.
-USED_BY = {"p": ("imagepiece",), "merge_ratio": ("imagepiece",), "reevaluation": ("imagepiece",), "tome_r": ("tome",),
-           "keep_rate": ("evit", "imagepiece"), "prune_blocks": ("evit", "imagepiece")}
-
-
 def check_overrides_apply(method: str, overrides: dict) -> None:
-    for field, methods in USED_BY.items():
-        if field in overrides and method not in methods:
-            raise ValueError(f"--{field.replace('_', '-')} has no effect with method {method!r} (it applies to "
-                             f"{' and '.join(methods)}); drop it")
+    for field, methods in fields_without_effect(method, overrides).items():
+        raise ValueError(f"--{field.replace('_', '-')} has no effect with method {method!r} (it applies to "
+                         f"{' and '.join(methods)}); drop it")
 
 
 def config_overrides(args: argparse.Namespace) -> dict:

@@ -69,6 +69,8 @@ SPECS: Dict[str, Spec] = {
     "ti_imagepiece_int8": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2"), dtype="int8", weights="plain"),
     # bf16 on the CPU (timm-init weights, as for int8): compiled with its default attention kernel, matmul.
     "ti_imagepiece_bf16": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2"), dtype="bf16", weights="plain"),
+    # bf16 logits for uint8 pixels, the one artifact numpy can feed whose logits numpy has no type for.
+    "ti_plain_bf16_uint8": Spec("deit_tiny_patch16_224", "plain", ("--batch", "2"), dtype="bf16", weights="plain", input_format="uint8"),
     # Compiled on the GPU itself when there is one (an artifact is tied to its device and torch).
     "cuda_ti_imagepiece": Spec("deit_tiny_patch16_224", "imagepiece", ("--batch", "2"), device="cuda"),
     "cuda_ti_imagepiece_dynamic": Spec("deit_tiny_patch16_224", "imagepiece", ("--max-batch", "256"), device="cuda"),

@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from imagepiece.config import METHODS, ReductionConfig, format_schedule, token_schedule
+from imagepiece.config import FIELDS_READ_BY, METHODS, ReductionConfig, fields_without_effect, format_schedule, token_schedule
 
 DESIGN_SCHEDULE = [197, 182, 168, 155, 116, 107, 99, 75, 70, 65, 50, 47]
 
@@ -90,3 +92,27 @@ def test_replace_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown config field"):
         ReductionConfig().replace(ratio=0.1)
     assert ReductionConfig().replace(p=0.4).p == 0.4
+
+
+def test_fields_read_by_names_real_fields_and_methods():
+    field_names = {field.name for field in dataclasses.fields(ReductionConfig)}
+    assert set(FIELDS_READ_BY) <= field_names
+    assert {method for methods in FIELDS_READ_BY.values() for method in methods} <= set(METHODS)
+    assert fields_without_effect("tome", {"p": 0.5, "tome_r": 5}) == {"p": ("imagepiece",)}
+    assert fields_without_effect("imagepiece", ["p", "merge_ratio", "keep_rate", "lcb"]) == {}
+
+
+# A value each schedule-shaping field can take for every method (keep_rate only where the method prunes).
+CHANGED_VALUES = {"p": 0.5, "merge_ratio": 0.12, "tome_r": 5, "keep_rate": 0.5, "prune_blocks": (1, 2)}
+
+
+@pytest.mark.parametrize("field", sorted(CHANGED_VALUES))
+def test_a_field_a_method_does_not_read_leaves_its_schedule_alone(field):
+    for method in set(METHODS) - set(FIELDS_READ_BY[field]):
+        if field == "keep_rate":  # plain and ToMe refuse any keep_rate but 1.0: nothing to change there
+            continue
+        default = token_schedule(ReductionConfig(method=method))
+        assert token_schedule(ReductionConfig(method=method, **{field: CHANGED_VALUES[field]})) == default, (field, method)
+    for method in FIELDS_READ_BY[field]:  # and one that does read it is changed by it, so the table is not too wide
+        changed = ReductionConfig(method=method, **{field: CHANGED_VALUES[field]})
+        assert token_schedule(changed) != token_schedule(ReductionConfig(method=method)), (field, method)

@@ -9,6 +9,7 @@ avx512_bf16 or AMX, bf16 is emulated (slowly) with the same products, so the thr
 """
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,3 +45,21 @@ def test_cpu_bf16_artifact_agrees_with_fp32_as_well_as_eager_bf16_does(compiled)
     cosine = F.cosine_similarity(actual, expected).mean().item()
     summary = f"top-1 agreement with fp32 {agreement:.3f} (eager bf16 {eager_agreement:.3f}), mean cosine {cosine:.5f}"
     assert agreement >= eager_agreement - TOP1_SLACK and cosine >= MIN_MEAN_COSINE, summary
+
+
+def test_numpy_pixels_into_a_bf16_artifact_give_float32_numpy_logits(compiled):
+    # numpy has no bf16: the logits come back as float32 (exactly the bf16 values), from run() and from a Batcher alike.
+    import ip_runtime
+
+    runtime = ip_runtime.Runtime(str(compiled.path("ti_plain_bf16_uint8")), device="cpu")
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)
+    expected = runtime.run(torch.from_numpy(pixels))
+    assert expected.dtype == torch.bfloat16
+    logits = runtime.run(pixels)
+    assert isinstance(logits, np.ndarray) and logits.dtype == np.float32
+    np.testing.assert_array_equal(logits, expected.float().numpy())
+    with ip_runtime.Batcher(runtime, max_batch=2, max_delay_ms=1) as batcher:
+        row = batcher.submit(pixels[1]).result(timeout=60)
+    assert isinstance(row, np.ndarray) and row.dtype == np.float32
+    # Padded into a batch of its own (as row 0): equal up to the GEMMs' bf16 rounding, not bit for bit.
+    np.testing.assert_allclose(row, expected[1].float().numpy(), rtol=0, atol=0.05)

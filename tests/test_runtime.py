@@ -395,6 +395,12 @@ def test_arguments_of_the_wrong_type_raise_runtime_errors(compiled, arguments, m
                 setattr(options, name, value)
 
 
+def test_an_error_made_by_the_caller_has_no_code_rather_than_no_attribute():
+    # Wrappers and tests raise ip_runtime.Error themselves; code that handles them reads .code alike.
+    assert ip_runtime.Error("made here").code is None
+    assert issubclass(ip_runtime.Error, RuntimeError)
+
+
 def test_out_of_range_instances_is_an_invalid_option(compiled):
     with pytest.raises(ip_runtime.Error, match="instances") as error:
         ip_runtime.Runtime(compiled.path("ti_imagepiece"), instances=2**40)

@@ -10,6 +10,7 @@
 #include "batcher_bindings.h"
 
 #include <cmath>
+#include <map>
 #include <set>
 
 #include "conversions.h"
@@ -68,8 +69,7 @@ struct PendingFuture {
         if (error) {
           future.attr("set_exception")(exception_object(error));
         } else {
-          py::object row = py::reinterpret_steal<py::object>(THPVariable_Wrap(logits));
-          future.attr("set_result")(numpy_out ? row.attr("cpu")().attr("numpy")() : row);  // CUDA logits: to host first
+          future.attr("set_result")(numpy_out ? numpy_logits(logits) : py::reinterpret_steal<py::object>(THPVariable_Wrap(logits)));
         }
       }
     } catch (py::error_already_set& failure) {
@@ -124,7 +124,13 @@ class PyBatcher {
     // Copied anyway, so a reversed numpy view (OpenCV's BGR -> RGB `img[..., ::-1]`, negative strides, which a tensor
     // cannot wrap) is made contiguous first instead of refused; a torch view of any layout was already accepted.
     static py::handle contiguous_copy = py::object(py::module_::import("numpy").attr("ascontiguousarray")).release();  // kept for good
-    const at::Tensor tensor = as_tensor(numpy_in ? contiguous_copy(image) : image, /*is_output=*/false).detach().clone();
+    at::Tensor tensor;
+    try {
+      tensor = as_tensor(numpy_in ? contiguous_copy(image) : image, /*is_output=*/false).detach().clone();
+    } catch (const Error& error) {
+      ++refused_before_submit_[error.code()];  // the C++ Batcher never sees these: stats() adds them to its own
+      throw;
+    }
     auto pending = std::make_shared<PendingFuture>();
     static py::handle future_type = py::object(py::module_::import("concurrent.futures").attr("Future")).release();  // kept for good
     pending->future = future_type();
@@ -150,7 +156,9 @@ class PyBatcher {
   py::dict stats() const {
     const imagepiece::BatcherStats stats = batcher_->stats();
     py::dict rejected;
-    for (const auto& [code, count] : stats.rejected) rejected[imagepiece::error_code_name(code)] = count;
+    std::map<ErrorCode, uint64_t> rejected_by_code = stats.rejected;
+    for (const auto& [code, count] : refused_before_submit_) rejected_by_code[code] += count;
+    for (const auto& [code, count] : rejected_by_code) rejected[imagepiece::error_code_name(code)] = count;
     auto histogram = [](const imagepiece::LatencyHistogram& h) {
       py::dict out;
       out["upper_bounds"] = h.upper_bounds;
@@ -189,6 +197,7 @@ class PyBatcher {
 
  private:
   std::unique_ptr<Batcher> batcher_;
+  std::map<ErrorCode, uint64_t> refused_before_submit_;  // images no tensor could be made of; guarded by the GIL
 };
 
 PyBatcher& batcher(const py::handle& self) { return constructed<PyBatcher>(self, "Batcher"); }

@@ -20,6 +20,8 @@ bool bool_argument(const std::string& what, const pybind11::handle& object);
 bool is_ndarray(const pybind11::handle& object);
 // A tensor over a torch.Tensor's or numpy array's memory (no copy); `is_output`: the logits buffer.
 at::Tensor as_tensor(const pybind11::handle& object, bool is_output);
+// Logits for a caller who passed numpy images: a host numpy array; bf16 (numpy has no such type) as float32, exactly.
+pybind11::object numpy_logits(const at::Tensor& logits);
 // The ip_runtime.Error instance (with `.code`) for an Error; needs the GIL.
 pybind11::object error_object(const Error& error);
 

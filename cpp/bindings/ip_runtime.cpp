@@ -110,6 +110,12 @@ at::Tensor as_tensor(const py::handle& object, bool is_output) {
               what + " must be a torch.Tensor or numpy.ndarray, got " + type_name(object));
 }
 
+py::object numpy_logits(const at::Tensor& logits) {
+  at::Tensor host = logits.cpu();  // CUDA logits: to host first
+  if (host.scalar_type() == at::kBFloat16) host = host.to(at::kFloat);  // every bf16 value is a float32 value
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(host)).attr("numpy")();
+}
+
 py::object error_object(const Error& error) {
   // A message may quote bytes of a corrupt file: build it whatever their encoding.
   auto message = py::reinterpret_steal<py::object>(
@@ -199,6 +205,8 @@ PYBIND11_MODULE(_core, m) {
 
   // ip_runtime.Error carries `.code`, the ErrorCode's name ("invalid_batch", "incompatible", ...).
   error_type = py::exception<Error>(m, "Error", PyExc_RuntimeError).release();
+  // An Error a caller makes (to stand in for ours in a test or a wrapper) has no code of its own: None, not AttributeError.
+  error_type.attr("code") = py::none();
   py::register_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
@@ -255,12 +263,12 @@ PYBIND11_MODULE(_core, m) {
               py::gil_scoped_release release;
               output = self.run(input);
             }
-            py::object tensor = py::reinterpret_steal<py::object>(THPVariable_Wrap(output));
-            return numpy_in ? tensor.attr("cpu")().attr("numpy")() : tensor;  // CUDA logits: to host first
+            return numpy_in ? numpy_logits(output) : py::reinterpret_steal<py::object>(THPVariable_Wrap(output));
           },
           py::arg("images"), py::arg("logits") = py::none(),
-          "Logits for a batch of images (torch.Tensor or numpy.ndarray, NCHW, contiguous). With `logits` given "
-          "(writable, contiguous, without requires_grad), fills it in place and returns it.")
+          "Logits for a batch of images (torch.Tensor or numpy.ndarray, laid out as info['input_format'] says: "
+          "[B, 3, H, W] floats for float_nchw, [B, H, W, 3] uint8 for uint8_nhwc). numpy images give numpy logits (bf16 ones as float32). With "
+          "`logits` given (writable, contiguous, without requires_grad), fills it in place and returns it.")
       .def_property_readonly("info", [](const py::object& self) { return info_dict(runtime(self).info()); })
       .def_property_readonly("options", [](const py::object& self) { return runtime(self).options(); });
 

@@ -43,6 +43,11 @@ PRESETS = {
     "imagepiece_sum": dict(method="imagepiece", reevaluation="sum"),
 }
 
+# The fields only some methods read (the rest of the model ignores them): overriding one for another
+# method would change nothing but the metadata's record, so callers refuse that (`fields_without_effect`).
+FIELDS_READ_BY = {"p": ("imagepiece",), "merge_ratio": ("imagepiece",), "reevaluation": ("imagepiece",),
+                  "tome_r": ("tome",), "keep_rate": ("evit", "imagepiece"), "prune_blocks": ("evit", "imagepiece")}
+
 # floor/ceil of products such as 0.08 * 75 must not fall on the wrong side of an integer
 # because of binary rounding (0.07 * 100 == 7.000000000000001).
 _ROUNDING_SLACK = 1e-9
@@ -162,6 +167,11 @@ class ReductionConfig:
 def lcb_from_cli(choice: Optional[str]) -> Optional[str]:
     """A command line's `--lcb` choice (one of LCB_CHOICES) as the config value: "none" is None."""
     return None if choice in (None, "none") else choice
+
+
+def fields_without_effect(method: str, fields) -> dict:
+    """Those of `fields` (names) that `method` does not read, each with the methods that do."""
+    return {field: FIELDS_READ_BY[field] for field in fields if field in FIELDS_READ_BY and method not in FIELDS_READ_BY[field]}
 
 
 def _require_int(name: str, value, low: int, high: int) -> None:

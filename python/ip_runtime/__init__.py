@@ -3,6 +3,7 @@
     import ip_runtime
     runtime = ip_runtime.Runtime("deit_s_ip.so")           # device from the artifact; cuda_graphs=, instances=
     logits = runtime.run(images)                           # torch.Tensor or numpy.ndarray, [B, 3, 224, 224]
+                                                           # ([B, 224, 224, 3] uint8 if info["input_format"] is uint8_nhwc)
     with ip_runtime.Batcher(runtime, max_batch=16, max_delay_ms=2) as batcher:   # dynamic batching of single images
         logits = batcher.submit(image).result()            # a concurrent.futures.Future per image
 

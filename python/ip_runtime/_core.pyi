@@ -11,7 +11,7 @@ _Out = TypeVar("_Out", torch.Tensor, np.ndarray)
 class Error(RuntimeError):
     """Any runtime failure; `code` names the kind, as imagepiece::ErrorCode does in C++."""
 
-    code: str
+    code: Optional[str]  # None only on an Error made by the caller, not raised by the runtime
 
 class RuntimeOptions:
     device: str
