@@ -33,7 +33,7 @@ import torch
 
 import imagepiece
 from imagepiece import METHODS, CheckpointError, create_model, format_schedule
-from imagepiece.config import LCB_CHOICES, REEVALUATIONS, fields_without_effect, lcb_from_cli
+from imagepiece.config import LCB_CHOICES, PRESETS, REEVALUATIONS, fields_without_effect, lcb_from_cli
 from imagepiece.artifact_metadata import MAX_BATCH, MAX_CLASSES
 from imagepiece.blocks import ATTENTION_KERNELS
 from imagepiece.export import (PRECISIONS, check_build_tools, check_device_and_dtype, check_output_path, compile_artifact,
@@ -41,7 +41,7 @@ from imagepiece.export import (PRECISIONS, check_build_tools, check_device_and_d
 from imagepiece.input_format import CLI_INPUT_FORMATS
 from imagepiece.model import parse_model_name
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
-from imagepiece.weights import fine_tuned_settings, reduction_difference
+from imagepiece.weights import fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 PROG = "aot_compile.py"
 USAGE_ERROR, IO_ERROR = 2, 1
@@ -77,19 +77,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", choices=sorted(imagepiece.ARCHS), help="DeiT size (default: deit_small_patch16_224)")
+    # --arch, --preset (or --method), --lcb and --num-classes default to what a fine-tune recorded in --checkpoint
+    # (weights.fine_tuned_flags): its weights fit no other model.
+    model.add_argument("--arch", choices=sorted(imagepiece.ARCHS), help="DeiT size (default: the fine-tune's, else deit_small_patch16_224)")
     model.add_argument("--model", help="timm-style name, e.g. deit_small_patch16_224.imagepiece (sets --arch and --method)")
-    model.add_argument("--method", default=None, choices=METHODS, help="token reduction (default: imagepiece)")
+    model.add_argument("--method", default=None, choices=METHODS, help="token reduction (default: the fine-tune's, else imagepiece)")
+    model.add_argument("--preset", choices=sorted(PRESETS), help="a named setting: a method and its config (e.g. imagepiece_hyper); "
+                       "the config overrides apply on top (default: the fine-tune's)")
     model.add_argument("--checkpoint", type=Path, help="local DeiT/ImagePiece .pth or .safetensors (default: random weights)")
     model.add_argument("--allow-untrained-lcb", action="store_true", help="accept a checkpoint without LCB 'stem' weights")
-    model.add_argument("--num-classes", type=at_least(1, MAX_CLASSES), help="classifier size of the checkpoint (default 1000)")
-    overrides = parser.add_argument_group("config overrides (default: the method's published setting)")
+    model.add_argument("--num-classes", type=at_least(1, MAX_CLASSES), help="classifier size of the checkpoint (default: the fine-tune's, else 1000)")
+    overrides = parser.add_argument_group("config overrides (default: the preset's or method's published setting)")
     overrides.add_argument("--p", type=float, help="ImagePiece non-semantic fraction (0.3)")
     overrides.add_argument("--merge-ratio", type=float, help="ImagePiece merges per block / image tokens (0.08)")
     overrides.add_argument("--keep-rate", type=float, help="kept fraction where pruning (ImagePiece 0.8, EViT 0.7)")
     overrides.add_argument("--prune-blocks", type=int, nargs="*", help="0-indexed pruning blocks (3 6 9)")
     overrides.add_argument("--tome-r", type=int, help="ToMe merges per block (13)")
-    overrides.add_argument("--lcb", choices=LCB_CHOICES, help="Local Coherence Bias variant (none)")
+    overrides.add_argument("--lcb", choices=LCB_CHOICES, help="Local Coherence Bias variant (default: the fine-tune's, else none)")
     overrides.add_argument("--reevaluation", choices=REEVALUATIONS,
                            help="ImagePiece: how merged tokens are scored for pruning (attention: recomputed, the paper's step 3)")
     overrides.add_argument("--no-prop-attn", dest="prop_attn", action="store_false", default=None, help="disable proportional attention")
@@ -126,6 +130,24 @@ def check_overrides_apply(method: str, overrides: dict) -> None:
     for field, methods in fields_without_effect(method, overrides).items():
         raise ValueError(f"--{field.replace('_', '-')} has no effect with method {method!r} (it applies to "
                          f"{' and '.join(methods)}); drop it")
+
+
+def model_request(args: argparse.Namespace, recorded: dict) -> tuple:
+    """(arch, {"method", config fields, num_classes}) to build: what the flags say, and where they are silent what a
+    fine-tune recorded (`recorded`, weights.fine_tuned_flags), else DeiT-S ImagePiece. Sets args.preset to the preset used."""
+    name = args.model or args.arch or recorded.get("arch", "deit_small_patch16_224")
+    arch, method = parse_model_name(name, args.method)
+    method_named = args.method is not None or arch != name  # --method, or --model tagged with one
+    if args.preset is not None and method_named and PRESETS[args.preset]["method"] != method:
+        raise ValueError(f"--preset {args.preset} is method {PRESETS[args.preset]['method']!r}, not {method!r}; drop one of them")
+    if args.preset is None and not method_named:
+        args.preset = recorded.get("preset")
+    args.lcb = args.lcb or recorded.get("lcb")
+    args.num_classes = args.num_classes or recorded.get("num_classes")
+    overrides = config_overrides(args)
+    setting = dict(PRESETS[args.preset]) if args.preset else {"method": method}
+    check_overrides_apply(setting["method"], overrides)
+    return arch, {**setting, **overrides}
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -169,13 +191,12 @@ def main(argv=None) -> int:
         check_build_tools(out)
         if args.model is not None and args.arch is not None:
             raise ValueError(f"--model {args.model!r} names its arch; drop --arch {args.arch}")
-        name = args.model or args.arch or "deit_small_patch16_224"
-        overrides = config_overrides(args)
+        fine_tuned = fine_tuned_settings(args.checkpoint) if args.checkpoint else None  # read once: a checkpoint is ~90 MB
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            check_overrides_apply(parse_model_name(name, args.method)[1], overrides)
-            model = create_model(name, args.method, checkpoint=args.checkpoint,
-                                 allow_untrained_lcb=args.allow_untrained_lcb, **overrides)
+            arch, setting = model_request(args, fine_tuned_flags(fine_tuned))
+            model = create_model(arch, setting.pop("method"), checkpoint=args.checkpoint,
+                                 allow_untrained_lcb=args.allow_untrained_lcb, **setting)
     except (ValueError, CheckpointError) as error:
         return fail(USAGE_ERROR, str(error))
     except OSError as error:  # the output folder cannot be written; a build tool is missing
@@ -185,11 +206,11 @@ def main(argv=None) -> int:
 
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "RANDOM weights (pass --checkpoint for trained ones)"
     batch = f"static batch {args.batch}" if args.batch else f"dynamic batch 1..{args.max_batch}"
-    print(f"model: {model.arch}.{model.reduction_config.method} with {weights}")
-    difference = reduction_difference(fine_tuned_settings(args.checkpoint) if args.checkpoint else None, args.checkpoint,
-                                      model.reduction_config)
+    preset = f" ({args.preset})" if args.preset else ""
+    print(f"model: {model.arch}.{model.reduction_config.method}{preset} with {weights}")
+    difference = reduction_difference(fine_tuned, args.checkpoint, model.reduction_config)
     if difference:
-        print(f"{PROG}: warning: {difference} (--method and the config overrides set it)", file=sys.stderr)
+        print(f"{PROG}: warning: {difference} (--preset, --method and the config overrides set it)", file=sys.stderr)
     attention = args.attention or default_attention(torch.device(args.device).type, args.dtype)
     print(f"target: {args.device} {args.dtype}, {batch}, {args.input_format} input, {attention} attention, -> {out}")
     print(format_schedule(model.token_schedule()), flush=True)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The main job on its embedded default: compile DeiT-S ImagePiece and classify through the runtime.
 
-1. builds DeiT-S with ImagePiece re-tokenization (random weights, or --checkpoint) and prints its
-   token schedule;
+1. builds DeiT-S with ImagePiece re-tokenization (random weights: scripts/aot_compile.py --checkpoint
+   compiles trained ones) and prints its token schedule;
 2. compiles it with torch.export + AOTInductor into one .so (reused on later runs while the model,
    torch and device are unchanged; --recompile forces it);
 3. classifies a batch through `ip_runtime` (the C++ runtime) and prints top-5 per image;
@@ -24,7 +24,8 @@ import torch
 import imagepiece
 import ip_runtime
 from imagepiece.artifact import ArtifactError, read_metadata
-from imagepiece.environment import machine_info
+from imagepiece.artifact_metadata import MAX_BATCH
+from imagepiece.environment import device_problem, machine_info
 from imagepiece.export import compile_artifact
 from imagepiece.bench.timing import summarize, time_interleaved
 
@@ -66,14 +67,19 @@ def run_cpp_example(artifact: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "deit_s_ip.so")
-    parser.add_argument("--recompile", action="store_true")
+    parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS), help="DeiT size (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=8, help="static batch of the artifact and of the timed runs (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N] (default: %(default)s here)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per contender; the median is shown (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "deit_s_ip.so",
+                        help="the artifact, reused by later runs while model, torch and device match (default: artifacts/deit_s_ip.so)")
+    parser.add_argument("--recompile", action="store_true", help="compile even where the artifact at --out could be reused")
     parser.add_argument("--skip-cpp", action="store_true", help="do not build and run the C++ example")
     args = parser.parse_args(argv)
+    if not 1 <= args.batch <= MAX_BATCH or args.repeats < 1:
+        parser.error(f"--batch must be in 1..{MAX_BATCH:,} and --repeats >= 1")
+    if device_problem(args.device):
+        parser.error(device_problem(args.device))
 
     info = machine_info()
     print(f"machine: {info['cpu']} ({info['cpu_cores']} cores), GPU {info['gpu']}; torch {info['torch']}, timm {info['timm']}")

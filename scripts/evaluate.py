@@ -32,7 +32,7 @@ from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
 from imagepiece.predict.preprocess import pixels_of
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
-from imagepiece.weights import fine_tuned_settings, reduction_difference
+from imagepiece.weights import fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,14 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, required=True, help="validation folder: <data>/<class>/<image>")
     parser.add_argument("--artifact", type=Path, help="a compiled .so/.pt2: evaluate it through ip_runtime")
     # The eager model's; None until parsed, so that one given beside --artifact (which has its model inside) is refused.
-    parser.add_argument("--arch", choices=sorted(imagepiece.ARCHS), help="eager model (default deit_small_patch16_224)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="eager model's token reduction (default: the fine-tune's, recorded in --checkpoint, else imagepiece)")
+    # Each defaults to what a fine-tune recorded in --checkpoint (weights.fine_tuned_flags), else to DeiT-S's.
+    parser.add_argument("--arch", choices=sorted(imagepiece.ARCHS), help="eager model (default: the fine-tune's, else deit_small_patch16_224)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="eager model's token reduction (default: the fine-tune's, else imagepiece)")
     parser.add_argument("--checkpoint", type=Path, help="weights for the eager model (default: random)")
-    parser.add_argument("--num-classes", type=int, help="eager model head size (default 1000)")
-    parser.add_argument("--lcb", choices=LCB_CHOICES, help="eager model's Local Coherence Bias (default none)")
+    parser.add_argument("--num-classes", type=int, help="eager model head size (default: the fine-tune's, else 1000)")
+    parser.add_argument("--lcb", choices=LCB_CHOICES, help="eager model's Local Coherence Bias (default: the fine-tune's, else none)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (a static-batch artifact uses its own)")
-    parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes decoding images (0: in this process)")
+    parser.add_argument("--device", help="where the model runs (default: an --artifact's own device; the eager model: cuda if present, else cpu)")
     parser.add_argument("--limit", type=int, help="evaluate N images spread evenly over the folder, not the whole folder (each class with at least "
                         "images/N images is sampled)")
     pre = parser.add_argument_group("preprocessing (default: the model's / artifact's own)")
@@ -65,13 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     eager_only = [f"--{name.replace('_', '-')}" for name in ("arch", "preset", "lcb", "checkpoint", "num_classes")
                   if getattr(args, name) is not None]
     if args.artifact is not None and eager_only:
-        parser.error(f"{', '.join(eager_only)} build the eager model; an --artifact has its model, weights and head inside")
-    args.arch, args.lcb = args.arch or "deit_small_patch16_224", args.lcb or "none"
+        parser.error(f"{', '.join(eager_only)} describe the eager model; an --artifact has its model, weights and head inside")
     if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and 0 < args.crop_pct <= 1):
         parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if any(not math.isfinite(value) for value in (args.mean or []) + (args.std or [])) or any(value <= 0 for value in args.std or []):
         parser.error("--mean must be finite and --std finite and > 0")
-    if device_problem(args.device):
+    if args.device is not None and device_problem(args.device):
         parser.error(device_problem(args.device))
     return args
 
@@ -89,9 +89,10 @@ class Predictor(NamedTuple):
     fixed_batch: Optional[int]  # a static-batch artifact's batch
     description: str
     trained_classes: Optional[list]  # the class folders it was fine-tuned on, where its checkpoint or artifact says
+    device: torch.device  # where it takes its images
 
 
-def build_predictor(args, device) -> Predictor:
+def build_predictor(args) -> Predictor:
     wanted = requested_preprocessing(args)
     if args.artifact is not None:
         metadata = read_metadata(args.artifact)
@@ -101,7 +102,8 @@ def build_predictor(args, device) -> Predictor:
         if differing:
             detail = ", ".join(f"{k}: artifact {a!r}, requested {r!r}" for k, (a, r) in differing.items())
             raise ArtifactError("incompatible", f"{args.artifact} was compiled for other preprocessing ({detail})")
-        runtime = ip_runtime.Runtime(str(args.artifact), device=str(device))
+        # Without --device, its own: a CPU artifact on a machine with a GPU runs, not refused as built for another device.
+        runtime = ip_runtime.Runtime(str(args.artifact), **({"device": args.device} if args.device else {}))
         batch = metadata["batch"]
         fixed = batch["max"] if not batch["dynamic"] else None
         args.batch = batch["max"] if fixed else min(args.batch, batch["max"])
@@ -112,17 +114,22 @@ def build_predictor(args, device) -> Predictor:
             dtype = DTYPES[metadata["dtype"]]
             predict = lambda images: runtime.run(images.to(dtype))  # noqa: E731
         return Predictor(predict, preprocessing, metadata["num_classes"], fixed, f"ip_runtime {args.artifact.name}",
-                         metadata.get("class_names"))
-    options = {"num_classes": args.num_classes} if args.num_classes else {}
+                         metadata.get("class_names"), torch.device(runtime.options.device))
     fine_tuned = fine_tuned_settings(args.checkpoint) if args.checkpoint else None  # read once: a checkpoint is ~90 MB
-    args.preset = args.preset or (fine_tuned or {}).get("preset") or "imagepiece"
+    recorded = fine_tuned_flags(fine_tuned)  # the defaults of the model flags not given
+    args.arch = args.arch or recorded.get("arch", "deit_small_patch16_224")
+    args.preset = args.preset or recorded.get("preset", "imagepiece")
+    args.lcb = args.lcb or recorded.get("lcb", "none")
+    args.num_classes = args.num_classes or recorded.get("num_classes")
+    options = {"num_classes": args.num_classes} if args.num_classes else {}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), **PRESETS[args.preset], **options).to(device)
     preprocessing = {**preprocessing_config(model.pretrained_cfg), **wanted}
     difference = reduction_difference(fine_tuned, args.checkpoint, model.reduction_config)
     if difference:
         print(f"evaluate.py: warning: {difference}", file=sys.stderr)
     return Predictor(eager_predictor(model), preprocessing, model.num_classes, None, f"eager {args.arch} {args.preset}",
-                     (fine_tuned or {}).get("classes"))
+                     (fine_tuned or {}).get("classes"), device)
 
 
 def check_trained_classes(trained: Optional[list], model: Path, dataset, root: Path) -> None:
@@ -138,12 +145,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    device = torch.device(args.device)
     try:
         if args.json:
             check_output_file(args.json)
         dataset = image_folder(args.data)
-        predict, preprocessing, head_classes, fixed_batch, description, trained = build_predictor(args, device)
+        predict, preprocessing, head_classes, fixed_batch, description, trained, device = build_predictor(args)
         check_num_classes(dataset, head_classes, args.data)
         check_trained_classes(trained, args.artifact or args.checkpoint, dataset, args.data)
     except (ValueError, CheckpointError, DatasetError, ip_runtime.Error) as error:

@@ -22,7 +22,7 @@ from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.files import check_output_file
 from imagepiece.pieces import piece_maps, render_pieces, save_png
-from imagepiece.weights import fine_tuned_settings, reduction_difference
+from imagepiece.weights import fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 
 def load_image(path: Path, model) -> tuple:
@@ -67,15 +67,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", type=Path, help="an image file (resized and centre-cropped like evaluation)")
     source.add_argument("--synthetic", action="store_true", help="a built-in synthetic scene")
-    parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="model setting (default: the fine-tune's, recorded in --checkpoint, else imagepiece)")
+    # The model flags default to what a fine-tune recorded in --checkpoint (weights.fine_tuned_flags), else to DeiT-S's.
+    parser.add_argument("--arch", choices=sorted(imagepiece.ARCHS), help="DeiT size (default: the fine-tune's, else deit_small_patch16_224)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="model setting (default: the fine-tune's, else imagepiece)")
     parser.add_argument("--checkpoint", type=Path, help="weights (default: random, which makes arbitrary pieces)")
-    parser.add_argument("--lcb", choices=LCB_CHOICES, default="none")
-    parser.add_argument("--num-classes", type=int, default=1000, help="head size of --checkpoint (a fine-tune: its class folders)")
+    parser.add_argument("--lcb", choices=LCB_CHOICES, help="Local Coherence Bias (default: the fine-tune's, else none)")
+    parser.add_argument("--num-classes", type=int, help="head size of --checkpoint (default: the fine-tune's, else 1000)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 3, 6, 11], help="blocks to draw (after the block)")
     parser.add_argument("--out", type=Path, required=True, help="output PNG")
     args = parser.parse_args(argv)
-    if args.num_classes < 1:  # 0 would build a model with no head at all
+    if args.num_classes is not None and args.num_classes < 1:  # 0 would build a model with no head at all
         parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
     return args
 
@@ -87,7 +88,11 @@ def main(argv=None) -> int:
         if args.out.suffix.lower() != ".png":  # PNG bytes under another name would fool every viewer
             raise ValueError(f"--out {str(args.out)!r}: the picture is a PNG; name it *.png")
         fine_tuned = fine_tuned_settings(args.checkpoint) if args.checkpoint else None
-        args.preset = args.preset or (fine_tuned or {}).get("preset") or "imagepiece"
+        recorded = fine_tuned_flags(fine_tuned)
+        args.arch = args.arch or recorded.get("arch", "deit_small_patch16_224")
+        args.preset = args.preset or recorded.get("preset", "imagepiece")
+        args.lcb = args.lcb or recorded.get("lcb", "none")
+        args.num_classes = args.num_classes or recorded.get("num_classes", 1000)
         model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes,
                              allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
         difference = reduction_difference(fine_tuned, args.checkpoint, model.reduction_config)

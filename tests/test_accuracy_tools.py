@@ -12,6 +12,7 @@ from PIL import Image
 import ip_runtime
 
 from imagepiece import create_model
+from imagepiece.config import PRESETS
 from imagepiece.pieces import panel_origin, piece_maps
 from inputs import write_image_folder
 from script_runs import call_script, load_script, run_script
@@ -134,10 +135,11 @@ def artifact(finetuned, tmp_path_factory):
     folder.mkdir()
     # A relative --out, as the README writes it (Inductor compiles in its own folder: a relative path once broke there),
     # in a folder with a space in its name (Inductor's compiler command line is split unquoted: that broke too).
-    result = run_script("aot_compile", "--arch", ARCH, "--method", "imagepiece", "--lcb", "residual", "--num-classes", "4",
-                        "--checkpoint", finetuned[1], "--device", "cpu", "--batch", "4", "--out", "ti 4class.so",
+    # Only --checkpoint names the model: its arch, preset, LCB and head are what the fine-tune recorded.
+    result = run_script("aot_compile", "--checkpoint", finetuned[1], "--device", "cpu", "--batch", "4", "--out", "ti 4class.so",
                         cwd=folder)
     assert result.returncode == 0, result.stderr
+    assert f"model: {ARCH}.imagepiece (imagepiece) with checkpoint" in result.stdout and "warning" not in result.stderr
     assert [path.name for path in folder.iterdir()] == ["ti 4class.so"], "no temporary folder left beside it"
     return folder / "ti 4class.so"
 
@@ -223,6 +225,12 @@ def test_evaluate_and_visualize_use_the_fine_tunes_token_reduction_and_warn_when
               "--lcb", "residual", "--num-classes", "4"]
     result = call_script("evaluate", capsys, *common, "--checkpoint", tmp_path / "tome.pth")
     assert result.returncode == 0 and f"eager {ARCH} tome" in result.stdout and "warning" not in result.stderr, result.stderr
+    # Without the model flags: each is the fine-tune's (DeiT-Ti, LCB residual, 4 classes), not DeiT-S's.
+    result = call_script("evaluate", capsys, *common[:common.index("--arch")], "--checkpoint", tmp_path / "tome.pth")
+    assert result.returncode == 0 and f"eager {ARCH} tome" in result.stdout and "(4 classes)" in result.stdout, result.stderr
+    result = call_script("visualize", capsys, "--synthetic", "--checkpoint", tmp_path / "tome.pth", "--blocks", "0",
+                         "--out", tmp_path / "recorded.png")
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
     result = call_script("evaluate", capsys, *common, "--checkpoint", finetuned[1], "--preset", "evit")
     assert result.returncode == 0, result.stderr
     assert ("was fine-tuned with imagepiece token reduction (--preset imagepiece); this model has method 'evit' "
@@ -250,7 +258,7 @@ def test_evaluate_and_visualize_use_the_fine_tunes_token_reduction_and_warn_when
         (["--data", "{val}", "--device", "meta"], "is not available here"),
         (["--data", "{val}", "--num-classes", "0"], "--num-classes must be >= 1"),
         (["--data", "{val}", "--artifact", "{artifact}", "--num-classes", "4"], "an --artifact has its model, weights and head inside"),
-        (["--data", "{val}", "--artifact", "{artifact}", "--preset", "tome", "--lcb", "stem"], "--preset, --lcb build the eager model"),
+        (["--data", "{val}", "--artifact", "{artifact}", "--preset", "tome", "--lcb", "stem"], "--preset, --lcb describe the eager model"),
     ],
 )
 def test_evaluate_bad_input(dataset, artifact, tmp_path, capsys, args, message):
@@ -454,3 +462,26 @@ def test_random_erasing_fills_with_noise_as_deit_does():
     transform = train_transform({"interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3}, None, 0.25)
     erasing = [op for op in transform.transforms if isinstance(op, RandomErasing)]
     assert len(erasing) == 1 and erasing[0].mode == "pixel" and erasing[0].probability == 0.25
+
+
+def test_aot_compile_builds_the_model_a_fine_tune_recorded_unless_told_otherwise(tmp_path):
+    aot_compile = load_script("aot_compile")
+    recorded = {"arch": ARCH, "lcb": "residual", "num_classes": 4, "preset": "imagepiece_hyper"}
+
+    def request(*flags):
+        return aot_compile.model_request(aot_compile.parse_args([*flags, "--out", str(tmp_path / "x.so")]), recorded)
+
+    hyper = {key: value for key, value in PRESETS["imagepiece_hyper"].items()}
+    assert request() == (ARCH, {**hyper, "lcb": "residual", "num_classes": 4})
+    assert request("--keep-rate", "0.6") == (ARCH, {**hyper, "keep_rate": 0.6, "lcb": "residual", "num_classes": 4})
+    assert request("--method", "evit", "--lcb", "none") == (ARCH, {"method": "evit", "lcb": None, "num_classes": 4})
+    assert request("--model", "deit_small_patch16_224.tome") == ("deit_small_patch16_224", {"method": "tome", "lcb": "residual",
+                                                                                             "num_classes": 4})
+    assert request("--preset", "imagepiece_sum", "--num-classes", "7")[1] == {"method": "imagepiece", "reevaluation": "sum",
+                                                                             "lcb": "residual", "num_classes": 7}
+    with pytest.raises(ValueError, match="--preset tome is method 'tome', not 'evit'; drop one of them"):
+        request("--preset", "tome", "--method", "evit")
+    with pytest.raises(ValueError, match="--p has no effect with method 'tome'"):
+        request("--preset", "tome", "--p", "0.5")
+    nothing_recorded = aot_compile.model_request(aot_compile.parse_args(["--out", str(tmp_path / "x.so")]), {})
+    assert nothing_recorded == ("deit_small_patch16_224", {"method": "imagepiece"})

@@ -20,6 +20,28 @@ def test_no_reduction_equals_timm_deit(arch, images):
         assert (model(images) - reference(images)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "method, settings",
+    [
+        ("plain", dict(lcb="residual")),  # the residual LCB starts at zero: DeiT checkpoints fine-tune from DeiT itself
+        ("imagepiece", dict(merge_ratio=0.0, keep_rate=1.0)),
+        ("tome", dict(tome_r=0)),
+        ("evit", dict(keep_rate=1.0)),
+    ],
+)
+def test_every_reduction_off_equals_timm_deit(method, settings, images):
+    # DESIGN.md section 2: with nothing merged or pruned (and LCB off or at its zero init) the model is timm's DeiT.
+    arch = "deit_tiny_patch16_224"
+    torch.manual_seed(0)
+    reference = timm.create_model(arch).eval()
+    model = create_model(arch, method, **settings)
+    assert all(block.tokens_out == NUM_PATCHES + 1 for block in model.token_schedule())
+    missing, unexpected = model.load_state_dict(reference.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith("lcb.") for key in missing)
+    with torch.inference_mode():
+        assert (model(images) - reference(images)).abs().max() <= 1e-5
+
+
 def make_lcb_smooth(model, strength=5.0):
     """Give the residual LCB a job: add a 5x5-neighbourhood average of a random projection of
     the tokens (biases keep GELU in its linear range), as a trained LCB would make nearby

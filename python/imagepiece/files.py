@@ -63,12 +63,7 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
     staged = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
         write(staged)
-        # On disk before the rename: after a power loss the rename must not point at a file still empty.
-        descriptor = os.open(staged, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_file(staged)
         os.replace(staged, path)
     finally:
         staged.unlink(missing_ok=True)
@@ -77,3 +72,13 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     return atomic_write(path, lambda staged: staged.write_text(text))
+
+
+def fsync_file(path: Union[str, Path]) -> None:
+    """Put `path`'s bytes on disk, before a rename makes it the real file: after a power loss the renamed name
+    must not point at a file still empty."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -203,6 +203,19 @@ def reduction_difference(saved: Optional[dict], path: Union[str, Path], config: 
             + ": its accuracy may differ from the fine-tune's")
 
 
+def fine_tuned_flags(saved: Optional[dict]) -> dict:
+    """For `saved`, a checkpoint's `fine_tuned_settings`: the model flags its fine-tune was run with, as the command
+    lines spell them ({"arch", "lcb" ("none" for None), "num_classes", and "preset" where recorded}); {} for None.
+    evaluate.py, visualize.py and aot_compile.py default each flag to these: the weights fit no other arch, LCB or
+    head, and learnt that token reduction."""
+    if saved is None:
+        return {}
+    flags = {"arch": saved["arch"], "lcb": saved["lcb"] or "none", "num_classes": saved["num_classes"]}
+    if saved["preset"]:
+        flags["preset"] = saved["preset"]
+    return flags
+
+
 def fine_tune_hint(path: Union[str, Path]) -> str:
     """For a checkpoint written by scripts/finetune.py: the flags that rebuild its model, as a sentence
     to append to an error ("" for others)."""
@@ -210,7 +223,8 @@ def fine_tune_hint(path: Union[str, Path]) -> str:
     if saved is None:
         return ""
     return (f". It was fine-tuned (scripts/finetune.py) as --arch {saved['arch']} --lcb {saved['lcb'] or 'none'} "
-            f"--num-classes {saved['num_classes']}: pass the same flags (finetune.py takes the class count from the checkpoint)")
+            f"--num-classes {saved['num_classes']}: pass the same flags (evaluate.py, visualize.py and aot_compile.py "
+            "take them from the checkpoint when they are not given)")
 
 
 def file_sha256(path: Union[str, Path]) -> str:
