@@ -1,4 +1,5 @@
 """The HTTP server (imagepiece.serve, scripts/serve.py): a real server on a free loopback port, real requests."""
+import contextlib
 import io
 import signal
 import socket
@@ -34,7 +35,7 @@ class ServerThread:
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        config = uvicorn_config(app, head_timeout_s, log_level="warning", **uvicorn_options)
+        config = uvicorn_config(app, head_timeout_s, app.state.metrics, log_level="warning", **uvicorn_options)
         self.server = DrainingServer(config, app.state.service)  # as scripts/serve.py runs it
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -51,6 +52,13 @@ class ServerThread:
         self.thread.join(TIMEOUT)
         self.socket.close()
         assert not self.thread.is_alive(), "the server did not stop"
+
+    def wait_for_connections(self, count):
+        """Until the server holds `count` connections (it sees them open and close a little after the client does)."""
+        deadline = time.monotonic() + TIMEOUT
+        while len(self.server.server_state.connections) != count:
+            assert time.monotonic() < deadline, f"the server holds {len(self.server.server_state.connections)} connections"
+            time.sleep(0.01)
 
 
 def jpeg_bytes(seed, size=(320, 240)):
@@ -108,6 +116,13 @@ def served(artifact):
     service = ClassificationService(config)
     with ServerThread(create_app(config, service)) as client:
         yield client, service
+
+
+def counted(client, name):
+    """{label value: count} of the one-label counter `name` (e.g. imagepiece_http_requests_total) in /metrics."""
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return {next(iter(sample.labels.values())): sample.value for family in families for sample in family.samples
+            if sample.name == name}
 
 
 def expected_probs(service, data):
@@ -178,8 +193,10 @@ def test_healthz_and_metrics_parse(served):
     client.post("/v1/classify", content=b"")
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert client.head("/metrics").status_code == 200
     families = {family.name: family for family in text_string_to_metric_families(response.text)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families.values() for s in family.samples}
+    assert not [name for name, _ in samples if name.endswith("_created")]  # a timestamp series per counter and histogram
     assert families["imagepiece_http_requests"].type == "counter"
     assert samples[("imagepiece_http_requests_total", (("status", "200"),))] >= 1
     assert samples[("imagepiece_http_errors_total", (("code", "empty_upload"),))] >= 1
@@ -371,24 +388,41 @@ def test_headers_that_trickle_past_the_read_timeout_get_408_and_the_connection_c
         for _ in range(2):  # one keep-alive connection, two requests further apart than the head deadline
             assert client.get("/healthz").status_code == 200
             time.sleep(0.7)
+        assert counted(client, "imagepiece_http_requests_total") == {"408": 2}  # seen by an operator facing a slowloris
+        assert counted(client, "imagepiece_http_errors_total") == {"request_timeout": 2}
 
 
-def test_uvicorns_own_answers_are_json_errors_too(artifact):
-    """Malformed HTTP and a request over --max-connections: uvicorn answers these itself, in plain text (and its 503
-    without Retry-After) unless the protocol says otherwise."""
+@pytest.mark.parametrize("max_connections", [1, 2])
+def test_answers_below_the_app_are_counted_json_errors_and_max_connections_lets_that_many_in(artifact, max_connections):
+    """Malformed HTTP and a request over --max-connections: uvicorn answers these itself, in plain text (its 503
+    without Retry-After), counted nowhere, and its limit let one connection fewer in, unless the protocol says otherwise."""
     config = ServeConfig(artifact=artifact, decode_threads=1, warmup=False)
-    with ServerThread(create_app(config, ClassificationService(config)), limit_concurrency=2) as client:
-        malformed = raw_exchange(client, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
-        assert malformed.startswith(b"HTTP/1.1 400") and b'"code": "bad_request"' in malformed, malformed
-        with socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT):  # one idle connection
-            time.sleep(0.2)
-            over = client.get("/healthz", headers={"Connection": "close"})
+    server = ServerThread(create_app(config, ClassificationService(config)), max_connections=max_connections)
+    close = {"Connection": "close"}  # no connection kept open between the steps
+    with server as client, contextlib.ExitStack() as idle_connections:
+        address = (client.base_url.host, client.base_url.port)
+        malformed_head = raw_exchange(client, b"GET /healthz HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n")
+        assert malformed_head.startswith(b"HTTP/1.1 400") and b'"code": "bad_request"' in malformed_head, malformed_head
+        server.wait_for_connections(0)
+        malformed_body = raw_exchange(client, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                              b"zz\r\n")
+        assert malformed_body.startswith(b"HTTP/1.1 400") and b'"code": "bad_request"' in malformed_body, malformed_body
+        for _ in range(max_connections - 1):
+            idle_connections.enter_context(socket.create_connection(address, timeout=TIMEOUT))
+        server.wait_for_connections(max_connections - 1)
+        assert client.get("/healthz", headers=close).status_code == 200  # the last one let in
+        idle_connections.enter_context(socket.create_connection(address, timeout=TIMEOUT))
+        server.wait_for_connections(max_connections)
+        over = client.get("/healthz", headers=close)
         assert over.status_code == 503 and over.headers["retry-after"] == "1", over.text
         assert over.json()["error"]["code"] == "overloaded"
-        deadline = time.monotonic() + TIMEOUT
-        while client.get("/healthz").status_code != 200:  # once the server has seen the idle connection go
-            assert time.monotonic() < deadline, "still over the limit with one connection"
-            time.sleep(0.05)
+        idle_connections.close()
+        server.wait_for_connections(0)
+        statuses = counted(client, "imagepiece_http_requests_total")
+        errors = counted(client, "imagepiece_http_errors_total")
+    # The malformed body ended its request as a disconnect, already counted by the app (499): not twice.
+    assert statuses["400"] == 1 and statuses["503"] == 1 and statuses["499"] == 1, statuses
+    assert errors["bad_request"] == 1 and errors["overloaded"] == 1, errors
 
 
 def test_uploads_in_progress_hold_a_bounded_total_and_none_outlasts_the_upload_timeout(artifact):
@@ -443,6 +477,17 @@ def test_bad_arguments_are_refused_before_anything_starts(args, message, capsys)
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--artifact", __file__, *args])  # any existing file: the arguments are refused first
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_topk_beyond_the_artifacts_classes_is_refused_at_start_in_one_line_named_as_invoked(artifact, monkeypatch, capsys):
+    """Once, it served and silently answered the 1000 classes there are (while ?topk=5000 got 400); and errors after
+    the arguments named the program imagepiece-serve however it was invoked."""
+    from imagepiece.serve.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--artifact", str(artifact), "--port", "0", "--topk", "5000"])
+    monkeypatch.setattr(DrainingServer, "run", lambda *_, **__: pytest.fail("it started serving"))  # rather than hang
+    assert main() == 2
+    assert capsys.readouterr().err == f"serve.py: error: --topk 5000 is more than the 1000 classes of {artifact.name}\n"
 
 
 def test_a_port_in_use_fails_in_one_line_before_the_model_loads(capsys):

@@ -4,6 +4,7 @@
                                  -> 200 {"model", "predictions": [{"index", "label", "probability"}, ...]}
     GET  /healthz                -> 200 {"status": "ok", "model", "decoding", "queue_depth", "in_flight"}
     GET  /metrics                -> Prometheus text format (metrics.py)
+    (HEAD as GET on /healthz and /metrics, without the body)
 
 Every failure is JSON {"error": {"code", "message"}} with a 4xx/5xx status: 400 empty upload, missing
 file field, malformed form or bad topk; 404/405 unknown route or method; 408 (connection closed) when
@@ -304,7 +305,7 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
         return JSONResponse({"status": "ok", "model": service.model_name, "decoding": admission.count,
                              "queue_depth": stats["queue_depth"], "in_flight": stats["in_flight"]})
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=metrics.content_type)
 

@@ -8,7 +8,7 @@ examples:
 
 One process, one model: concurrent requests are grouped into batches by ip_runtime.Batcher (up to
 --max-batch images per run; a request waits at most --max-delay-ms for others to join it). Compile a
-dynamic-batch artifact for it (scripts/aot_compile.py --max-batch 32); a static-batch artifact runs
+dynamic-batch artifact for it (scripts/aot_compile.py --max-batch 16); a static-batch artifact runs
 its own batch, padded. A full queue (of uploads to decode, or of images to batch) answers 503 with
 Retry-After. Listens on 127.0.0.1 unless --host
 says otherwise (there is no authentication: put a proxy in front before exposing it).
@@ -38,8 +38,13 @@ class _OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def program_name(argv) -> str:
+    """As invoked (serve.py or imagepiece-serve), in usage and in every error; for `argv` given, the entry point's."""
+    return Path(sys.argv[0]).name if argv is None else "imagepiece-serve"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _OneLineErrors(prog=Path(sys.argv[0]).name if argv is None else "imagepiece-serve",
+    parser = _OneLineErrors(prog=program_name(argv),
                             description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = ServeConfig(artifact=Path())
@@ -134,29 +139,31 @@ def is_loopback(host: str) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    prog = program_name(argv)
     try:
         listener = listening_socket(args.host, args.port)
     except OSError as error:
-        print(f"imagepiece-serve: error: cannot listen on {args.host}:{args.port} ({error.strerror or error})", file=sys.stderr)
+        print(f"{prog}: error: cannot listen on {args.host}:{args.port} ({error.strerror or error})", file=sys.stderr)
         return 2
     with listener:
         try:
             service = ClassificationService(config_from(args))
         except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
-            print(f"imagepiece-serve: error: {error}", file=sys.stderr)
+            print(f"{prog}: error: {error}", file=sys.stderr)
             return 2
         options = service.batcher.options
         if options["queue_capacity"] < options["max_batch"]:
-            print(f"imagepiece-serve: warning: --queue-capacity {options['queue_capacity']} is below the batch size "
+            print(f"{prog}: warning: --queue-capacity {options['queue_capacity']} is below the batch size "
                   f"{options['max_batch']}: no batch can fill, so every request waits out --max-delay-ms", file=sys.stderr)
         if not is_loopback(args.host):
-            print(f"imagepiece-serve: warning: listening on {args.host}, reachable from other machines, with no authentication "
+            print(f"{prog}: warning: listening on {args.host}, reachable from other machines, with no authentication "
                   "or TLS: put a proxy in front of it", file=sys.stderr)
         host, port = listener.getsockname()[:2]
         print(f"serving {service.model_name} from {args.artifact} on http://{f'[{host}]' if ':' in host else host}:{port} "
               f"(batcher: {service.batcher.options}; pid {os.getpid()})", file=sys.stderr, flush=True)
-        config = uvicorn_config(create_app(service.config, service), service.config.read_timeout_s, log_level=args.log_level,
-                                access_log=not args.no_access_log, limit_concurrency=args.max_connections,
+        app = create_app(service.config, service)
+        config = uvicorn_config(app, service.config.read_timeout_s, app.state.metrics, max_connections=args.max_connections,
+                                log_level=args.log_level, access_log=not args.no_access_log,
                                 timeout_graceful_shutdown=args.shutdown_timeout)
         try:
             DrainingServer(config, service).run(sockets=[listener])

@@ -7,8 +7,10 @@ such clients and every real request gets 503. Here a head that is not complete w
 gets 408 and the connection is closed. A request whose head has arrived is never cut: its body and its
 inference are the app's business.
 
-The answers uvicorn gives itself, to malformed HTTP (400) and to a request over --max-connections (503),
-come in the API's JSON error shape too (uvicorn's are plain text, its 503 without Retry-After).
+--max-connections is enforced here too, not by uvicorn's `limit_concurrency`: uvicorn counts the asking
+connection among those already open (so N let only N-1 in) and answers with an app of its own, in plain text
+and without Retry-After. These refusals below the app, and those to malformed HTTP (400) and to a slow head
+(408), come in the API's JSON error shape and are counted in the server's metrics as the app counts its own.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import json
 from typing import Optional
 
 import uvicorn
-from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .metrics import ServerMetrics
 
 
 def _error_body(code: str, message: str) -> bytes:
@@ -38,7 +41,7 @@ def request_timeout_response(seconds: float) -> bytes:
                               f"the request line and headers did not arrive within {seconds:g} s")
 
 
-async def _over_connection_limit(scope, receive, send) -> None:
+async def _over_connection_limit(send) -> None:
     body = _error_body("overloaded", "the server has as many open connections as --max-connections allows; retry later")
     await send({"type": "http.response.start", "status": 503,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -46,17 +49,28 @@ async def _over_connection_limit(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-# uvicorn answers a request over its concurrency limit with this module-level ASGI app of its own, looked up
-# when the request arrives: replaced (in this process, whose only uvicorn is the server's) by the JSON one.
-h11_impl.service_unavailable = _over_connection_limit
-
-
 class HeadDeadlineProtocol(H11Protocol):
     """The deadline starts when the connection opens, and on a keep-alive connection when the next
     request's first bytes arrive (an idle keep-alive connection is uvicorn's `timeout_keep_alive`'s)."""
 
-    head_timeout_s = 30.0  # set per server by `uvicorn_config`
+    # Set per server by `uvicorn_config`.
+    head_timeout_s = 30.0
+    max_connections: Optional[int] = None
+    metrics: Optional[ServerMetrics] = None
     _deadline: Optional[asyncio.TimerHandle] = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.served_app, self.app = self.app, self._admit  # uvicorn runs `self.app` for each request
+
+    async def _admit(self, scope, receive, send) -> None:
+        """The app, unless more than `max_connections` are open (this one among them), or more requests are
+        running (those of connections already gone among them): then a JSON 503."""
+        if self.max_connections is not None and max(len(self.connections), len(self.tasks)) > self.max_connections:
+            self._count_refusal(503, "overloaded")
+            await _over_connection_limit(send)
+        else:
+            await self.served_app(scope, receive, send)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -78,6 +92,10 @@ class HeadDeadlineProtocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes h11 cannot parse as HTTP (a bad request line or chunk size), in JSON."""
         self._disarm()
+        # Malformed framing in the body of a request the app is serving ends that request as a disconnect, which the
+        # app counts (499): counting the 400 too would count one request twice.
+        if self._waiting_for_head():
+            self._count_refusal(400, "bad_request")
         self.transport.write(raw_error_response("400 Bad Request", "bad_request", f"malformed HTTP request: {msg}"))
         self.transport.close()
 
@@ -97,11 +115,20 @@ class HeadDeadlineProtocol(H11Protocol):
     def _head_overdue(self) -> None:
         self._deadline = None
         if self._waiting_for_head() and not self.transport.is_closing():
+            self._count_refusal(408, "request_timeout")
             self.transport.write(request_timeout_response(self.head_timeout_s))
             self.transport.close()
 
+    def _count_refusal(self, status: int, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count(status, code)
 
-def uvicorn_config(app, head_timeout_s: float, **options) -> uvicorn.Config:
-    """uvicorn's Config for `app` on h11 with `HeadDeadlineProtocol`; `options` go to uvicorn.Config."""
-    protocol = type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout_s": head_timeout_s})
+
+def uvicorn_config(app, head_timeout_s: float, metrics: Optional[ServerMetrics], max_connections: Optional[int] = None,
+                   **options) -> uvicorn.Config:
+    """uvicorn's Config for `app` on h11 with `HeadDeadlineProtocol`, which counts its own answers in `metrics` (the
+    app's: `app.state.metrics`) and refuses requests beyond `max_connections` open connections (None: no limit);
+    `options` go to uvicorn.Config."""
+    protocol = type("HeadDeadlineProtocol", (HeadDeadlineProtocol,),
+                    {"head_timeout_s": head_timeout_s, "max_connections": max_connections, "metrics": metrics})
     return uvicorn.Config(app, http=protocol, **options)

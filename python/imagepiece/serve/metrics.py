@@ -1,7 +1,8 @@
 """The server's Prometheus metrics (GET /metrics, text format 0.0.4).
 
 HTTP side, counted by the app: requests by status, end-to-end latency, errors by code, uploads waiting
-for (or in) decoding.
+for (or in) decoding; the requests the server refuses below the app, on any path (malformed HTTP, a head
+too slow, over --max-connections: http_protocol.py), are counted by status and code too.
 Batcher side, read from `ip_runtime.Batcher.stats` at scrape time (the C++ batcher keeps the counts,
 so nothing is added to the request path): queue depth, requests in flight, batches, batch sizes,
 queue wait and run time histograms, rejections by code.
@@ -77,22 +78,41 @@ class ServerMetrics:
 
     def __init__(self, batcher, admission) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(f"{PREFIX}_http_requests", "Classification requests answered, by HTTP status", ["status"],
-                                registry=self.registry)
+        self.requests = Counter(f"{PREFIX}_http_requests", "Classification requests answered, and requests refused before "
+                                "reaching the app (malformed, too slow a head, over --max-connections), by HTTP status",
+                                ["status"], registry=self.registry)
         self.latency = Histogram(f"{PREFIX}_http_request_duration_seconds",
                                  "Seconds from a classification request's arrival to its answer (upload read, decode, queue, run)",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.errors = Counter(f"{PREFIX}_http_errors", "Classification requests that failed, by error code", ["code"],
-                              registry=self.registry)
+        self.errors = Counter(f"{PREFIX}_http_errors", "Classification requests that failed, and requests refused before "
+                              "reaching the app, by error code", ["code"], registry=self.registry)
         decoding = Gauge(f"{PREFIX}_http_decoding", "Uploads waiting for or in the decode threads", registry=self.registry)
         decoding.set_function(lambda: admission.count)
         self.registry.register(BatcherCollector(batcher))
 
     def observe(self, status: int, seconds: float, error_code: Optional[str] = None) -> None:
-        self.requests.labels(status=str(status)).inc()
+        self.count(status, error_code)
         self.latency.observe(seconds)
+
+    def count(self, status: int, error_code: Optional[str] = None) -> None:
+        """An answer outside the latency histogram (a refusal of a request that never reached the app)."""
+        self.requests.labels(status=str(status)).inc()
         if error_code:
             self.errors.labels(code=error_code).inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated:
+    """A registry's metrics without their `*_created` samples: each would be a series of its own (a timestamp) that
+    no dashboard of this server reads. prometheus_client.disable_created_metrics() would drop them from every
+    registry in the process, not only this server's."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self.registry.collect():
+            metric.samples = [sample for sample in metric.samples if not sample.name.endswith("_created")]
+            yield metric

@@ -67,6 +67,8 @@ class ClassificationService:
         metadata = info["metadata"]
         self.model_name = str(info["model_name"])
         self.num_classes = int(info["num_classes"])
+        if config.topk > self.num_classes:  # a request may not ask for more either (400)
+            raise ValueError(f"--topk {config.topk} is more than the {self.num_classes} classes of {config.artifact.name}")
         self.names = class_names(metadata, config.labels)
         self.preprocessing = metadata["preprocessing"]
         self.preprocess = Preprocess(self.preprocessing, metadata["input_shape"])
