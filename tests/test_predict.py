@@ -192,6 +192,9 @@ def test_sources_list_folders_globs_lists_and_table_columns(folder, tmp_path):
     with pytest.raises(ValueError, match="no column 'nope'"):
         list_inputs(str(tmp_path / "t.csv"), column="nope")
     assert [i.path for i in list_inputs(str(root / "gray.png"))] == [str(root / "gray.png")]
+    (tmp_path / "t.jsonl").write_text('{"path": "rgb_1.jpg"}\n')  # was read as a list: one row per JSON line
+    with pytest.raises(ValueError, match="is JSON, which predict does not read: give a .csv or .parquet table"):
+        list_inputs(str(tmp_path / "t.jsonl"))
 
 
 def test_odd_names_loops_byte_order_marks_and_unlisted_folders(folder, tmp_path, monkeypatch):
@@ -254,6 +257,21 @@ def test_odd_names_loops_byte_order_marks_and_unlisted_folders(folder, tmp_path,
     assert warnings == [f"cannot list folder {str(photos / 'sub')!r} (Permission denied): its images have no rows"]
     with pytest.raises(ValueError, match=r"cannot list folder .* \(Permission denied\)"):
         list_inputs(str(photos / "sub"))
+
+
+def test_a_name_spelling_an_escape_and_a_name_holding_that_byte_get_a_row_each(compiled, folder, tmp_path):
+    # Both were once spelled a\\xff.jpg, and the output, keyed by that path, gave both rows the second file's result.
+    root, _, _ = folder
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(root / "rgb_0.jpg", photos / "a\\xff.jpg")
+    (photos / os.fsdecode(b"a\xff.jpg")).write_bytes(b"")
+    output = tmp_path / "preds.jsonl"
+    assert main(["--artifact", str(compiled.path("ti_imagepiece_dynamic")), "--input", str(photos), "--output", str(output),
+                 "--no-progress"]) == 0
+    literal, byte = read_rows(output)
+    assert (literal.path, byte.path) == (str(photos / "a\\\\xff.jpg"), str(photos / "a\\xff.jpg"))
+    assert literal.ok and byte.error == "empty file (0 bytes)"
 
 
 def test_deep_trees_trailing_globstars_odd_table_columns_and_labels_with_a_bom(folder, tmp_path):
@@ -379,15 +397,17 @@ def test_unreadable_entries_of_a_path_list_are_error_rows(compiled, folder, tmp_
     locked.chmod(0)
     (tmp_path / "a_folder.jpg").mkdir()
     listing = tmp_path / "list.txt"
-    listing.write_text(f"{root / 'rgb_1.jpg'}\nmissing.jpg\na_folder.jpg\nlocked.jpg\n")
+    listing.write_text(f"{root / 'rgb_1.jpg'}\nmissing.jpg\na_folder.jpg\nlocked.jpg\nhttps://example.com/cat.jpg\n")
     output = tmp_path / "preds.csv"
     assert main(["--artifact", str(compiled.path("ti_imagepiece_dynamic")), "--input", str(listing), "--output", str(output),
                  "--no-progress", "--max-pixels", "40000"]) == 0
     rows, ordered = rows_by_path(output)
-    assert [r.path for r in ordered] == [str(root / "rgb_1.jpg"), "missing.jpg", "a_folder.jpg", "locked.jpg"]
+    assert [r.path for r in ordered] == [str(root / "rgb_1.jpg"), "missing.jpg", "a_folder.jpg", "locked.jpg",
+                                         "https://example.com/cat.jpg"]
     assert "240x320 = 76,800 pixels, over the limit of 40,000: refused before decoding" in rows[str(root / "rgb_1.jpg")].error
     assert rows["missing.jpg"].error == "file not found"
     assert rows["a_folder.jpg"].error == "is a directory, not an image file"
+    assert rows["https://example.com/cat.jpg"].error.startswith("a URL, not a file: URLs are not supported"), "not 'file not found'"
     if os.access(locked, os.R_OK):  # root reads anything: chmod cannot make it unreadable
         assert rows["locked.jpg"].ok
     else:
@@ -552,7 +572,10 @@ def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_f
     respelled = here / "respelled.txt"
     respelled.write_text("".join(f"./{path}\n" for path in (r.path for r in clean)))
     assert run_predict(compiled, respelled, output, "--resume") == 0
-    assert "none of the 10 rows already in" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "none of the 10 rows already in" in error
+    assert "all 10 inputs are predicted again and the 10 earlier rows stay in the output too" in error
+    assert len(read_rows(output)) == 20, "what the warning says: each file has a row under either spelling"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -569,6 +592,10 @@ def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_f
     (["--artifact", "{artifact}", "--output", "{out}.csv", "--device", "cpu:1"], "there is one CPU device"),
     (["--artifact", "{artifact}", "--output", "{table}", "--input", "{table}"], "is the input: it would be overwritten"),
     (["--artifact", "{artifact}", "--output", "{out}/ray_out", "--ray", "--workers", "2"], "with --ray, Ray decodes on its CPU workers"),
+    # Refused before the artifact is read (it is missing here), so before Ray starts: Ray made a folder named r.csv.
+    (["--artifact", "{missing}", "--output", "{out}/r.csv", "--ray"], "names a .csv file, but --ray writes a folder of Parquet files"),
+    (["--artifact", "{artifact}", "--output", "-"], "--output -: predict writes no standard output"),
+    (["--artifact", "{artifact}", "--output", "/dev/stdout"], "'/dev/stdout' has no suffix: give a file name ending in .csv"),
     # A link into a folder that does not exist: found before the run, not when its rows are written.
     (["--artifact", "{artifact}", "--output", "{out}/dangling.csv"], "/no/such/dir' does not exist"),
 ])

@@ -108,16 +108,20 @@ def test_an_output_folder_holding_other_files_is_refused_and_left_as_it_was(tmp_
     check_output_folder(folder, str(elsewhere))  # an earlier run's output alone: a fresh run may replace it
 
 
-def test_an_address_where_no_ray_answers_is_a_one_line_error_and_leaves_no_folder(compiled, tmp_path, capsys):
+def test_an_address_where_no_ray_answers_is_a_one_line_error_and_leaves_no_folder(compiled, tmp_path, capsys, monkeypatch):
     with socket.socket() as closed:  # bound, never listening: a connect is refused
         closed.bind(("127.0.0.1", 0))
         address = "%s:%d" % closed.getsockname()
         output = tmp_path / "preds"
         photos = tmp_path / "photos"
         write_good_images(photos)
-        assert main(["--artifact", str(compiled.path("ti_imagepiece")), "--input", str(photos), "--output", str(output),
-                     "--ray", "--address", address, "--no-progress"]) == 2
-    assert f"no Ray cluster answers at --address {address}" in capsys.readouterr().err
+        common = ["--artifact", str(compiled.path("ti_imagepiece")), "--input", str(photos), "--output", str(output), "--ray",
+                  "--no-progress"]
+        assert main(common + ["--address", address]) == 2
+        assert f"no Ray cluster answers at --address {address}" in capsys.readouterr().err
+        monkeypatch.setenv("RAY_ADDRESS", address)  # no --address was given: the error names where the address came from
+        assert main(common) == 2
+        assert f"no Ray cluster answers at RAY_ADDRESS={address}" in capsys.readouterr().err
     assert not output.exists()
     with pytest.raises(ValueError, match="is not host:port"):
         ray_job.check_reachable("headnode")
@@ -247,7 +251,7 @@ def test_ray_starts_locally_unless_an_address_or_ray_address_says_where_and_a_si
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **options: calls.append(options.get("address")))
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
-    monkeypatch.setattr(ray_job, "check_reachable", lambda address: None)
+    monkeypatch.setattr(ray_job, "check_reachable", lambda address, given_as=None: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray_job._start_ray(None)  # "local": a `ray start` cluster on the machine is not joined (ray.init() would, then refuse num_cpus)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # as `ray job submit` runs its entrypoint

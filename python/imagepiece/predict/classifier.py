@@ -20,6 +20,7 @@ import torch
 
 import ip_runtime
 from imagepiece.artifact import INPUT_DTYPES
+from imagepiece.artifact_metadata import example_images
 
 from .preprocess import Preprocess, normalise
 
@@ -38,7 +39,7 @@ class Classifier:
         self.runtime = ip_runtime.Runtime(str(artifact), device=device)
         info = self.runtime.info
         self.metadata = info["metadata"]
-        self.device = torch.device(self.runtime.options.device or info["device_type"])
+        self.device = torch.device(self.runtime.options.device)
         self.dtype = INPUT_DTYPES[info["dtype"]]
         self.takes_pixels = info["input_format"] == "uint8_nhwc"
         self.num_classes = int(info["num_classes"])
@@ -49,8 +50,8 @@ class Classifier:
         self.input_shape = tuple(self.metadata["input_shape"])
         self._staging = None
         if self.device.type == "cuda":
-            height, width = self.input_shape[1:]
-            self._staging = torch.empty((self.batch, height, width, 3), dtype=torch.uint8).pin_memory()
+            channels, height, width = self.input_shape
+            self._staging = torch.empty((self.batch, height, width, channels), dtype=torch.uint8).pin_memory()
         self.inference_seconds = 0.0
 
     def preprocess(self) -> Preprocess:
@@ -59,10 +60,7 @@ class Classifier:
 
     def example_input(self) -> torch.Tensor:
         """A ready model input of `batch` images (what `runtime.run` takes), for model-only timing."""
-        channels, height, width = self.input_shape
-        if self.takes_pixels:
-            return torch.randint(0, 256, (self.batch, height, width, channels), dtype=torch.uint8, device=self.device)
-        return torch.randn(self.batch, channels, height, width, device=self.device).to(self.dtype)
+        return example_images(self.runtime.info, self.batch).to(self.device)
 
     def _model_input(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 [n, H, W, 3] (n <= batch) -> the artifact's input, padded to a size it accepts."""

@@ -34,7 +34,7 @@ from .labels import class_names
 from .pipeline import RunStats, predict_items
 from .ray_job import RayRowsLost, StoppedAfterWriting, check_output_folder, run_on_ray
 from .sources import list_inputs
-from .writers import ResumableOutput, output_format, warn_if_resume_matches_nothing
+from .writers import FORMATS, ResumableOutput, output_format, warn_if_resume_matches_nothing
 
 
 DEFAULT_TOPK = 5
@@ -61,8 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                   "a static-batch artifact always uses its own)")
     parser.add_argument("--workers", type=int, help="decode threads (default: min(4, cores)); 0 decodes in the model's thread "
                                                     "(not with --ray: Ray decodes on its own CPU workers)")
-    parser.add_argument("--resume", action="store_true", help="keep the predictions already in --output, do only the rest "
-                                                             "(same artifact and --topk: the rows do not record the artifact)")
+    parser.add_argument("--resume", action="store_true", help="keep the predictions already in --output, do only the rest: "
+                                                             "inputs without a row, and those whose row is an error (the file "
+                                                             "may have been fixed since); run it with the same artifact and "
+                                                             "--topk (the rows do not record the artifact)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse images with more pixels, before decoding them (default {DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--labels", type=Path, help="class names, one per line (default: the artifact's own, else timm's ImageNet names)")
@@ -70,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     scale = parser.add_argument_group("scale-out on Ray Data")
     scale.add_argument("--ray", action="store_true", help="decode on Ray CPU workers, predict in an actor pool, write Parquet")
-    scale.add_argument("--address", help="join this Ray cluster (default: start a local Ray on this machine)")
+    scale.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, as `ray job submit` sets it; "
+                                         "without it, start a local Ray on this machine)")
     scale.add_argument("--concurrency", type=int, help="model actors, each holding one Runtime "
                                                        "(default: one per GPU for a CUDA artifact, per CPU otherwise)")
     args = parser.parse_args(argv)
@@ -95,9 +98,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_output(path: Path, ray: bool, input_spec: str) -> None:
+    if str(path) == "-":  # the journal, the atomic rename and --resume all need a file
+        raise ValueError("--output -: predict writes no standard output; give a file name ending in .csv, .jsonl or .parquet"
+                         + (" (with --ray, a folder)" if ray else ""))
     if os.path.isfile(input_spec) and path.exists() and os.path.samefile(input_spec, path):
         raise ValueError(f"output {str(path)!r} is the input: it would be overwritten; write the predictions to another file")
     if ray:
+        if path.suffix.lower() in FORMATS and not path.is_dir():  # Ray would make a folder of that name, silently
+            raise ValueError(f"--output {str(path)!r} names a {path.suffix} file, but --ray writes a folder of Parquet "
+                             "files: give a folder name")
         if path.exists() and not path.is_dir():
             raise ValueError(f"output {str(path)!r} exists and is not a folder; with --ray the output is a folder of Parquet files")
         check_output_folder(path, input_spec)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import warnings
 from typing import BinaryIO, Union
@@ -37,6 +38,9 @@ UNSUPPORTED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;
 # Not ICO: Pillow decodes an icon's embedded PNG inside Image.open, before its size can be checked (a 0.6 MiB
 # .ico claiming 256x256 held a 13000x13000 PNG: 650 MB decoded past --max-pixels).
 RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "PPM", "TGA", "JPEG2000")
+
+# scheme://... anywhere in a location: a list's or a table's URL entry arrives joined to that file's folder.
+_URL = re.compile(r"(?:^|/)[A-Za-z][A-Za-z0-9+.-]*://")
 
 # This module enforces the pixel limit itself (as an error row); Pillow's warning for images between
 # its limit and twice it would only repeat that on stderr.
@@ -55,6 +59,8 @@ def _check_readable(location: str) -> None:
     except FileNotFoundError:
         if os.path.islink(location):
             raise ImageError(f"file not found (dangling symlink to {os.readlink(location)!r})") from None
+        if _URL.search(location):
+            raise ImageError("a URL, not a file: URLs are not supported (download the images and list their local paths)") from None
         raise ImageError("file not found") from None
     except OSError as error:
         raise ImageError(f"cannot read file ({error.strerror})") from None

@@ -4,7 +4,9 @@ Decoding and resizing run in a pool of threads (Pillow releases the GIL in both)
 thread runs the model (`ip_runtime.Runtime.run` releases it too), so the two overlap. At most
 `window` images are decoded ahead of the model, so memory stays bounded on a billion-file input.
 Rows come out in input order: error rows wait with the images around them until the batch holding
-those images has been classified; an error never splits or shrinks a batch.
+those images has been classified; an error does not shrink a batch (the images after it fill it). Only
+where MAX_HELD_ROWS rows pile up before a batch fills (a long run of unreadable files) are they let
+go, and the few images among them classified as a short batch.
 """
 from __future__ import annotations
 

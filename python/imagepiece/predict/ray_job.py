@@ -133,9 +133,9 @@ def check_output_folder(folder: Path, input_spec: str) -> None:
 
 
 def _earlier_outcomes(folder: Path, topk: Optional[int]) -> Dict[str, bool]:
-    """Each path an earlier run's files hold: True if one of its rows is a prediction. Read as Arrow columns
-    (path, error, the number of classes), never as Python rows: a resumed job of a billion images must not
-    hold them all in the driver. Refuses rows of another --topk."""
+    """Each path an earlier run's files hold: True if one of its rows is a prediction. Only the columns this needs
+    (path, error, the number of classes) are read, a file at a time: the driver holds a flag per path (as it holds
+    the input's paths), never the earlier predictions. Refuses rows of another --topk."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -188,26 +188,28 @@ HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 
 HTTP2_SETTINGS = 4
 
 
-def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S, given_as: Optional[str] = None) -> None:
     """Raise ValueError unless `address` (host:port or ray://host:port) accepts a TCP connection and answers an HTTP/2
     opening as a gRPC server does, each within `timeout`: ray.init retries an address where nothing answers, or
     something other than Ray does, forever. "auto" needs no probe (Ray fails at once without a local cluster). A
     cluster on TLS (RAY_USE_TLS, as Ray reads it) answers no plaintext opening: there only the connection is checked.
-    Any gRPC server passes (another Ray process's port too): this catches the wrong host or port, not every one."""
+    Any gRPC server passes (another Ray process's port too): this catches the wrong host or port, not every one.
+    The error names the address as the user gave it: `given_as`, "--address <address>" unless said otherwise."""
     if address == "auto":
         return
+    given_as = given_as or f"--address {address}"
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"--address {address!r} is not host:port (or 'auto')")
+        raise ValueError(f"{given_as} is not host:port (or 'auto')")
     try:
         connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as error:
-        raise ValueError(f"no Ray cluster answers at --address {address} ({error.strerror or error})") from None
+        raise ValueError(f"no Ray cluster answers at {given_as} ({error.strerror or error})") from None
     with connection:
         if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
             return
         if not _answers_as_grpc(connection, time.monotonic() + timeout):
-            raise ValueError(f"--address {address} accepts connections but is no Ray cluster (no gRPC answer within "
+            raise ValueError(f"{given_as} accepts connections but is no Ray cluster (no gRPC answer within "
                              f"{timeout:g} s): give the head node's GCS port (ray start --head --port, 6379 by default) "
                              "or ray://host:10001")
 
@@ -238,10 +240,14 @@ def _start_ray(address: Optional[str]) -> bool:
     # ray.init replaces the SIGTERM handler with its own (sys.exit(15)): the caller's comes back after it, so that the
     # CLI's SIGTERM unwinds, cleans up and reports as its Ctrl-C does (imagepiece.termination).
     caller_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` runs its entrypoint with it set
+    if address:
+        given_as = f"--address {address}"
+    else:  # `ray job submit` runs its entrypoint with RAY_ADDRESS set
+        address = os.environ.get("RAY_ADDRESS")
+        given_as = f"RAY_ADDRESS={address}"
     try:
         if address:
-            check_reachable(address)
+            check_reachable(address, given_as=given_as)
             ray.init(address=address, **common)
         else:  # "local": a new Ray even where a `ray start` cluster runs (ray.init() would join it, then refuse num_cpus)
             ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)

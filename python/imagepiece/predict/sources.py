@@ -14,7 +14,9 @@ A CSV's first line is its header: a one-column CSV whose "header" is an image pa
 one image short.
 
 A file name that is not valid UTF-8 (possible on Linux) is opened as it is, and its row's `path`
-spells the bad bytes as backslash escapes (\\xff): every output format holds only valid text.
+spells the bad bytes as backslash escapes (\\xff): every output format holds only valid text. Such a
+name has its own backslashes doubled too, and so has a valid name holding "\\x" (which would read as
+an escape): the file named `a\\xff.jpg` and the one named a, byte 0xff, .jpg get distinct rows.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from .decode import RASTER_FORMATS
 
 TABLE_SUFFIXES = (".csv", ".parquet")
+JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")  # refused: read as a list of paths, each JSON line became one
 DEFAULT_COLUMN = "path"
 
 
@@ -50,8 +53,22 @@ class InputItem:
 
 
 def printable(location: str) -> str:
+    """`location` as an output row's path: as it is, unless it holds bytes that are not UTF-8 or the two characters
+    "\\x"; then backslashes are doubled and each bad byte spelled \\xNN. Every spelled name holds "\\x" and no name
+    left as it is does, so two files never share a row's path (the output and --resume are keyed by it)."""
+    if "\\x" not in location and _is_utf8(location):
+        return location
+    raw = location.encode("utf-8", "surrogateescape")
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(location: str) -> bool:
     # os functions (and os.fsdecode) hand back undecodable bytes as lone surrogates, which no UTF-8 writer accepts.
-    return location.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        location.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def found_file(location: str) -> InputItem:
@@ -130,8 +147,10 @@ def _single_image(source: Path) -> bool:
 
 
 def _relative_to(listing: Path, entries: List[str]) -> List[InputItem]:
-    base = listing.parent
-    return [InputItem(printable(entry), entry if os.path.isabs(entry) or not entry else str(base / entry)) for entry in entries]
+    base = str(listing.parent)
+    # os.path.join, not Path's "/": the entry stays as written, so a URL keeps its "//" for decode to recognise.
+    return [InputItem(printable(entry), entry if os.path.isabs(entry) or not entry else os.path.join(base, entry))
+            for entry in entries]
 
 
 def _pick_column(columns: List[str], column: Optional[str], source: Path) -> str:
@@ -209,6 +228,9 @@ def list_inputs(spec: str, column: Optional[str] = None, warn: Callable[[str], N
         suffix = source.suffix.lower()
         if column is not None and suffix not in TABLE_SUFFIXES:
             raise InputError(f"--column applies to a .csv or .parquet input, not {spec!r}")
+        if suffix in JSON_SUFFIXES:
+            raise InputError(f"input {spec!r} is JSON, which predict does not read: give a .csv or .parquet table "
+                             f"(column {DEFAULT_COLUMN!r}, or --column), or a text file of paths, one per line")
         if suffix in TABLE_SUFFIXES:
             items = _relative_to(source, _table_column(source, column))
         elif suffix in image_suffixes() or _single_image(source):  # also a photo saved without its suffix

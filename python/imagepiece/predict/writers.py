@@ -33,8 +33,11 @@ PARQUET_ROWS_PER_GROUP = 16_384  # rows converted to Arrow at a time while writi
 
 def output_format(path: Path) -> str:
     suffix = Path(path).suffix.lower()
+    if not suffix:
+        raise ValueError(f"output {str(path)!r} has no suffix: give a file name ending in {', '.join(FORMATS[:-1])} or {FORMATS[-1]} (the suffix "
+                         "picks the format; standard output is not supported)")
     if suffix not in FORMATS:
-        raise ValueError(f"output {str(path)!r}: unknown format {suffix or '(no suffix)'!r}; use {', '.join(FORMATS)}")
+        raise ValueError(f"output {str(path)!r}: unknown format {suffix!r}; use {', '.join(FORMATS)}")
     return suffix
 
 
@@ -236,10 +239,13 @@ def check_topk_found(found: Set[int], topk: Optional[int], path: Path) -> None:
 def warn_if_resume_matches_nothing(earlier_paths: Sequence[str], input_paths: Sequence[str], output: Path,
                                    warn: Callable[[str], None]) -> None:
     """Earlier rows that name none of this run's inputs most likely spell the same files differently (relative vs
-    absolute, ./x vs x): --resume then silently predicts everything again beside the old rows, so say so."""
+    absolute, ./x vs x): --resume then predicts everything again and, as it keeps rows of paths no longer listed,
+    leaves the old rows beside the new ones, so say so."""
     if earlier_paths and input_paths and not set(input_paths).intersection(earlier_paths):
         warn(f"none of the {len(earlier_paths)} rows already in {output} names an input path as this run spells it "
-             f"(e.g. {earlier_paths[0]!r} and {input_paths[0]!r}): all are predicted again")
+             f"(e.g. {earlier_paths[0]!r} and {input_paths[0]!r}): all {len(input_paths)} inputs are predicted again and the "
+             f"{len(earlier_paths)} earlier rows stay in the output too (a file named both ways then has two rows); run "
+             "without --resume to replace them")
 
 
 class ResumableOutput:
