@@ -176,6 +176,14 @@ FORGERIES = {  # metadata lies, and images that fit the lie
 }
 
 
+def test_metadata_with_a_nan_is_refused_when_written_not_after_a_compile(compiled, tmp_path):
+    path = copy(compiled, "ti_imagepiece", tmp_path, "nan.so")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="metadata cannot hold a NaN or infinite number"):
+        write_metadata(path, {**read_metadata(path), "quantization": {"max_abs_diff": float("nan")}})
+    assert path.read_bytes() == before  # nothing half-written
+
+
 def test_forged_metadata_cannot_make_the_compiled_code_read_out_of_bounds(compiled, tmp_path):
     """Re-sealed (a forger can recompute the digest): the compiled code checks its own inputs, and the
     runtimes check its output, so a lie is an error, never a silent wrong answer or a crash."""
@@ -222,6 +230,15 @@ def nested(depth):
     return replace(b'"config": {', b'"deep": ' + b"[" * depth + b"]" * depth + b', "config": {')
 
 
+def class_names(names: bytes):
+    """Metadata whose class_names (null in a test artifact: no fine-tune) is `names`; num_classes is 1000."""
+    return replace(b'"class_names": null', b'"class_names": ' + names)
+
+
+def json_list(items) -> bytes:
+    return json.dumps(list(items)).encode()
+
+
 READER_CASES = {
     # accepted by both
     "local_torch_build": (replace(f'"torch_version": "{torch.__version__}"'.encode(), f'"torch_version": "{torch.__version__.split("+")[0]}+other"'.encode()), None),
@@ -229,6 +246,8 @@ READER_CASES = {
     "huge_integer_field": (replace(b'"config": {', b'"extra": ' + b"9" * 30 + b', "config": {'), None),
     "nesting_32": (nested(30), None),
     "cpu_capability_default": (replace(b'"cpu_capability": "', b'"cpu_capability": "DEFAULT", "built_on": "'), None),
+    "class_names_null": (class_names(b"null"), None),
+    "class_names_of_every_class": (class_names(json_list(f"class {i}" for i in range(1000))), None),
     # refused by both, with the same code
     "format_1": (replace(b'"format_version": 2', b'"format_version": 1'), "incompatible"),
     "format_1_9": (replace(b'"format_version": 2', b'"format_version": 1.9'), "not_an_artifact"),
@@ -255,6 +274,10 @@ READER_CASES = {
     "cpu_capability_missing": (replace(b'"cpu_capability": ', b'"built_for": '), "not_an_artifact"),
     "cpu_capability_null": (replace(b'"cpu_capability": "', b'"cpu_capability": null, "built_for": "'), "not_an_artifact"),
     "cpu_features_not_strings": (replace(b'"cpu_features": [', b'"cpu_features": [1, '), "not_an_artifact"),
+    # a list Python callers (predict, serve) index by class: one short of num_classes failed them with IndexError
+    "class_names_too_short": (class_names(json_list(f"class {i}" for i in range(999))), "not_an_artifact"),
+    "class_names_not_strings": (class_names(json_list([*(f"class {i}" for i in range(999)), 7])), "not_an_artifact"),
+    "class_names_not_a_list": (class_names(b'"cats"'), "not_an_artifact"),
     "cuda_artifact_with_cpu_fields": (lambda text: replace(b'"device_type": "cpu"', b'"device_type": "cuda"')(
         replace(b'"cuda_capability": null', b'"cuda_capability": "8.0"')(text)), "not_an_artifact"),
     # refused as incompatible by both: code for CPUs this one is not
@@ -275,6 +298,35 @@ def test_cpp_and_python_read_metadata_alike(compiled, tmp_path, case):
         except (ip_runtime.Error, ArtifactError) as error:
             outcomes[loader] = error.code
     assert outcomes == {"ip_runtime": code, "python": code}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("class_names_too_short", "class_names must be an array of 1000..1000 items"),
+    ("class_names_not_strings", "class_names[999] must be a string, got 7"),
+])
+def test_cpp_and_python_name_the_same_metadata_fault(compiled, tmp_path, case, message):
+    path = resealed_text(compiled, tmp_path, READER_CASES[case][0])
+    for loader in ("ip_runtime", "python"):
+        assert message in refusal(loader, path)[1], loader
+
+
+def as_cuda_artifact(text: bytes) -> bytes:
+    """Metadata a CUDA artifact could have (its library stays a CPU one: it must never get as far as loading)."""
+    cuda_fields = {"device_type": "cuda", "cuda_capability": "9.0", "cpu_capability": None, "cpu_features": None}
+    return json.dumps({**json.loads(text), **cuda_fields}, sort_keys=True).encode()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU answers")
+@pytest.mark.parametrize("device", [None, "cuda", "cuda:7"])
+def test_a_cuda_artifact_on_a_machine_without_a_gpu_says_there_is_none(compiled, tmp_path, device):
+    # With GPUs, a cuda:N past the last one is invalid_option (tests/test_runtime_cuda.py); with none at all,
+    # the absence of a GPU is what the answer names, whatever the index.
+    path = resealed_text(compiled, tmp_path, as_cuda_artifact)
+    options = {} if device is None else {"device": device}
+    for attempt in (lambda: ip_runtime.Runtime(path, **options), lambda: load(path, device)):
+        with pytest.raises((ip_runtime.Error, ArtifactError), match="no CUDA device is available|built without CUDA support") as error:
+            attempt()
+        assert error.value.code == "incompatible"
 
 
 @pytest.mark.parametrize("crafted", ["section_size", "section_count", "zip_member_size", "zip_entries"])

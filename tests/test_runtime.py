@@ -322,6 +322,18 @@ def test_bad_options_raise_runtime_errors(compiled, options, code, message):
     with pytest.raises(ip_runtime.Error, match=message) as error:
         ip_runtime.Runtime(str(compiled.path("ti_imagepiece")), **options)
     assert error.value.code == code
+    if "device" in options:  # the Python loader decides where an artifact runs alike
+        with pytest.raises(ArtifactError, match=message) as error:
+            load(compiled.path("ti_imagepiece"), device=options["device"])
+        assert error.value.code == code
+
+
+def test_cpu_0_is_the_cpu_for_both_loaders(compiled, images):
+    # CPU tensors carry no index: "cpu:0" taken literally would call every input "on the wrong device".
+    path = compiled.path("ti_imagepiece")
+    expected = ip_runtime.Runtime(str(path)).run(images[:2])
+    torch.testing.assert_close(ip_runtime.Runtime(str(path), device="cpu:0").run(images[:2]), expected, rtol=0, atol=0)
+    torch.testing.assert_close(load(path, device="cpu:0")(images[:2]), expected, rtol=0, atol=0)
 
 
 class ArtifactPath:
@@ -368,6 +380,30 @@ def test_paths_and_options_of_any_accepted_type(compiled):
     assert runtime.options.device == "cpu"  # the device in effect, as for device="" (the artifact's)
     assert ip_runtime.Runtime(path).options.device == "cpu"
     assert runtime.run(torch.randn(runtime.info["batch_min"], *runtime.info["input_shape"])).shape[1] == 1000
+
+
+def test_repr_says_what_was_loaded_and_how(compiled, tmp_path):
+    path = tmp_path / "model-\udcff.so"  # a file name that is not UTF-8 is shown as os.fsdecode gives it
+    shutil.copy(compiled.path("ti_imagepiece"), os.fsencode(path))
+    runtime = ip_runtime.Runtime(path)
+    info = runtime.info
+    assert info["batch_min"] == info["batch_max"] == 2  # a static batch shows as one number, a range as min..max
+    assert repr(runtime) == (f"<ip_runtime.Runtime artifact={str(path)!r} model={info['model_name']!r} device='cpu' batch=2 "
+                             f"precision={info['precision']!r}>")
+    assert " batch=1..64 " in repr(ip_runtime.Runtime(compiled.path("ti_imagepiece_dynamic")))
+    assert repr(runtime.options) == "ip_runtime.RuntimeOptions(device='cpu', instances=1, cuda_graphs=False, batch_buckets=[])"
+    options = ip_runtime.RuntimeOptions()
+    options.device, options.instances, options.cuda_graphs, options.batch_buckets = "cuda:1", 4, True, (1, 8)
+    assert repr(options) == "ip_runtime.RuntimeOptions(device='cuda:1', instances=4, cuda_graphs=True, batch_buckets=[1, 8])"
+    # A debugger or a log shows a Runtime made without __init__ too: its repr must not raise.
+    assert repr(ip_runtime.Runtime.__new__(ip_runtime.Runtime)) == "<ip_runtime.Runtime, not initialised>"
+
+
+def test_options_are_a_copy_of_what_is_in_effect(compiled):
+    runtime = ip_runtime.Runtime(compiled.path("ti_imagepiece"))
+    runtime.options.device = "cuda"  # changes a copy: options are fixed at load (documented on the property)
+    assert runtime.options.device == "cpu"
+    assert "changes nothing" in ip_runtime.Runtime.options.__doc__
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch
 
 import ip_runtime
 from diagnostics import decision_margins
-from imagepiece.artifact import DTYPES
+from imagepiece.artifact import DTYPES, ArtifactError
 from imagepiece.export import load
 from inputs import random_images
 from test_cuda import assert_half_precision_agrees, full_fp32, half_precision_inputs  # noqa: F401 (fixture)
@@ -121,6 +121,37 @@ def test_cpu_artifact_and_cuda_artifact_devices_are_checked(compiled):
         with pytest.raises(ip_runtime.Error, match="images are on cuda:1") as error:
             runtime.run(torch.randn(2, 3, 224, 224, device="cuda:1"))
         assert error.value.code == "invalid_device"
+
+
+def test_a_cuda_device_past_the_last_gpu_is_an_invalid_option(compiled):
+    # It reached getDeviceProperties, which failed with a PyTorch internal assert reported as load_failed.
+    path, gpus = compiled.path("cuda_ti_imagepiece"), torch.cuda.device_count()
+    missing = f"cuda:{gpus}"
+    message = f"device '{missing}' does not exist: this machine has {gpus} GPU"
+    with pytest.raises(ip_runtime.Error, match=message) as error:
+        ip_runtime.Runtime(str(path), device=missing)
+    assert error.value.code == "invalid_option"
+    with pytest.raises(ArtifactError, match=message) as error:
+        load(path, missing)
+    assert error.value.code == "invalid_option"
+
+
+def test_a_batcher_reads_cuda_images_after_the_submitters_stream_wrote_them(compiled, dynamic_inputs):
+    # The worker copies each image into its batch on its own stream: without waiting for the submitter's
+    # stream, it read images still queued to be written there (behind a long kernel) as they were: unwritten.
+    images = dynamic_inputs[0][:16]
+    runtime = ip_runtime.Runtime(str(compiled.path(DYNAMIC)))
+    expected = runtime.run(images).clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # `images` are ready before the side stream reads them
+    with ip_runtime.Batcher(runtime, max_batch=16, max_delay_ms=1000) as batcher:  # one batch, once all 16 are queued
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(1_000_000_000)  # about half a second of GPU time before anything below is written
+            written = [image * 1.0 for image in images]
+            futures = [batcher.submit(image) for image in written]
+        logits = torch.stack([future.result(120) for future in futures])
+    assert batcher.stats["batches"] == 1
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("make, code, message", [

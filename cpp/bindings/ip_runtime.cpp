@@ -198,6 +198,30 @@ py::dict info_dict(const imagepiece::ModelInfo& info) {
   return out;
 }
 
+std::string quoted(const std::string& text) { return py::repr(py::str(text)).cast<std::string>(); }
+
+std::string batch_range(int64_t low, int64_t high) { return low == high ? std::to_string(low) : std::to_string(low) + ".." + std::to_string(high); }
+
+std::string options_repr(const RuntimeOptions& options) {
+  return "ip_runtime.RuntimeOptions(device=" + quoted(options.device) + ", instances=" + std::to_string(options.instances) +
+         ", cuda_graphs=" + (options.cuda_graphs ? "True" : "False") + ", batch_buckets=" + py::repr(py::cast(options.batch_buckets)).cast<std::string>() + ")";
+}
+
+std::string runtime_repr(const py::handle& self) {
+  const Runtime* loaded = nullptr;
+  try {
+    loaded = &runtime(self);
+  } catch (const Error&) {  // made without __init__: a repr must not raise (debuggers, logs show it)
+    return "<ip_runtime.Runtime, not initialised>";
+  }
+  const imagepiece::ModelInfo& info = loaded->info();
+  // The path as the file system's bytes (it need not be UTF-8): shown as os.fsdecode gives it back.
+  const py::object path = py::module_::import("os").attr("fsdecode")(py::bytes(loaded->artifact()));
+  return "<ip_runtime.Runtime artifact=" + py::repr(path).cast<std::string>() + " model=" + quoted(info.model_name) +
+         " device=" + quoted(loaded->options().device) + " batch=" + batch_range(info.batch_min, info.batch_max) +
+         " precision=" + quoted(info.precision) + ">";
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -228,7 +252,8 @@ PYBIND11_MODULE(_core, m) {
           [](RuntimeOptions& o, const py::object& value) { o.cuda_graphs = bool_argument("cuda_graphs", value); })
       .def_property(
           "batch_buckets", [](const RuntimeOptions& o) { return o.batch_buckets; },
-          [](RuntimeOptions& o, const py::object& value) { o.batch_buckets = int_list_argument("batch_buckets", value); });
+          [](RuntimeOptions& o, const py::object& value) { o.batch_buckets = int_list_argument("batch_buckets", value); })
+      .def("__repr__", &options_repr);
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const py::object& artifact, const py::object& device, const py::object& instances, const py::object& cuda_graphs,
@@ -270,7 +295,10 @@ PYBIND11_MODULE(_core, m) {
           "[B, 3, H, W] floats for float_nchw, [B, H, W, 3] uint8 for uint8_nhwc). numpy images give numpy logits (bf16 ones as float32). With "
           "`logits` given (writable, contiguous, without requires_grad), fills it in place and returns it.")
       .def_property_readonly("info", [](const py::object& self) { return info_dict(runtime(self).info()); })
-      .def_property_readonly("options", [](const py::object& self) { return runtime(self).options(); });
+      .def_property_readonly("options", [](const py::object& self) { return runtime(self).options(); },
+                             "A copy of the options in effect (device resolved: 'cpu', 'cuda:N'). Setting its fields changes nothing: "
+                             "options are fixed at load; create another Runtime to change them.")
+      .def("__repr__", &runtime_repr);
 
   bind_batcher(m);  // ip_runtime.Batcher (batcher_bindings.cpp)
 }

@@ -16,6 +16,15 @@
 #include "error_text.h"
 #include "process_setup.h"
 
+#ifdef IMAGEPIECE_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <optional>
+#endif
+
 namespace imagepiece {
 inline namespace abi_v1 {
 
@@ -27,10 +36,51 @@ using Clock = std::chrono::steady_clock;
 // a large CPU batch alike.
 const std::vector<double> kLatencyBounds = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0};
 
+// Orders the worker's read of a CUDA image after the work its submitter queued to produce it, as
+// Runtime::run orders its work after its caller's stream: the image may still be being written by a
+// kernel on the submitter's stream (a side stream, say) when submit() returns, and the worker copies
+// it into the batch on a stream of its own. Nothing to order for a CPU image.
+class WrittenImage {
+ public:
+  // At submit(), on the submitting thread.
+  static WrittenImage after_current_work(const at::Tensor& image) {
+    WrittenImage written;
+#ifdef IMAGEPIECE_WITH_CUDA
+    if (image.is_cuda()) {
+      written.event_.emplace();
+      written.event_->record(c10::cuda::getCurrentCUDAStream(image.device().index()));
+    }
+#else
+    (void)image;
+#endif
+    return written;
+  }
+
+  // On the worker, before it reads `image` on its current stream.
+  void wait_before_reading(const at::Tensor& image) {
+#ifdef IMAGEPIECE_WITH_CUDA
+    if (!event_) return;
+    const auto reader = c10::cuda::getCurrentCUDAStream(image.device().index());
+    event_->block(reader);
+    // The image's memory belongs to the submitter's stream: once the request completes and drops it, the
+    // allocator could hand it out there again while this stream's copy has yet to read it.
+    c10::cuda::CUDACachingAllocator::recordStream(image.storage().data_ptr(), reader);
+#else
+    (void)image;
+#endif
+  }
+
+ private:
+#ifdef IMAGEPIECE_WITH_CUDA
+  std::optional<at::cuda::CUDAEvent> event_;
+#endif
+};
+
 struct Request {
   at::Tensor image;
   Batcher::Completion done;
   Clock::time_point submitted;
+  WrittenImage written;
 };
 
 // The State whose worker this thread is (thread ids are reused once a thread is joined; this is not).
@@ -197,7 +247,7 @@ struct Batcher::State {
   }
 
   // The batch's input in `buffer` (reused run after run: the runtime has read it when run() returns).
-  at::Tensor assemble(const std::vector<Request>& batch, at::Tensor& buffer) const {
+  at::Tensor assemble(std::vector<Request>& batch, at::Tensor& buffer) const {
     const auto count = static_cast<int64_t>(batch.size());
     const int64_t rows = std::max(count, smallest_run);
     const at::Tensor& first = batch.front().image;
@@ -207,6 +257,7 @@ struct Batcher::State {
       buffer = at::empty(shape, first.options());
     }
     at::Tensor input = buffer.narrow(0, 0, rows);
+    for (Request& request : batch) request.written.wait_before_reading(request.image);
     for (int64_t i = 0; i < count; ++i) input.select(0, i).copy_(batch[static_cast<size_t>(i)].image);
     if (rows > count) input.narrow(0, count, rows - count).zero_();  // rows are independent: padding never changes a real row
     return input;
@@ -369,6 +420,12 @@ void Batcher::submit(const at::Tensor& image, Completion done) {
   } catch (const Error& error) {
     throw reject(error);
   }
+  WrittenImage written;
+  try {
+    written = WrittenImage::after_current_work(image);  // outside the lock: a CUDA call
+  } catch (const std::exception& error) {
+    throw reject(Error(ErrorCode::kRunFailed, "cannot order the image after its stream's work: " + detail::error_text(error)));
+  }
   {
     std::lock_guard<std::mutex> lock(state.mutex);
     if (!state.accepting) {
@@ -380,7 +437,7 @@ void Batcher::submit(const at::Tensor& image, Completion done) {
       throw Error(ErrorCode::kOverloaded, "overloaded: " + std::to_string(state.queue.size()) +
                                               " requests are already waiting (queue_capacity); retry later");
     }
-    state.queue.push_back(Request{image, std::move(done), Clock::now()});
+    state.queue.push_back(Request{image, std::move(done), Clock::now(), std::move(written)});
     ++state.counters.requests;
     state.counters.queue_depth = state.queue.size();
   }

@@ -244,6 +244,15 @@ ModelInfo validated_model_info(const json& document, std::string_view text, cons
     info.input_shape.push_back(shape[i].get<int64_t>());
   }
   info.num_classes = fields.integer("num_classes", 1, kMaxClasses);
+  // Optional: a fine-tune's class folders, in label order. Not kept in ModelInfo, yet checked: Python callers
+  // index it by class (predict, serve), so a list of another length must be refused here as the Python reader does.
+  if (const json* names = fields.get("class_names"); names && !names->is_null()) {
+    const auto classes = static_cast<size_t>(info.num_classes);
+    const json& class_names = fields.array("class_names", classes, classes);
+    for (size_t i = 0; i < class_names.size(); ++i) {
+      if (!class_names[i].is_string()) fields.fail("class_names[" + std::to_string(i) + "]", "a string", &class_names[i]);
+    }
+  }
   const Fields batch = fields.object("batch");
   info.batch_min = batch.integer("min", 1, kMaxBatch);
   info.batch_max = batch.integer("max", info.batch_min, kMaxBatch);

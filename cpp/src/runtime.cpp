@@ -81,6 +81,17 @@ c10::Device resolve_device(const RuntimeOptions& options, const ModelInfo& info)
     throw Error(ErrorCode::kInvalidOption, "device '" + name + "' is not supported: the runtime runs on cpu or cuda[:N]");
   }
   if (device.is_cuda() && !device.has_index()) device.set_index(0);
+#ifdef IMAGEPIECE_WITH_CUDA
+  if (device.is_cuda()) {
+    // Past the last GPU, getDeviceProperties fails with an internal assert. With no GPU at all,
+    // check_compatible says so ("no CUDA device is available"), which is the more useful answer.
+    const int64_t gpus = at::cuda::device_count();
+    if (gpus > 0 && device.index() >= gpus) {
+      throw Error(ErrorCode::kInvalidOption, "device '" + name + "' does not exist: this machine has " + std::to_string(gpus) +
+                                                 (gpus == 1 ? " GPU (cuda:0)" : " GPUs (cuda:0..cuda:" + std::to_string(gpus - 1) + ")"));
+    }
+  }
+#endif
   if (device.is_cpu() && device.has_index()) {
     // CPU tensors carry no index, so "cpu:0" is plain "cpu" (else every input would be "on the wrong device");
     // any other index names nothing.
@@ -526,6 +537,7 @@ void Runtime::check_sample(const at::Tensor& image) const {
 }
 const ModelInfo& Runtime::info() const { return impl().info; }
 const RuntimeOptions& Runtime::options() const { return impl().options; }
+const std::string& Runtime::artifact() const { return impl().path; }
 
 }  // inline namespace abi_v1
 }  // namespace imagepiece

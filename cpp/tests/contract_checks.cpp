@@ -32,6 +32,7 @@ bool moved_from_runtime(const std::string& artifact) {
       {"check_sample", [&] { runtime.check_sample(images[0]); }},
       {"info", [&] { (void)runtime.info(); }},
       {"options", [&] { (void)runtime.options(); }},
+      {"artifact", [&] { (void)runtime.artifact(); }},
       {"Batcher", [&] { imagepiece::Batcher batcher(runtime); }},
   };
   for (const auto& [name, call] : calls) {
@@ -42,6 +43,7 @@ bool moved_from_runtime(const std::string& artifact) {
       if (error.code() != imagepiece::ErrorCode::kInvalidOption) return fail(std::string(name) + ": " + error.what());
     }
   }
+  if (moved_to.artifact() != artifact) return fail("the moved-to Runtime names " + moved_to.artifact() + ", not " + artifact);
   return moved_to.run(images).size(0) == 1 || fail("the moved-to Runtime does not run");
 }
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 import torch
 
@@ -298,6 +298,37 @@ def current_cuda_capability(device_index: int = 0) -> Optional[str]:
 def torch_release(version: str) -> str:
     """"2.14.1+cu130" -> "2.14.1": builds of one release (CPU, CUDA, local tags) share the AOTI ABI."""
     return version.split("+", 1)[0]
+
+
+def resolved_device(device: Optional[Union[str, torch.device]], metadata: dict) -> torch.device:
+    """Where an artifact runs, as the C++ runtime's resolve_device decides it: `device`, else the artifact's own
+    type; cuda means cuda:0 and cpu:0 means cpu (CPU tensors carry no index); anything else is invalid_option."""
+    name = str(device) if device is not None else metadata["device_type"]
+    try:
+        resolved = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ArtifactError("invalid_option", f"device '{name}' is not a device (use cpu, cuda or cuda:N)") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ArtifactError("invalid_option", f"device '{name}' is not supported: the runtime runs on cpu or cuda[:N]")
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", 0)
+    check_device_exists(resolved)
+    if resolved.type == "cpu" and resolved.index is not None:
+        if resolved.index != 0:
+            raise ArtifactError("invalid_option", f"device '{name}' does not exist: there is one CPU device, 'cpu'")
+        resolved = torch.device("cpu")
+    return resolved
+
+
+def check_device_exists(device: torch.device) -> None:
+    """invalid_option for a cuda:N past this machine's last GPU (as the C++ runtime's resolve_device); with no GPU
+    at all `check_compatible` says so, the more useful answer."""
+    if device.type != "cuda":
+        return
+    gpus = torch.cuda.device_count()
+    if 0 < gpus <= (device.index or 0):
+        exists = "GPU (cuda:0)" if gpus == 1 else f"GPUs (cuda:0..cuda:{gpus - 1})"
+        raise ArtifactError("invalid_option", f"device '{device}' does not exist: this machine has {gpus} {exists}")
 
 
 def check_compatible(metadata: dict, device: torch.device) -> None:

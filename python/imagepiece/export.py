@@ -1,7 +1,9 @@
 """torch.export + AOTInductor: an ImagePiece model -> one artifact (`.so` or `.pt2`) with metadata.
 
 `compile_artifact` is what `scripts/aot_compile.py` runs; `load` runs an artifact from Python with the
-same input checks as the C++ runtime, so parity can be tested without it. Metadata handling lives in
+same device resolution and input checks as the C++ runtime, so parity can be tested without it; one
+difference: host images for a CUDA artifact are refused here, where the C++ runtime stages them through
+pinned memory. Metadata handling lives in
 `imagepiece.artifact` (re-exported here: `read_metadata`, `ArtifactError`).
 """
 from __future__ import annotations
@@ -44,12 +46,12 @@ from .artifact import (
     write_metadata,
 )
 from .artifact_containers import needed_libraries
-from .artifact_metadata import MAX_BATCH
+from .artifact_metadata import MAX_BATCH, resolved_device
 from .blocks import ATTENTION_KERNELS, attention_kernel
 from .cpu_target import CpuTarget, compile_target, pinned_march
 from .data import preprocessing_config
 from .environment import bf16_support
-from .files import check_writable_dir
+from .files import check_writable_dir, fsync_file
 from .input_format import PixelInput, random_pixels
 from .model import ImagePieceViT
 from .private_copy import lease
@@ -351,6 +353,7 @@ def compile_artifact(
         finally:
             verified.close()
         metadata = verified.metadata
+        fsync_file(staged)
         os.replace(staged, out)
     compile_seconds = time.perf_counter() - started
     return CompileReport(out, export_seconds, compile_seconds, out.stat().st_size, metadata)
@@ -468,9 +471,7 @@ class CompiledModel:
         verified = open_artifact(self.path)
         self.metadata = verified.metadata
         try:
-            self.device = torch.device(device if device is not None else self.metadata["device_type"])
-            if self.device.type == "cuda" and self.device.index is None:
-                self.device = torch.device("cuda", 0)
+            self.device = resolved_device(device, self.metadata)
             check_compatible(self.metadata, self.device)
         except BaseException:
             verified.close()

@@ -14,11 +14,14 @@ class Error(RuntimeError):
     code: Optional[str]  # None only on an Error made by the caller, not raised by the runtime
 
 class RuntimeOptions:
+    """What Runtime.options returns: the options a Runtime was loaded with, as in effect (a copy)."""
+
     device: str
     instances: int
     cuda_graphs: bool
     batch_buckets: list[int]
     def __init__(self) -> None: ...
+    def __repr__(self) -> str: ...
 
 class Runtime:
     def __init__(
@@ -38,7 +41,10 @@ class Runtime:
     @property
     def info(self) -> dict[str, Any]: ...
     @property
-    def options(self) -> RuntimeOptions: ...
+    def options(self) -> RuntimeOptions:
+        """A copy of the options in effect (device resolved: 'cpu', 'cuda:N'). Setting its fields changes nothing:
+        options are fixed at load; create another Runtime to change them."""
+    def __repr__(self) -> str: ...
 
 class Batcher:
     """Dynamic micro-batching over a Runtime (imagepiece::Batcher); keeps the Runtime alive."""

@@ -10,7 +10,8 @@
 //    batch), run it once, and complete each request with its own row of logits. A row is a view of
 //    that run's freshly allocated output, never of a reused buffer.
 //  * The image is read when its batch is assembled, not at submit(): leave it unmodified until its
-//    request completes (as with an argument to std::async).
+//    request completes (as with an argument to std::async). A CUDA image is read after the work queued
+//    on the submitting thread's current stream before submit() (as Runtime::run orders its work).
 //  * Errors are imagepiece::Error. submit() throws, and queues nothing, for an image the runtime would
 //    refuse (its code: kInvalidShape, kInvalidDtype, ...), kOverloaded when queue_capacity requests
 //    already wait, kCancelled once shutdown() began. A failure while a batch runs reaches the

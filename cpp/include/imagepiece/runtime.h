@@ -45,7 +45,9 @@ enum class ErrorCode {
   kNotAnArtifact,  // not a .so/.pt2 made by aot_compile.py, truncated, or corrupt metadata
   kIncompatible,   // made for another format version, torch, device type, GPU, or a CPU with more instructions
   kLoadFailed,     // PyTorch's AOTI loader refused the library
-  kInvalidOption,  // a RuntimeOptions value that cannot work
+  kInvalidOption,  // a call that cannot work as made: a RuntimeOptions or BatcherOptions value (or a Batcher
+                   // whose worker threads cannot start), any method of a moved-from Runtime or Batcher
+                   // (but Batcher::shutdown()), or Batcher::shutdown() from a completion callback
   kInvalidType,    // an argument of the wrong type (bindings: not a tensor, path or int)
   kInvalidShape,   // wrong rank or per-image shape
   kInvalidBatch,   // batch outside the artifact's range
@@ -115,6 +117,7 @@ class Runtime {
   void check_sample(const at::Tensor& image) const;
   const ModelInfo& info() const;
   const RuntimeOptions& options() const;  // as in effect: device resolved ("cpu", "cuda:N")
+  const std::string& artifact() const;    // the path it was loaded from, as given
 
  private:
   struct Impl;
