@@ -102,17 +102,20 @@ def test_fields_read_by_names_real_fields_and_methods():
     assert fields_without_effect("imagepiece", ["p", "merge_ratio", "keep_rate", "lcb"]) == {}
 
 
-# A value each schedule-shaping field can take for every method (keep_rate only where the method prunes).
-CHANGED_VALUES = {"p": 0.5, "merge_ratio": 0.12, "tome_r": 5, "keep_rate": 0.5, "prune_blocks": (1, 2)}
+# A value each schedule-shaping field can take for the methods that read it.
+CHANGED_VALUES = {"p": 0.5, "merge_ratio": 0.12, "tome_r": 5, "keep_rate": 0.5, "prune_blocks": (1, 2), "reevaluation": "sum"}
 
 
 @pytest.mark.parametrize("field", sorted(CHANGED_VALUES))
-def test_a_field_a_method_does_not_read_leaves_its_schedule_alone(field):
-    for method in set(METHODS) - set(FIELDS_READ_BY[field]):
-        if field == "keep_rate":  # plain and ToMe refuse any keep_rate but 1.0: nothing to change there
-            continue
-        default = token_schedule(ReductionConfig(method=method))
-        assert token_schedule(ReductionConfig(method=method, **{field: CHANGED_VALUES[field]})) == default, (field, method)
-    for method in FIELDS_READ_BY[field]:  # and one that does read it is changed by it, so the table is not too wide
-        changed = ReductionConfig(method=method, **{field: CHANGED_VALUES[field]})
-        assert token_schedule(changed) != token_schedule(ReductionConfig(method=method)), (field, method)
+def test_a_field_is_refused_by_methods_that_do_not_read_it_and_changes_those_that_do(field):
+    value = CHANGED_VALUES[field]
+    for method in set(METHODS) - set(FIELDS_READ_BY[field]):  # it would change nothing but the record: refused
+        with pytest.raises(ValueError, match=f"{field} .*method '{method}'"):
+            ReductionConfig(method=method, **{field: value})
+    for method in FIELDS_READ_BY[field]:  # and it changes what a method that reads it does, so the table is not too wide
+        changed = ReductionConfig(method=method, **{field: value})
+        if field == "reevaluation":  # scoring, not counts: the schedule stays; the model's output is tested elsewhere
+            assert changed != ReductionConfig(method=method)
+        else:
+            assert token_schedule(changed) != token_schedule(ReductionConfig(method=method)), (field, method)
+    assert ReductionConfig(method="tome", p=0.3).p == 0.3  # the default itself is no change

@@ -76,10 +76,13 @@ def mean_merge_distance(model, images):
 
 def test_a_nonzero_lcb_residual_makes_neighbours_merge():
     images = random_images(4, seed=0)
+    # Seeded: how local the merges get depends on the random rest of the model (at strength 5 the mean distance
+    # ranged 1.6-6.2 over seeds 0-7; at 10, 1.2-3.0), and unseeded it depended on which tests ran before.
+    torch.manual_seed(0)
     plain = create_model("deit_tiny_patch16_224", "imagepiece", lcb="residual")
     smooth = create_model("deit_tiny_patch16_224", "imagepiece", lcb="residual")
     smooth.load_state_dict(plain.state_dict())
-    make_lcb_smooth(smooth)
+    make_lcb_smooth(smooth, strength=10.0)
     # Noise images: without LCB, merged patches lie anywhere (~9 cells apart); with a local
     # averaging LCB, the merges are between neighbours.
     assert mean_merge_distance(plain, images) > 5

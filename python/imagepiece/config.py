@@ -148,6 +148,11 @@ class ReductionConfig:
             raise ValueError(f"prune_blocks must be strictly increasing, got {self.prune_blocks!r}")
         if self.method in ("plain", "tome") and self.keep_rate != 1.0:
             raise ValueError(f"keep_rate must be 1.0 for method {self.method!r} (it does not prune), got {self.keep_rate}")
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        for name, methods in fields_without_effect(self.method, FIELDS_READ_BY).items():
+            if name != "keep_rate" and getattr(self, name) != defaults[name]:  # keep_rate: checked above, per method
+                raise ValueError(f"{name} has no effect with method {self.method!r} (it applies to {' and '.join(methods)}); "
+                                 f"leave it at its default {defaults[name]!r}")
 
     @property
     def prunes(self) -> bool:
