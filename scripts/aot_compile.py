@@ -41,7 +41,7 @@ from imagepiece.export import (PRECISIONS, check_build_tools, check_device_and_d
 from imagepiece.input_format import CLI_INPUT_FORMATS
 from imagepiece.model import parse_model_name
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
-from imagepiece.weights import fine_tuned_flags, fine_tuned_settings, reduction_difference
+from imagepiece.weights import fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 PROG = "aot_compile.py"
 USAGE_ERROR, IO_ERROR = 2, 1
@@ -142,8 +142,7 @@ def model_request(args: argparse.Namespace, recorded: dict) -> tuple:
         raise ValueError(f"--preset {args.preset} is method {PRESETS[args.preset]['method']!r}, not {method!r}; drop one of them")
     if args.preset is None and not method_named:
         args.preset = recorded.get("preset")
-    args.lcb = args.lcb or recorded.get("lcb")
-    args.num_classes = args.num_classes or recorded.get("num_classes")
+    fill_model_flags(args, recorded, flags=("lcb", "num_classes"))
     overrides = config_overrides(args)
     setting = dict(PRESETS[args.preset]) if args.preset else {"method": method}
     check_overrides_apply(setting["method"], overrides)

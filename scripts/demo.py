@@ -78,8 +78,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.batch <= MAX_BATCH or args.repeats < 1:
         parser.error(f"--batch must be in 1..{MAX_BATCH:,} and --repeats >= 1")
-    if device_problem(args.device):
-        parser.error(device_problem(args.device))
+    problem = device_problem(args.device)
+    if problem:
+        parser.error(problem)
 
     info = machine_info()
     print(f"machine: {info['cpu']} ({info['cpu_cores']} cores), GPU {info['gpu']}; torch {info['torch']}, timm {info['timm']}")

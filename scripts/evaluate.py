@@ -32,7 +32,7 @@ from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
 from imagepiece.predict.preprocess import pixels_of
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
-from imagepiece.weights import fine_tuned_flags, fine_tuned_settings, reduction_difference
+from imagepiece.weights import fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,14 +116,9 @@ def build_predictor(args) -> Predictor:
         return Predictor(predict, preprocessing, metadata["num_classes"], fixed, f"ip_runtime {args.artifact.name}",
                          metadata.get("class_names"), torch.device(runtime.options.device))
     fine_tuned = fine_tuned_settings(args.checkpoint) if args.checkpoint else None  # read once: a checkpoint is ~90 MB
-    recorded = fine_tuned_flags(fine_tuned)  # the defaults of the model flags not given
-    args.arch = args.arch or recorded.get("arch", "deit_small_patch16_224")
-    args.preset = args.preset or recorded.get("preset", "imagepiece")
-    args.lcb = args.lcb or recorded.get("lcb", "none")
-    args.num_classes = args.num_classes or recorded.get("num_classes")
-    options = {"num_classes": args.num_classes} if args.num_classes else {}
+    fill_model_flags(args, fine_tuned_flags(fine_tuned))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), **PRESETS[args.preset], **options).to(device)
+    model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes, **PRESETS[args.preset]).to(device)
     preprocessing = {**preprocessing_config(model.pretrained_cfg), **wanted}
     difference = reduction_difference(fine_tuned, args.checkpoint, model.reduction_config)
     if difference:

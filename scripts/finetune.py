@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
     parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS))
     parser.add_argument("--lcb", choices=LCB_CHOICES, default="residual",
-                        help="Local Coherence Bias to train (default residual; pass the same --lcb to aot_compile, evaluate, visualize)")
+                        help="Local Coherence Bias to train (default residual; recorded in the checkpoint, which aot_compile, evaluate and "
+                        "visualize take it from)")
     parser.add_argument("--checkpoint", type=Path, help="initial weights, e.g. a DeiT .pth (default: random init)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="finetune")
     for name, kind in (("epochs", int), ("lr", float), ("min-lr", float), ("weight-decay", float), ("warmup-epochs", int),

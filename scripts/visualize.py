@@ -22,7 +22,7 @@ from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.files import check_output_file
 from imagepiece.pieces import piece_maps, render_pieces, save_png
-from imagepiece.weights import fine_tuned_flags, fine_tuned_settings, reduction_difference
+from imagepiece.weights import fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 
 def load_image(path: Path, model) -> tuple:
@@ -88,11 +88,7 @@ def main(argv=None) -> int:
         if args.out.suffix.lower() != ".png":  # PNG bytes under another name would fool every viewer
             raise ValueError(f"--out {str(args.out)!r}: the picture is a PNG; name it *.png")
         fine_tuned = fine_tuned_settings(args.checkpoint) if args.checkpoint else None
-        recorded = fine_tuned_flags(fine_tuned)
-        args.arch = args.arch or recorded.get("arch", "deit_small_patch16_224")
-        args.preset = args.preset or recorded.get("preset", "imagepiece")
-        args.lcb = args.lcb or recorded.get("lcb", "none")
-        args.num_classes = args.num_classes or recorded.get("num_classes", 1000)
+        fill_model_flags(args, fine_tuned_flags(fine_tuned))
         model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes,
                              allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
         difference = reduction_difference(fine_tuned, args.checkpoint, model.reduction_config)

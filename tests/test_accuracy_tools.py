@@ -471,7 +471,7 @@ def test_aot_compile_builds_the_model_a_fine_tune_recorded_unless_told_otherwise
     def request(*flags):
         return aot_compile.model_request(aot_compile.parse_args([*flags, "--out", str(tmp_path / "x.so")]), recorded)
 
-    hyper = {key: value for key, value in PRESETS["imagepiece_hyper"].items()}
+    hyper = dict(PRESETS["imagepiece_hyper"])
     assert request() == (ARCH, {**hyper, "lcb": "residual", "num_classes": 4})
     assert request("--keep-rate", "0.6") == (ARCH, {**hyper, "keep_rate": 0.6, "lcb": "residual", "num_classes": 4})
     assert request("--method", "evit", "--lcb", "none") == (ARCH, {"method": "evit", "lcb": None, "num_classes": 4})
@@ -484,4 +484,4 @@ def test_aot_compile_builds_the_model_a_fine_tune_recorded_unless_told_otherwise
     with pytest.raises(ValueError, match="--p has no effect with method 'tome'"):
         request("--preset", "tome", "--p", "0.5")
     nothing_recorded = aot_compile.model_request(aot_compile.parse_args(["--out", str(tmp_path / "x.so")]), {})
-    assert nothing_recorded == ("deit_small_patch16_224", {"method": "imagepiece"})
+    assert nothing_recorded == ("deit_small_patch16_224", {"method": "imagepiece", "lcb": None, "num_classes": 1000})

@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from imagepiece.config import FIELDS_READ_BY, METHODS, ReductionConfig, fields_without_effect, format_schedule, token_schedule
 
@@ -102,8 +103,25 @@ def test_fields_read_by_names_real_fields_and_methods():
     assert fields_without_effect("imagepiece", ["p", "merge_ratio", "keep_rate", "lcb"]) == {}
 
 
-# A value each schedule-shaping field can take for the methods that read it.
-CHANGED_VALUES = {"p": 0.5, "merge_ratio": 0.12, "tome_r": 5, "keep_rate": 0.5, "prune_blocks": (1, 2), "reevaluation": "sum"}
+# A value each field of FIELDS_READ_BY can take for the methods that read it.
+CHANGED_VALUES = {"p": 0.5, "merge_ratio": 0.12, "tome_r": 5, "keep_rate": 0.5, "prune_blocks": (1, 2), "reevaluation": "sum",
+                  "prop_attn": False}
+# Fields every method reads (or that name the method): nothing to refuse.
+READ_BY_EVERY_METHOD = {"method", "lcb", "depth", "num_patches"}
+
+
+def test_every_field_is_either_read_by_every_method_or_in_the_table():
+    assert {field.name for field in dataclasses.fields(ReductionConfig)} == READ_BY_EVERY_METHOD | set(FIELDS_READ_BY)
+    assert set(CHANGED_VALUES) == set(FIELDS_READ_BY)
+
+
+def output_with(method, **fields):
+    from imagepiece import create_model  # the model, for fields that change its scores but not its token counts
+
+    torch.manual_seed(0)
+    model = create_model("deit_tiny_patch16_224", method, **fields)
+    with torch.inference_mode():
+        return model(torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.parametrize("field", sorted(CHANGED_VALUES))
@@ -114,8 +132,6 @@ def test_a_field_is_refused_by_methods_that_do_not_read_it_and_changes_those_tha
             ReductionConfig(method=method, **{field: value})
     for method in FIELDS_READ_BY[field]:  # and it changes what a method that reads it does, so the table is not too wide
         changed = ReductionConfig(method=method, **{field: value})
-        if field == "reevaluation":  # scoring, not counts: the schedule stays; the model's output is tested elsewhere
-            assert changed != ReductionConfig(method=method)
-        else:
-            assert token_schedule(changed) != token_schedule(ReductionConfig(method=method)), (field, method)
+        if token_schedule(changed) == token_schedule(ReductionConfig(method=method)):  # scores, not counts
+            assert not torch.equal(output_with(method, **{field: value}), output_with(method)), (field, method)
     assert ReductionConfig(method="tome", p=0.3).p == 0.3  # the default itself is no change

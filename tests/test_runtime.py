@@ -328,12 +328,13 @@ def test_bad_options_raise_runtime_errors(compiled, options, code, message):
         assert error.value.code == code
 
 
-def test_cpu_0_is_the_cpu_for_both_loaders(compiled, images):
+def test_cpu_0_and_the_empty_name_are_the_cpu_for_both_loaders(compiled, images):
     # CPU tensors carry no index: "cpu:0" taken literally would call every input "on the wrong device".
     path = compiled.path("ti_imagepiece")
     expected = ip_runtime.Runtime(str(path)).run(images[:2])
     torch.testing.assert_close(ip_runtime.Runtime(str(path), device="cpu:0").run(images[:2]), expected, rtol=0, atol=0)
     torch.testing.assert_close(load(path, device="cpu:0")(images[:2]), expected, rtol=0, atol=0)
+    assert load(path, device="").device == torch.device("cpu")  # "": the artifact's own, as RuntimeOptions says
 
 
 class ArtifactPath:

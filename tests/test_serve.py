@@ -407,15 +407,21 @@ def test_answers_below_the_app_are_counted_json_errors_and_max_connections_lets_
         malformed_body = raw_exchange(client, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                                               b"zz\r\n")
         assert malformed_body.startswith(b"HTTP/1.1 400") and b'"code": "bad_request"' in malformed_body, malformed_body
-        for _ in range(max_connections - 1):
-            idle_connections.enter_context(socket.create_connection(address, timeout=TIMEOUT))
+        admitted = [idle_connections.enter_context(socket.create_connection(address, timeout=TIMEOUT))
+                    for _ in range(max_connections - 1)]
         server.wait_for_connections(max_connections - 1)
         assert client.get("/healthz", headers=close).status_code == 200  # the last one let in
-        idle_connections.enter_context(socket.create_connection(address, timeout=TIMEOUT))
+        admitted.append(idle_connections.enter_context(socket.create_connection(address, timeout=TIMEOUT)))
         server.wait_for_connections(max_connections)
         over = client.get("/healthz", headers=close)
         assert over.status_code == 503 and over.headers["retry-after"] == "1", over.text
         assert over.json()["error"]["code"] == "overloaded"
+        # A connection let in stays served while newer ones are refused, two pipelined requests alike.
+        admitted[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < 2 or not answers.endswith(b"}"):
+            answers += admitted[0].recv(65536) or pytest.fail(f"closed after {answers!r}")
+        assert answers.count(b"HTTP/1.1 200") == 2, answers
         idle_connections.close()
         server.wait_for_connections(0)
         statuses = counted(client, "imagepiece_http_requests_total")

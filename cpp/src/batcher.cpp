@@ -42,13 +42,25 @@ const std::vector<double> kLatencyBounds = {0.0005, 0.001, 0.0025, 0.005, 0.01, 
 // it into the batch on a stream of its own. Nothing to order for a CPU image.
 class WrittenImage {
  public:
+  // Move-only in every build (a CUDA event cannot be copied): a copy of a Request must not compile on CPU-only CI alone.
+  WrittenImage() = default;
+  WrittenImage(const WrittenImage&) = delete;
+  WrittenImage& operator=(const WrittenImage&) = delete;
+  WrittenImage(WrittenImage&&) = default;
+  WrittenImage& operator=(WrittenImage&&) = default;
+
   // At submit(), on the submitting thread.
   static WrittenImage after_current_work(const at::Tensor& image) {
     WrittenImage written;
 #ifdef IMAGEPIECE_WITH_CUDA
     if (image.is_cuda()) {
-      written.event_.emplace();
-      written.event_->record(c10::cuda::getCurrentCUDAStream(image.device().index()));
+      const auto writer = c10::cuda::getCurrentCUDAStream(image.device().index());
+      // The worker copies on the device's default stream (its thread's current one): work queued there is
+      // already ahead of the copy, and an event per request would only cost.
+      if (writer != c10::cuda::getDefaultCUDAStream(image.device().index())) {
+        written.event_.emplace();
+        written.event_->record(writer);
+      }
     }
 #else
     (void)image;

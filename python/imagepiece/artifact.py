@@ -247,6 +247,8 @@ def _metadata_bytes(metadata: Union[dict, bytes]) -> bytes:
         text = metadata if isinstance(metadata, bytes) else json.dumps({**metadata, DIGEST_KEY: DIGEST_PLACEHOLDER}, sort_keys=True,
                                                                       allow_nan=False).encode()
     except ValueError as error:
+        if "Out of range float" not in str(error):  # json's words for NaN and Infinity; any other fault as it is
+            raise
         raise ValueError(f"metadata cannot hold a NaN or infinite number ({error})") from None
     if text.count(DIGEST_MARKER) != 1:  # json.dumps escapes every quote inside values: only raw text can fail
         raise ValueError(f"metadata text must hold {DIGEST_MARKER.decode()}{DIGEST_PLACEHOLDER}\" exactly once")

@@ -303,7 +303,7 @@ def torch_release(version: str) -> str:
 def resolved_device(device: Optional[Union[str, torch.device]], metadata: dict) -> torch.device:
     """Where an artifact runs, as the C++ runtime's resolve_device decides it: `device`, else the artifact's own
     type; cuda means cuda:0 and cpu:0 means cpu (CPU tensors carry no index); anything else is invalid_option."""
-    name = str(device) if device is not None else metadata["device_type"]
+    name = str(device) if device is not None and str(device) != "" else metadata["device_type"]  # "": as C++, its own
     try:
         resolved = torch.device(name)
     except (RuntimeError, TypeError):

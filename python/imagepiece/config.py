@@ -46,7 +46,8 @@ PRESETS = {
 # The fields only some methods read (the rest of the model ignores them): overriding one for another
 # method would change nothing but the metadata's record, so callers refuse that (`fields_without_effect`).
 FIELDS_READ_BY = {"p": ("imagepiece",), "merge_ratio": ("imagepiece",), "reevaluation": ("imagepiece",),
-                  "tome_r": ("tome",), "keep_rate": ("evit", "imagepiece"), "prune_blocks": ("evit", "imagepiece")}
+                  "tome_r": ("tome",), "keep_rate": ("evit", "imagepiece"), "prune_blocks": ("evit", "imagepiece"),
+                  "prop_attn": ("tome", "imagepiece")}  # only merged tokens have sizes to weigh
 
 # floor/ceil of products such as 0.08 * 75 must not fall on the wrong side of an integer
 # because of binary rounding (0.07 * 100 == 7.000000000000001).

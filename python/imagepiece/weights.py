@@ -216,6 +216,18 @@ def fine_tuned_flags(saved: Optional[dict]) -> dict:
     return flags
 
 
+# What the model flags of the tools are when neither the command line nor a fine-tune's record says: DeiT-S ImagePiece.
+MODEL_FLAG_DEFAULTS = {"arch": "deit_small_patch16_224", "preset": "imagepiece", "lcb": "none", "num_classes": 1000}
+
+
+def fill_model_flags(args, recorded: dict, flags=tuple(MODEL_FLAG_DEFAULTS)) -> None:
+    """Set each of `flags` that the parsed `args` leave None to the fine-tune's (`recorded`, `fine_tuned_flags`),
+    else to MODEL_FLAG_DEFAULTS."""
+    for flag in flags:
+        if getattr(args, flag) is None:
+            setattr(args, flag, recorded.get(flag, MODEL_FLAG_DEFAULTS[flag]))
+
+
 def fine_tune_hint(path: Union[str, Path]) -> str:
     """For a checkpoint written by scripts/finetune.py: the flags that rebuild its model, as a sentence
     to append to an error ("" for others)."""

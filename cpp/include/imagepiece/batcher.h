@@ -11,10 +11,13 @@
 //    that run's freshly allocated output, never of a reused buffer.
 //  * The image is read when its batch is assembled, not at submit(): leave it unmodified until its
 //    request completes (as with an argument to std::async). A CUDA image is read after the work queued
-//    on the submitting thread's current stream before submit() (as Runtime::run orders its work).
+//    on the submitting thread's current stream before submit() (as Runtime::run orders its work). A CUDA
+//    row of logits is ready on the worker's stream, the device's default one, when its request completes:
+//    read it there (as Python's .cpu() does), or synchronize before reading it on a stream of your own.
 //  * Errors are imagepiece::Error. submit() throws, and queues nothing, for an image the runtime would
 //    refuse (its code: kInvalidShape, kInvalidDtype, ...), kOverloaded when queue_capacity requests
-//    already wait, kCancelled once shutdown() began. A failure while a batch runs reaches the
+//    already wait, kCancelled once shutdown() began, kRunFailed when a CUDA image cannot be ordered after
+//    its stream's work (no event can be recorded). A failure while a batch runs reaches the
 //    requests of that batch only.
 //  * Every accepted request completes exactly once: with its logits, its batch's error, or kCancelled.
 //  * Lifetime: the Batcher shares the Runtime's loaded model: the Runtime may be moved (into a container

@@ -114,7 +114,7 @@ def check_output(path: Path, ray: bool, input_spec: str) -> None:
         output_format(path)
         if path.is_dir():
             raise ValueError(f"output {str(path)!r} is a folder; give a file name ending in .csv, .jsonl or .parquet")
-        if path.exists() and not path.is_file():  # /dev/stdout, a FIFO: written in place (files.atomic_write)
+        if path.exists() and not path.is_file():  # a FIFO named *.csv, say: written in place (files.atomic_write)
             check_writable_dir(path.parent)  # the journal sits beside the name given
             return
     check_writable_dir(path.parent)

@@ -8,8 +8,11 @@ gets 408 and the connection is closed. A request whose head has arrived is never
 inference are the app's business.
 
 --max-connections is enforced here too, not by uvicorn's `limit_concurrency`: uvicorn counts the asking
-connection among those already open (so N let only N-1 in) and answers with an app of its own, in plain text
-and without Retry-After. These refusals below the app, and those to malformed HTTP (400) and to a slow head
+connection among those already open (so N let only N-1 in), refuses every request while too many are open
+(the established keep-alive clients' too, whoever came last), and answers with an app of its own, in plain
+text and without Retry-After. Here a connection is let in or not when it opens: the first N open at a time
+are served for as long as they stay, a connection beyond them gets a 503 for its request and is closed (the
+rest of its upload unread, as for a 413). These refusals below the app, and those to malformed HTTP (400) and to a slow head
 (408), come in the API's JSON error shape and are counted in the server's metrics as the app counts its own.
 """
 from __future__ import annotations
@@ -56,6 +59,7 @@ class HeadDeadlineProtocol(H11Protocol):
     # Set per server by `uvicorn_config`.
     head_timeout_s = 30.0
     max_connections: Optional[int] = None
+    admitted_connections: set = set()  # those let in and still open, at most max_connections (a set per server)
     metrics: Optional[ServerMetrics] = None
     _deadline: Optional[asyncio.TimerHandle] = None
 
@@ -64,16 +68,17 @@ class HeadDeadlineProtocol(H11Protocol):
         self.served_app, self.app = self.app, self._admit  # uvicorn runs `self.app` for each request
 
     async def _admit(self, scope, receive, send) -> None:
-        """The app, unless more than `max_connections` are open (this one among them), or more requests are
-        running (those of connections already gone among them): then a JSON 503."""
-        if self.max_connections is not None and max(len(self.connections), len(self.tasks)) > self.max_connections:
+        """The app, for a connection let in when it opened; else a JSON 503 (and the connection closes)."""
+        if self in self.admitted_connections or self.max_connections is None:
+            await self.served_app(scope, receive, send)
+        else:
             self._count_refusal(503, "overloaded")
             await _over_connection_limit(send)
-        else:
-            await self.served_app(scope, receive, send)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
+        if self.max_connections is not None and len(self.admitted_connections) < self.max_connections:
+            self.admitted_connections.add(self)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -87,6 +92,7 @@ class HeadDeadlineProtocol(H11Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._disarm()
+        self.admitted_connections.discard(self)
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -127,8 +133,9 @@ class HeadDeadlineProtocol(H11Protocol):
 def uvicorn_config(app, head_timeout_s: float, metrics: Optional[ServerMetrics], max_connections: Optional[int] = None,
                    **options) -> uvicorn.Config:
     """uvicorn's Config for `app` on h11 with `HeadDeadlineProtocol`, which counts its own answers in `metrics` (the
-    app's: `app.state.metrics`) and refuses requests beyond `max_connections` open connections (None: no limit);
+    app's: `app.state.metrics`) and serves at most `max_connections` connections at a time (None: no limit);
     `options` go to uvicorn.Config."""
     protocol = type("HeadDeadlineProtocol", (HeadDeadlineProtocol,),
-                    {"head_timeout_s": head_timeout_s, "max_connections": max_connections, "metrics": metrics})
+                    {"head_timeout_s": head_timeout_s, "max_connections": max_connections, "admitted_connections": set(),
+                     "metrics": metrics})
     return uvicorn.Config(app, http=protocol, **options)
