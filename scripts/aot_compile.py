@@ -33,6 +33,7 @@ import torch
 
 import imagepiece
 from imagepiece import METHODS, CheckpointError, create_model, format_schedule
+from imagepiece.command_line import USAGE_ERROR, OneLineErrors
 from imagepiece.config import LCB_CHOICES, PRESETS, REEVALUATIONS, fields_without_effect, lcb_from_cli
 from imagepiece.artifact_metadata import MAX_BATCH, MAX_CLASSES
 from imagepiece.blocks import ATTENTION_KERNELS
@@ -44,16 +45,9 @@ from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_un
 from imagepiece.weights import fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 PROG = "aot_compile.py"
-USAGE_ERROR, IO_ERROR = 2, 1
+IO_ERROR = 1
 # What a failed write says when it surfaces only as text inside the compiler's own error.
 IO_REASONS = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (its usage block is long), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(USAGE_ERROR, f"{PROG}: error: {message} (see --help)\n")
 
 
 def at_least(low: int, high: Optional[int] = None):
@@ -72,7 +66,7 @@ def at_least(low: int, high: Optional[int] = None):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(
+    parser = OneLineErrors(
         prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

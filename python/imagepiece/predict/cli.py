@@ -24,6 +24,7 @@ import ip_runtime
 import torch
 from tqdm import tqdm
 
+from imagepiece import command_line
 from imagepiece.artifact import ArtifactError, check_compatible, read_metadata
 from imagepiece.files import check_writable_dir
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
@@ -40,17 +41,12 @@ from .writers import FORMATS, ResumableOutput, output_format, warn_if_resume_mat
 DEFAULT_TOPK = 5
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def program_name(argv) -> str:
-    return Path(sys.argv[0]).name if argv is None else "imagepiece-predict"
+    return command_line.program_name(argv, "imagepiece-predict")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _OneLineErrors(prog=program_name(argv), description=__doc__.split("\n\n")[0],
+    parser = command_line.OneLineErrors(prog=program_name(argv), description=__doc__.split("\n\n")[0],
                             epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, required=True, help="compiled .so/.pt2 (scripts/aot_compile.py)")
     parser.add_argument("--input", required=True, help="folder, glob, image, text file of paths, or .csv/.parquet table")

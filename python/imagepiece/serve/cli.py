@@ -25,6 +25,7 @@ from pathlib import Path
 
 import ip_runtime
 
+from imagepiece import command_line
 from imagepiece.artifact import ArtifactError
 
 from .app import FORM_OVERHEAD, create_app
@@ -33,18 +34,12 @@ from .http_protocol import uvicorn_config
 from .service import MiB, ClassificationService, ServeConfig
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def program_name(argv) -> str:
-    """As invoked (serve.py or imagepiece-serve), in usage and in every error; for `argv` given, the entry point's."""
-    return Path(sys.argv[0]).name if argv is None else "imagepiece-serve"
+    return command_line.program_name(argv, "imagepiece-serve")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _OneLineErrors(prog=program_name(argv),
+    parser = command_line.OneLineErrors(prog=program_name(argv),
                             description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = ServeConfig(artifact=Path())
