@@ -77,6 +77,17 @@ def test_ray_rows_equal_single_process_rows_and_resume_adds_only_new_ones(compil
     assert resumed["photos/empty.jpg"].ok and resumed["photos/empty.jpg"].classes == resumed[f"photos/{good[1]}"].classes
     assert set(files_before) < set(output.glob("*.parquet")), "earlier files kept, new ones added"
 
+    # A file name that is not UTF-8 travels to the decoders as bytes: as a str it was no Arrow string (Ray warned).
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(photos / good[0], odd / os.fsdecode(b"caf\xe9.jpg"))
+    capfd.readouterr()
+    assert main([common[0], common[1], "--input", str(odd), "--no-progress", "--topk", "3", "--output", str(tmp_path / "odd_out"),
+                 "--ray"]) == 0
+    assert "ArrowConversionError" not in "".join(capfd.readouterr())
+    [row] = rows_from_arrow(pq.read_table(tmp_path / "odd_out"))
+    assert row.path == str(odd / "caf\\xe9.jpg") and row.ok and row.classes == resumed[f"photos/{good[0]}"].classes
+
 
 def test_resume_replaces_only_error_rows_of_paths_listed_again():
     # No Ray needed: which rows a --ray --resume redoes, and which earlier error rows it then drops.

@@ -77,7 +77,7 @@ def decode_batch(batch: Dict[str, np.ndarray], preprocessing_json: str, input_sh
     pixels = np.zeros((len(batch["location"]), height, width, 3), np.uint8)
     errors = []
     for index, location in enumerate(batch["location"]):
-        image, error, _ = prepare(str(location))
+        image, error, _ = prepare(os.fsdecode(location))
         if image is not None:
             pixels[index] = image
         errors.append(error)
@@ -354,7 +354,9 @@ def _run_job(args, todo: List[InputItem], metadata: dict, output: Path, staging:
     blocks = max(1, min(len(todo) // DECODE_BATCH, 1000))
     concurrency = min(concurrency, blocks)  # more actors than blocks would only idle
     # Absolute without normalising: "link/../x.jpg" must resolve through the link, as the single-process path opens it.
-    locations = [{"path": i.path, "location": i.location and os.path.join(os.getcwd(), i.location)} for i in todo]  # "": its error row
+    # As the file system's bytes: a name that is not UTF-8 is no Arrow string (Ray warned once per block, then pickled it).
+    locations = [{"path": i.path, "location": os.fsencode(i.location and os.path.join(os.getcwd(), i.location))}
+                 for i in todo]  # "": its error row
     dataset = ray.data.from_items(locations, override_num_blocks=blocks)
     dataset = dataset.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1,
                                   fn_kwargs={"preprocessing_json": json.dumps(metadata["preprocessing"]),
