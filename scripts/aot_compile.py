@@ -42,7 +42,7 @@ from imagepiece.export import (PRECISIONS, check_build_tools, check_device_and_d
 from imagepiece.input_format import CLI_INPUT_FORMATS
 from imagepiece.model import parse_model_name
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
-from imagepiece.weights import fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
+from imagepiece.weights import MODEL_FLAG_DEFAULTS, fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 PROG = "aot_compile.py"
 IO_ERROR = 1
@@ -129,7 +129,7 @@ def check_overrides_apply(method: str, overrides: dict) -> None:
 def model_request(args: argparse.Namespace, recorded: dict) -> tuple:
     """(arch, {"method", config fields, num_classes}) to build: what the flags say, and where they are silent what a
     fine-tune recorded (`recorded`, weights.fine_tuned_flags), else DeiT-S ImagePiece. Sets args.preset to the preset used."""
-    name = args.model or args.arch or recorded.get("arch", "deit_small_patch16_224")
+    name = args.model or args.arch or recorded.get("arch", MODEL_FLAG_DEFAULTS["arch"])
     arch, method = parse_model_name(name, args.method)
     method_named = args.method is not None or arch != name  # --method, or --model tagged with one
     if args.preset is not None and method_named and PRESETS[args.preset]["method"] != method:

@@ -71,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if any(not math.isfinite(value) for value in (args.mean or []) + (args.std or [])) or any(value <= 0 for value in args.std or []):
         parser.error("--mean must be finite and --std finite and > 0")
-    if args.device is not None and device_problem(args.device):
-        parser.error(device_problem(args.device))
+    problem = device_problem(args.device) if args.device is not None else None
+    if problem:
+        parser.error(problem)
     return args
 
 

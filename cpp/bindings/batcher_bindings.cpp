@@ -231,7 +231,7 @@ void bind_batcher(py::module_& m) {
                py::gil_scoped_acquire gil;
                complete();
              };
-             return std::make_unique<PyBatcher>(constructed<Runtime>(runtime, "Runtime"), std::move(options));
+             return std::make_unique<PyBatcher>(imagepiece::python::runtime(runtime), std::move(options));
            }),
            py::arg("runtime"), py::arg("max_batch") = 0, py::arg("max_delay_ms") = 1.0, py::arg("queue_capacity") = 1024,
            py::arg("preferred_batches") = py::tuple(), py::keep_alive<1, 2>(),

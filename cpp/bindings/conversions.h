@@ -40,4 +40,6 @@ T& constructed(const pybind11::handle& self, const char* class_name) {
   return *holder.template value_ptr<T>();
 }
 
+inline Runtime& runtime(const pybind11::handle& self) { return constructed<Runtime>(self, "Runtime"); }
+
 }  // namespace imagepiece::python

@@ -111,8 +111,9 @@ at::Tensor as_tensor(const py::handle& object, bool is_output) {
 }
 
 py::object numpy_logits(const at::Tensor& logits) {
-  at::Tensor host = logits.cpu();  // CUDA logits: to host first
-  if (host.scalar_type() == at::kBFloat16) host = host.to(at::kFloat);  // every bf16 value is a float32 value
+  // CUDA logits to the host and bf16 to float32 (every bf16 value is a float32 value) in one copy; none for CPU float32.
+  const at::ScalarType type = logits.scalar_type() == at::kBFloat16 ? at::kFloat : logits.scalar_type();
+  const at::Tensor host = logits.to(at::kCPU, type);
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(host)).attr("numpy")();
 }
 
@@ -164,8 +165,6 @@ int instances_argument(const py::handle& object) {
   }
   return static_cast<int>(instances);  // the runtime checks the range
 }
-
-Runtime& runtime(const py::handle& self) { return constructed<Runtime>(self, "Runtime"); }
 
 py::dict info_dict(const imagepiece::ModelInfo& info) {
   py::dict out;

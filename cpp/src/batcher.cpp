@@ -269,8 +269,11 @@ struct Batcher::State {
       buffer = at::empty(shape, first.options());
     }
     at::Tensor input = buffer.narrow(0, 0, rows);
-    for (Request& request : batch) request.written.wait_before_reading(request.image);
-    for (int64_t i = 0; i < count; ++i) input.select(0, i).copy_(batch[static_cast<size_t>(i)].image);
+    for (int64_t i = 0; i < count; ++i) {
+      Request& request = batch[static_cast<size_t>(i)];
+      request.written.wait_before_reading(request.image);
+      input.select(0, i).copy_(request.image);
+    }
     if (rows > count) input.narrow(0, count, rows - count).zero_();  // rows are independent: padding never changes a real row
     return input;
   }

@@ -281,8 +281,9 @@ def _feature_extractor(model: ImagePieceViT, out_indices, output_fmt: str) -> nn
         get_model_traits = None
     if get_model_traits is not None and hasattr(model, "_traits"):
         features._traits = dict(model._traits)
-        if "in_chans" in get_model_traits(model):
-            features.in_chans = get_model_traits(model)["in_chans"]
+        traits = get_model_traits(model)
+        if "in_chans" in traits:
+            features.in_chans = traits["in_chans"]
     features.arch = model.arch
     return features
 

@@ -231,11 +231,11 @@ def fill_model_flags(args, recorded: dict, flags=tuple(MODEL_FLAG_DEFAULTS)) -> 
 def fine_tune_hint(path: Union[str, Path]) -> str:
     """For a checkpoint written by scripts/finetune.py: the flags that rebuild its model, as a sentence
     to append to an error ("" for others)."""
-    saved = fine_tuned_settings(path)
-    if saved is None:
+    flags = fine_tuned_flags(fine_tuned_settings(path))
+    if not flags:
         return ""
-    return (f". It was fine-tuned (scripts/finetune.py) as --arch {saved['arch']} --lcb {saved['lcb'] or 'none'} "
-            f"--num-classes {saved['num_classes']}: pass the same flags (evaluate.py, visualize.py and aot_compile.py "
+    return (f". It was fine-tuned (scripts/finetune.py) as --arch {flags['arch']} --lcb {flags['lcb']} "
+            f"--num-classes {flags['num_classes']}: pass the same flags (evaluate.py, visualize.py and aot_compile.py "
             "take them from the checkpoint when they are not given)")
 
 
