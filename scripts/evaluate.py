@@ -34,6 +34,8 @@ from imagepiece.predict.preprocess import pixels_of
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 from imagepiece.weights import fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
+MIN_CROP_PCT = 0.05
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
@@ -67,10 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                   if getattr(args, name) is not None]
     if args.artifact is not None and eager_only:
         parser.error(f"{', '.join(eager_only)} describe the eager model; an --artifact has its model, weights and head inside")
-    if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and 0 < args.crop_pct <= 1):
-        parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    if any(not math.isfinite(value) for value in (args.mean or []) + (args.std or [])) or any(value <= 0 for value in args.std or []):
-        parser.error("--mean must be finite and --std finite and > 0")
+    # Below 0.05 the short side is resized to over 20x the model's input (4480 px for 224): a typo, refused here
+    # rather than as every image failing to resize.
+    if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and MIN_CROP_PCT <= args.crop_pct <= 1):
+        parser.error(f"--crop-pct must be in [{MIN_CROP_PCT}, 1], got {args.crop_pct}")
+    # Normalisation runs in float32: 1e-300 is 0 there, and 1e308 is inf.
+    mean, std = (torch.tensor(values or [], dtype=torch.float64).float() for values in (args.mean, args.std))
+    if not (mean.isfinite().all() and std.isfinite().all() and (std > 0).all()):
+        parser.error("--mean must be finite and --std finite and > 0, in float32")
     problem = device_problem(args.device) if args.device is not None else None
     if problem:
         parser.error(problem)

@@ -24,7 +24,8 @@ import torch
 import imagepiece
 from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
-from imagepiece.data import DatasetError, class_names, collate_readable, describe_class_differences, eval_transform, image_folder, train_transform
+from imagepiece.data import (DatasetError, check_storable_class_names, class_names, collate_readable, describe_class_differences,
+                             eval_transform, image_folder, train_transform)
 from imagepiece.environment import device_problem
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_writable_dir
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
         train_set = image_folder(args.data / "train")
         val_set = image_folder(args.data / "val")
         names = class_names(train_set)
+        check_storable_class_names(names)  # before training, not when an artifact is compiled from the result
         if class_names(val_set) != names:  # labels are indices: the same count in another order scores nonsense
             raise DatasetError(f"train and val must have the same class folders ({describe_class_differences(names, class_names(val_set), 'train')})")
         classes = len(names)
@@ -199,6 +201,11 @@ def main(argv=None) -> int:
     extra = lambda: {"best_accuracy": run["best_accuracy"], "arch": args.arch, "preset": args.preset, "lcb": lcb,
                      "num_classes": classes, "classes": names, "seed": args.seed,
                      "reduction": model.reduction_config.to_dict()}
+    if not last.exists() and (args.output / "best.pth").exists():
+        # Another run's: starting afresh here would cut its log and, at the first epoch's end, replace its best.pth.
+        print(f"finetune.py: error: {args.output} holds best.pth of an earlier run but no last.pth to resume it from: "
+              "give another --output (or remove best.pth and log.jsonl there to start over)", file=sys.stderr)
+        return 2
     if last.exists():
         try:
             # On the CPU: the RNG states must stay there; load_state_dict moves the rest to the model's device.
@@ -221,7 +228,11 @@ def main(argv=None) -> int:
     log = args.output / "log.jsonl"
     keep_log_up_to(log, trainer.global_step)
     if args.max_steps and trainer.global_step >= args.max_steps:  # the same command again: nothing left to do
-        print(f"already at step {trainer.global_step} (--max-steps {args.max_steps}): nothing to train")
+        print(f"already at step {trainer.global_step} (--max-steps {args.max_steps}): nothing to train; "
+              "a larger --max-steps (or none) goes on")
+        return 0
+    if trainer.epoch >= recipe.epochs:
+        print(f"already finished: {recipe.epochs} epochs, best val top-1 {run['best_accuracy']:.2f}% -> {args.output / 'best.pth'}")
         return 0
     print(f"training {args.arch} {args.preset} (lcb {lcb}) on {len(train_set)} images, {classes} classes: {recipe}")
     try:
@@ -253,8 +264,8 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, order.tolist()), batch_size=recipe.batch_size,
                                              num_workers=args.workers, drop_last=drop_last, collate_fn=collate_readable,
                                              generator=torch.Generator().manual_seed(args.seed + trainer.epoch))
-        losses = []
-        for batch in loader:
+        losses, stopping = [], False
+        for seen, batch in enumerate(loader, start=1):
             usable = usable_batch(*batch, even=drop_last, reported=reported)
             if usable is None:
                 trainer.skip_batch()
@@ -265,8 +276,11 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
             if trainer.global_step % args.save_every == 0:
                 save_checkpoint(last, trainer.state(extra()))
             if args.max_steps and trainer.global_step >= args.max_steps:
+                stopping = True
+                if seen == len(loader):
+                    break  # the epoch's last step: the epoch ends (validation, best.pth) before the run stops
                 save_checkpoint(last, trainer.state(extra()))
-                print(f"stopped at step {trainer.global_step} (--max-steps); rerun to resume")
+                print(f"stopped at step {trainer.global_step} (--max-steps); rerun with a larger --max-steps (or none) to resume")
                 return
         if trainer.step_in_epoch == 0:  # not one step: "training" on would save the initial weights as the best
             raise DatasetError(f"no training image of epoch {trainer.epoch} decoded (each skipped file is named above)")
@@ -284,6 +298,10 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
         log_line(log, {"epoch": trainer.epoch, "step": trainer.global_step,
                        "train_loss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,
                        "val_top1": top1, "best_top1": run["best_accuracy"]})
+        if stopping and trainer.epoch < recipe.epochs:
+            print(f"stopped at step {trainer.global_step} (--max-steps), after epoch {trainer.epoch} of {recipe.epochs}; "
+                  "rerun with a larger --max-steps (or none) to resume")
+            return
     print(f"done: best val top-1 {run['best_accuracy']:.2f}% -> {best}")
 
 

@@ -1,5 +1,6 @@
 """scripts/finetune.py, evaluate.py and visualize.py on tiny synthetic data (no ImageNet here)."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -63,7 +64,7 @@ def test_resumed_training_continues_exactly_where_it_stopped(dataset, finetuned,
     assert straight["global_step"] == resumed["global_step"] == 8
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob(".*.partial*"))  # no staged file left behind
 
 
 def test_a_resumed_epoch_logs_the_mean_loss_of_all_its_steps(dataset, tmp_path):
@@ -104,7 +105,9 @@ def test_a_resumed_run_skips_the_same_batches_as_an_uninterrupted_one(dataset, t
 def test_a_run_stopped_at_an_epochs_last_step_resumes_into_the_next_epoch(dataset, tmp_path):
     # 32 images in pairs with 6 a batch: 5 steps an epoch, 2 images left over that make no batch.
     flags = [*MIXUP_PAIRS[:-8], "--batch-size", "6", "--epochs", "2", "--workers", "0", "--save-every", "1000"]
-    assert run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "5", *flags).returncode == 0
+    first = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "5", *flags)
+    # --max-steps at the epoch's last step: the epoch ends (validated, best.pth) before the run stops
+    assert first.returncode == 0 and "after epoch 1 of 2" in first.stdout and (tmp_path / "best.pth").exists(), first.stdout
     resumed = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", "6", *flags)
     assert resumed.returncode == 0, resumed.stderr
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -119,6 +122,34 @@ def test_a_cuda_run_resumes(dataset, tmp_path):
         result = run_script("finetune", "--data", dataset, "--output", tmp_path, "--max-steps", steps, *TRAIN, "--device", "cuda")
         assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout and torch.load(tmp_path / "last.pth")["global_step"] == 2
+
+
+def test_a_fresh_run_is_refused_where_an_earlier_run_left_its_best_checkpoint(dataset, finetuned, tmp_path, capsys):
+    # e.g. last.pth deleted to save disk: starting over there would cut the log and replace best.pth at its first epoch
+    shutil.copy(finetuned[0] / "best.pth", tmp_path / "best.pth")
+    (tmp_path / "log.jsonl").write_text('{"epoch": 1, "step": 4, "val_top1": 50.0}\n')
+    result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path, "--max-steps", "1", *TRAIN)
+    assert result.returncode == 2 and "holds best.pth of an earlier run but no last.pth" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pth", "log.jsonl"]
+    assert (tmp_path / "log.jsonl").read_text().count("\n") == 1
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_refused_before_training(dataset, tmp_path, capsys):
+    # The names are recorded in checkpoints and then in an artifact's UTF-8 metadata: refused before, not after, the work.
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    for split in ("train", "val"):
+        os.rename(bytes(data / split / "class_000"), bytes(data / split) + b"/class_\xff")
+    result = call_script("finetune", capsys, "--data", data, "--output", tmp_path / "run", *TRAIN)
+    assert result.returncode == 2 and "class folder b'class_\\xff' is not a UTF-8 name" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+    # A checkpoint that recorded one (an older fine-tune) is refused by the compile before it exports anything.
+    from imagepiece.export import _fine_tuned_class_names
+    from imagepiece.weights import CheckpointError
+
+    torch.save({"arch": ARCH, "lcb": None, "num_classes": 2, "classes": ["a", "class_\udcff"]}, tmp_path / "old.pth")
+    with pytest.raises(CheckpointError, match="records the class folder b'class_\\\\xff', which is not a UTF-8 name"):
+        _fine_tuned_class_names(tmp_path / "old.pth", 2)
 
 
 def test_rerunning_a_finished_max_steps_run_trains_nothing(dataset, finetuned, tmp_path, capsys):
@@ -251,9 +282,12 @@ def test_evaluate_and_visualize_use_the_fine_tunes_token_reduction_and_warn_when
         (["--data", "{val}", "--json", "/sys/kernel/result.json"], "not writable"),
         (["--data", "{val}", "--batch", "0"], "--batch and --limit must be >= 1"),
         (["--data", "{val}", "--json", "{root}"], "is a folder; give a file name"),
-        (["--data", "{val}", "--crop-pct", "0"], "--crop-pct must be in (0, 1]"),
-        (["--data", "{val}", "--crop-pct", "nan"], "--crop-pct must be in (0, 1]"),
+        (["--data", "{val}", "--crop-pct", "0"], "--crop-pct must be in [0.05, 1]"),
+        (["--data", "{val}", "--crop-pct", "nan"], "--crop-pct must be in [0.05, 1]"),
+        (["--data", "{val}", "--crop-pct", "0.0001"], "--crop-pct must be in [0.05, 1]"),  # every image would fail to resize
         (["--data", "{val}", "--std", "0.2", "0", "0.2"], "--std finite and > 0"),
+        (["--data", "{val}", "--std", "1e-300", "1", "1"], "--std finite and > 0, in float32"),  # 0 in float32
+        (["--data", "{val}", "--mean", "1e308", "0", "0"], "--mean must be finite"),  # inf in float32
         (["--data", "{val}", "--device", "bogus"], "is not a device"),
         (["--data", "{val}", "--device", "meta"], "is not available here"),
         (["--data", "{val}", "--num-classes", "0"], "--num-classes must be >= 1"),
@@ -277,6 +311,7 @@ def test_evaluate_bad_input(dataset, artifact, tmp_path, capsys, args, message):
         (["--data", "{data}", "--output", "{tmp}/run", "--batch-size", "64"], "fewer than one batch"),
         (["--data", "{data}", "--output", "{tmp}/run", "--batch-size", "7"], "even --batch-size"),
         (["--data", "{data}", "--output", "{tmp}/run", "--lr", "inf"], "lr must be finite"),
+        (["--data", "{data}", "--output", "{tmp}/run", "--lr", "1e39"], "lr must be finite numbers within float32's range"),
         (["--data", "{data}", "--output", "{tmp}/run", "--weight-decay", "nan"], "weight_decay must be finite"),
         (["--data", "{data}", "--output", "{tmp}/run", "--smoothing", "1.5"], "smoothing in [0, 1)"),
         (["--data", "{data}", "--output", "{tmp}/run", "--drop-path", "2"], "drop_path in [0, 1)"),

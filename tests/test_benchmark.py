@@ -106,6 +106,7 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["suite", "--paths", "cpp", "--dtype", "bf16", "--cpp-bench", __file__], "runs only in a --dtype fp32 run"),
         (["suite", "--device", "tpu"], "--device must be cpu or cuda"),
         (["compile", "--device", "cudafoo"], "--device must be cpu or cuda"),
+        (["suite", "--device", "cpu:1"], "--device must be cpu or cuda"),
         (["compile", "--batch", "0"], "--batch sizes and --repeats must be >= 1"),
         (["overhead", "--rounds", "0"], "--batch sizes and --rounds must be >= 1"),
         (["profile", "--preset", "plain"], "invalid choice: 'plain'"),
@@ -131,9 +132,11 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["tuning", "--tunings", "O3"], "invalid choice: 'O3'"),
         (["serve", "--concurrency", "0"], "--concurrency, --requests, --rounds and --decode-threads must be >= 1"),
         (["serve", "--artifact", __file__], "is not an artifact"),
+        (["serve", "--concurrency", "8", "--requests", "2"], "--requests 2 is fewer than --concurrency 8"),
         (["e2e", "--artifact", "/nonexistent/model.so"], "--artifact '/nonexistent/model.so' is not a file"),
         (["e2e", "--images", "0"], "must be >= 1"),
         (["e2e", "--ray-concurrency", "2"], "needs --ray"),
+        (["e2e", "--image-size", "10000", "9000"], "90,000,000 pixels, over predict's limit of 89,478,485"),
         (["e2e", "--uint8", "--uint8-artifact", __file__], "not both"),
         (["e2e", "--artifact", __file__], "is not an artifact"),
         (["e2e", "--artifact", __file__, "--uint8-artifact", __file__], "is not an artifact"),
@@ -150,8 +153,8 @@ def test_bad_arguments_are_refused_clearly(tmp_path, capsys, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("out, message", [("{file}", "'{file}' is a file, not a folder"),
-                                          ("{file}/results", "'{file}/results': '{file}' is a file, not a folder")])
+@pytest.mark.parametrize("out, message", [("{file}", ": '{file}' is a file, not a folder"),
+                                          ("{file}/results", ": '{file}' is a file, not a folder")])
 def test_an_output_folder_that_is_a_file_is_named_as_one(tmp_path, capsys, out, message):
     from imagepiece.bench import cli
 
@@ -159,6 +162,14 @@ def test_an_output_folder_that_is_a_file_is_named_as_one(tmp_path, capsys, out, 
     with pytest.raises(SystemExit):
         cli.main(["compile", "--out", out.format(file=tmp_path / "results.json")])
     assert message.format(file=tmp_path / "results.json") in capsys.readouterr().err
+
+
+def test_the_results_folder_is_not_made_before_the_run(tmp_path, capsys):
+    from imagepiece.bench import cli
+
+    args = cli.parse_args(["reevaluation", "--threads", "10000", "--out", str(tmp_path / "new" / "results")])
+    assert args.threads == 10000 and "is more than this machine's" in capsys.readouterr().err  # allowed, with a warning
+    assert list(tmp_path.iterdir()) == []  # a run stopped before its first file leaves no folder
 
 
 @pytest.mark.parametrize("script", [False, True], ids=["python -m imagepiece.bench", "scripts/benchmark.py"])
@@ -358,6 +369,12 @@ def test_artifact_load_mode_refuses_what_it_cannot_measure(compiled, tmp_path, c
         with pytest.raises(SystemExit):  # checked before anything is compiled or made
             cli.main(["artifact-load", "--workdir", str(workdir), "--out", str(tmp_path / "results")])
         assert message in capsys.readouterr().err
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # as a folder in /tmp that anyone made: an artifact planted there would be loaded
+    with pytest.raises(SystemExit):
+        cli.main(["artifact-load", "--workdir", str(shared), "--out", str(tmp_path / "results")])
+    assert "is not yours alone" in capsys.readouterr().err
 
 
 def test_artifact_load_compiles_the_missing_artifact_for_the_given_ones_model(compiled, tmp_path, monkeypatch):
@@ -419,6 +436,25 @@ def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(
     assert record["settings"]["arch"] == "deit_tiny_patch16_224"  # the artifact's, not --arch's default (DeiT-S)
     text = files[".txt"].read_text()
     assert text.startswith("# ") and "single-process / model-only" in text and "uint8-input artifact" in text
+
+
+def test_e2e_mode_reports_no_throughput_when_images_fail(compiled, tmp_path, monkeypatch, capsys):
+    """Error rows are not predictions: a run in which an image fails gives no img/s (it once reported 2109%)."""
+    from imagepiece.bench import cli
+    from imagepiece.predict import bench as predict_bench
+
+    make_jpegs = predict_bench.synthetic_jpegs
+
+    def one_truncated(folder, count, size, seed=0):
+        items = make_jpegs(folder, count, size, seed)
+        Path(items[-1].location).write_bytes(b"\xff\xd8\xff not a whole JPEG")
+        return items
+
+    monkeypatch.setattr(predict_bench, "synthetic_jpegs", one_truncated)
+    assert cli.main(["e2e", "--artifact", str(compiled.path("ti_imagepiece")), "--images", "4", "--batch", "2", "--workers", "1",
+                     "--rounds", "1", "--image-size", "40", "30", "--out", str(tmp_path)]) == 1
+    assert "1 of 4 images gave error rows" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
     assert "goal" not in text and "goal_met" not in result  # the goal is about DeiT-S at batch 8, not this run
 
 
@@ -438,11 +474,20 @@ def test_two_runs_named_in_the_same_second_keep_both_records(tmp_path, monkeypat
     for index in range(3):  # back to back, as a script runs them
         writer = results.ResultsWriter(tmp_path, "reevaluation", "deit_tiny_1img", machine=machine)
         writer.report(f"run {index}", {"run": index})
-        written.append(writer.path(".txt"))
+        written.append(writer.saved[0])
     assert [path.name for path in written] == ["reevaluation_deit_tiny_1img_20261127-035605.txt",
                                                "reevaluation_deit_tiny_1img_20261127-035605-2.txt",
                                                "reevaluation_deit_tiny_1img_20261127-035605-3.txt"]
     assert [path.read_text().splitlines()[1] for path in written] == ["run 0", "run 1", "run 2"]
+    # At the same time: both runs started (named) before either wrote; their files interleave.
+    first, second = (results.ResultsWriter(tmp_path, "precision", "deit_tiny_1img", machine=machine) for _ in range(2))
+    first.text("first"), second.text("second"), second.json({"run": "second"}), first.json({"run": "first"})
+    assert [path.name for path in first.saved] == ["precision_deit_tiny_1img_20261127-035605.txt", "precision_deit_tiny_1img_20261127-035605.json"]
+    assert [path.name for path in second.saved] == ["precision_deit_tiny_1img_20261127-035605-2.txt",
+                                                    "precision_deit_tiny_1img_20261127-035605-2.json"]
+    for writer, run in ((first, "first"), (second, "second")):
+        assert writer.saved[0].read_text().splitlines()[1] == run and json.loads(writer.saved[1].read_text())["run"] == run
+    assert not list(tmp_path.rglob(".*"))  # no staged file left behind
 
 
 def test_flop_count_includes_the_cpu_attention_kernel():

@@ -12,7 +12,9 @@ def contract_checks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("check", ["moved_from_runtime", "batcher_keeps_a_moved_or_destroyed_runtimes_model",
-                                   "batcher_destroyed_by_a_cancellation_callback", "submit_without_a_callback",
+                                   "batcher_destroyed_by_a_cancellation_callback",
+                                   "batcher_destroyed_by_a_callback_under_the_completions_lock",
+                                   "batcher_destroyed_by_a_callback_during_shutdown", "submit_without_a_callback",
                                    "options_name_the_device_in_effect"])
 def test_cpp_contract(contract_checks, compiled, check):
     # A crash (a use after free, a null dereference) shows as a negative return code.

@@ -250,3 +250,50 @@ def test_timm_options_at_deits_own_values_are_taken():
 def test_bad_model_requests_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def reference_block(block, x, size, proportional):
+    """One block written out the plain way: timm's pre-norm block with the full N x N attention (+ log(size) on the
+    logits where proportional attention is on), the reducer between the attention residual and the MLP, as
+    DESIGN.md places it. The reducer's inputs are taken off that attention: its [CLS] row (the same arithmetic as
+    reduce.class_attention, so that the decisions match bit for bit), the keys averaged over heads, the [CLS] query
+    and per-head keys. The reducers themselves are held to naive references in test_reduce_reference.py."""
+    from imagepiece.blocks import AttentionSummary
+    from imagepiece.reduce import class_attention
+
+    attention = block.attn
+    batch, count, width = x.shape
+    q, k, v = attention.qkv(block.norm1(x)).reshape(batch, count, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4)
+    bias = size.log().view(batch, 1, 1, count) if proportional else torch.zeros(batch, 1, 1, count)
+    weights = ((q @ k.transpose(-2, -1)) * attention.scale + bias).softmax(dim=-1)
+    x = x + attention.proj((weights @ v).transpose(1, 2).reshape(batch, count, width))
+    summary = AttentionSummary(scores=class_attention(q[:, :, :1], k, attention.scale, bias if proportional else None),
+                               metric=k.mean(dim=1), cls_query=q[:, :, :1], keys=k.transpose(1, 2).reshape(batch, count, width),
+                               scale=attention.scale)
+    x, size, _ = block.reduction(x, size, summary)
+    return x + block.mlp(block.norm2(x)), size
+
+
+@pytest.mark.parametrize("method, settings", [("tome", {}), ("tome", {"prop_attn": False}), ("evit", {}), ("imagepiece", {}),
+                                              ("imagepiece", {"reevaluation": "sum"}), ("imagepiece", {"prop_attn": False})])
+def test_each_block_reduces_between_the_attention_residual_and_the_mlp(method, settings, images):
+    """Every block of the model against `reference_block` on the same input: catches a reduction moved after the MLP,
+    proportional attention left out of the attention (or applied where it is off), scores or metric taken off other
+    tensors (the reducer tests alone, on synthetic inputs, see none of that)."""
+    torch.manual_seed(0)
+    model = create_model("deit_tiny_patch16_224", method, **settings)
+    for block in model.blocks:  # q and k x4: random attention is near-uniform, all near-ties; trained attention is peaked
+        block.attn.qkv.weight.data[: 2 * block.attn.qkv.in_features] *= 4
+    calls = []
+    hooks = [block.register_forward_hook(lambda module, args, out: calls.append((module, args[0], args[1], out)))
+             for block in model.blocks]
+    with torch.inference_mode():
+        model(images)
+        for hook in hooks:
+            hook.remove()
+        proportional = model.reduction_config.prop_attn and method != "evit"
+        assert any(size.max() > 1 for _, _, size, _ in calls) == (method != "evit")  # later blocks do see pieces
+        for index, (block, x, size, (out, out_size, _)) in enumerate(calls):
+            want, want_size = reference_block(block, x, size, proportional)
+            assert torch.equal(out_size, want_size), f"block {index}: other tokens merged or pruned"
+            torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4, msg=f"block {index}")

@@ -3,7 +3,8 @@
 // BM_AotiRunner: PyTorch's AOTI runner called directly (the floor); BM_Runtime: imagepiece::Runtime
 // allocating its output; BM_RuntimeInto: run(images, logits) into a reused buffer. Batch sizes sweep
 // 1..256 within the artifact's batch range; the ratio of BM_Runtime to BM_AotiRunner at the same
-// batch is the runtime's overhead (validation, dispatch, copies).
+// batch is the runtime's overhead (validation, dispatch, copies). Images are what the artifact takes (fp32, fp16,
+// bf16, or uint8 pixels); a .pt2 has no direct-runner baseline (the CPU runner loads a bare .so).
 #include <benchmark/benchmark.h>
 #include <imagepiece/runtime.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
@@ -13,6 +14,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -20,7 +22,11 @@ std::string g_artifact;
 
 at::Tensor make_images(const imagepiece::ModelInfo& info, int64_t batch) {
   at::manual_seed(0);
-  return at::randn({batch, info.input_shape[0], info.input_shape[1], info.input_shape[2]});
+  const int64_t channels = info.input_shape[0], height = info.input_shape[1], width = info.input_shape[2];
+  if (info.input_format == "uint8_nhwc") return at::randint(0, 256, {batch, height, width, channels}, at::kByte);
+  const at::Tensor images = at::randn({batch, channels, height, width});
+  if (info.dtype == "bf16") return images.to(at::kBFloat16);
+  return info.dtype == "fp16" ? images.to(at::kHalf) : images;
 }
 
 imagepiece::Runtime& shared_runtime() {
@@ -45,16 +51,22 @@ void BM_Runtime(benchmark::State& state) {
 void BM_RuntimeInto(benchmark::State& state) {
   auto& runtime = shared_runtime();
   const auto images = make_images(runtime.info(), state.range(0));
-  auto logits = at::empty({state.range(0), runtime.info().num_classes});
+  auto logits = at::empty_like(runtime.run(images));  // the artifact's logits dtype
   for (auto _ : state) runtime.run(images, logits);
   state.SetItemsProcessed(state.iterations() * state.range(0));
 }
 
-void register_all(const imagepiece::ModelInfo& info) {
+void register_all(const imagepiece::ModelInfo& info, bool direct_runner) {
+  std::vector<int64_t> batches;
   for (int64_t batch : {1, 2, 4, 8, 16, 32, 64, 128, 256}) {
-    if (batch < info.batch_min || batch > info.batch_max) continue;
+    if (batch >= info.batch_min && batch <= info.batch_max) batches.push_back(batch);
+  }
+  if (batches.empty()) batches.push_back(info.batch_min);  // a static batch off the sweep (3, say)
+  for (int64_t batch : batches) {
     // Interleave the variants per batch size so drift hits them alike.
-    benchmark::RegisterBenchmark("BM_AotiRunner", BM_AotiRunner)->Arg(batch)->UseRealTime()->Unit(benchmark::kMillisecond);
+    if (direct_runner) {
+      benchmark::RegisterBenchmark("BM_AotiRunner", BM_AotiRunner)->Arg(batch)->UseRealTime()->Unit(benchmark::kMillisecond);
+    }
     benchmark::RegisterBenchmark("BM_Runtime", BM_Runtime)->Arg(batch)->UseRealTime()->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark("BM_RuntimeInto", BM_RuntimeInto)->Arg(batch)->UseRealTime()->Unit(benchmark::kMillisecond);
   }
@@ -78,9 +90,16 @@ int main(int argc, char** argv) {
     benchmark::AddCustomContext("artifact", info.model_name + " " + info.dtype + " batch " + std::to_string(info.batch_min) + ".." +
                                                 std::to_string(info.batch_max));
     benchmark::AddCustomContext("torch", info.torch_version);
-    register_all(info);
+    // Bad input throws inside a benchmark body, which google-benchmark does not catch (std::terminate): one run here first.
+    shared_runtime().run(make_images(info, info.batch_min));
+    const bool direct_runner = !g_artifact.ends_with(".pt2");
+    if (!direct_runner) std::cerr << "bench_runtime: a .pt2 has no BM_AotiRunner baseline (PyTorch's CPU runner loads a .so)\n";
+    register_all(info, direct_runner);
   } catch (const imagepiece::Error& error) {
     std::cerr << "bench_runtime: error [" << imagepiece::error_code_name(error.code()) << "]: " << error.what() << "\n";
+    return 1;
+  } catch (const std::exception& error) {
+    std::cerr << "bench_runtime: error: " << error.what() << "\n";
     return 1;
   }
   benchmark::RunSpecifiedBenchmarks();

@@ -5,7 +5,8 @@
 // --input is raw float32 NCHW data, already preprocessed (B is the file size over 3*224*224*4), or for
 // an artifact compiled with --input-format uint8, raw uint8 NHWC RGB pixels (B = size over 224*224*3);
 // without it the batch is synthetic (seeded noise, --batch images), so the app runs with nothing but the artifact.
-// Exit status 2 on bad arguments; 1 on any other failure (an imagepiece::Error with its code), message on stderr.
+// Exit status 2 on bad arguments; 1 on any other failure (an imagepiece::Error with its code, such as a --batch the
+// artifact does not run, known once it is loaded), message on stderr.
 #include <imagepiece/runtime.h>
 
 #include <ATen/ATen.h>
@@ -18,6 +19,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -56,6 +58,7 @@ Arguments parse(int argc, char** argv) {
     else if (flag == "--repeats") args.repeats = static_cast<int>(std::min<int64_t>(positive_number(flag, value()), 1'000'000));
     else if (flag == "--cuda-graphs") args.cuda_graphs = true;
     else if (flag.rfind("--", 0) == 0) throw std::invalid_argument("unknown option " + flag);
+    else if (!args.artifact.empty()) throw std::invalid_argument("one ARTIFACT, got '" + args.artifact + "' and '" + flag + "'");
     else args.artifact = flag;
   }
   if (args.artifact.empty()) throw std::invalid_argument("usage: classify ARTIFACT [--input images.f32] [--batch N] [--device cpu|cuda] [--repeats N] [--cuda-graphs]");
@@ -94,7 +97,9 @@ at::Tensor load_images(const Arguments& args, const imagepiece::ModelInfo& info)
   check_batch(bytes / per_image, info);
   auto images = at::empty(shape(bytes / per_image), pixels ? at::kByte : at::kFloat);
   file.seekg(0);
-  file.read(static_cast<char*>(images.data_ptr()), bytes);
+  if (!file.read(static_cast<char*>(images.data_ptr()), bytes) || file.gcount() != bytes) {
+    throw std::runtime_error("cannot read " + std::to_string(bytes) + " bytes from " + args.input + " (did it change meanwhile?)");
+  }
   return images;
 }
 

@@ -97,6 +97,10 @@ struct Request {
 
 // The State whose worker this thread is (thread ids are reused once a thread is joined; this is not).
 thread_local const void* worker_of = nullptr;
+// The State whose around_completions hook this thread is inside, if any: completions started there (a callback
+// destroying its Batcher cancels what is queued) run inside that same call, not in a second one (a hook that
+// takes a lock would wait for itself).
+thread_local const void* completing_for = nullptr;
 
 double seconds_between(Clock::time_point from, Clock::time_point to) { return std::chrono::duration<double>(to - from).count(); }
 
@@ -182,7 +186,12 @@ struct Batcher::State {
   bool expedited = false;  // expedite(): no request waits for max_delay any more
   BatcherStats counters;
 
-  std::mutex join_mutex;  // concurrent shutdown() calls: one joins, the others wait for it
+  // The workers' threads, and who ends them: one shutdown() takes and joins them (the others wait for it), or
+  // a callback destroying the Batcher detaches them. The lock is never held while joining.
+  std::mutex join_mutex;
+  std::condition_variable workers_ended;
+  bool workers_taken = false;
+  bool workers_joined = false;
   std::vector<std::thread> workers;
 
   State(Runtime shared_runtime, BatcherOptions options_)
@@ -353,7 +362,12 @@ struct Batcher::State {
         if (requests[i].done) complete(requests[i], row_of(i), error);
       }
     };
-    if (options.around_completions) {
+    if (options.around_completions && completing_for != this) {
+      struct Inside {
+        const void* outer = completing_for;
+        explicit Inside(const void* state) { completing_for = state; }
+        ~Inside() { completing_for = outer; }
+      } inside(this);
       try {
         options.around_completions(complete_remaining);
       } catch (abi::__forced_unwind&) {
@@ -364,16 +378,40 @@ struct Batcher::State {
     complete_remaining();
   }
 
-  void join_workers_except_this_thread() {
-    std::lock_guard<std::mutex> lock(join_mutex);
-    for (auto& worker : workers) {
-      if (!worker.joinable()) continue;
-      if (worker.get_id() == std::this_thread::get_id()) {
-        worker.detach();  // a callback destroying its batcher: this worker exits when the callback returns
-      } else {
-        worker.join();
+  // From a thread that is not a worker (shutdown, a failed constructor): returns once every worker has exited.
+  // A callback that destroys the Batcher meanwhile runs `release_workers`, which must not wait for this joiner.
+  void join_workers() {
+    std::vector<std::thread> taken;
+    {
+      std::unique_lock<std::mutex> lock(join_mutex);
+      if (workers_taken) {  // another shutdown() is joining them
+        workers_ended.wait(lock, [&] { return workers_joined; });
+        return;
       }
+      workers_taken = true;
+      taken.swap(workers);
     }
+    for (auto& worker : taken) {
+      if (worker.joinable()) worker.join();
+    }
+    {
+      std::lock_guard<std::mutex> lock(join_mutex);
+      workers_joined = true;
+    }
+    workers_ended.notify_all();
+  }
+
+  // A callback destroying its Batcher: waits for no worker, neither its own (it runs this) nor the others (a
+  // callback of theirs may wait for a lock this one holds, e.g. in around_completions). Workers no shutdown()
+  // has taken are detached; each holds this State and exits after its batch.
+  void release_workers() {
+    std::lock_guard<std::mutex> lock(join_mutex);
+    if (workers_taken) return;  // a shutdown() joins them, this thread too once its callback returns
+    workers_taken = workers_joined = true;
+    for (auto& worker : workers) {
+      if (worker.joinable()) worker.detach();
+    }
+    workers.clear();
   }
 };
 
@@ -386,7 +424,7 @@ Batcher::Batcher(Runtime& runtime, BatcherOptions options) : state_(std::make_sh
     }
   } catch (const std::system_error& error) {
     state_->stop(true);
-    state_->join_workers_except_this_thread();
+    state_->join_workers();
     throw Error(ErrorCode::kInvalidOption, std::string("cannot start the batcher's worker threads: ") + error.what());
   }
 }
@@ -398,7 +436,7 @@ Batcher::~Batcher() {
     const std::shared_ptr<State> state = state_;
     auto cancelled = state->stop(/*drain=*/false);
     state->cancel(cancelled);
-    state->join_workers_except_this_thread();
+    state->release_workers();
     return;
   }
   shutdown(true);
@@ -496,7 +534,7 @@ void Batcher::shutdown(bool drain) {
   const std::shared_ptr<State> state = state_;
   auto cancelled = state->stop(drain);
   state->cancel(cancelled);
-  state->join_workers_except_this_thread();
+  state->join_workers();
 }
 
 BatcherStats Batcher::stats() const {

@@ -392,11 +392,22 @@ struct Runtime::Impl {
     void* stream = slot.stream.stream();
     for (int warmup = 0; warmup < 2; ++warmup) slot.own_runner->run(graph->input, info.num_classes, stream);  // lazy init off-graph
     slot.stream.synchronize();
+    // Thread-local capture: another thread's run() (or any allocation) meanwhile is not part of this capture and
+    // must not invalidate it; the process-global mode would make their CUDA calls fail while a Runtime loads.
+    bool capturing = false;
     try {
-      graph->graph.capture_begin();
+      graph->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+      capturing = true;
       graph->output = slot.own_runner->run(graph->input, info.num_classes, stream);
+      capturing = false;
       graph->graph.capture_end();
     } catch (const std::exception& error) {
+      if (capturing) {
+        try {
+          graph->graph.capture_end();  // ends the stream's capture: the pool stream is shared with the rest of the process
+        } catch (const std::exception&) {
+        }
+      }
       throw Error(ErrorCode::kLoadFailed, "CUDA graph capture failed for batch " + std::to_string(batch) + ": " + detail::error_text(error));
     }
     slot.graphs[batch] = std::move(graph);

@@ -5,12 +5,17 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <future>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -85,6 +90,68 @@ bool batcher_destroyed_by_a_cancellation_callback(const std::string& artifact) {
          fail("not every queued request was cancelled once");
 }
 
+// Runs `scenario` on a thread of its own: false when it has not returned within `seconds` (a deadlock).
+bool returns_within(int seconds, const std::function<void()>& scenario) {
+  auto finished = std::async(std::launch::async, scenario);
+  if (finished.wait_for(std::chrono::seconds(seconds)) == std::future_status::ready) {
+    finished.get();
+    return true;
+  }
+  std::printf("deadlock: the scenario has not returned after %d s\n", seconds);
+  std::fflush(stdout);
+  std::_Exit(1);  // a hung std::async would hang the process's exit too
+}
+
+// A callback destroys its Batcher while another worker's callbacks wait for a lock the destroying callback holds
+// (the once-per-batch lock around_completions is for): the destructor waits for no worker, and the requests it
+// cancels complete inside the same hook call (a second call would take the lock again on this thread).
+bool batcher_destroyed_by_a_callback_under_the_completions_lock(const std::string& artifact) {
+  imagepiece::Runtime runtime(artifact, {.instances = 2});  // two workers
+  const auto& shape = runtime.info().input_shape;
+  std::mutex completions_lock;
+  auto owner = std::make_shared<std::unique_ptr<imagepiece::Batcher>>();
+  *owner = std::make_unique<imagepiece::Batcher>(
+      runtime, imagepiece::BatcherOptions{.max_batch = 1, .max_delay_us = 0, .around_completions = [&](const std::function<void()>& complete) {
+        std::lock_guard<std::mutex> lock(completions_lock);
+        complete();
+      }});
+  std::atomic<int> completed{0}, first{0};
+  const int requests = 6;
+  if (!returns_within(60, [&] {
+        for (int i = 0; i < requests; ++i) {
+          (*owner)->submit(at::randn({shape[0], shape[1], shape[2]}), [&, owner](at::Tensor, std::exception_ptr) {
+            if (first++ == 0) {
+              std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the other worker's batch ends: it waits for the lock
+              owner->reset();
+            }
+            ++completed;
+          });
+        }
+        while (completed < requests) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      })) {
+    return false;
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the detached workers exit before the process does
+  return !*owner || fail("the callback did not destroy the Batcher");
+}
+
+// shutdown() joins the workers while one of their callbacks destroys the Batcher: neither waits for the other.
+bool batcher_destroyed_by_a_callback_during_shutdown(const std::string& artifact) {
+  imagepiece::Runtime runtime(artifact);
+  const auto& shape = runtime.info().input_shape;
+  auto owner = std::make_shared<std::unique_ptr<imagepiece::Batcher>>(
+      std::make_unique<imagepiece::Batcher>(runtime, imagepiece::BatcherOptions{.max_batch = 1, .max_delay_us = 0}));
+  imagepiece::Batcher* batcher = owner->get();
+  std::atomic<bool> in_callback{false};
+  batcher->submit(at::randn({shape[0], shape[1], shape[2]}), [&, owner](at::Tensor, std::exception_ptr) {
+    in_callback = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // shutdown() is joining this worker meanwhile
+    owner->reset();
+  });
+  while (!in_callback) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  return returns_within(60, [&] { batcher->shutdown(/*drain=*/true); }) && (!*owner || fail("the callback did not destroy the Batcher"));
+}
+
 // A submit() without a completion callback is refused (kInvalidType) and counted with the other refusals.
 bool submit_without_a_callback(const std::string& artifact) {
   imagepiece::Runtime runtime(artifact);
@@ -117,6 +184,8 @@ int main(int argc, char** argv) {
       {"moved_from_runtime", moved_from_runtime},
       {"batcher_keeps_a_moved_or_destroyed_runtimes_model", batcher_keeps_a_moved_or_destroyed_runtimes_model},
       {"batcher_destroyed_by_a_cancellation_callback", batcher_destroyed_by_a_cancellation_callback},
+      {"batcher_destroyed_by_a_callback_under_the_completions_lock", batcher_destroyed_by_a_callback_under_the_completions_lock},
+      {"batcher_destroyed_by_a_callback_during_shutdown", batcher_destroyed_by_a_callback_during_shutdown},
       {"submit_without_a_callback", submit_without_a_callback},
       {"options_name_the_device_in_effect", options_name_the_device_in_effect},
   };

@@ -152,6 +152,26 @@ def class_names(dataset: ImageFolder) -> List[str]:
     return sorted(dataset.reader.class_to_idx, key=dataset.reader.class_to_idx.get)
 
 
+def unstorable_class_name(names: List[str]) -> Optional[str]:
+    """The first name that is not valid UTF-8 on disk, as its bytes (None if every one is): a fine-tune records the
+    class names in its checkpoints, and an artifact in its JSON metadata, which holds only UTF-8 text (Python gives
+    a name in another encoding lone surrogates)."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return repr(os.fsencode(name))
+    return None
+
+
+def check_storable_class_names(names: List[str]) -> None:
+    """DatasetError naming the first class folder whose name is not UTF-8 (see `unstorable_class_name`)."""
+    name = unstorable_class_name(names)
+    if name is not None:
+        raise DatasetError(f"class folder {name} is not a UTF-8 name; rename it: class names are recorded in checkpoints "
+                           "and artifacts, as UTF-8 text")
+
+
 def describe_class_differences(expected: List[str], found: List[str], expected_as: str) -> str:
     """What differs between two lists of class folder names, for an error message."""
     only_expected, only_found = [n for n in expected if n not in found], [n for n in found if n not in expected]

@@ -209,10 +209,17 @@ def _fine_tuned_class_names(checkpoint: Optional[Path], num_classes: int) -> Opt
     # their top-k with them, and evaluate refuses a validation folder of other classes. None for other checkpoints.
     if checkpoint is None:
         return None
-    from .weights import fine_tuned_settings
+    from .data import unstorable_class_name
+    from .weights import CheckpointError, fine_tuned_settings
 
     classes = (fine_tuned_settings(checkpoint) or {}).get("classes")
-    return classes if classes is not None and len(classes) == num_classes else None
+    if classes is None or len(classes) != num_classes:
+        return None
+    bad_name = unstorable_class_name(classes)
+    if bad_name is not None:  # refused here, before the export, not by the metadata writer after the compile
+        raise CheckpointError(f"{str(checkpoint)!r} records the class folder {bad_name}, which is not a UTF-8 name, and an "
+                              "artifact's metadata holds UTF-8 text only: rename the folder and fine-tune again")
+    return classes
 
 
 # The library must use the process's C++ runtime, never a private static copy of it. On the H200

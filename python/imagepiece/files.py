@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Callable, Union
@@ -44,13 +45,18 @@ def check_output_file(path: Union[str, Path]) -> Path:
     return path
 
 
-def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Union[str, Path], write: Callable[[Path], None], replace: bool = True) -> Path:
     """Call `write(staged_path)`, then rename the staged file to `path` in one step.
 
     A reader never sees a partial file, and a crash (or a kill, or a power loss: the file is synced
     before the rename) while writing leaves the previous `path`, if any, untouched. The staged file
-    sits beside `path` (a rename must not cross file systems) and keeps its suffix, for writers that
-    choose the format by it (PIL, matplotlib).
+    sits beside `path` (a rename must not cross file systems), has a name no other writer uses (two
+    processes writing one path must not write into each other's staged file) and keeps its suffix,
+    for writers that choose the format by it (PIL, matplotlib).
+
+    Args:
+        replace: False to never replace an existing `path`: FileExistsError instead (the staged file is
+            linked to `path`, which fails when it exists, in the same single step).
 
     A symbolic link is followed (its target is replaced, the link stays), and a target that is not a
     regular file (/dev/stdout, a FIFO) is written directly: renaming over it would replace the device.
@@ -60,11 +66,14 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
         write(path)
         return path
     path = Path(os.path.realpath(path))
-    staged = path.with_name(f".{path.stem}.partial{path.suffix}")
+    staged = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
     try:
         write(staged)
         fsync_file(staged)
-        os.replace(staged, path)
+        if replace:
+            os.replace(staged, path)
+        else:
+            os.link(staged, path)
     finally:
         staged.unlink(missing_ok=True)
     return path

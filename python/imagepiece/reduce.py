@@ -6,7 +6,9 @@ construction, so each op exports with static shapes (argsort / gather / scatter_
 sizes, no boolean masks, no `.item()`).
 
 Every ranking is a stable sort: equal scores keep their token order (lower index first), so ties are
-broken by position, the same way in eager PyTorch, in an AOTInductor artifact and in ONNX's TopK.
+broken by position, the same way in eager PyTorch, in an AOTInductor artifact and in ONNX's TopK. That holds
+for bitwise-equal values; compiled kernels may compute a score an ulp apart from eager (a fused cosine, say),
+so values that tie in eager need not tie there (the parity tests draw inputs without near-ties).
 
 Sequences are [B, N, C] with [CLS] at index 0; [CLS] is never merged or pruned. A matching returns
 a `merge(t, mode)` closure (as ToMe does) that applies the same decision to any per-token tensor:
@@ -27,8 +29,17 @@ PRUNED_SOURCE = 0.5
 def class_attention(cls_query: torch.Tensor, keys: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """EViT's token importance: the [CLS] query's softmax row, averaged over heads.
 
-    Computes only that one row ([B, H, 1, N]) beside the fused attention, in fp32 so that the
-    ranking decisions do not depend on the model's dtype.
+    Computes only that one row ([B, H, 1, N]) beside the fused attention. The logits, softmax and head
+    mean are fp32, so in a bf16/fp16 model the ranking adds no rounding of its own; the query and keys
+    it reads are the model's, rounded to its dtype, so low precision still moves scores and may flip
+    near-tie decisions (`python -m imagepiece.bench precision` measures how many).
+
+    With proportional attention (`bias` = log(size)) this is the row the block's attention itself
+    computes, so a merged piece scores what [CLS] pays all its patches together, as EViT reads the
+    importance off the attention matrix. Ranking candidates by it (DESIGN.md's A_cls has no size term;
+    README "Choices that are ours") keeps a piece whose parts together draw more than the bottom-k out of
+    the candidates: it is grouped "until it carries meaning" and is not merged further, and pruning and
+    re-evaluation see it the same way.
 
     Args:
         cls_query: [B, H, 1, d] the [CLS] token's query per head.

@@ -56,12 +56,16 @@ RECIPES = {
 }
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_recipe(recipe: Recipe) -> Recipe:
     """`recipe`, or ValueError naming the settings no training can run with (a non-finite lr trains NaN weights)."""
     numbers = {name: value for name, value in dataclasses.asdict(recipe).items() if isinstance(value, (int, float))}
-    bad = [name for name, value in numbers.items() if not math.isfinite(value)]
+    # The optimizer holds them as float32: 1e39 is finite here and overflows there.
+    bad = [name for name, value in numbers.items() if not math.isfinite(value) or abs(value) > FLOAT32_MAX]
     if bad:
-        raise ValueError(f"{', '.join(bad)} must be finite numbers: {recipe}")
+        raise ValueError(f"{', '.join(bad)} must be finite numbers within float32's range: {recipe}")
     rules = [("epochs", recipe.epochs >= 1, ">= 1"), ("batch_size", recipe.batch_size >= 1, ">= 1"), ("lr", recipe.lr > 0, "> 0"),
              ("min_lr", recipe.min_lr >= 0, ">= 0"), ("weight_decay", recipe.weight_decay >= 0, ">= 0"),
              ("warmup_epochs", recipe.warmup_epochs >= 0, ">= 0"),

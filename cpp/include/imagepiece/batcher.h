@@ -33,7 +33,8 @@
 //    under the Batcher's lock; they should be quick, must not throw (what they throw is dropped), must
 //    not wait for another request's result (that request may need this very worker: a deadlock, not
 //    detected), and must not call shutdown() (kInvalidOption: it would wait for itself). Destroying the Batcher from a
-//    callback cancels what is queued and returns without waiting for that callback's worker.
+//    callback cancels what is queued and returns without waiting for any worker: not for its own, nor for the
+//    others, whose running batches finish (their callbacks may still run after it returns) before they exit.
 //  * fork(): a Batcher's workers do not exist in a forked child. There submit() throws kCancelled
 //    ("created before fork(): create it in the child"), and shutdown() and the destructor wait for nothing:
 //    they cancel what is queued (when no parent thread held the queue's lock at fork()) and return.
@@ -67,7 +68,8 @@ struct BatcherOptions {
   // ({} initialisers: designated initialisers that leave these out compile under -Wextra -Werror.)
   // Runs around the completion callbacks of each batch (and of the requests a shutdown cancels) and
   // must call `complete` once: to take a lock once per batch rather than per request (the Python
-  // binding takes the GIL here). Empty: the callbacks are called directly.
+  // binding takes the GIL here). Empty: the callbacks are called directly. Completions started inside it
+  // (a callback destroying the Batcher cancels what is queued) run within that same call, not a nested one.
   std::function<void(const std::function<void()>& complete)> around_completions{};
 };
 

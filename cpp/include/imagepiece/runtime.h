@@ -12,8 +12,9 @@
 //    with its own copy of the weights (share one Runtime, with `instances` for concurrency, not many).
 //    The digest catches corruption and mix-ups, not forgery: an artifact is native code, load only ones
 //    you trust.
-//  * run() is thread-safe: concurrent calls share the loaded model (CPU) or take turns over `instances`
-//    model containers, each with its own CUDA stream (CUDA). info() may be read from any thread.
+//  * run() is thread-safe: concurrent calls take turns over `instances` model containers, which share the
+//    weights (each has its own activations, and on CUDA its own stream): with instances = 1 they run one at
+//    a time. info() may be read from any thread.
 //  * Inputs are validated against the artifact's metadata before the model sees them: rank, per-image
 //    shape ([C, H, W] normalised floats, or [H, W, C] uint8 pixels for an artifact whose input_format is
 //    "uint8_nhwc"), batch range, dtype and contiguity must match exactly (non-contiguous input is refused,
@@ -41,7 +42,7 @@ namespace imagepiece {
 inline namespace abi_v1 {
 
 enum class ErrorCode {
-  kFileNotFound,   // the artifact path does not exist
+  kFileNotFound,   // the artifact path does not exist or is not a regular file (a folder, /dev/null)
   kNotAnArtifact,  // not a .so/.pt2 made by aot_compile.py, truncated, or corrupt metadata
   kIncompatible,   // made for another format version, torch, device type, GPU, or a CPU with more instructions
   kLoadFailed,     // PyTorch's AOTI loader refused the library
@@ -91,7 +92,8 @@ struct ModelInfo {
 
 struct RuntimeOptions {
   std::string device{};           // "" = the artifact's device ("cuda" means cuda:0); "cpu", "cuda", "cuda:N"
-  int instances = 1;              // CUDA: model containers on their own streams, for concurrent run() calls
+  int instances = 1;              // model containers for concurrent run() calls (sharing the weights; on CUDA each
+                                  // on its own stream); a Batcher runs one worker per instance
   bool cuda_graphs = false;       // CUDA: capture one graph per batch bucket at load, then replay
   std::vector<int64_t> batch_buckets{};  // CUDA graphs: batch sizes to capture (default: the artifact's
                                          // batch, or powers of two up to its max); a batch runs in the
@@ -108,7 +110,8 @@ class Runtime {
   Runtime& operator=(const Runtime&) = delete;
 
   at::Tensor run(const at::Tensor& images);                // allocates the [B, num_classes] logits
-  // Into caller memory (e.g. a reused or pinned buffer). With CUDA graphs nothing is allocated;
+  // Into caller memory (e.g. a reused or pinned buffer). With CUDA graphs and CUDA images nothing is allocated
+  // (CPU images are staged through a pinned buffer and a device copy);
   // otherwise the compiled model allocates its output, which is copied into `logits` (AOTInductor
   // takes no output buffers).
   void run(const at::Tensor& images, at::Tensor& logits);

@@ -14,9 +14,9 @@ import argparse
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,13 +30,19 @@ HELP = "load time with and without the digest check and private copy; RSS over l
 KINDS = ("before", "after", "digest")
 
 
+# Per user, not a shared /tmp folder: the artifacts found there are loaded, i.e. their code runs in this process.
+DEFAULT_WORKDIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagepiece" / "bench_artifact_load"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--so", type=Path, help="a CPU .so artifact (default: compile the --pt2's model, else --arch "
                         "ImagePiece, batch 1)")
     parser.add_argument("--pt2", type=Path, help="a CPU .pt2 artifact (default: compile the --so's model, else --arch "
                         "ImagePiece, batch 1)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "imagepiece_bench_artifact_load",
-                        help="where compiled artifacts are kept between runs (reused while this torch release made them)")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                        help="where compiled artifacts are kept between runs (reused while this torch release made them); "
+                             "a folder of yours that no one else may write: its artifacts are loaded (default: "
+                             "$XDG_CACHE_HOME/imagepiece/bench_artifact_load, else ~/.cache/...)")
     parser.add_argument("--repeats", type=int, default=7, help="fresh processes per kind and artifact")
     parser.add_argument("--cycles", type=int, default=200, help="load/run/unload cycles for the memory check")
     parser.add_argument("--old-pt2-cycles", type=int, default=10, help="cycles of the old .pt2 loading (it leaks)")
@@ -91,6 +97,12 @@ def check_workdir(workdir: Path, parser: argparse.ArgumentParser) -> None:
         check_writable_dir(existing)
     except ValueError as error:
         parser.error(f"--workdir {str(workdir)!r}: {error}")
+    if workdir.is_dir():  # artifacts found in it are loaded: someone else's could run their code here
+        status = workdir.stat()
+        if status.st_uid != os.getuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            parser.error(f"--workdir {str(workdir)!r} is not yours alone (owner uid {status.st_uid}, mode "
+                         f"{stat.S_IMODE(status.st_mode):o}): the artifacts in it are loaded, so anyone who can write it "
+                         "could run code in this process; give a folder only you can write")
 
 
 # --- in a child process ----------------------------------------------------------------------------
@@ -235,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     from ..artifact import read_metadata
 
     if args.so is None or args.pt2 is None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
+        args.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     given = args.so or args.pt2
     settings = twin_settings(read_metadata(given)) if given is not None else default_settings(args.arch)
     artifacts = {".so": args.so or compiled(settings, ".so", args.workdir),

@@ -22,6 +22,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -30,7 +31,6 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ..environment import machine_info
-from ..files import check_writable_dir
 from ..model import ARCHS
 from ..termination import STOPPED, Terminated, exit_status, sigterm_unwinds
 from . import (artifact_load, compile_time, contention, overhead, precision, predict_e2e, profiling, reevaluation, serving, suite,
@@ -57,7 +57,7 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
         device = torch.device(args.device)
     except RuntimeError:  # "cudafoo", "tpu"
         device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
         parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but no CUDA GPU is available")
@@ -65,6 +65,9 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.threads is not None and args.threads > (os.cpu_count() or 1):
+        print(f"{parser.prog}: warning: --threads {args.threads} is more than this machine's {os.cpu_count()} cores: "
+              "the threads take turns, and the figures measure that", file=sys.stderr)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m imagepiece.bench") -> argparse.Namespace:
@@ -79,9 +82,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m imag
     args = parser.parse_args(argv)
     check_common_arguments(args, subparsers[args.mode])
     MODES[args.mode].check(args, subparsers[args.mode])
-    try:  # last: a run that is refused must not leave a folder behind
-        check_writable_dir(args.out, create=True)
-        # <out>/<machine> too, before the measurement rather than after it (the folder is made with the first file)
+    try:  # <out>/<machine>, before the measurement rather than after it; made with the run's first file
         results_folder(args.out, machine_info(args.device))
     except ValueError as error:
         subparsers[args.mode].error(str(error))

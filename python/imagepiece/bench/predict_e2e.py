@@ -9,6 +9,7 @@ Goal (issue 12) on the 2-core CPU, DeiT-S ImagePiece fp32, batch 8: single-proce
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -38,8 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from ..predict.decode import DEFAULT_MAX_PIXELS
+
     if min(args.batch, args.images, args.rounds, *args.image_size) < 1 or args.workers < 0:
         parser.error("--batch, --images, --rounds and --image-size must be >= 1, --workers >= 0")
+    width, height = args.image_size
+    if width * height > DEFAULT_MAX_PIXELS:  # predict would refuse every image: nothing would be measured
+        parser.error(f"--image-size {width} {height} is {width * height:,} pixels, over predict's limit of {DEFAULT_MAX_PIXELS:,}")
     if args.ray_concurrency is not None and (args.ray_concurrency < 1 or not args.ray):
         parser.error("--ray-concurrency must be >= 1 and needs --ray")
     if args.uint8 and args.uint8_artifact is not None:
@@ -83,14 +89,18 @@ def _compiled(args: argparse.Namespace, folder: Path, input_format: str) -> Path
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..predict.bench import e2e_benchmark, report
+    from ..predict.bench import FailedImages, e2e_benchmark, report
 
     with tempfile.TemporaryDirectory(prefix="benchmark_e2e.") as folder:
         artifact = args.artifact or _compiled(args, Path(folder), "float_nchw")
         pixels: Optional[Path] = args.uint8_artifact or (_compiled(args, Path(folder), "uint8_nhwc") if args.uint8 else None)
-        result = e2e_benchmark(str(artifact), images=args.images, size=tuple(args.image_size), batch=args.batch,
-                               workers=args.workers, rounds=args.rounds, ray=args.ray, ray_concurrency=args.ray_concurrency,
-                               uint8_artifact=str(pixels) if pixels else None, device=args.device)
+        try:
+            result = e2e_benchmark(str(artifact), images=args.images, size=tuple(args.image_size), batch=args.batch,
+                                   workers=args.workers, rounds=args.rounds, ray=args.ray, ray_concurrency=args.ray_concurrency,
+                                   uint8_artifact=str(pixels) if pixels else None, device=args.device)
+        except FailedImages as error:
+            print(f"e2e: {error}; nothing was saved", file=sys.stderr)
+            return 1
     text = report(result)
     print(text, end="")
     subject = f"{result['model'].replace(' ', '_')}_b{result['batch']}"

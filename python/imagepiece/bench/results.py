@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from ..environment import PEER_PACKAGES, machine_info, machine_slug
-from ..files import atomic_write, atomic_write_text, check_writable_dir
+from ..files import atomic_write, check_writable_dir
 
 RESULTS_ROOT = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
 
@@ -69,34 +69,50 @@ class ResultsWriter:
         self.machine = machine or machine_info(device)
         self.created = datetime.datetime.now()
         self.folder = results_folder(root, self.machine)
-        self.stem = self._unused_stem(f"{mode}_{subject}_{self.created:%Y%m%d-%H%M%S}")
+        self.wanted_stem = f"{mode}_{subject}_{self.created:%Y%m%d-%H%M%S}"
+        self.stem: Optional[str] = None  # claimed by the run's first file (`_write`)
         self.saved: List[Path] = []
 
-    def _unused_stem(self, stem: str) -> str:
-        # A run of one mode that started in the second another one did had its names: it replaced that run's files.
-        # (Two runs at once on one machine would measure each other anyway: the benchmarks want a quiet machine.)
+    def _unused_stem(self) -> str:
         taken = lambda candidate: any(self.folder.glob(f"{glob.escape(candidate)}*"))  # noqa: E731
-        return next(candidate for candidate in (stem, *(f"{stem}-{n}" for n in range(2, 10_000))) if not taken(candidate))
+        stems = (self.wanted_stem, *(f"{self.wanted_stem}-{n}" for n in range(2, 10_000)))
+        return next(candidate for candidate in stems if not taken(candidate))
+
+    def _write(self, suffix: str, write: Callable[[Path], None], variant: str = "") -> Path:
+        """Write one file of the run, never over an existing one.
+
+        Two runs of a mode that start in the same second want the same names. The first file a run
+        writes claims its stem: it is linked in place only if no file has that name yet, and a run that
+        finds it taken moves on to `<stem>-2`, ... (both runs write their files in the same order, so
+        they meet at the first one). A later file of a claimed stem that exists all the same is an error,
+        never a silent replacement of another run's record.
+        """
+        check_writable_dir(self.folder, create=True)  # made with the first file, not when the run starts
+        while True:
+            stem = self.stem or self._unused_stem()
+            try:
+                path = atomic_write(self.folder / f"{stem}{variant}{suffix}", write, replace=False)
+            except FileExistsError:
+                if self.stem is None:
+                    continue
+                raise RuntimeError(f"another run wrote {self.folder / f'{stem}{variant}{suffix}'} under this run's name; "
+                                   "this run's file was not saved") from None
+            self.stem = stem
+            self.saved.append(path)
+            return path
 
     @property
     def provenance(self) -> str:
         return provenance(self.machine)
 
-    def path(self, suffix: str, variant: str = "") -> Path:
-        return self.folder / f"{self.stem}{variant}{suffix}"
-
-    def _path_to_write(self, suffix: str, variant: str = "") -> Path:
-        check_writable_dir(self.folder, create=True)  # made with the first file, not when the run starts
-        return self.path(suffix, variant)
-
     def text(self, body: str, suffix: str = ".txt") -> Path:
         """A text report (txt or markdown) under a provenance line."""
         header = f"<!-- {self.provenance} -->" if suffix == ".md" else f"# {self.provenance}"
-        return self._keep(atomic_write_text(self._path_to_write(suffix), f"{header}\n{body.rstrip()}\n"))
+        return self._write(suffix, lambda staged: staged.write_text(f"{header}\n{body.rstrip()}\n"))
 
     def json(self, payload: Dict) -> Path:
         record = {"machine": self.machine, "created": self.created.isoformat(timespec="seconds"), **payload}
-        return self._keep(atomic_write_text(self._path_to_write(".json"), json.dumps(record, indent=2, default=str) + "\n"))
+        return self._write(".json", lambda staged: staged.write_text(json.dumps(record, indent=2, default=str) + "\n"))
 
     def csv(self, rows: List[dict], columns: List[str]) -> Path:
         buffer = io.StringIO()
@@ -104,21 +120,17 @@ class ResultsWriter:
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        return self._keep(atomic_write_text(self._path_to_write(".csv"), buffer.getvalue()))
+        return self._write(".csv", lambda staged: staged.write_text(buffer.getvalue()))
 
     def figure(self, draw: Callable[[Path], None], variant: str = "") -> Path:
         """A plot: `draw(path)` saves it (with `provenance` in its title)."""
-        return self._keep(atomic_write(self._path_to_write(".png", variant), draw))
+        return self._write(".png", draw, variant)
 
     def report(self, text: str, settings: Dict, **payload) -> None:
         """The usual pair, a text report and a JSON record of the settings and data; says where they went."""
         self.text(text)
         self.json({"settings": json_setting(settings), **payload})
         print(self.summary())
-
-    def _keep(self, path: Path) -> Path:
-        self.saved.append(path)
-        return path
 
     def summary(self) -> str:
         return "saved " + ", ".join(str(path) for path in self.saved)

@@ -66,6 +66,9 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--concurrency, --requests, --rounds and --decode-threads must be >= 1")
     # A client count given twice would be two contenders of one name: the second's rounds pooled into the first's.
     args.concurrency = list(dict.fromkeys(args.concurrency))
+    if args.requests < max(args.concurrency):  # the row would name more clients than were ever in flight
+        parser.error(f"--requests {args.requests} is fewer than --concurrency {max(args.concurrency)}: "
+                     "each client needs a request")
     if not 0 <= args.max_delay_ms <= MAX_DELAY_MS:
         parser.error(f"--max-delay-ms must be in [0, {MAX_DELAY_MS}] (ip_runtime.Batcher's range)")
     if args.artifact is not None:

@@ -65,7 +65,7 @@ def synthetic_jpegs(folder: Path, count: int, size: Tuple[int, int] = (500, 375)
         fields = [np.sin(x * rng.uniform(2, 12) + y * rng.uniform(2, 12) + rng.uniform(0, 6)) for _ in range(3)]
         pixels = 127 + 80 * np.stack(fields, axis=-1)
         for _ in range(4):  # a few objects with hard edges
-            x0, y0 = rng.integers(0, width - 60), rng.integers(0, height - 60)
+            x0, y0 = rng.integers(0, max(1, width - 60)), rng.integers(0, max(1, height - 60))  # a tiny image: at its corner
             pixels[y0 : y0 + rng.integers(30, 150), x0 : x0 + rng.integers(30, 150)] = rng.uniform(0, 255, 3)
         pixels += rng.normal(0, 6, pixels.shape)
         path = folder / f"{index:06d}.jpg"
@@ -85,11 +85,22 @@ def model_only_img_per_s(classifier: Classifier, images: int) -> float:
     return calls * classifier.batch / (time.perf_counter() - began)
 
 
+class FailedImages(RuntimeError):
+    """A run in which images became error rows: its img/s would count failures as predictions."""
+
+
+def every_image_predicted(errors: int, images: int, run: str) -> None:
+    if errors:
+        raise FailedImages(f"{errors} of {images} images gave error rows, not predictions, in the {run} run, so no "
+                           "throughput is reported (an image over predict's pixel limit, say)")
+
+
 def single_process_run(classifier: Classifier, items: List[InputItem], workers: int) -> RunStats:
     stats = RunStats()
     names = class_names(classifier.metadata)
     for _ in predict_items(items, classifier, names, workers=workers, stats=stats):
         pass
+    every_image_predicted(stats.errors, stats.images, "single-process")
     return stats
 
 
@@ -109,6 +120,7 @@ def ray_run(artifact: str, items: List[InputItem], batch: int, concurrency: Opti
                                   topk=5, max_pixels=DEFAULT_MAX_PIXELS, concurrency=concurrency, labels=None,
                                   no_progress=True, device="")
         stats = run_on_ray(args, items)
+    every_image_predicted(stats.errors, stats.images, "Ray")
     return {"img_per_s": stats.images / stats.seconds, "seconds": stats.seconds, "images": stats.images,
             "errors": stats.errors, "concurrency": concurrency or "one actor per CPU"}
 
