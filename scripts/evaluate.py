@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 
     try:
         if args.json:
-            check_output_file(args.json)
+            check_output_file(args.json, inputs={"--checkpoint": args.checkpoint, "--artifact": args.artifact})
         dataset = image_folder(args.data)
         predict, preprocessing, head_classes, fixed_batch, description, trained, device = build_predictor(args)
         check_num_classes(dataset, head_classes, args.data)

@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_output_file(args.out)
+        check_output_file(args.out, inputs={"--image": args.image, "--checkpoint": args.checkpoint})
         if args.out.suffix.lower() != ".png":  # PNG bytes under another name would fool every viewer
             raise ValueError(f"--out {str(args.out)!r}: the picture is a PNG; name it *.png")
         fine_tuned = fine_tuned_settings(args.checkpoint) if args.checkpoint else None

@@ -282,6 +282,7 @@ def test_evaluate_and_visualize_use_the_fine_tunes_token_reduction_and_warn_when
         (["--data", "{val}", "--json", "/sys/kernel/result.json"], "not writable"),
         (["--data", "{val}", "--batch", "0"], "--batch and --limit must be >= 1"),
         (["--data", "{val}", "--json", "{root}"], "is a folder; give a file name"),
+        (["--data", "{val}", "--artifact", "{artifact}", "--json", "{artifact}"], "is the --artifact file: writing it would replace"),
         (["--data", "{val}", "--crop-pct", "0"], "--crop-pct must be in [0.05, 1]"),
         (["--data", "{val}", "--crop-pct", "nan"], "--crop-pct must be in [0.05, 1]"),
         (["--data", "{val}", "--crop-pct", "0.0001"], "--crop-pct must be in [0.05, 1]"),  # every image would fail to resize
@@ -465,12 +466,14 @@ def test_visualize_a_fine_tuned_checkpoint_of_other_classes(finetuned, tmp_path,
         (["--synthetic", "--num-classes", "0", "--out", "{tmp}/x.png"], "--num-classes must be >= 1"),
         (["--synthetic", "--out", "{tmp}"], "is a folder; give a file name"),
         (["--image", "{tmp}", "--out", "{tmp}/x.png"], "is a directory, not an image file"),
+        (["--image", "{tmp}/photo.png", "--out", "{tmp}/photo.png"], "is the --image file: writing it would replace that input"),
     ],
 )
 def test_visualize_bad_input(tmp_path, capsys, args, message):
     (tmp_path / "notes.jpg").write_text("not a picture")
     Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")  # Pillow's RGB would clip it to white
     Image.new("RGB", (100_000, 1)).save(tmp_path / "strip.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
     result = call_script("visualize", capsys, "--arch", ARCH, *[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 

@@ -436,6 +436,7 @@ def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(
     assert record["settings"]["arch"] == "deit_tiny_patch16_224"  # the artifact's, not --arch's default (DeiT-S)
     text = files[".txt"].read_text()
     assert text.startswith("# ") and "single-process / model-only" in text and "uint8-input artifact" in text
+    assert "goal" not in text and "goal_met" not in result  # the goal is about DeiT-S at batch 8, not this run
 
 
 def test_e2e_mode_reports_no_throughput_when_images_fail(compiled, tmp_path, monkeypatch, capsys):
@@ -455,7 +456,6 @@ def test_e2e_mode_reports_no_throughput_when_images_fail(compiled, tmp_path, mon
                      "--rounds", "1", "--image-size", "40", "30", "--out", str(tmp_path)]) == 1
     assert "1 of 4 images gave error rows" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
-    assert "goal" not in text and "goal_met" not in result  # the goal is about DeiT-S at batch 8, not this run
 
 
 def test_two_runs_named_in_the_same_second_keep_both_records(tmp_path, monkeypatch):

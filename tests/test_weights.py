@@ -85,7 +85,12 @@ def test_mismatched_checkpoints_list_every_problem(deit_state, tmp_path):
     with pytest.raises(CheckpointError, match=r"\d+ shape mismatch\(es\): cls_token: checkpoint \(1, 1, 384\) vs model \(1, 1, 192\), .*"
                                               r"\.\.\. \(\d+ more\)") as error:
         create_model(ARCH, checkpoint=tmp_path / "small.pth")
-    assert len(str(error.value)) < 1000
+    assert len(str(error.value)) < 1000 and "--num-classes" not in str(error.value)
+    # Only the head differs (a timm model fine-tuned on 3 classes): the error names the flag that fits.
+    three = {**deit_state, "head.weight": torch.zeros(3, deit_state["head.weight"].shape[1]), "head.bias": torch.zeros(3)}
+    torch.save(three, tmp_path / "three.pth")
+    with pytest.raises(CheckpointError, match=r"Its head has 3 classes: pass --num-classes 3$"):
+        create_model(ARCH, checkpoint=tmp_path / "three.pth")
 
 
 def test_a_model_without_a_head_takes_a_checkpoint_with_one(deit_files, deit_state):

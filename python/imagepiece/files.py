@@ -5,7 +5,7 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Dict, Optional, Union
 
 
 def check_writable_dir(folder: Union[str, Path], create: bool = False) -> Path:
@@ -35,12 +35,20 @@ def check_writable_dir(folder: Union[str, Path], create: bool = False) -> Path:
     return folder
 
 
-def check_output_file(path: Union[str, Path]) -> Path:
+def check_output_file(path: Union[str, Path], inputs: Optional[Dict[str, object]] = None) -> Path:
     """`path` as a Path, or ValueError when no file can be written there (it is a folder, or its folder
-    does not exist or is not writable): checked before long work, not found out after it."""
+    does not exist or is not writable): checked before long work, not found out after it.
+
+    Args:
+        inputs: the command's input files by option name (None where not given): an output that is one of
+            them (the same path, or a link to it) is refused, as writing it would destroy that input.
+    """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"output {str(path)!r} is a folder; give a file name")
+    for option, given in (inputs or {}).items():
+        if given is not None and os.path.realpath(given) == os.path.realpath(path):
+            raise ValueError(f"output {str(path)!r} is the {option} file: writing it would replace that input")
     check_writable_dir(path.parent)
     return path
 

@@ -142,7 +142,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
         problems.append(f"{len(mismatched)} shape mismatch(es): {_first(mismatched)}")
     if problems:
         raise CheckpointError(f"{str(path)!r} does not fit {model.pretrained_cfg.get('architecture', 'the model')}: " + "; ".join(problems)
-                              + fine_tune_hint(path))
+                              + (fine_tune_hint(path) or head_size_hint(state, expected, missing)))
     # A diverged run saves NaN/Inf weights that load and compile fine and then answer NaN logits for
     # every image: refuse them here, where the file is named.
     non_finite = [key for key in expected if key in state and _has_non_finite(state[key])]
@@ -151,6 +151,17 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
                               f"{_first(non_finite)} (a diverged training run?)")
 
     model.load_state_dict(state, strict=False)
+
+
+def head_size_hint(state: dict, expected: dict, missing: list) -> str:
+    """Where only the classifier differs (a timm model fine-tuned on other classes): the --num-classes that fits, as a
+    sentence to append to an error ("" otherwise)."""
+    head = state.get("head.weight")
+    only_the_head = not missing and all(state[key].shape == value.shape for key, value in expected.items()
+                                         if key in state and not key.startswith("head."))
+    if head is None or head.dim() != 2 or "head.weight" not in expected or not only_the_head:
+        return ""
+    return f". Its head has {head.shape[0]} classes: pass --num-classes {head.shape[0]}"
 
 
 def _first(items: list, count: int = 6) -> str:
