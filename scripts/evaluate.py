@@ -73,9 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # rather than as every image failing to resize.
     if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and MIN_CROP_PCT <= args.crop_pct <= 1):
         parser.error(f"--crop-pct must be in [{MIN_CROP_PCT}, 1], got {args.crop_pct}")
-    # Normalisation runs in float32: 1e-300 is 0 there, and 1e308 is inf.
+    # Normalisation runs in float32: 1e-300 is 0 there, 1e308 is inf, and dividing by 1e-39 overflows.
     mean, std = (torch.tensor(values or [], dtype=torch.float64).float() for values in (args.mean, args.std))
-    if not (mean.isfinite().all() and std.isfinite().all() and (std > 0).all()):
+    if not (mean.isfinite().all() and std.isfinite().all() and (std > 0).all() and (1 / std).isfinite().all()):
         parser.error("--mean must be finite and --std finite and > 0, in float32")
     problem = device_problem(args.device) if args.device is not None else None
     if problem:

@@ -100,6 +100,19 @@ def resume_mismatches(saved: dict, current: dict) -> list:
             for key in RESUME_MUST_MATCH if key in saved and saved[key] != current[key]]
 
 
+def another_runs_best(best: Path, current: dict) -> bool:
+    """Whether `best` (a best.pth where no last.pth is) belongs to another run than this command's. Its own first
+    epoch cut short while saving (best.pth is written before last.pth) is not: a best.pth of epoch 1 with this
+    command's settings starts over, as the run would have."""
+    if not best.exists():
+        return False
+    try:
+        saved = torch.load(best, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: not this run's to replace either
+        return True
+    return not isinstance(saved, dict) or saved.get("epoch") != 1 or bool(resume_mismatches(saved, current))
+
+
 def name_skipped(unreadable, reported: set) -> None:
     """Name each undecodable file once per run, in training and in validation alike."""
     for path, error in unreadable:
@@ -201,8 +214,8 @@ def main(argv=None) -> int:
     extra = lambda: {"best_accuracy": run["best_accuracy"], "arch": args.arch, "preset": args.preset, "lcb": lcb,
                      "num_classes": classes, "classes": names, "seed": args.seed,
                      "reduction": model.reduction_config.to_dict()}
-    if not last.exists() and (args.output / "best.pth").exists():
-        # Another run's: starting afresh here would cut its log and, at the first epoch's end, replace its best.pth.
+    if not last.exists() and another_runs_best(args.output / "best.pth", extra()):
+        # Starting afresh here would cut that run's log and, at the first epoch's end, replace its best.pth.
         print(f"finetune.py: error: {args.output} holds best.pth of an earlier run but no last.pth to resume it from: "
               "give another --output (or remove best.pth and log.jsonl there to start over)", file=sys.stderr)
         return 2

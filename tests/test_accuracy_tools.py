@@ -126,12 +126,17 @@ def test_a_cuda_run_resumes(dataset, tmp_path):
 
 def test_a_fresh_run_is_refused_where_an_earlier_run_left_its_best_checkpoint(dataset, finetuned, tmp_path, capsys):
     # e.g. last.pth deleted to save disk: starting over there would cut the log and replace best.pth at its first epoch
-    shutil.copy(finetuned[0] / "best.pth", tmp_path / "best.pth")
+    torch.save({**torch.load(finetuned[0] / "best.pth"), "epoch": 2}, tmp_path / "best.pth")  # a run past its first epoch
     (tmp_path / "log.jsonl").write_text('{"epoch": 1, "step": 4, "val_top1": 50.0}\n')
     result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path, "--max-steps", "1", *TRAIN)
     assert result.returncode == 2 and "holds best.pth of an earlier run but no last.pth" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pth", "log.jsonl"]
     assert (tmp_path / "log.jsonl").read_text().count("\n") == 1
+    # This command's own first epoch, killed between saving best.pth and last.pth: it starts over.
+    first_epoch = {**torch.load(tmp_path / "best.pth"), "epoch": 1}
+    torch.save(first_epoch, tmp_path / "best.pth")
+    result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path, "--max-steps", "1", *TRAIN)
+    assert result.returncode == 0 and (tmp_path / "last.pth").exists(), result.stderr
 
 
 def test_a_class_folder_name_that_is_not_utf8_is_refused_before_training(dataset, tmp_path, capsys):

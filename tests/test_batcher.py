@@ -275,6 +275,31 @@ holder["y"].submit(image).add_done_callback(lambda _: holder.pop("x", None))
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
 
 
+def test_exit_while_a_batcher_dropped_in_a_callback_still_completes_a_batch(compiled):
+    # Dropped on a worker, a Batcher waits for no worker (a C++ callback could hold a lock the others need); its other
+    # worker finishes its batch on its own. At exit ip_runtime waits for it: a worker that wants the GIL while the
+    # interpreter finalizes is ended, which aborted the process.
+    script = f"""
+import threading, time, ip_runtime, torch
+runtime = ip_runtime.Runtime({str(compiled.path("ti_imagepiece_dynamic"))!r}, instances=2)  # two workers
+image = torch.zeros(*runtime.info["input_shape"])
+holder, dropped, started = [ip_runtime.Batcher(runtime, max_batch=1, max_delay_ms=0)], threading.Event(), threading.Barrier(2)
+def first(_):
+    started.wait()
+    holder.clear()  # the last reference: the Batcher is destroyed on this worker
+    dropped.set()
+def second(_):
+    started.wait()
+    time.sleep(0.5)  # the GIL is free meanwhile: the main thread goes on to exit
+    print("second done", flush=True)
+holder[0].submit(image).add_done_callback(first)
+holder[0].submit(image).add_done_callback(second)
+dropped.wait(60)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0 and "second done" in result.stdout, (result.returncode, result.stderr[-2000:])
+
+
 def test_preferred_batch_runs_without_waiting_for_the_delay(dynamic, pool):
     images, alone = pool
     batcher = ip_runtime.Batcher(dynamic, max_batch=8, max_delay_ms=LONG_DELAY_MS, preferred_batches=[4])

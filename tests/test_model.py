@@ -291,6 +291,7 @@ def test_each_block_reduces_between_the_attention_residual_and_the_mlp(method, s
         model(images)
         for hook in hooks:
             hook.remove()
+        assert len(calls) == len(model.blocks)
         proportional = model.reduction_config.prop_attn and method != "evit"
         assert any(size.max() > 1 for _, _, size, _ in calls) == (method != "evit")  # later blocks do see pieces
         for index, (block, x, size, (out, out_size, _)) in enumerate(calls):

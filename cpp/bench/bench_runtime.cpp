@@ -34,8 +34,13 @@ imagepiece::Runtime& shared_runtime() {
   return runtime;
 }
 
-void BM_AotiRunner(benchmark::State& state) {
+torch::inductor::AOTIModelContainerRunnerCpu& direct_runner() {
   static torch::inductor::AOTIModelContainerRunnerCpu runner(g_artifact, 1);
+  return runner;
+}
+
+void BM_AotiRunner(benchmark::State& state) {
+  auto& runner = direct_runner();
   const auto images = make_images(shared_runtime().info(), state.range(0));
   for (auto _ : state) benchmark::DoNotOptimize(runner.run({images}));
   state.SetItemsProcessed(state.iterations() * state.range(0));
@@ -92,9 +97,13 @@ int main(int argc, char** argv) {
     benchmark::AddCustomContext("torch", info.torch_version);
     // Bad input throws inside a benchmark body, which google-benchmark does not catch (std::terminate): one run here first.
     shared_runtime().run(make_images(info, info.batch_min));
-    const bool direct_runner = !g_artifact.ends_with(".pt2");
-    if (!direct_runner) std::cerr << "bench_runtime: a .pt2 has no BM_AotiRunner baseline (PyTorch's CPU runner loads a .so)\n";
-    register_all(info, direct_runner);
+    const bool with_direct_runner = !g_artifact.ends_with(".pt2");
+    if (with_direct_runner) {
+      direct_runner().run({make_images(info, info.batch_min)});  // loaded here too, where a failure is caught
+    } else {
+      std::cerr << "bench_runtime: a .pt2 has no BM_AotiRunner baseline (PyTorch's CPU runner loads a .so)\n";
+    }
+    register_all(info, with_direct_runner);
   } catch (const imagepiece::Error& error) {
     std::cerr << "bench_runtime: error [" << imagepiece::error_code_name(error.code()) << "]: " << error.what() << "\n";
     return 1;

@@ -211,6 +211,10 @@ void close_live_batchers() {
   std::vector<py::object> batchers;
   for (PyBatcher* batcher : live_batchers) batchers.push_back(py::cast(batcher, py::return_value_policy::reference));
   for (const py::object& batcher : batchers) batcher.cast<PyBatcher&>().close(/*drain=*/false);
+  // And the workers of Batchers dropped in a callback, which finish their batch on their own (they take the GIL to
+  // complete its futures): none may still want it once the interpreter finalizes.
+  py::gil_scoped_release release;
+  Batcher::wait_for_all_workers();
 }
 
 }  // namespace

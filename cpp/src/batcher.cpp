@@ -5,6 +5,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cxxabi.h>
@@ -102,6 +103,32 @@ thread_local const void* worker_of = nullptr;
 // takes a lock would wait for itself).
 thread_local const void* completing_for = nullptr;
 
+// Every Batcher worker of the process that has not exited yet, for Batcher::wait_for_all_workers. Never destroyed:
+// a detached worker may still count itself out while the process's statics are being destroyed. A forked child
+// inherits the parent's count but none of its threads: a count of another fork generation is no one's.
+struct RunningWorkers {
+  std::mutex mutex;
+  std::condition_variable exited;
+  size_t count = 0;
+  std::atomic<uint64_t> fork_generation{detail::fork_generation()};
+
+  void change(bool starting) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (fork_generation.load() != detail::fork_generation()) {
+        count = 0;
+        fork_generation = detail::fork_generation();
+      }
+      starting ? ++count : --count;
+    }
+    exited.notify_all();
+  }
+};
+RunningWorkers& running_workers() {
+  static auto* workers = new RunningWorkers;
+  return *workers;
+}
+
 double seconds_between(Clock::time_point from, Clock::time_point to) { return std::chrono::duration<double>(to - from).count(); }
 
 LatencyHistogram empty_histogram() {
@@ -186,12 +213,13 @@ struct Batcher::State {
   bool expedited = false;  // expedite(): no request waits for max_delay any more
   BatcherStats counters;
 
-  // The workers' threads, and who ends them: one shutdown() takes and joins them (the others wait for it), or
-  // a callback destroying the Batcher detaches them. The lock is never held while joining.
+  // The workers' threads, and who ends them: one shutdown() takes and joins them, or a callback destroying the
+  // Batcher detaches them; either way a shutdown() returns once `live_workers` is 0. The lock is never held
+  // while joining.
   std::mutex join_mutex;
   std::condition_variable workers_ended;
   bool workers_taken = false;
-  bool workers_joined = false;
+  size_t live_workers = 0;  // started and not yet out of work_loop, joined or detached alike
   std::vector<std::thread> workers;
 
   State(Runtime shared_runtime, BatcherOptions options_)
@@ -378,27 +406,33 @@ struct Batcher::State {
     complete_remaining();
   }
 
+  // A worker thread about to start (starting), or one that left work_loop or failed to start.
+  void count_worker(bool starting) {
+    {
+      std::lock_guard<std::mutex> lock(join_mutex);
+      starting ? ++live_workers : --live_workers;
+    }
+    workers_ended.notify_all();
+    running_workers().change(starting);
+  }
+
   // From a thread that is not a worker (shutdown, a failed constructor): returns once every worker has exited.
-  // A callback that destroys the Batcher meanwhile runs `release_workers`, which must not wait for this joiner.
+  // The first caller joins the threads; a callback that destroys the Batcher meanwhile (`release_workers`) must
+  // not wait for that joiner, and workers it detached are waited for by their count.
   void join_workers() {
     std::vector<std::thread> taken;
     {
-      std::unique_lock<std::mutex> lock(join_mutex);
-      if (workers_taken) {  // another shutdown() is joining them
-        workers_ended.wait(lock, [&] { return workers_joined; });
-        return;
+      std::lock_guard<std::mutex> lock(join_mutex);
+      if (!workers_taken) {
+        workers_taken = true;
+        taken.swap(workers);
       }
-      workers_taken = true;
-      taken.swap(workers);
     }
     for (auto& worker : taken) {
       if (worker.joinable()) worker.join();
     }
-    {
-      std::lock_guard<std::mutex> lock(join_mutex);
-      workers_joined = true;
-    }
-    workers_ended.notify_all();
+    std::unique_lock<std::mutex> lock(join_mutex);
+    workers_ended.wait(lock, [&] { return live_workers == 0; });
   }
 
   // A callback destroying its Batcher: waits for no worker, neither its own (it runs this) nor the others (a
@@ -407,7 +441,7 @@ struct Batcher::State {
   void release_workers() {
     std::lock_guard<std::mutex> lock(join_mutex);
     if (workers_taken) return;  // a shutdown() joins them, this thread too once its callback returns
-    workers_taken = workers_joined = true;
+    workers_taken = true;
     for (auto& worker : workers) {
       if (worker.joinable()) worker.detach();
     }
@@ -419,8 +453,17 @@ Batcher::Batcher(Runtime& runtime, BatcherOptions options) : state_(std::make_sh
   const int instances = std::max(1, runtime.options().instances);
   try {
     for (int i = 0; i < instances; ++i) {
-      // Each worker holds the state, so it stays valid for a worker detached by a callback's destruction.
-      state_->workers.emplace_back([state = state_] { state->work_loop(); });
+      state_->count_worker(/*starting=*/true);
+      try {
+        // Each worker holds the state, so it stays valid for a worker detached by a callback's destruction.
+        state_->workers.emplace_back([state = state_] {
+          state->work_loop();
+          state->count_worker(/*starting=*/false);
+        });
+      } catch (const std::system_error&) {
+        state_->count_worker(/*starting=*/false);
+        throw;
+      }
     }
   } catch (const std::system_error& error) {
     state_->stop(true);
@@ -431,6 +474,10 @@ Batcher::Batcher(Runtime& runtime, BatcherOptions options) : state_(std::make_sh
 
 Batcher::~Batcher() {
   if (!state_) return;  // moved from
+  if (state_->in_forked_child()) {  // first: a child forked from a callback is no worker, and may find locks held
+    state_->abandon_in_forked_child();
+    return;
+  }
   if (state_->on_worker_thread()) {
     // Destroyed from a completion callback: waiting for queued work would wait for this very thread.
     const std::shared_ptr<State> state = state_;
@@ -535,6 +582,13 @@ void Batcher::shutdown(bool drain) {
   auto cancelled = state->stop(drain);
   state->cancel(cancelled);
   state->join_workers();
+}
+
+void Batcher::wait_for_all_workers() {
+  RunningWorkers& all = running_workers();
+  if (all.fork_generation.load() != detail::fork_generation()) return;  // a forked child: the count is the parent's
+  std::unique_lock<std::mutex> lock(all.mutex);
+  all.exited.wait(lock, [&] { return all.count == 0; });
 }
 
 BatcherStats Batcher::stats() const {

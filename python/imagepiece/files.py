@@ -47,10 +47,18 @@ def check_output_file(path: Union[str, Path], inputs: Optional[Dict[str, object]
     if path.is_dir():
         raise ValueError(f"output {str(path)!r} is a folder; give a file name")
     for option, given in (inputs or {}).items():
-        if given is not None and os.path.realpath(given) == os.path.realpath(path):
+        if given is not None and _same_file(given, path):
             raise ValueError(f"output {str(path)!r} is the {option} file: writing it would replace that input")
     check_writable_dir(path.parent)
     return path
+
+
+def _same_file(a: Union[str, Path], b: Union[str, Path]) -> bool:
+    """One file under two names: the same path, a symbolic link or a hard link to it."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[Path], None], replace: bool = True) -> Path:
@@ -81,10 +89,22 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None], replace:
         if replace:
             os.replace(staged, path)
         else:
-            os.link(staged, path)
+            _publish_new(staged, path)
     finally:
         staged.unlink(missing_ok=True)
     return path
+
+
+def _publish_new(staged: Path, path: Path) -> None:
+    """Rename `staged` to `path` unless `path` exists (FileExistsError): a hard link, which fails when it does;
+    where the file system has no hard links, the name is claimed by creating it empty first."""
+    try:
+        os.link(staged, path)
+    except FileExistsError:
+        raise
+    except OSError:  # EPERM, ENOTSUP: no hard links here (some FUSE and network file systems)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.replace(staged, path)
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:

@@ -36,7 +36,7 @@ def class_attention(cls_query: torch.Tensor, keys: torch.Tensor, scale: float, b
 
     With proportional attention (`bias` = log(size)) this is the row the block's attention itself
     computes, so a merged piece scores what [CLS] pays all its patches together, as EViT reads the
-    importance off the attention matrix. Ranking candidates by it (DESIGN.md's A_cls has no size term;
+    importance off the attention matrix. Ranking candidates by it (the design notes' A_cls has no size term;
     README "Choices that are ours") keeps a piece whose parts together draw more than the bottom-k out of
     the candidates: it is grouped "until it carries meaning" and is not merged further, and pruning and
     re-evaluation see it the same way.

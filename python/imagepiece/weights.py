@@ -159,7 +159,8 @@ def head_size_hint(state: dict, expected: dict, missing: list) -> str:
     head = state.get("head.weight")
     only_the_head = not missing and all(state[key].shape == value.shape for key, value in expected.items()
                                          if key in state and not key.startswith("head."))
-    if head is None or head.dim() != 2 or "head.weight" not in expected or not only_the_head:
+    if head is None or head.dim() != 2 or "head.weight" not in expected or not only_the_head \
+            or head.shape == expected["head.weight"].shape:
         return ""
     return f". Its head has {head.shape[0]} classes: pass --num-classes {head.shape[0]}"
 

@@ -33,8 +33,10 @@
 //    under the Batcher's lock; they should be quick, must not throw (what they throw is dropped), must
 //    not wait for another request's result (that request may need this very worker: a deadlock, not
 //    detected), and must not call shutdown() (kInvalidOption: it would wait for itself). Destroying the Batcher from a
-//    callback cancels what is queued and returns without waiting for any worker: not for its own, nor for the
-//    others, whose running batches finish (their callbacks may still run after it returns) before they exit.
+//    completion callback on a worker cancels what is queued and returns without waiting for any worker: not for
+//    its own, nor for the others, whose running batches finish (their callbacks may still run after it returns)
+//    before they exit; a shutdown() running meanwhile still returns only once they have. A cancellation callback
+//    (on the thread calling shutdown) that destroys it waits for the workers, as shutdown() does.
 //  * fork(): a Batcher's workers do not exist in a forked child. There submit() throws kCancelled
 //    ("created before fork(): create it in the child"), and shutdown() and the destructor wait for nothing:
 //    they cancel what is queued (when no parent thread held the queue's lock at fork()) and return.
@@ -116,6 +118,10 @@ class Batcher {
   void shutdown(bool drain = true);
   BatcherStats stats() const;
   const BatcherOptions& options() const;  // as validated: max_batch resolved, preferred_batches sorted
+  // Blocks until no worker of any Batcher in the process runs, those of Batchers destroyed from a callback (whose
+  // workers finish their batch on their own) included: for a process about to exit, after shutting down the
+  // Batchers it holds (the Python binding calls it at interpreter exit).
+  static void wait_for_all_workers();
 
  private:
   struct State;

@@ -30,8 +30,9 @@ HELP = "load time with and without the digest check and private copy; RSS over l
 KINDS = ("before", "after", "digest")
 
 
-# Per user, not a shared /tmp folder: the artifacts found there are loaded, i.e. their code runs in this process.
-DEFAULT_WORKDIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagepiece" / "bench_artifact_load"
+def default_workdir() -> Path:
+    """Per user, not a shared /tmp folder: the artifacts found there are loaded, i.e. their code runs in this process."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagepiece" / "bench_artifact_load"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "ImagePiece, batch 1)")
     parser.add_argument("--pt2", type=Path, help="a CPU .pt2 artifact (default: compile the --so's model, else --arch "
                         "ImagePiece, batch 1)")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+    parser.add_argument("--workdir", type=Path,
                         help="where compiled artifacts are kept between runs (reused while this torch release made them); "
                              "a folder of yours that no one else may write: its artifacts are loaded (default: "
                              "$XDG_CACHE_HOME/imagepiece/bench_artifact_load, else ~/.cache/...)")
@@ -73,6 +74,11 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     args.arch, args.preset, args.batch = ((found[0]["arch"], preset_of(found[0]), found[0]["batch"]["min"]) if found
                                           else (args.arch, "imagepiece", 1))
     if len(found) < 2:
+        if args.workdir is None:
+            try:
+                args.workdir = default_workdir()
+            except RuntimeError as error:  # no HOME and no passwd entry: Path.home() cannot say
+                parser.error(f"give --workdir: {error}")
         check_workdir(args.workdir, parser)
 
 

@@ -57,7 +57,7 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
         device = torch.device(args.device)
     except RuntimeError:  # "cudafoo", "tpu"
         device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
         parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but no CUDA GPU is available")
@@ -65,8 +65,9 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    if args.threads is not None and args.threads > (os.cpu_count() or 1):
-        print(f"{parser.prog}: warning: --threads {args.threads} is more than this machine's {os.cpu_count()} cores: "
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use (a container's or taskset's share)
+    if args.threads is not None and args.threads > cores:
+        print(f"{parser.prog}: warning: --threads {args.threads} is more than the {cores} cores this process may use: "
               "the threads take turns, and the figures measure that", file=sys.stderr)
 
 
