@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,8 +90,17 @@ def main(argv=None) -> int:
             raise ValueError(f"--out {str(args.out)!r}: the picture is a PNG; name it *.png")
         fine_tuned = fine_tuned_settings(args.checkpoint) if args.checkpoint else None
         fill_model_flags(args, fine_tuned_flags(fine_tuned))
-        model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes,
-                             allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes,
+                                 allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
+        # A stem the checkpoint has no weights for stays random: said in one line and in the picture's title.
+        untrained = [warning for warning in caught if "left untrained" in str(warning.message)]
+        for warning in caught:
+            if warning in untrained:
+                print(f"visualize.py: warning: {warning.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
         difference = reduction_difference(fine_tuned, args.checkpoint, model.reduction_config)
         if difference:
             print(f"visualize.py: warning: {difference}", file=sys.stderr)
@@ -100,7 +110,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--blocks {bad} outside 0..{depth - 1}")
         images, display = synthetic_image() if args.synthetic else load_image(args.image, model)
         maps = piece_maps(model, images, args.blocks)
-        picture = render_pieces(display, maps, title=f"{args.arch} {args.preset}" + ("" if args.checkpoint else " (random weights)"))
+        lcb = model.reduction_config.lcb
+        weights = " (random weights)" if not args.checkpoint else " (untrained LCB stem)" if untrained else ""
+        picture = render_pieces(display, maps, title=f"{args.arch} {args.preset}" + (f" lcb {lcb}" if lcb else "") + weights)
         save_png(picture, args.out)
     except (ValueError, CheckpointError, OSError) as error:
         print(f"visualize.py: error: {error}", file=sys.stderr)

@@ -458,6 +458,16 @@ def test_visualize_a_fine_tuned_checkpoint_of_other_classes(finetuned, tmp_path,
     assert (tmp_path / "pieces.png").is_file()
 
 
+def test_visualize_says_when_an_lcb_stem_is_untrained(tmp_path, capsys):
+    import timm
+
+    torch.save(timm.create_model(ARCH).state_dict(), tmp_path / "deit.pth")  # a plain DeiT: no stem weights
+    result = call_script("visualize", capsys, "--synthetic", "--arch", ARCH, "--checkpoint", tmp_path / "deit.pth", "--lcb", "stem",
+                         "--blocks", "0", "--out", tmp_path / "pieces.png")
+    assert result.returncode == 0 and "visualize.py: warning: LCB 'stem' left untrained" in result.stderr, result.stderr
+    assert "UserWarning" not in result.stderr and (tmp_path / "pieces.png").is_file()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
