@@ -23,7 +23,7 @@ from imagepiece import CheckpointError, create_model
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.files import check_output_file
 from imagepiece.pieces import piece_maps, render_pieces, save_png
-from imagepiece.weights import fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
+from imagepiece.weights import UntrainedLCBWarning, fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 
 def load_image(path: Path, model) -> tuple:
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             model = create_model(args.arch, checkpoint=args.checkpoint, lcb=lcb_from_cli(args.lcb), num_classes=args.num_classes,
                                  allow_untrained_lcb=args.lcb == "stem", **PRESETS[args.preset])
         # A stem the checkpoint has no weights for stays random: said in one line and in the picture's title.
-        untrained = [warning for warning in caught if "left untrained" in str(warning.message)]
+        untrained = [warning for warning in caught if issubclass(warning.category, UntrainedLCBWarning)]
         for warning in caught:
             if warning in untrained:
                 print(f"visualize.py: warning: {warning.message}", file=sys.stderr)

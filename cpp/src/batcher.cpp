@@ -413,7 +413,6 @@ struct Batcher::State {
       starting ? ++live_workers : --live_workers;
     }
     workers_ended.notify_all();
-    running_workers().change(starting);
   }
 
   // From a thread that is not a worker (shutdown, a failed constructor): returns once every worker has exited.
@@ -454,14 +453,18 @@ Batcher::Batcher(Runtime& runtime, BatcherOptions options) : state_(std::make_sh
   try {
     for (int i = 0; i < instances; ++i) {
       state_->count_worker(/*starting=*/true);
+      running_workers().change(/*starting=*/true);
       try {
         // Each worker holds the state, so it stays valid for a worker detached by a callback's destruction.
-        state_->workers.emplace_back([state = state_] {
+        state_->workers.emplace_back([state = state_]() mutable {
           state->work_loop();
           state->count_worker(/*starting=*/false);
+          state.reset();  // its last holder may release the model: before wait_for_all_workers can return
+          running_workers().change(/*starting=*/false);
         });
       } catch (const std::system_error&) {
         state_->count_worker(/*starting=*/false);
+        running_workers().change(/*starting=*/false);
         throw;
       }
     }

@@ -21,6 +21,10 @@ from torch import nn
 from .config import PRESETS, ReductionConfig
 
 
+class UntrainedLCBWarning(UserWarning):
+    """A checkpoint without LCB 'stem' weights was loaded with allow_untrained_lcb: the stem stays random."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, or does not fit the model."""
 
@@ -110,11 +114,8 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
     lcb = model.reduction_config.lcb
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
-    mismatched = [
-        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and state[key].shape != expected[key].shape
-    ]
+    mismatched_keys = [key for key in expected if key in state and state[key].shape != expected[key].shape]
+    mismatched = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}" for key in mismatched_keys]
 
     # A plain DeiT checkpoint has no LCB weights: fine for the zero-init residual branch.
     lcb_missing = [key for key in missing if key.startswith("lcb.")]
@@ -130,7 +131,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
                 "allow_untrained_lcb=True from Python"
             )
         if stem_missing:
-            warnings.warn(f"LCB 'stem' left untrained: {str(path)!r} has no stem weights", stacklevel=2)
+            warnings.warn(f"LCB 'stem' left untrained: {str(path)!r} has no stem weights", UntrainedLCBWarning, stacklevel=2)
             unexpected = [key for key in unexpected if key not in stem_replaced]
 
     problems = []
@@ -142,7 +143,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
         problems.append(f"{len(mismatched)} shape mismatch(es): {_first(mismatched)}")
     if problems:
         raise CheckpointError(f"{str(path)!r} does not fit {model.pretrained_cfg.get('architecture', 'the model')}: " + "; ".join(problems)
-                              + (fine_tune_hint(path) or head_size_hint(state, expected, missing)))
+                              + (fine_tune_hint(path) or head_size_hint(state, missing, mismatched_keys)))
     # A diverged run saves NaN/Inf weights that load and compile fine and then answer NaN logits for
     # every image: refuse them here, where the file is named.
     non_finite = [key for key in expected if key in state and _has_non_finite(state[key])]
@@ -153,16 +154,13 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
     model.load_state_dict(state, strict=False)
 
 
-def head_size_hint(state: dict, expected: dict, missing: list) -> str:
+def head_size_hint(state: dict, missing: list, mismatched_keys: list) -> str:
     """Where only the classifier differs (a timm model fine-tuned on other classes): the --num-classes that fits, as a
     sentence to append to an error ("" otherwise)."""
-    head = state.get("head.weight")
-    only_the_head = not missing and all(state[key].shape == value.shape for key, value in expected.items()
-                                         if key in state and not key.startswith("head."))
-    if head is None or head.dim() != 2 or "head.weight" not in expected or not only_the_head \
-            or head.shape == expected["head.weight"].shape:
+    only_the_head = not missing and "head.weight" in mismatched_keys and all(key.startswith("head.") for key in mismatched_keys)
+    if not only_the_head or state["head.weight"].dim() != 2:
         return ""
-    return f". Its head has {head.shape[0]} classes: pass --num-classes {head.shape[0]}"
+    return f". Its head has {state['head.weight'].shape[0]} classes: pass --num-classes {state['head.weight'].shape[0]}"
 
 
 def _first(items: list, count: int = 6) -> str:

@@ -89,9 +89,9 @@ class FailedImages(RuntimeError):
     """A run in which images became error rows: its img/s would count failures as predictions."""
 
 
-def every_image_predicted(errors: int, images: int, run: str) -> None:
-    if errors:
-        raise FailedImages(f"{errors} of {images} images gave error rows, not predictions, in the {run} run, so no "
+def every_image_predicted(stats: RunStats, run: str) -> None:
+    if stats.errors:
+        raise FailedImages(f"{stats.errors} of {stats.images} images gave error rows, not predictions, in the {run} run, so no "
                            "throughput is reported (an image over predict's pixel limit, say)")
 
 
@@ -100,7 +100,7 @@ def single_process_run(classifier: Classifier, items: List[InputItem], workers: 
     names = class_names(classifier.metadata)
     for _ in predict_items(items, classifier, names, workers=workers, stats=stats):
         pass
-    every_image_predicted(stats.errors, stats.images, "single-process")
+    every_image_predicted(stats, "single-process")
     return stats
 
 
@@ -120,7 +120,7 @@ def ray_run(artifact: str, items: List[InputItem], batch: int, concurrency: Opti
                                   topk=5, max_pixels=DEFAULT_MAX_PIXELS, concurrency=concurrency, labels=None,
                                   no_progress=True, device="")
         stats = run_on_ray(args, items)
-    every_image_predicted(stats.errors, stats.images, "Ray")
+    every_image_predicted(stats, "Ray")
     return {"img_per_s": stats.images / stats.seconds, "seconds": stats.seconds, "images": stats.images,
             "errors": stats.errors, "concurrency": concurrency or "one actor per CPU"}
 
