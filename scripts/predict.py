@@ -2,7 +2,7 @@
 """Label image files with a compiled artifact: `python scripts/predict.py --help` (same as `imagepiece-predict`)."""
 import sys
 
-from imagepiece.predict.cli import main
+from imagepiece.entry_points import predict as main
 
 if __name__ == "__main__":
     sys.exit(main())

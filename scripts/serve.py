@@ -2,7 +2,7 @@
 """Classify images over HTTP with a compiled artifact: `python scripts/serve.py --help` (same as `imagepiece-serve`)."""
 import sys
 
-from imagepiece.serve.cli import main
+from imagepiece.entry_points import serve as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -235,6 +235,15 @@ def test_suite_defaults_leave_out_an_unbuilt_cpp_path_and_quick_keeps_given_repe
     assert "cpp" in parse_args(["suite", *built]).paths and "cpp" not in parse_args(["suite", "--dtype", "bf16", *built]).paths
 
 
+def test_suite_without_matplotlib_says_before_timing_that_it_writes_no_figures(monkeypatch, capsys):
+    from imagepiece.bench.cli import parse_args
+
+    assert parse_args(["suite", "--quick"]).plot
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where it is not installed: not found, not importable
+    assert not parse_args(["suite", "--quick"]).plot
+    assert "no figures: matplotlib is not installed (pip install 'imagepiece[scripts]')" in capsys.readouterr().err
+
+
 def test_tuning_mode_compiles_each_setting_and_checks_its_logits(tmp_path, monkeypatch):
     from imagepiece.bench import cli
 

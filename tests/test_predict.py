@@ -618,6 +618,23 @@ def test_bad_arguments_give_one_line_and_exit_2(compiled, folder, tmp_path, caps
     assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
 
 
+@pytest.mark.parametrize("hidden, args, message", [
+    ("pyarrow", ["--output", "{out}/p.parquet"], "Parquet input or output needs pyarrow"),
+    ("pyarrow", ["--output", "{out}/p.csv", "--input", "{out}/t.parquet"], "Parquet input or output needs pyarrow"),
+    ("ray", ["--output", "{out}/ray_out", "--ray"], "--ray needs ray[data]"),
+])
+def test_a_missing_optional_package_is_named_before_any_image_is_predicted(compiled, folder, tmp_path, capsys, monkeypatch,
+                                                                           hidden, args, message):
+    # None in sys.modules: importlib finds no such module and `import` fails, as where it is not installed.
+    monkeypatch.setitem(sys.modules, hidden, None)
+    root, _, _ = folder
+    argv = ["--artifact", str(compiled.path("ti_imagepiece_dynamic")), "--input", str(root), *args]
+    assert main([arg.format(out=tmp_path) for arg in argv]) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr and "pip install 'imagepiece[predict]'" in stderr, stderr
+    assert not list(tmp_path.iterdir()), "refused before anything was written"
+
+
 def test_script_shows_progress_and_a_summary(compiled, few_files, tmp_path):
     _, listing = few_files
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), "--artifact", str(compiled.path("ti_imagepiece")),

@@ -496,6 +496,15 @@ def test_a_topk_beyond_the_artifacts_classes_is_refused_at_start_in_one_line_nam
     assert capsys.readouterr().err == f"serve.py: error: --topk 5000 is more than the 1000 classes of {artifact.name}\n"
 
 
+def test_the_entry_point_without_its_extra_says_so_in_one_line():
+    code = ("import sys; sys.modules['fastapi'] = None; from imagepiece.entry_points import serve; "
+            "sys.argv = ['imagepiece-serve', '--artifact', 'x.so']; sys.exit(serve())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("imagepiece-serve: error: imagepiece.serve needs fastapi, which is not installed: "
+                                     "pip install 'imagepiece[serve]'"), result.stderr
+
+
 def test_a_port_in_use_fails_in_one_line_before_the_model_loads(capsys):
     from imagepiece.serve.cli import main
 

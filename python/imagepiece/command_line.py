@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,3 +21,36 @@ def program_name(argv: Optional[Sequence[str]], entry_point: str) -> str:
     """As invoked (scripts/x.py or its entry point), for usage and every error; for `argv` given (a call from
     Python, the tests'), the entry point's."""
     return Path(sys.argv[0]).name if argv is None else entry_point
+
+
+# What pip installs (the name in an error) for each optional module the commands import.
+DISTRIBUTIONS = {"pyarrow": "pyarrow", "ray": "ray[data]", "fastapi": "fastapi", "uvicorn": "uvicorn",
+                 "python_multipart|multipart": "python-multipart", "prometheus_client": "prometheus_client", "matplotlib": "matplotlib"}
+
+
+class MissingExtra(ImportError):
+    """An optional package a command needs is not installed; the message names it and the extra that installs it."""
+
+
+def missing_modules(modules: Sequence[str]) -> list:
+    """Those not importable; "a|b" is either (python-multipart's module was `multipart` before 0.0.13)."""
+    return [module for module in modules if all(importlib.util.find_spec(name) is None for name in module.split("|"))]
+
+
+def require_extra(extra: str, modules: Sequence[str], what: str) -> None:
+    """MissingExtra unless every module is importable: checked before any work, where the import itself would fail
+    as a traceback (or, for Parquet output, after every image was predicted)."""
+    missing = missing_modules(modules)
+    if missing:
+        names = ", ".join(DISTRIBUTIONS.get(module, module) for module in missing)
+        raise MissingExtra(f"{what} needs {names}, which is not installed: pip install 'imagepiece[{extra}]'")
+
+
+def run_entry_point(module: str, entry_point: str) -> int:
+    """Runs `module`.main(), or says in one line (exit 2) which optional package importing it lacks."""
+    try:
+        main = importlib.import_module(module).main
+    except MissingExtra as missing:
+        print(f"{program_name(None, entry_point)}: error: {missing}", file=sys.stderr)
+        return USAGE_ERROR
+    return main()

@@ -20,6 +20,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..artifact import DTYPES
+from ..command_line import missing_modules
 from . import report
 from .measure import PeakMemory, gflops_per_image
 from .paths import PATHS, Context
@@ -67,6 +68,11 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if "cpp" in args.paths and not args.cpp_bench.exists():  # asked for by default, not by name: say so and go on
             args.paths.remove("cpp")
             print(f"suite: the 'cpp' path is left out: no google-benchmark binary at {args.cpp_bench} ({CPP_BUILD})", file=sys.stderr)
+    # The tables need no plot: without matplotlib (imagepiece[scripts]) the figures are left out, said before timing.
+    args.plot = not missing_modules(["matplotlib"])
+    if not args.plot:
+        print("suite: no figures: matplotlib is not installed (pip install 'imagepiece[scripts]'); the tables are written",
+              file=sys.stderr)
     # A value given twice would be timed twice and its plot written twice.
     args.batch, args.dtype, args.paths, args.variants = (list(dict.fromkeys(values))
                                                          for values in (args.batch, args.dtype, args.paths, args.variants))
@@ -183,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     writer.json({"settings": json_setting(vars(args)), "columns": report.COLUMNS, "rows": rows,
                  "compile_seconds": [dict(variant=v, path=p, what=w, seconds=s) for (v, p, w), s in compile_seconds.items()]})
     writer.text(markdown, ".md")
-    for dtype in args.dtype:
+    for dtype in args.dtype if args.plot else ():
         dtype_rows = [r for r in rows if r["dtype"] == dtype and not math.isnan(r["img_per_s"])]
         if not dtype_rows:  # check() refuses a dtype no path runs; a plot of nothing is no plot either way
             continue

@@ -168,8 +168,15 @@ def main(argv=None) -> int:
         return predict(args, program_name(argv))
 
 
+def optional_modules(args: argparse.Namespace) -> list:
+    """What this run imports beyond the core: pyarrow for Parquet in or out (--ray writes Parquet), ray for --ray."""
+    parquet = args.ray or args.output.suffix.lower() == ".parquet" or args.input.lower().endswith(".parquet")
+    return ["pyarrow"] * parquet + ["ray"] * args.ray
+
+
 def predict(args: argparse.Namespace, prog: str) -> int:
     try:
+        command_line.require_extra("predict", optional_modules(args), "--ray" if args.ray else "Parquet input or output")
         check_output(args.output, args.ray, args.input)
         metadata = read_metadata(args.artifact)
         check_compatible(metadata, torch.device(args.device or metadata["device_type"]))
@@ -192,7 +199,7 @@ def predict(args: argparse.Namespace, prog: str) -> int:
             return run_ray(args, items, warn, prog)
         classifier = Classifier(str(args.artifact), topk=args.topk, batch=args.batch, device=args.device)
         return run_single_process(args, items, classifier, names, warn)
-    except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
+    except (ValueError, ArtifactError, ip_runtime.Error, OSError, command_line.MissingExtra) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except STOPPED as stop:  # while loading or listing: nothing predicted yet (a run in progress says more)

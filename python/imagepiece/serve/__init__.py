@@ -6,7 +6,12 @@ HTTP counters and latency, the batcher's batch sizes, queue depth and waits) -> 
 Decoding and preprocessing are predict's own (`imagepiece.predict.decode` / `.preprocess`): a served
 image becomes exactly the pixels `imagepiece-predict` and timm's eval transform give it.
 """
-from .app import create_app
-from .service import ClassificationService, ServeConfig
+from imagepiece.command_line import require_extra
+
+# Before the imports that need them: a missing one is named with the extra that installs it.
+require_extra("serve", ("fastapi", "uvicorn", "python_multipart|multipart", "prometheus_client"), "imagepiece.serve")
+
+from .app import create_app  # noqa: E402
+from .service import ClassificationService, ServeConfig  # noqa: E402
 
 __all__ = ["ClassificationService", "ServeConfig", "create_app"]
