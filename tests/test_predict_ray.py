@@ -216,6 +216,43 @@ def test_ray_resume_checks_topk_and_spelling_as_the_single_process_path_does(com
     assert not fresh.exists()
 
 
+def test_a_failed_actor_is_one_line_naming_its_cause_and_the_output_stays_as_it_was(compiled, tmp_path, monkeypatch, capsys):
+    # No Ray: the error is built as Ray raises it where the artifact is missing on a worker's node (a 142-line report,
+    # "please open an issue on the Ray project", the cause on its last line).
+    output = tmp_path / "out"
+    output.mkdir()
+    pq.write_table(rows_to_arrow([Row("old.jpg", error="truncated")]), output / "earlier.parquet")
+    before = (output / "earlier.parquet").read_bytes()
+    (tmp_path / "x.jpg").write_bytes(b"")
+    cause = "ip_runtime._core.Error: '/node/x.so' does not exist or is not a file"
+
+    def failed_job(*args):
+        raise ray.exceptions.ActorDiedError(cause=ray.exceptions.RayTaskError(
+            "PredictActor.__init__", f"Traceback (most recent call last):\n  File \"classifier.py\"\n{cause}", RuntimeError()))
+
+    monkeypatch.setattr(ray_job, "_start_ray", lambda address: False)
+    monkeypatch.setattr(ray_job, "_run_job", failed_job)
+    status = main(["--artifact", str(compiled.path("ti_imagepiece")), "--input", str(tmp_path / "x.jpg"), "--output", str(output),
+                   "--ray", "--no-progress"])
+    error = capsys.readouterr().err
+    assert status == 1 and len(error.strip().splitlines()) == 1, error
+    assert f"the Ray job failed ({cause}); {output} is as it was" in error and "same paths on every node" in error
+    assert [p.name for p in output.iterdir()] == ["earlier.parquet"] and (output / "earlier.parquet").read_bytes() == before
+    task_error = ray.exceptions.RayTaskError("decode_batch", "traceback", ValueError("boom"))  # a task keeps its exception
+    assert ray_job.failure_cause(task_error) == "ValueError: boom"
+
+
+@pytest.mark.parametrize("resources, cuda, lacking", [({"CPU": 0.0}, False, "no CPU"), ({}, False, "no CPU"),
+                                                      ({"CPU": 8.0}, True, "no GPU"), ({"GPU": 1.0}, True, "no CPU")])
+def test_a_cluster_without_the_cpu_or_gpu_the_actors_need_is_refused_not_waited_on(monkeypatch, resources, cuda, lacking):
+    # Ray Data warns that the job "will hang unless more CPUs are freed up", then waits forever.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    with pytest.raises(ValueError, match=f"the Ray cluster has {lacking}"):
+        ray_job.check_cluster_resources(cuda)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    ray_job.check_cluster_resources(cuda)
+
+
 def test_starting_ray_keeps_the_clis_sigterm_handler(monkeypatch):
     # ray.init installs its own SIGTERM handler, sys.exit(15) (ray/_private/worker.py, Ray 2.x): predict's (unwind,
     # clean up, say how many images are kept) must be the one in force while the job runs.

@@ -33,7 +33,7 @@ from .classifier import Classifier, choose_batch
 from .decode import DEFAULT_MAX_PIXELS
 from .labels import class_names
 from .pipeline import RunStats, predict_items
-from .ray_job import RayRowsLost, StoppedAfterWriting, check_output_folder, run_on_ray
+from .ray_job import RayJobFailed, RayRowsLost, StoppedAfterWriting, check_output_folder, run_on_ray
 from .sources import list_inputs
 from .writers import FORMATS, ResumableOutput, output_format, warn_if_resume_matches_nothing
 
@@ -146,7 +146,7 @@ def run_single_process(args, items, classifier, names, warn) -> int:
 def run_ray(args, items, warn, prog: str) -> int:
     try:
         stats = run_on_ray(args, items, warn)
-    except RayRowsLost as error:
+    except (RayRowsLost, RayJobFailed) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
     except StoppedAfterWriting as late:

@@ -262,6 +262,12 @@ def _start_ray(address: Optional[str]) -> bool:
     return True
 
 
+def _not_ray_datas_failure_report(record: logging.LogRecord) -> bool:
+    """Off the terminal (its session log keeps it): the page of tracebacks Ray Data prints when a task or actor fails,
+    asking to report it to Ray; the run says the cause in one line (RayJobFailed)."""
+    return record.name != "ray.data.exceptions"
+
+
 def _set_ray_data_output(progress: bool) -> None:
     """What Ray Data prints on the terminal: progress bars if asked for, warnings and errors; its INFO
     lines (every execution plan) stay in its log file."""
@@ -272,6 +278,8 @@ def _set_ray_data_output(progress: bool) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":
             handler.setLevel(logging.WARNING)
+            if _not_ray_datas_failure_report not in handler.filters:
+                handler.addFilter(_not_ray_datas_failure_report)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     if not progress:
         # --no-progress was asked for: spend Ray's one-time warning that says how to turn them back on.
@@ -282,7 +290,20 @@ def default_concurrency(cuda: bool) -> int:
     import ray
 
     resources = ray.cluster_resources()
-    return max(1, int(resources.get("GPU" if cuda else "CPU", 1)))
+    return max(1, int(resources.get("GPU" if cuda else "CPU", 0)))
+
+
+def check_cluster_resources(cuda: bool) -> None:
+    """ValueError where the cluster has no CPU (decoding, and every actor, takes one) or, for a CUDA artifact, no GPU:
+    Ray Data would wait forever for workers that cannot be placed."""
+    import ray
+
+    resources = ray.cluster_resources()
+    lacking = [name for name in ("CPU", "GPU")[:1 + cuda] if resources.get(name, 0) < 1]
+    if lacking:
+        raise ValueError(f"the Ray cluster has no {' and no '.join(lacking)}: decoding and the model actors need "
+                         f"{'a CPU, and each actor a GPU' if cuda else 'a CPU each'}, and Ray would wait for them forever "
+                         "(an autoscaling cluster must have such a node up when the run starts)")
 
 
 def _warn_on_stderr(message: str) -> None:
@@ -291,6 +312,19 @@ def _warn_on_stderr(message: str) -> None:
 
 class RayRowsLost(Exception):
     """The job's Parquet files hold fewer (or more) rows than images were sent: never a silently partial output."""
+
+
+class RayJobFailed(Exception):
+    """A task or actor of the job failed: its cause in one line (Ray's own report is pages of tracebacks)."""
+
+
+def failure_cause(error: BaseException) -> str:
+    """The innermost error of a Ray failure, e.g. "ip_runtime._core.Error: 'x.so' does not exist or is not a file"."""
+    cause = getattr(error, "cause", None)  # a failed task's own exception
+    if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray."):
+        return f"{type(cause).__name__}: {cause}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # an actor's: its traceback's last line
+    return lines[-1] if lines else type(error).__name__
 
 
 class StoppedAfterWriting(Exception):
@@ -323,7 +357,12 @@ def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn
     committed = False
     try:
         try:
-            new_files = _run_job(args, todo, metadata, output, staging, stats)
+            try:
+                new_files = _run_job(args, todo, metadata, output, staging, stats)
+            except ray.exceptions.RayError as error:
+                raise RayJobFailed(f"the Ray job failed ({failure_cause(error)}); {output} is as it was before this run "
+                                   "(on a cluster, the artifact, --labels and the images must be at the same paths on "
+                                   "every node)") from None
             with stops_deferred():  # a stop half-way would leave old and new rows side by side
                 _commit(new_files, output, staging, old_files, retried, args.resume)
                 committed = True
@@ -349,6 +388,7 @@ def _run_job(args, todo: List[InputItem], metadata: dict, output: Path, staging:
     output.mkdir(exist_ok=True)  # not before: a Ray that cannot start leaves no empty folder behind
     _set_ray_data_output(progress=not args.no_progress)
     cuda = (args.device or metadata["device_type"]).startswith("cuda")
+    check_cluster_resources(cuda)
     concurrency = args.concurrency or default_concurrency(cuda)
     began = time.perf_counter()
     blocks = max(1, min(len(todo) // DECODE_BATCH, 1000))
