@@ -335,6 +335,48 @@ def test_shutdown_answers_queued_and_decoding_requests_at_once_and_cancelled_one
     assert stuck.headers["retry-after"] == "1" and waited < 9  # not the 10 s delay
 
 
+def test_uploads_refused_at_the_end_of_the_grace_period_are_never_decoded(artifact):
+    """Their decodes used to stay queued: the process decoded every one of them, for nobody, before it could exit
+    (20 s past a 2 s --shutdown-timeout)."""
+    config = ServeConfig(artifact=artifact, decode_threads=1, warmup=False)
+    service = ClassificationService(config)
+    decoder = HeldDecoder(service, holds=lambda data: data == b"block")
+    server = ServerThread(create_app(config, service), timeout_graceful_shutdown=1)
+    with server as client:
+        held_thread, held = post_in_background(client, b"block")
+        assert decoder.decoding.wait(TIMEOUT), "the first upload never reached the decoder"
+        waiting = [post_in_background(client, jpeg_bytes(seed=seed)) for seed in (12, 13, 14)]
+        deadline = time.monotonic() + TIMEOUT
+        while client.get("/healthz").json()["decoding"] < 4:
+            assert time.monotonic() < deadline, "the uploads never waited for the decoder"
+            time.sleep(0.01)
+        server.server.should_exit = True
+        for thread, _ in waiting:
+            thread.join(TIMEOUT)
+        decoder.release.set()
+        held_thread.join(TIMEOUT)
+    for _, answer in waiting:
+        assert answer["response"].status_code == 503 and answer["response"].json()["error"]["code"] == "shutting_down"
+    assert decoder.prepared == [b"block"], "a refused upload was decoded"
+
+
+def test_a_client_that_hangs_up_while_its_image_waits_for_a_batch_is_not_counted_as_answered(artifact):
+    config = ServeConfig(artifact=artifact, max_batch=64, max_delay_ms=10_000, decode_threads=1, warmup=False)
+    service = ClassificationService(config)
+    with ServerThread(create_app(config, service)) as client:
+        data = jpeg_bytes(seed=15)
+        with socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT) as hanging_up:
+            hanging_up.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+            deadline = time.monotonic() + TIMEOUT
+            while service.batcher.stats["queue_depth"] < 1:
+                assert time.monotonic() < deadline, "the image never reached the batcher's queue"
+                time.sleep(0.01)
+        while counted(client, "imagepiece_http_requests_total").get("499") != 1:  # well before its 10 s batch delay
+            assert time.monotonic() < deadline, counted(client, "imagepiece_http_requests_total")
+            time.sleep(0.01)
+        assert "200" not in counted(client, "imagepiece_http_requests_total")
+
+
 def test_an_upload_whose_client_hangs_up_before_its_decode_is_never_decoded(artifact):
     config = ServeConfig(artifact=artifact, queue_capacity=8, decode_threads=1, warmup=False)
     service = ClassificationService(config)
@@ -496,6 +538,15 @@ def test_a_topk_beyond_the_artifacts_classes_is_refused_at_start_in_one_line_nam
     assert capsys.readouterr().err == f"serve.py: error: --topk 5000 is more than the 1000 classes of {artifact.name}\n"
 
 
+def test_a_batcher_option_the_artifact_cannot_take_is_named_by_its_flag(artifact, monkeypatch, capsys):
+    from imagepiece.serve.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--artifact", str(artifact), "--port", "0", "--max-batch", "65"])
+    monkeypatch.setattr(DrainingServer, "run", lambda *_, **__: pytest.fail("it started serving"))
+    assert main() == 2
+    assert capsys.readouterr().err == "serve.py: error: --max-batch must be in [1, 64] (the artifact's largest batch), got 65\n"
+
+
 def test_the_entry_point_without_its_extra_says_so_in_one_line():
     code = ("import sys; sys.modules['fastapi'] = None; from imagepiece.entry_points import serve; "
             "sys.argv = ['imagepiece-serve', '--artifact', 'x.so']; sys.exit(serve())")
@@ -521,7 +572,9 @@ def test_a_host_beyond_loopback_is_told_apart(host, loopback):
     assert is_loopback(host) == loopback
 
 
-def test_serve_script_starts_answers_and_stops_on_sigint(artifact):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_script_starts_answers_and_exits_0_once_drained_on_a_stop_signal(artifact, stop):
+    # uvicorn raises the signal again after its shutdown: SIGTERM used to end the process by the signal (-15).
     with socket.socket() as probe:  # a free port (the script binds it itself)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -540,7 +593,7 @@ def test_serve_script_starts_answers_and_stops_on_sigint(artifact):
         response = httpx.post(f"{url}/v1/classify", content=jpeg_bytes(seed=5), timeout=TIMEOUT)
         assert response.status_code == 200 and len(response.json()["predictions"]) == 5
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         output = process.communicate(timeout=TIMEOUT)[0]
     assert process.returncode == 0, output
     assert f"on http://127.0.0.1:{port}" in output and "Finished server process" in output

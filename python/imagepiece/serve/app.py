@@ -18,11 +18,13 @@ down (scripts/serve.py's protocol also answers over --max-connections, and malfo
 shape); 500 if the model fails
 (or anything unexpected: logged with its traceback). The event loop only moves bytes: decoding and
 preprocessing run in a thread pool, and the model's result arrives through the batcher's future. A
-client that hangs up before its upload is decoded costs no decode (its work is cancelled).
+client that hangs up before its upload is decoded costs no decode (its work is cancelled); one that hangs up while
+its image waits for a batch is counted as 499, not as answered.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -191,16 +193,24 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: asyncio.Future):
-    """`work`'s result; if the client goes away first, ClientDisconnect, and `work` is cancelled (a decode that
-    has not started never starts: a client that uploads and hangs up must not cost a decode anyway)."""
+async def unless_disconnected(request: Request, job: concurrent.futures.Future):
+    """`job`'s result; if the client goes away first, ClientDisconnect, and `job` is cancelled (a decode that
+    has not started never starts: a client that uploads and hangs up must not cost a decode anyway; a batcher's
+    request runs anyway, but is not counted as answered). Cancelled itself, it cancels `job` too: at shutdown,
+    the decodes of requests already answered 503 would otherwise all run before the process could exit. `job`
+    is cancelled here, at once: cancelling only its asyncio wrapper passes that on a loop iteration later, when a
+    decode thread may already have taken it."""
+    work = asyncio.wrap_future(job)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the request itself was cancelled (shutdown's grace is over)
+        job.cancel()
+        raise
     finally:
         watcher.cancel()
     if work not in done:
-        work.cancel()
+        job.cancel()
         raise ClientDisconnect()
     return work.result()
 
@@ -241,7 +251,7 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
         yield
         # Requests still waiting get their answers, then the threads go.
         await asyncio.get_running_loop().run_in_executor(None, service.close)
-        decoders.shutdown(wait=True)
+        decoders.shutdown(wait=True, cancel_futures=True)  # no request waits for a decode not yet started
 
     # No /docs, /redoc or /openapi.json: an inference endpoint, not a web page (Swagger's page loads scripts from a CDN).
     # No redirect from "/v1/classify/": Starlette would build its Location from the client's Host header.
@@ -264,15 +274,14 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
             with uploads.holding() as take:  # until the upload is decoded (its bytes are then dropped)
                 data = await read_image_bytes(request, config, take)
                 body_read = True
-                loop = asyncio.get_running_loop()
                 with admission:
                     try:
-                        image = await unless_disconnected(request, loop.run_in_executor(decoders, service.prepare, data))
+                        image = await unless_disconnected(request, decoders.submit(service.prepare, data))
                     except ImageError as error:
                         raise RequestError(422, "invalid_image", f"cannot classify the upload: {error}") from None
                 del data
             try:
-                logits = await asyncio.wrap_future(service.submit(image))
+                logits = await unless_disconnected(request, service.submit(image))
             except ip_runtime.Error as error:
                 status = RUNTIME_STATUS.get(error.code, 500)
                 headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None

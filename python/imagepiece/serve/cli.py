@@ -19,6 +19,7 @@ import argparse
 import ipaddress
 import math
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ import ip_runtime
 
 from imagepiece import command_line
 from imagepiece.artifact import ArtifactError
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 
 from .app import FORM_OVERHEAD, create_app
 from .draining_server import DrainingServer
@@ -132,9 +134,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# The Batcher's own names for what the command line calls by its flags (its errors name the former).
+BATCHER_FLAGS = {"max_batch": "--max-batch", "max_delay_ms": "--max-delay-ms", "queue_capacity": "--queue-capacity",
+                 "preferred_batches": "--preferred-batch"}
+
+
+def in_flag_names(message: str) -> str:
+    return re.sub(r"\b(" + "|".join(BATCHER_FLAGS) + r")\b", lambda match: BATCHER_FLAGS[match.group(1)], message)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     prog = program_name(argv)
+    # SIGTERM unwinds as Ctrl-C does: before serving (loading the model), one line and 143/130; once serving,
+    # uvicorn handles both, drains, then raises the signal again, and a drained server exits 0 whichever it was.
+    with sigterm_unwinds():
+        try:
+            return serve(args, prog)
+        except STOPPED as stop:
+            print(f"{prog}: {how_stopped(stop)} before serving", file=sys.stderr)
+            return exit_status(stop)
+
+
+def serve(args: argparse.Namespace, prog: str) -> int:
     try:
         listener = listening_socket(args.host, args.port)
     except OSError as error:
@@ -144,7 +166,7 @@ def main(argv=None) -> int:
         try:
             service = ClassificationService(config_from(args))
         except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
-            print(f"{prog}: error: {error}", file=sys.stderr)
+            print(f"{prog}: error: {in_flag_names(str(error))}", file=sys.stderr)
             return 2
         options = service.batcher.options
         if options["queue_capacity"] < options["max_batch"]:
@@ -160,10 +182,16 @@ def main(argv=None) -> int:
         config = uvicorn_config(app, service.config.read_timeout_s, app.state.metrics, max_connections=args.max_connections,
                                 log_level=args.log_level, access_log=not args.no_access_log,
                                 timeout_graceful_shutdown=args.shutdown_timeout)
+        server = DrainingServer(config, service)
         try:
-            DrainingServer(config, service).run(sockets=[listener])
-        except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has shut down (as uvicorn.run ignores it)
+            server.run(sockets=[listener])
+        except STOPPED:  # uvicorn raises the SIGINT/SIGTERM it handled again once it has shut down (uvicorn.run ignores it)
             pass
+        finally:  # a second Ctrl-C forces uvicorn out before its lifespan closes the batcher: what is queued is cancelled
+            service.close(drain=False)
+    if server.force_exit:
+        print(f"{prog}: stopped at once by a second Ctrl-C: requests still open were not answered", file=sys.stderr)
+        return exit_status(KeyboardInterrupt())
     return 0
 
 
