@@ -369,6 +369,50 @@ def test_resume_streams_the_latest_row_of_each_path_and_never_piles_up_duplicate
         assert pq.ParquetFile(output).num_row_groups == 2
 
 
+def test_resuming_an_interrupted_replacing_run_keeps_none_of_the_rows_it_was_replacing(tmp_path):
+    """A run without --resume over an older output (another model's), stopped, then resumed as it says: the result
+    used to keep the older rows for every path the stopped run had not reached, silently mixing two models."""
+    output = tmp_path / "p.csv"
+    write_rows(output, [Row(f"{name}.jpg", [9], ["old"], [0.5]) for name in "abc"] + [Row("gone.jpg", [9], ["old"], [0.5])])
+    replacing = ResumableOutput(output, resume=False, topk=1)
+    replacing.add([Row("a.jpg", [1], ["new"], [0.25])])
+    replacing.journal.close()  # stopped here
+    resumed = ResumableOutput(output, resume=True, topk=1)
+    assert resumed.done("a.jpg") and not resumed.done("b.jpg") and resumed.earlier_paths == ["a.jpg"]
+    again = ResumableOutput(output, resume=True, topk=1)  # stopped once more before any new row: still replacing
+    assert again.earlier_paths == ["a.jpg"]
+    again.add([Row("b.jpg", [2], ["new"], [0.25]), Row("c.jpg", [3], ["new"], [0.25])])
+    again.finish(["a.jpg", "b.jpg", "c.jpg"])
+    assert [(row.path, row.labels) for row in read_rows(output)] == [("a.jpg", ["new"]), ("b.jpg", ["new"]), ("c.jpg", ["new"])]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.csv"], "journal and marker gone"
+    kept = ResumableOutput(output, resume=True, topk=1)  # a finished output is resumed as it stands
+    assert kept.earlier_paths == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_a_second_run_on_an_output_in_use_is_refused_and_names_the_first(tmp_path):
+    from imagepiece.files import held_exclusively
+
+    lock = tmp_path / ".p.csv.lock"
+    with held_exclusively(lock, "output 'p.csv'"):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        # Another process: flock locks belong to the open file, so this one's second open is refused as another's is.
+        code = (f"from imagepiece.files import held_exclusively\nwith held_exclusively(__import__('pathlib').Path({str(lock)!r}), "
+                "\"output 'p.csv'\"): pass")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and f"output 'p.csv' is being written by another run (pid {os.getpid()})" in result.stderr
+    assert not lock.exists()
+    with held_exclusively(lock, "output 'p.csv'"):  # free again
+        pass
+
+
+def test_an_output_name_too_long_for_the_files_beside_it_is_refused_before_the_run(compiled, folder, tmp_path, capsys):
+    root, _, _ = folder
+    name = "q" * 235 + ".csv"  # fits itself (255), not its staged copy or journal
+    assert main(["--artifact", str(compiled.path("ti_imagepiece_dynamic")), "--input", str(root), "--output", str(tmp_path / name)]) == 2
+    assert "bytes too long: the run writes" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_fifos_and_strips_are_error_rows_not_hangs_or_gigabytes(tmp_path):
     fifo = tmp_path / "x.jpg"
     os.mkfifo(fifo)  # opening it would wait for a writer

@@ -1,11 +1,16 @@
 """Writing output files safely: check the folder before long work, and never leave half a file."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Iterable, Iterator, Optional, Union
+
+STAGED_NAME_EXTRA = len(".." + secrets.token_hex(4) + ".partial")  # what staged_name adds to a name
 
 
 def check_writable_dir(folder: Union[str, Path], create: bool = False) -> Path:
@@ -82,7 +87,7 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None], replace:
         write(path)
         return path
     path = Path(os.path.realpath(path))
-    staged = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
+    staged = path.with_name(staged_name(path))
     try:
         write(staged)
         fsync_file(staged)
@@ -93,6 +98,62 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None], replace:
     finally:
         staged.unlink(missing_ok=True)
     return path
+
+
+def staged_name(path: Path) -> str:
+    """The name atomic_write writes `path` under first: STAGED_NAME_EXTRA bytes longer."""
+    return f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}"
+
+
+def check_names_fit(folder: Union[str, Path], names: Iterable[str], output: Union[str, Path]) -> None:
+    """ValueError where the file system's longest name (NAME_MAX, 255 bytes on most) cannot hold a name a run will
+    write beside `output` (its staged copy, a journal): found before the run's work, not when its result is written."""
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):  # no limit known here
+        return
+    too_long = max(names, key=lambda name: len(os.fsencode(name)))
+    if len(os.fsencode(too_long)) > longest:
+        excess = len(os.fsencode(too_long)) - longest
+        raise ValueError(f"output name {Path(output).name!r} is {excess} bytes too long: the run writes "
+                         f"{too_long!r} beside it, and names here hold at most {longest} bytes")
+
+
+@contextlib.contextmanager
+def held_exclusively(lock_path: Path, what: str) -> Iterator[None]:
+    """Within the block, this process holds `lock_path` (made for it, removed after); ValueError at once where another
+    holds it: two runs writing one output would each remove and read the other's journal. Where the file system has
+    no locks (some network ones), the block runs unlocked."""
+    while True:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip()
+            os.close(descriptor)
+            # (A run that died holds nothing: the kernel drops its lock, and its file left behind is taken anew.)
+            raise ValueError(f"{what} is being written by another run{f' (pid {holder})' if holder.isdigit() else ''}; "
+                             "wait for it to finish") from None
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            yield
+            return
+        try:  # a run that finished meanwhile removed the file this one opened: lock the one at that name now
+            current = os.path.samestat(os.fstat(descriptor), os.stat(lock_path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(descriptor)
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still held: a run waiting on this file then finds it gone
+        os.close(descriptor)
 
 
 def _publish_new(staged: Path, path: Path) -> None:

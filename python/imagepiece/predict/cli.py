@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from imagepiece import command_line
 from imagepiece.artifact import ArtifactError, check_compatible, read_metadata
-from imagepiece.files import check_writable_dir
+from imagepiece.files import check_names_fit, check_writable_dir, held_exclusively
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 
 from .classifier import Classifier, choose_batch
@@ -35,7 +35,7 @@ from .labels import class_names
 from .pipeline import RunStats, predict_items
 from .ray_job import RayJobFailed, RayRowsLost, StoppedAfterWriting, check_output_folder, run_on_ray
 from .sources import list_inputs
-from .writers import FORMATS, ResumableOutput, output_format, warn_if_resume_matches_nothing
+from .writers import FORMATS, ResumableOutput, lock_path, names_beside, output_format, warn_if_resume_matches_nothing
 
 
 DEFAULT_TOPK = 5
@@ -114,6 +114,7 @@ def check_output(path: Path, ray: bool, input_spec: str) -> None:
             check_writable_dir(path.parent)  # the journal sits beside the name given
             return
     check_writable_dir(path.parent)
+    check_names_fit(path.parent, [lock_path(path).name] if ray else names_beside(path), path)
     # A symbolic link is written through (its target replaced): that folder too must take the file, before the run.
     check_writable_dir(Path(os.path.realpath(path)).parent)
 
@@ -195,10 +196,11 @@ def predict(args: argparse.Namespace, prog: str) -> int:
             warn(f"--batch {args.batch}: the artifact runs batches of {running} (its range is "
                  f"{metadata['batch']['min']}..{metadata['batch']['max']})")
         items = list_inputs(args.input, args.column, warn=warn)
-        if args.ray:
-            return run_ray(args, items, warn, prog)
-        classifier = Classifier(str(args.artifact), topk=args.topk, batch=args.batch, device=args.device)
-        return run_single_process(args, items, classifier, names, warn)
+        with held_exclusively(lock_path(args.output), f"output {str(args.output)!r}"):
+            if args.ray:
+                return run_ray(args, items, warn, prog)
+            classifier = Classifier(str(args.artifact), topk=args.topk, batch=args.batch, device=args.device)
+            return run_single_process(args, items, classifier, names, warn)
     except (ValueError, ArtifactError, ip_runtime.Error, OSError, command_line.MissingExtra) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2

@@ -10,7 +10,9 @@ per batch), and only at the end writes the output (temp file, fsync, rename): an
 leaves the previous output intact and its progress in the journal. `--resume` reads both, skips
 every path that already has a prediction, retries paths that had an error row (a file may have been
 fixed or become reachable), and the final output merges old and new rows in input order, followed
-by old rows whose paths are no longer in the input (they are kept, not silently dropped).
+by old rows whose paths are no longer in the input (they are kept, not silently dropped). A run without
+`--resume` replaces the output: it marks its journal so (`.<name>.replacing`), and resuming it reads only
+the journal, never the rows it was replacing (another model's, say, or of images changed since).
 
 Rows are streamed, never all held in memory: a run keeps one flag per earlier path, and the final
 output is written from the journal through an index of its lines (one offset per path).
@@ -23,7 +25,7 @@ from pathlib import Path
 from itertools import chain, islice
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
-from imagepiece.files import atomic_write
+from imagepiece.files import atomic_write, staged_name
 
 from .rows import Row, round_prob
 
@@ -254,7 +256,9 @@ class ResumableOutput:
     def __init__(self, path: Path, resume: bool, topk: Optional[int] = None) -> None:
         self.path = Path(path)
         output_format(self.path)
-        self.journal = Journal(self.path.with_name(f".{self.path.name}.partial.jsonl"))
+        self.journal = Journal(journal_path(self.path))
+        # Present while an unfinished run replaces the output: its rows are not the ones a resume keeps.
+        self.replacing = replacing_marker(self.path)
         self._predicted: Dict[str, bool] = {}  # each earlier path: whether its latest row is a prediction
         self._widest = 0  # the most classes in a row: a CSV's columns
         if resume:
@@ -262,11 +266,13 @@ class ResumableOutput:
             self.journal.replace_with(self._latest_earlier_rows(topk))
         else:
             self.journal.remove()
+            self.replacing.write_text("the journal beside this file belongs to a run replacing the output\n")
 
     def _earlier_rows(self) -> Iterator[Row]:
-        """The earlier output's rows, then the journal's (newer: a path's last row is the one that counts)."""
+        """The earlier output's rows (unless an interrupted run was replacing them), then the journal's (newer: a
+        path's last row is the one that counts)."""
         try:
-            yield from iter_rows(self.path) if self.path.exists() else ()
+            yield from iter_rows(self.path) if self.path.exists() and not self.replacing.exists() else ()
         except Exception as error:  # pyarrow, csv and json each fail in their own way
             raise ValueError(f"cannot resume: {str(self.path)!r} is not a readable {self.path.suffix} output "
                              f"({type(error).__name__}: {error})") from None
@@ -309,7 +315,27 @@ class ResumableOutput:
         else:
             with open(self.journal.path, "rb") as handle:
                 write_rows(self.path, (_row_at(handle, where[path]) for path in ordered), self._widest)
+        self.replacing.unlink(missing_ok=True)  # before the journal: the output now holds the replacing run's rows
         self.journal.remove()
+
+
+def journal_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.partial.jsonl")
+
+
+def replacing_marker(output: Path) -> Path:
+    return output.with_name(f".{output.name}.replacing")
+
+
+def lock_path(output: Path) -> Path:
+    """Held while a run writes `output` (a file, or --ray's folder): files.held_exclusively."""
+    return output.with_name(f".{output.name}.lock")
+
+
+def names_beside(output: Path) -> List[str]:
+    """Every name a run writes beside `output`: the journal, the marker, the lock, and their staged copies."""
+    journal = journal_path(output)
+    return [journal.name, staged_name(journal), staged_name(output), replacing_marker(output).name, lock_path(output).name]
 
 
 def _row_at(handle: BinaryIO, offset: int) -> Row:
