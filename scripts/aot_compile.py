@@ -37,6 +37,7 @@ from imagepiece.command_line import USAGE_ERROR, OneLineErrors
 from imagepiece.config import LCB_CHOICES, PRESETS, REEVALUATIONS, fields_without_effect, lcb_from_cli
 from imagepiece.artifact_metadata import MAX_BATCH, MAX_CLASSES
 from imagepiece.blocks import ATTENTION_KERNELS
+from imagepiece.files import check_output_file
 from imagepiece.export import (PRECISIONS, check_build_tools, check_device_and_dtype, check_output_path, compile_artifact,
                                default_attention)
 from imagepiece.input_format import CLI_INPUT_FORMATS
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         # Cheap checks first: a bad output path, device or missing tool must not cost a compile.
-        out = check_output_path(args.out)
+        out = check_output_file(check_output_path(args.out), inputs={"--checkpoint": args.checkpoint})
         check_device_and_dtype(args.device, args.dtype)
         check_build_tools(out)
         if args.model is not None and args.arch is not None:

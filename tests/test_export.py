@@ -118,6 +118,24 @@ def test_bad_requests_fail_in_one_line_with_status_2_and_leave_nothing(tmp_path,
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_an_out_that_is_the_checkpoint_is_refused_before_compiling(tmp_path, capsys):
+    checkpoint = tmp_path / "weights.pt2"  # a checkpoint under an artifact's name: compiling replaced it
+    torch.save(imagepiece.create_model("deit_tiny_patch16_224", "plain").state_dict(), checkpoint)
+    before = checkpoint.read_bytes()
+    result = call_script("aot_compile", capsys, "--arch", "deit_tiny_patch16_224", "--method", "plain", "--checkpoint", checkpoint,
+                         "--out", checkpoint)
+    assert result.returncode == 2 and "is the --checkpoint file: writing it would replace that input" in result.stderr
+    assert checkpoint.read_bytes() == before
+
+
+def test_a_fine_tune_record_with_no_classes_is_refused_before_compiling(tmp_path, capsys):
+    model = imagepiece.create_model("deit_tiny_patch16_224", "plain")
+    torch.save({"model": model.state_dict(), "arch": "deit_tiny_patch16_224", "lcb": None, "num_classes": 0}, tmp_path / "zero.pth")
+    result = call_script("aot_compile", capsys, "--method", "plain", "--checkpoint", tmp_path / "zero.pth", "--out", tmp_path / "z.so")
+    assert result.returncode == 2 and "records num_classes 0: a classifier has 1..16,777,216 classes" in result.stderr
+    assert [path.name for path in tmp_path.iterdir()] == ["zero.pth"]
+
+
 @pytest.mark.parametrize("missing", ["compiler", "objcopy"])
 def test_a_missing_build_tool_fails_in_one_line_with_status_1_before_compiling(tmp_path, missing):
     tools = tmp_path / "bin"  # a PATH with the compiler and without objcopy

@@ -1,3 +1,6 @@
+import pickle
+import warnings
+
 import pytest
 import timm
 import torch
@@ -91,6 +94,12 @@ def test_mismatched_checkpoints_list_every_problem(deit_state, tmp_path):
     torch.save(three, tmp_path / "three.pth")
     with pytest.raises(CheckpointError, match=r"Its head has 3 classes: pass --num-classes 3$"):
         create_model(ARCH, checkpoint=tmp_path / "three.pth")
+    # A head as narrow as another model's features: not a class count to fix (the hint named the 1000 asked for).
+    narrow = {**deit_state, "head.weight": torch.zeros(1000, 100)}
+    torch.save(narrow, tmp_path / "narrow.pth")
+    with pytest.raises(CheckpointError, match=r"head.weight: checkpoint \(1000, 100\) vs model \(1000, 192\)") as error:
+        create_model(ARCH, checkpoint=tmp_path / "narrow.pth")
+    assert "--num-classes" not in str(error.value)
 
 
 def test_a_model_without_a_head_takes_a_checkpoint_with_one(deit_files, deit_state):
@@ -134,7 +143,7 @@ def test_paths_that_are_not_checkpoints(deit_files, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist or is not a file"):
         create_model(ARCH, checkpoint=tmp_path)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint .not a torch-saved checkpoint nor a safetensors file"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint .not a torch.save checkpoint nor a safetensors file"):
         create_model(ARCH, checkpoint=tmp_path / "notes.txt")
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"'.*empty.pth' is empty \(0 bytes\)"):
@@ -158,8 +167,14 @@ def test_paths_that_are_not_checkpoints(deit_files, tmp_path):
 
 def test_a_file_that_is_no_pickle_says_so_and_safetensors_load_under_any_name(deit_files, tmp_path):
     (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(CheckpointError, match=r"its bytes are no pickle \(Unsupported operand"):
+    with pytest.raises(CheckpointError, match=r"a pickle torch.save did not write, or no pickle at all \(Unsupported operand"):
         create_model(ARCH, checkpoint=tmp_path / "noise.pth")
+    with open(tmp_path / "plain_pickle.pth", "wb") as handle:  # pickle.dump's protocol 4, which torch.load warned of
+        pickle.dump({"a": 1}, handle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match=r"a pickle torch.save did not write"):
+            create_model(ARCH, checkpoint=tmp_path / "plain_pickle.pth")
     renamed = tmp_path / "deit.pth"  # a safetensors file under a .pth name: timm chose its reader by the name alone
     renamed.write_bytes(deit_files["safetensors"].read_bytes())
     loaded = create_model(ARCH, "plain", checkpoint=renamed)

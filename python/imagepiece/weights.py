@@ -7,17 +7,19 @@ Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from pathlib import Path
 from pickle import UnpicklingError
-from typing import Dict, Optional, Union
+from typing import Dict, Iterator, Optional, Union
 
 import safetensors.torch
 import torch
 from timm.models import clean_state_dict, load_state_dict
 from torch import nn
 
+from .artifact_metadata import MAX_CLASSES
 from .config import PRESETS, ReductionConfig
 
 
@@ -46,12 +48,8 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes)")
     try:
-        if path.suffix != ".safetensors" and _is_safetensors(path):  # timm picks the reader by the name alone
-            state = clean_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
-        else:
-            state = load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
-            if not _is_tensor_dict(state):  # only an EMA copy inside (timm looks for it only when asked)
-                state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+        with _unpickler_warnings_quieted():
+            state = _read(path)
     except AttributeError:  # timm cleans keys with .items(): the file holds something other than a dict
         state = None
     except Exception as error:  # torch.load / safetensors raise many types for a bad file
@@ -80,6 +78,24 @@ def _is_safetensors(path: Path) -> bool:
     return len(start) == 9 and start[8:9] == b"{" and 2 <= int.from_bytes(start[:8], "little") <= path.stat().st_size - 8
 
 
+def _read(path: Path):
+    if path.suffix != ".safetensors" and _is_safetensors(path):  # timm picks the reader by the name alone
+        return clean_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
+    state = load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
+    if not _is_tensor_dict(state):  # only an EMA copy inside (timm looks for it only when asked)
+        state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+    return state
+
+
+@contextlib.contextmanager
+def _unpickler_warnings_quieted() -> Iterator[None]:
+    """torch's weights-only reader warns of a pickle protocol torch.save does not write (a plain pickle.dump), asking to
+    file an issue with torch; the error that follows says what the file is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
 def _load_failure(error: Exception) -> str:
     """What went wrong, in one line. A weights-only refusal (torch.load's, or timm's wrapper of it) ends in
     advice to load with weights_only=False, which these tools must not follow: a checkpoint holds tensors,
@@ -90,9 +106,10 @@ def _load_failure(error: Exception) -> str:
     reason = next((" ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
                    for text in texts if "WeightsUnpickler error:" in text), None)
     if isinstance(error, (KeyError, UnpicklingError)) and not reason:  # text, or bytes no pickle starts with: opcode 101 is "e"
-        return f"not a torch-saved checkpoint nor a safetensors file ({type(error).__name__}: {texts[0].strip()[:80]})"
+        return f"not a torch.save checkpoint nor a safetensors file ({type(error).__name__}: {texts[0].strip()[:80]})"
     if reason is not None and reason.startswith("Unsupported operand"):
-        return f"not a torch-saved checkpoint nor a safetensors file: its bytes are no pickle ({reason})"
+        return (f"not a torch.save checkpoint nor a safetensors file: a pickle torch.save did not write, or no pickle "
+                f"at all ({reason})")
     if reason is not None or "weights_only" in texts[0]:
         detail = f": {reason.split('. Please use')[0]}" if reason else ""
         return f"it holds pickled objects other than tensors and plain values, which are never unpickled here{detail}"
@@ -143,7 +160,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
         problems.append(f"{len(mismatched)} shape mismatch(es): {_first(mismatched)}")
     if problems:
         raise CheckpointError(f"{str(path)!r} does not fit {model.pretrained_cfg.get('architecture', 'the model')}: " + "; ".join(problems)
-                              + (fine_tune_hint(path) or head_size_hint(state, missing, mismatched_keys)))
+                              + (fine_tune_hint(path) or head_size_hint(state, missing, mismatched_keys, model.num_features)))
     # A diverged run saves NaN/Inf weights that load and compile fine and then answer NaN logits for
     # every image: refuse them here, where the file is named.
     non_finite = [key for key in expected if key in state and _has_non_finite(state[key])]
@@ -154,13 +171,19 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], allow_untrained_lc
     model.load_state_dict(state, strict=False)
 
 
-def head_size_hint(state: dict, missing: list, mismatched_keys: list) -> str:
+def head_size_hint(state: dict, missing: list, mismatched_keys: list, model_width: int) -> str:
     """Where only the classifier differs (a timm model fine-tuned on other classes): the --num-classes that fits, as a
     sentence to append to an error ("" otherwise)."""
     only_the_head = not missing and "head.weight" in mismatched_keys and all(key.startswith("head.") for key in mismatched_keys)
     if not only_the_head or state["head.weight"].dim() != 2:
         return ""
-    return f". Its head has {state['head.weight'].shape[0]} classes: pass --num-classes {state['head.weight'].shape[0]}"
+    classes, width = state["head.weight"].shape
+    bias = state.get("head.bias")
+    # Only another number of classes: a head as wide as the model's features, with a bias to match (its width wrong
+    # is another model, and the hint would name the classes already asked for).
+    if width != model_width or (bias is not None and tuple(bias.shape) != (classes,)):
+        return ""
+    return f". Its head has {classes} classes: pass --num-classes {classes}"
 
 
 def _first(items: list, count: int = 6) -> str:
@@ -175,7 +198,8 @@ def fine_tuned_settings(path: Union[str, Path]) -> Optional[dict]:
     and "reduction" (its `ReductionConfig.to_dict()`), each None where an older fine-tune did not record it;
     None for any other checkpoint (or an unreadable one)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        with _unpickler_warnings_quieted():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # safetensors, or unreadable: nothing recorded
         return None
     if not isinstance(saved, dict) or not isinstance(saved.get("arch"), str) or isinstance(saved.get("num_classes"), bool) \
@@ -185,6 +209,8 @@ def fine_tuned_settings(path: Union[str, Path]) -> Optional[dict]:
     classes = list(classes) if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes) else None
     preset = saved.get("preset") if saved.get("preset") in PRESETS else None
     reduction = saved.get("reduction") if isinstance(saved.get("reduction"), dict) else None
+    if not 1 <= saved["num_classes"] <= MAX_CLASSES:  # a model built with it would have no head, or an absurd one
+        raise CheckpointError(f"{str(path)!r} records num_classes {saved['num_classes']}: a classifier has 1..{MAX_CLASSES:,} classes")
     return {"arch": saved["arch"], "lcb": saved["lcb"], "num_classes": saved["num_classes"], "classes": classes,
             "preset": preset, "reduction": reduction}
 
