@@ -61,6 +61,14 @@ class ServerThread:
             time.sleep(0.01)
 
 
+def wait_until(condition, failure, every_s=0.01):
+    """Polls `condition` until it holds; fails with `failure` (a message, or a callable making one) after TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, failure() if callable(failure) else failure
+        time.sleep(every_s)
+
+
 def jpeg_bytes(seed, size=(320, 240)):
     buffer = io.BytesIO()
     Image.fromarray(photo(*size, seed=seed)).save(buffer, "JPEG", quality=90)
@@ -219,10 +227,7 @@ def test_a_full_queue_answers_503_with_retry_after(artifact):
     service = ClassificationService(config)
     with ServerThread(create_app(config, service)) as client:
         waiting, first = post_in_background(client, jpeg_bytes(seed=3))
-        deadline = time.monotonic() + TIMEOUT
-        while service.batcher.stats["queue_depth"] < 1:
-            assert time.monotonic() < deadline, "the first request never reached the queue"
-            time.sleep(0.005)
+        wait_until(lambda: service.batcher.stats["queue_depth"] >= 1, "the first request never reached the queue", every_s=0.005)
         refused = client.post("/v1/classify", content=jpeg_bytes(seed=4))
         service.close(drain=True)  # runs the waiting request now
         waiting.join(TIMEOUT)
@@ -313,10 +318,7 @@ def test_shutdown_answers_queued_and_decoding_requests_at_once_and_cancelled_one
     server = ServerThread(create_app(config, service), timeout_graceful_shutdown=2)
     with server as client:
         queued_thread, queued = post_in_background(client, jpeg_bytes(seed=8))
-        deadline = time.monotonic() + TIMEOUT
-        while service.batcher.stats["queue_depth"] < 1:
-            assert time.monotonic() < deadline, "the first request never reached the queue"
-            time.sleep(0.005)
+        wait_until(lambda: service.batcher.stats["queue_depth"] >= 1, "the first request never reached the queue", every_s=0.005)
         stuck_thread, stuck = post_in_background(client, b"block")
         late_thread, late = post_in_background(client, late_image)
         assert decoder.decoding.wait(TIMEOUT) and late_decoder.decoding.wait(TIMEOUT), "a request never reached the decoder"
@@ -346,10 +348,7 @@ def test_uploads_refused_at_the_end_of_the_grace_period_are_never_decoded(artifa
         held_thread, held = post_in_background(client, b"block")
         assert decoder.decoding.wait(TIMEOUT), "the first upload never reached the decoder"
         waiting = [post_in_background(client, jpeg_bytes(seed=seed)) for seed in (12, 13, 14)]
-        deadline = time.monotonic() + TIMEOUT
-        while client.get("/healthz").json()["decoding"] < 4:
-            assert time.monotonic() < deadline, "the uploads never waited for the decoder"
-            time.sleep(0.01)
+        wait_until(lambda: client.get("/healthz").json()["decoding"] >= 4, "the uploads never waited for the decoder")
         server.server.should_exit = True
         for thread, _ in waiting:
             thread.join(TIMEOUT)
@@ -367,13 +366,10 @@ def test_a_client_that_hangs_up_while_its_image_waits_for_a_batch_is_not_counted
         data = jpeg_bytes(seed=15)
         with socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT) as hanging_up:
             hanging_up.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-            deadline = time.monotonic() + TIMEOUT
-            while service.batcher.stats["queue_depth"] < 1:
-                assert time.monotonic() < deadline, "the image never reached the batcher's queue"
-                time.sleep(0.01)
-        while counted(client, "imagepiece_http_requests_total").get("499") != 1:  # well before its 10 s batch delay
-            assert time.monotonic() < deadline, counted(client, "imagepiece_http_requests_total")
-            time.sleep(0.01)
+            wait_until(lambda: service.batcher.stats["queue_depth"] >= 1, "the image never reached the batcher's queue")
+        # Well before its 10 s batch delay.
+        wait_until(lambda: counted(client, "imagepiece_http_requests_total").get("499") == 1,
+                   lambda: counted(client, "imagepiece_http_requests_total"))
         assert "200" not in counted(client, "imagepiece_http_requests_total")
 
 
@@ -387,13 +383,9 @@ def test_an_upload_whose_client_hangs_up_before_its_decode_is_never_decoded(arti
         gone = jpeg_bytes(seed=10)
         with socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT) as hanging_up:
             hanging_up.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {len(gone)}\r\n\r\n".encode() + gone)
-            deadline = time.monotonic() + TIMEOUT
-            while client.get("/healthz").json()["decoding"] < 2:  # read, and waiting for the decode thread
-                assert time.monotonic() < deadline, "the second upload never waited for the decoder"
-                time.sleep(0.01)
-        while client.get("/healthz").json()["decoding"] > 1:  # its hang-up noticed
-            assert time.monotonic() < deadline, "the hang-up was not noticed"
-            time.sleep(0.01)
+            # Read, and waiting for the decode thread.
+            wait_until(lambda: client.get("/healthz").json()["decoding"] >= 2, "the second upload never waited for the decoder")
+        wait_until(lambda: client.get("/healthz").json()["decoding"] <= 1, "the hang-up was not noticed")
         decoder.release.set()
         waiting.join(TIMEOUT)
         metrics = client.get("/metrics").text
