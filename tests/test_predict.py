@@ -405,6 +405,25 @@ def test_a_second_run_on_an_output_in_use_is_refused_and_names_the_first(tmp_pat
         pass
 
 
+def test_where_the_file_system_has_no_locks_the_run_goes_on_unlocked_and_leaves_no_lock_file(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from imagepiece.files import held_exclusively
+    from imagepiece.predict.writers import lock_path
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with held_exclusively(tmp_path / ".p.csv.lock", "output 'p.csv'"):
+        ran.append(True)
+    assert ran and not list(tmp_path.iterdir())
+    monkeypatch.chdir(tmp_path)  # --ray --output . (a folder): its lock sits beside it, not named "..lock" here
+    assert lock_path(Path(".")) == tmp_path.parent / f".{tmp_path.name}.lock"
+
+
 def test_an_output_name_too_long_for_the_files_beside_it_is_refused_before_the_run(compiled, folder, tmp_path, capsys):
     root, _, _ = folder
     name = "q" * 235 + ".csv"  # fits itself (255), not its staged copy or journal

@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 
 import pyarrow.parquet as pq
 import pytest
@@ -240,6 +241,17 @@ def test_a_failed_actor_is_one_line_naming_its_cause_and_the_output_stays_as_it_
     assert [p.name for p in output.iterdir()] == ["earlier.parquet"] and (output / "earlier.parquet").read_bytes() == before
     task_error = ray.exceptions.RayTaskError("decode_batch", "traceback", ValueError("boom"))  # a task keeps its exception
     assert ray_job.failure_cause(task_error) == "ValueError: boom"
+    # A model call that fails, as Ray Data wraps it: "UDF failed to process a data block", raised from the real error.
+    from ray.data.exceptions import UserCodeException
+
+    try:
+        try:
+            raise RuntimeError("CUDA error: out of memory")
+        except RuntimeError as error:
+            raise UserCodeException("UDF failed to process a data block.") from error
+    except UserCodeException as wrapped:
+        udf_error = ray.exceptions.RayTaskError("MapWorker.submit", traceback.format_exc(), wrapped).as_instanceof_cause()
+    assert ray_job.failure_cause(udf_error) == "RuntimeError: CUDA error: out of memory"
 
 
 @pytest.mark.parametrize("resources, cuda, lacking", [({"CPU": 0.0}, False, "no CPU"), ({}, False, "no CPU"),

@@ -24,7 +24,7 @@ def program_name(argv: Optional[Sequence[str]], entry_point: str) -> str:
 
 
 # What pip installs (the name in an error) for each optional module the commands import.
-DISTRIBUTIONS = {"pyarrow": "pyarrow", "ray": "ray[data]", "fastapi": "fastapi", "uvicorn": "uvicorn",
+DISTRIBUTIONS = {"PIL": "pillow", "tqdm": "tqdm", "pyarrow": "pyarrow", "ray": "ray[data]", "fastapi": "fastapi", "uvicorn": "uvicorn",
                  "python_multipart|multipart": "python-multipart", "prometheus_client": "prometheus_client", "matplotlib": "matplotlib"}
 
 

@@ -138,8 +138,8 @@ def held_exclusively(lock_path: Path, what: str) -> Iterator[None]:
             os.close(descriptor)
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            yield
-            return
+            descriptor = None
+            break
         try:  # a run that finished meanwhile removed the file this one opened: lock the one at that name now
             current = os.path.samestat(os.fstat(descriptor), os.stat(lock_path))
         except FileNotFoundError:
@@ -148,12 +148,14 @@ def held_exclusively(lock_path: Path, what: str) -> Iterator[None]:
             break
         os.close(descriptor)
     try:
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"{os.getpid()}\n".encode())
+        if descriptor is not None:
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
         yield
     finally:
         lock_path.unlink(missing_ok=True)  # while still held: a run waiting on this file then finds it gone
-        os.close(descriptor)
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 def _publish_new(staged: Path, path: Path) -> None:

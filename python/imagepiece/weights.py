@@ -196,7 +196,7 @@ def fine_tuned_settings(path: Union[str, Path]) -> Optional[dict]:
     """{"arch", "lcb", "num_classes"} that scripts/finetune.py records beside the weights it writes, which
     the weights need to fit a model, "classes" (the class folder names it trained on), "preset" (its --preset)
     and "reduction" (its `ReductionConfig.to_dict()`), each None where an older fine-tune did not record it;
-    None for any other checkpoint (or an unreadable one)."""
+    None for any other checkpoint (or an unreadable one); CheckpointError for a record of no or too many classes."""
     try:
         with _unpickler_warnings_quieted():
             saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -4,9 +4,15 @@ One job per module: sources (what to predict) -> decode (file -> RGB) -> preproc
 uint8, then normalise per batch) -> classifier (artifact -> top-k) -> pipeline (threads, batches,
 order) or ray_job (Ray Data) -> writers (csv/jsonl/parquet, atomic, resumable). bench measures it.
 """
-from .classifier import Classifier
-from .pipeline import RunStats, predict_items
-from .rows import Row
-from .sources import InputItem, list_inputs
+from imagepiece.command_line import require_extra
+
+# Before the imports that need them: a missing one is named with the extra that installs it (torchvision and timm's hub
+# client bring both, so this is for an environment put together by hand).
+require_extra("predict", ("PIL", "tqdm"), "imagepiece.predict")
+
+from .classifier import Classifier  # noqa: E402
+from .pipeline import RunStats, predict_items  # noqa: E402
+from .rows import Row  # noqa: E402
+from .sources import InputItem, list_inputs  # noqa: E402
 
 __all__ = ["Classifier", "InputItem", "Row", "RunStats", "list_inputs", "predict_items"]

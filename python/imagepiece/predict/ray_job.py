@@ -37,6 +37,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -318,13 +319,20 @@ class RayJobFailed(Exception):
     """A task or actor of the job failed: its cause in one line (Ray's own report is pages of tracebacks)."""
 
 
+# A traceback's exception line: "ip_runtime._core.Error: ...", "RuntimeError: CUDA error: out of memory".
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): ")
+
+
 def failure_cause(error: BaseException) -> str:
     """The innermost error of a Ray failure, e.g. "ip_runtime._core.Error: 'x.so' does not exist or is not a file"."""
     cause = getattr(error, "cause", None)  # a failed task's own exception
     if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray."):
         return f"{type(cause).__name__}: {cause}"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # an actor's: its traceback's last line
-    return lines[-1] if lines else type(error).__name__
+    # An actor's, or a model call Ray Data wrapped ("UDF failed to process a data block", raised from the real one):
+    # the last exception line of the traceback text that is not Ray's own.
+    lines = [line.strip() for line in str(error).splitlines()]
+    ours = [line for line in lines if _EXCEPTION_LINE.match(line) and not line.startswith("ray.")]
+    return ours[-1] if ours else next((line for line in reversed(lines) if line), type(error).__name__)
 
 
 class StoppedAfterWriting(Exception):
@@ -338,6 +346,7 @@ class StoppedAfterWriting(Exception):
 def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn_on_stderr) -> RunStats:
     """Predict `items` on Ray into the folder `args.output`; same row contents as the single-process path."""
     import ray
+    import ray.data.exceptions
 
     from imagepiece.artifact import read_metadata
 
@@ -359,7 +368,7 @@ def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn
         try:
             try:
                 new_files = _run_job(args, todo, metadata, output, staging, stats)
-            except ray.exceptions.RayError as error:
+            except (ray.exceptions.RayError, ray.data.exceptions.ExecutionTimeoutError) as error:
                 raise RayJobFailed(f"the Ray job failed ({failure_cause(error)}); {output} is as it was before this run "
                                    "(on a cluster, the artifact, --labels and the images must be at the same paths on "
                                    "every node)") from None

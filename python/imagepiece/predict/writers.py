@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from itertools import chain, islice
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
@@ -328,7 +329,8 @@ def replacing_marker(output: Path) -> Path:
 
 
 def lock_path(output: Path) -> Path:
-    """Held while a run writes `output` (a file, or --ray's folder): files.held_exclusively."""
+    """Held while a run writes `output` (a file, or --ray's folder, which may be "." or ".."): files.held_exclusively."""
+    output = Path(os.path.abspath(output))
     return output.with_name(f".{output.name}.lock")
 
 

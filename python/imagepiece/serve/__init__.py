@@ -9,7 +9,7 @@ image becomes exactly the pixels `imagepiece-predict` and timm's eval transform 
 from imagepiece.command_line import require_extra
 
 # Before the imports that need them: a missing one is named with the extra that installs it.
-require_extra("serve", ("fastapi", "uvicorn", "python_multipart|multipart", "prometheus_client"), "imagepiece.serve")
+require_extra("serve", ("PIL", "fastapi", "uvicorn", "python_multipart|multipart", "prometheus_client"), "imagepiece.serve")
 
 from .app import create_app  # noqa: E402
 from .service import ClassificationService, ServeConfig  # noqa: E402

@@ -205,14 +205,21 @@ async def unless_disconnected(request: Request, job: concurrent.futures.Future):
     try:
         done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the request itself was cancelled (shutdown's grace is over)
-        job.cancel()
+        _abandon(job, work)
         raise
     finally:
         watcher.cancel()
     if work not in done:
-        job.cancel()
+        _abandon(job, work)
         raise ClientDisconnect()
     return work.result()
+
+
+def _abandon(job: concurrent.futures.Future, work: asyncio.Future) -> None:
+    """Nobody waits for `job` any more: it is cancelled if it has not started, and so is its asyncio wrapper, whose
+    failure (a bad image decoded, a batch that failed) would otherwise be logged as an exception never retrieved."""
+    job.cancel()
+    work.cancel()
 
 
 class DecodeAdmission:

@@ -33,7 +33,7 @@ from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_un
 from .app import FORM_OVERHEAD, create_app
 from .draining_server import DrainingServer
 from .http_protocol import uvicorn_config
-from .service import MiB, ClassificationService, ServeConfig
+from .service import MiB, BatcherOptionError, ClassificationService, ServeConfig
 
 
 def program_name(argv) -> str:
@@ -165,8 +165,11 @@ def serve(args: argparse.Namespace, prog: str) -> int:
     with listener:
         try:
             service = ClassificationService(config_from(args))
-        except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
+        except BatcherOptionError as error:
             print(f"{prog}: error: {in_flag_names(str(error))}", file=sys.stderr)
+            return 2
+        except (ValueError, ArtifactError, ip_runtime.Error, OSError) as error:
+            print(f"{prog}: error: {error}", file=sys.stderr)
             return 2
         options = service.batcher.options
         if options["queue_capacity"] < options["max_batch"]:

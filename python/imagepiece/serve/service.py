@@ -57,6 +57,11 @@ class ServeConfig:
     warmup: bool = True
 
 
+class BatcherOptionError(ValueError):
+    """ServeConfig's batching fields (max_batch, max_delay_ms, queue_capacity, preferred_batches) that the artifact
+    cannot take; the message names them as ip_runtime.Batcher does."""
+
+
 class ClassificationService:
     """One artifact (one `ip_runtime.Runtime`) and its `ip_runtime.Batcher`; thread-safe."""
 
@@ -74,8 +79,11 @@ class ClassificationService:
         self.preprocess = Preprocess(self.preprocessing, metadata["input_shape"])
         self.dtype = INPUT_DTYPES[info["dtype"]]
         self.takes_pixels = info["input_format"] == "uint8_nhwc"  # normalisation compiled in
-        self.batcher = ip_runtime.Batcher(self.runtime, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
-                                          queue_capacity=config.queue_capacity, preferred_batches=config.preferred_batches)
+        try:
+            self.batcher = ip_runtime.Batcher(self.runtime, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
+                                              queue_capacity=config.queue_capacity, preferred_batches=config.preferred_batches)
+        except ip_runtime.Error as error:  # the only errors that name the batching fields, for a front end to respell
+            raise BatcherOptionError(str(error)) from None
         if config.warmup:  # the first run initialises the model: not on a client's time (nor in the batcher's stats)
             # Decoded under the default pixel limit: a --max-pixels below the warm-up picture is about uploads.
             image = self.model_input(self.preprocess(decode_rgb_bytes(_grey_png())))
