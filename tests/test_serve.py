@@ -530,13 +530,19 @@ def test_a_topk_beyond_the_artifacts_classes_is_refused_at_start_in_one_line_nam
     assert capsys.readouterr().err == f"serve.py: error: --topk 5000 is more than the 1000 classes of {artifact.name}\n"
 
 
-def test_a_batcher_option_the_artifact_cannot_take_is_named_by_its_flag(artifact, monkeypatch, capsys):
+def test_a_batcher_option_the_artifact_cannot_take_is_named_by_its_flag(artifact, monkeypatch, capsys, tmp_path):
     from imagepiece.serve.cli import main
 
     monkeypatch.setattr(sys, "argv", ["serve.py", "--artifact", str(artifact), "--port", "0", "--max-batch", "65"])
     monkeypatch.setattr(DrainingServer, "run", lambda *_, **__: pytest.fail("it started serving"))
     assert main() == 2
     assert capsys.readouterr().err == "serve.py: error: --max-batch must be in [1, 64] (the artifact's largest batch), got 65\n"
+    corrupt = tmp_path / "max_batch" / "queue_capacity.so"  # other errors keep their names, paths too
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(artifact.read_bytes()[:5000])
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--artifact", str(corrupt), "--port", "0"])
+    assert main() == 2
+    assert f"'{corrupt}' is truncated or corrupt" in capsys.readouterr().err
 
 
 def test_the_entry_point_without_its_extra_says_so_in_one_line():
