@@ -10,8 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
-STAGED_NAME_EXTRA = len(".." + secrets.token_hex(4) + ".partial")  # what staged_name adds to a name
-
 
 def check_writable_dir(folder: Union[str, Path], create: bool = False) -> Path:
     """`folder` as a Path, or ValueError saying why nothing can be written there.
@@ -101,7 +99,7 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None], replace:
 
 
 def staged_name(path: Path) -> str:
-    """The name atomic_write writes `path` under first: STAGED_NAME_EXTRA bytes longer."""
+    """The name atomic_write writes `path` under first, beside it (a random part: no two writers share it)."""
     return f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}"
 
 

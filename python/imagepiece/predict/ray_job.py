@@ -287,16 +287,10 @@ def _set_ray_data_output(progress: bool) -> None:
         log_once("ray_data_progress_manager_disabled")
 
 
-def default_concurrency(cuda: bool) -> int:
-    import ray
-
-    resources = ray.cluster_resources()
-    return max(1, int(resources.get("GPU" if cuda else "CPU", 0)))
-
-
-def check_cluster_resources(cuda: bool) -> None:
-    """ValueError where the cluster has no CPU (decoding, and every actor, takes one) or, for a CUDA artifact, no GPU:
-    Ray Data would wait forever for workers that cannot be placed."""
+def check_cluster_resources(cuda: bool) -> int:
+    """The default model actor count, one per GPU for a CUDA artifact, per CPU otherwise; ValueError where the cluster
+    has no CPU (decoding, and every actor, takes one) or, for a CUDA artifact, no GPU: Ray Data would wait forever for
+    workers that cannot be placed."""
     import ray
 
     resources = ray.cluster_resources()
@@ -305,6 +299,7 @@ def check_cluster_resources(cuda: bool) -> None:
         raise ValueError(f"the Ray cluster has no {' and no '.join(lacking)}: decoding and the model actors need "
                          f"{'a CPU, and each actor a GPU' if cuda else 'a CPU each'}, and Ray would wait for them forever "
                          "(an autoscaling cluster must have such a node up when the run starts)")
+    return int(resources["GPU" if cuda else "CPU"])
 
 
 def _warn_on_stderr(message: str) -> None:
@@ -397,8 +392,7 @@ def _run_job(args, todo: List[InputItem], metadata: dict, output: Path, staging:
     output.mkdir(exist_ok=True)  # not before: a Ray that cannot start leaves no empty folder behind
     _set_ray_data_output(progress=not args.no_progress)
     cuda = (args.device or metadata["device_type"]).startswith("cuda")
-    check_cluster_resources(cuda)
-    concurrency = args.concurrency or default_concurrency(cuda)
+    concurrency = args.concurrency or check_cluster_resources(cuda)
     began = time.perf_counter()
     blocks = max(1, min(len(todo) // DECODE_BATCH, 1000))
     concurrency = min(concurrency, blocks)  # more actors than blocks would only idle

@@ -260,6 +260,7 @@ class ResumableOutput:
         self.journal = Journal(journal_path(self.path))
         # Present while an unfinished run replaces the output: its rows are not the ones a resume keeps.
         self.replacing = replacing_marker(self.path)
+        self._keeps_output = resume and not self.replacing.exists()
         self._predicted: Dict[str, bool] = {}  # each earlier path: whether its latest row is a prediction
         self._widest = 0  # the most classes in a row: a CSV's columns
         if resume:
@@ -273,7 +274,7 @@ class ResumableOutput:
         """The earlier output's rows (unless an interrupted run was replacing them), then the journal's (newer: a
         path's last row is the one that counts)."""
         try:
-            yield from iter_rows(self.path) if self.path.exists() and not self.replacing.exists() else ()
+            yield from iter_rows(self.path) if self._keeps_output and self.path.exists() else ()
         except Exception as error:  # pyarrow, csv and json each fail in their own way
             raise ValueError(f"cannot resume: {str(self.path)!r} is not a readable {self.path.suffix} output "
                              f"({type(error).__name__}: {error})") from None
@@ -320,18 +321,21 @@ class ResumableOutput:
         self.journal.remove()
 
 
+def _hidden_beside(output: Path, ending: str) -> Path:
+    return output.with_name(f".{output.name}{ending}")
+
+
 def journal_path(output: Path) -> Path:
-    return output.with_name(f".{output.name}.partial.jsonl")
+    return _hidden_beside(output, ".partial.jsonl")
 
 
 def replacing_marker(output: Path) -> Path:
-    return output.with_name(f".{output.name}.replacing")
+    return _hidden_beside(output, ".replacing")
 
 
 def lock_path(output: Path) -> Path:
     """Held while a run writes `output` (a file, or --ray's folder, which may be "." or ".."): files.held_exclusively."""
-    output = Path(os.path.abspath(output))
-    return output.with_name(f".{output.name}.lock")
+    return _hidden_beside(Path(os.path.abspath(output)), ".lock")
 
 
 def names_beside(output: Path) -> List[str]:

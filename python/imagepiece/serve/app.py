@@ -193,26 +193,33 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, job: concurrent.futures.Future):
-    """`job`'s result; if the client goes away first, ClientDisconnect, and `job` is cancelled (a decode that
-    has not started never starts: a client that uploads and hangs up must not cost a decode anyway; a batcher's
-    request runs anyway, but is not counted as answered). Cancelled itself, it cancels `job` too: at shutdown,
-    the decodes of requests already answered 503 would otherwise all run before the process could exit. `job`
-    is cancelled here, at once: cancelling only its asyncio wrapper passes that on a loop iteration later, when a
-    decode thread may already have taken it."""
-    work = asyncio.wrap_future(job)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # the request itself was cancelled (shutdown's grace is over)
-        _abandon(job, work)
-        raise
-    finally:
-        watcher.cancel()
-    if work not in done:
-        _abandon(job, work)
-        raise ClientDisconnect()
-    return work.result()
+class HangUpWatch:
+    """Watches one request for its client hanging up, from the end of its upload to its answer: one watch over both
+    of its waits (its decode, then its batch)."""
+
+    def __init__(self, request: Request) -> None:
+        self._hung_up = asyncio.ensure_future(_disconnected(request))
+
+    async def result_of(self, job: concurrent.futures.Future):
+        """`job`'s result; if the client goes away first, ClientDisconnect, and `job` is cancelled (a decode that
+        has not started never starts: a client that uploads and hangs up must not cost a decode anyway; a batcher's
+        request runs anyway, but is not counted as answered). Cancelled itself, it cancels `job` too: at shutdown,
+        the decodes of requests already answered 503 would otherwise all run before the process could exit. `job`
+        is cancelled here, at once: cancelling only its asyncio wrapper passes that on a loop iteration later, when a
+        decode thread may already have taken it."""
+        work = asyncio.wrap_future(job)
+        try:
+            done, _ = await asyncio.wait({work, self._hung_up}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the request itself was cancelled (shutdown's grace is over)
+            _abandon(job, work)
+            raise
+        if work not in done:
+            _abandon(job, work)
+            raise ClientDisconnect()
+        return work.result()
+
+    def close(self) -> None:
+        self._hung_up.cancel()
 
 
 def _abandon(job: concurrent.futures.Future, work: asyncio.Future) -> None:
@@ -275,20 +282,20 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
     @app.post("/v1/classify")
     async def classify(request: Request) -> Response:
         began = time.perf_counter()
-        body_read = False
+        watch = None  # from the end of the upload on
         try:
             topk = topk_parameter(request, config.topk, service.num_classes)
             with uploads.holding() as take:  # until the upload is decoded (its bytes are then dropped)
                 data = await read_image_bytes(request, config, take)
-                body_read = True
+                watch = HangUpWatch(request)
                 with admission:
                     try:
-                        image = await unless_disconnected(request, decoders.submit(service.prepare, data))
+                        image = await watch.result_of(decoders.submit(service.prepare, data))
                     except ImageError as error:
                         raise RequestError(422, "invalid_image", f"cannot classify the upload: {error}") from None
                 del data
             try:
-                logits = await unless_disconnected(request, service.submit(image))
+                logits = await watch.result_of(service.submit(image))
             except ip_runtime.Error as error:
                 status = RUNTIME_STATUS.get(error.code, 500)
                 headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
@@ -310,7 +317,10 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
         else:
             metrics.observe(200, time.perf_counter() - began)
             return JSONResponse(answer)
-        if not body_read:  # answered before the whole upload arrived: only closing stops the rest of it
+        finally:
+            if watch is not None:
+                watch.close()
+        if watch is None:  # answered before the whole upload arrived: only closing stops the rest of it
             error.headers.setdefault("Connection", "close")
         metrics.observe(error.status, time.perf_counter() - began, error.code)
         return error.response()
