@@ -1,6 +1,7 @@
 """imagepiece-predict (single process): sources, decoding, timm-equal preprocessing, eager-equal
 predictions, one error row per bad file, batching/padding, output formats, --resume, CLI errors."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -603,6 +604,12 @@ def test_resume_skips_done_paths_and_finishes_an_interrupted_run(compiled, few_f
     assert f"terminated after 4 images; they are kept in {journal}" in capsys.readouterr().err
     assert not output.exists() and len(journal.read_text().splitlines()) >= 4
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is gone after the run"
+
+    # Stopped again while resuming: the count is this run's, the earlier run's rows are named apart.
+    calls["n"] = 1  # its first batch is stopped
+    assert run_predict(compiled, listing, output, "--resume") == 143
+    assert re.search(r"terminated after 0 images \(besides the \d+ an earlier run did\); they are kept in",
+                     capsys.readouterr().err)
     monkeypatch.setattr(Classifier, "classify", original)
 
     # A predicted file broken after the fact keeps its prediction: --resume does not decode it again.

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UPLOAD_LIMIT = 256 * 1024
 TIMEOUT = 120
 TEXT_ONLY_FORM = b'--x\r\nContent-Disposition: form-data; name="note"\r\n\r\nno file here\r\n--x--\r\n'
+CUT_SHORT_FORM = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n\xff\xd8\xff'  # no closing "--x--"
 
 
 class ServerThread:
@@ -173,6 +174,9 @@ def test_classify_answers_top_k_from_multipart_and_raw_uploads(served):
      400, "no_file", "no file"),
     (lambda c: c.post("/v1/classify", content=TEXT_ONLY_FORM, headers={"content-type": "multipart/form-data"}),
      400, "bad_form", "malformed multipart form: Missing boundary"),
+    # An upload cut short: the parser alone would answer "no file".
+    (lambda c: c.post("/v1/classify", content=CUT_SHORT_FORM, headers={"content-type": "multipart/form-data; boundary=x"}),
+     400, "bad_form", "ends before its closing boundary '--x--'"),
     (lambda c: c.post("/v1/classify", content=b"\xff" * (UPLOAD_LIMIT + 1)), 413, "too_large", "larger than the limit"),
     # Streamed (chunked, no Content-Length): refused while reading.
     (lambda c: c.post("/v1/classify", content=iter([b"\xff" * 65536] * 8)), 413, "too_large", "larger than the limit"),

@@ -132,7 +132,8 @@ def run_single_process(args, items, classifier, names, warn) -> int:
         output.finish([item.path for item in items])  # in the try: a stop while writing keeps the journal too
     except STOPPED as stop:  # Ctrl-C, or SIGTERM (a scheduler's stop): the decode threads have finished by now
         output.journal.close(after_failure=True)
-        print(f"{how_stopped(stop)} after {stats.images} images; they are kept in {output.journal.path}: "
+        earlier = f" (besides the {stats.skipped} an earlier run did)" if stats.skipped else ""
+        print(f"{how_stopped(stop)} after {stats.images} images{earlier}; they are kept in {output.journal.path}: "
               "rerun with --resume to finish", file=sys.stderr)
         return exit_status(stop)
     except OSError as error:  # writing the journal or the output (a full disk, a folder gone)

@@ -250,8 +250,9 @@ def _start_ray(address: Optional[str]) -> bool:
         if address:
             check_reachable(address, given_as=given_as)
             ray.init(address=address, **common)
-        else:  # "local": a new Ray even where a `ray start` cluster runs (ray.init() would join it, then refuse num_cpus)
-            ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
+        else:  # "local": a new Ray even where a `ray start` cluster runs (ray.init() would join it). Its CPU count is
+            # Ray's own, which follows a container's CPU quota (os.cpu_count() counts the host's cores).
+            ray.init(address="local", object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
     except BaseException as error:
         ray.shutdown()  # its half-started processes go too
         if isinstance(error, SystemExit) and error.code == signal.SIGTERM:  # SIGTERM while Ray starts: its handler's sys.exit(15)

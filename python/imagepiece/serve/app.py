@@ -35,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 import ip_runtime
@@ -166,6 +166,11 @@ async def _file_from_form(request: Request, body: bytes) -> bytes:
     except MultiPartException as error:
         raise RequestError(400, "bad_form", f"malformed multipart form: {error.message} ({how}; one file per request)") from None
     try:
+        # The parser takes a form cut short (a client that hung up, a proxy's size limit) as a form without that part.
+        closing = b"--" + parse_options_header(request.headers["content-type"])[1][b"boundary"] + b"--"
+        if closing not in body:
+            raise RequestError(400, "bad_form", f"malformed multipart form: it ends before its closing boundary "
+                                                f"{closing.decode('latin-1')!r} (cut short?)")
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         chosen = form.get("file") if isinstance(form.get("file"), UploadFile) else (files[0] if len(files) == 1 else None)
         if chosen is None:
