@@ -354,6 +354,26 @@ def test_crafted_container_sizes_are_refused_without_memory_errors(compiled, tmp
         assert code == "not_an_artifact"
 
 
+@pytest.mark.skipif(not Path("/proc/self/io").is_file(), reason="counts the bytes read through /proc/self/io (Linux)")
+@pytest.mark.parametrize("suffix, message", [(".so", "not a shared library"), (".pt2", "not a zip file")])
+def test_a_large_file_that_is_no_artifact_is_refused_before_it_is_copied(tmp_path, suffix, message):
+    """A data file given an artifact's name is refused from its first bytes, not copied into memory first (a file
+    larger than the memory left would end the process). rchar counts what read() and sendfile() read."""
+    path = tmp_path / f"table{suffix}"
+    with open(path, "wb") as handle:
+        handle.truncate(512 * MiB)  # sparse: costs no disk
+    for loader in ("ip_runtime", "python"):
+        before = read_characters()
+        code, text = refusal(loader, path)
+        assert code == "not_an_artifact" and message in text
+        assert read_characters() - before < 64 * MiB, f"{loader} read the file before refusing it"
+
+
+def read_characters() -> int:
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["rchar"])
+
+
 # --- 3. What is loaded is exactly the checked bytes --------------------------------------------------
 
 def test_a_bare_name_loads_the_file_it_names(compiled, tmp_path):

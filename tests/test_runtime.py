@@ -522,10 +522,12 @@ def test_cpp_example_reports_errors_with_their_code(classify_app, compiled, tmp_
         result = subprocess.run([str(classify_app), str(compiled.path("ti_imagepiece")), flag, value], capture_output=True, text=True)
         assert result.returncode == 2 and f"{flag} needs a whole number >= 1, got '{value}'" in result.stderr
     for args, message in ((["--input", str(tmp_path)], f"--input {tmp_path} is not a file"),
+                          (["--input", ""], "--input needs a file name"),  # an unset variable: not the synthetic batch
                           (["--input", str(tmp_path / "short.f32"), "--batch", "2"], "with --input the file's size sets it"),
                           ([str(tmp_path / "other.so")], "one ARTIFACT, got")):  # not silently the last one given
         result = subprocess.run([str(classify_app), str(compiled.path("ti_imagepiece")), *args], capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.stdout == "", "refused before the artifact is loaded"
     # Refused before the batch is made: 10^12 images would be 600 TB.
     result = subprocess.run([str(classify_app), str(compiled.path("ti_imagepiece_dynamic")), "--batch", str(10**12)],
                             capture_output=True, text=True, timeout=60)

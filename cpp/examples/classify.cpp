@@ -44,6 +44,15 @@ int64_t positive_number(const std::string& flag, const std::string& text) {
   return number;
 }
 
+// Checked before the artifact loads (which can take seconds); an empty name (an unset shell variable) is not "no
+// --input", which would classify synthetic noise as if it were the file.
+std::string existing_file(const std::string& flag, const std::string& path) {
+  if (path.empty()) throw std::invalid_argument(flag + " needs a file name, got ''");
+  std::error_code error;
+  if (!std::filesystem::is_regular_file(path, error)) throw std::invalid_argument(flag + " " + path + " is not a file");
+  return path;
+}
+
 Arguments parse(int argc, char** argv) {
   Arguments args;
   for (int i = 1; i < argc; ++i) {
@@ -52,7 +61,7 @@ Arguments parse(int argc, char** argv) {
       if (i + 1 >= argc) throw std::invalid_argument(flag + " needs a value");
       return argv[++i];
     };
-    if (flag == "--input") args.input = value();
+    if (flag == "--input") args.input = existing_file(flag, value());
     else if (flag == "--batch") args.batch = positive_number(flag, value());
     else if (flag == "--device") args.device = value();
     else if (flag == "--repeats") args.repeats = static_cast<int>(std::min<int64_t>(positive_number(flag, value()), 1'000'000));
@@ -85,8 +94,6 @@ at::Tensor load_images(const Arguments& args, const imagepiece::ModelInfo& info)
     return pixels ? at::randint(0, 256, shape(batch), at::kByte) : at::randn(shape(batch));
   }
   const int64_t per_image = channels * height * width * (pixels ? 1 : 4);
-  std::error_code error;
-  if (!std::filesystem::is_regular_file(args.input, error)) throw std::invalid_argument("--input " + args.input + " is not a file");
   std::ifstream file(args.input, std::ios::binary | std::ios::ate);
   if (!file) throw std::invalid_argument("cannot open input file " + args.input);
   const auto bytes = static_cast<int64_t>(file.tellg());

@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -175,6 +176,20 @@ VerifiedArtifact open_package(const std::string& path, const SealedFile& data) {
   return VerifiedArtifact{std::move(info), std::move(library)};
 }
 
+// Refuses, from its first bytes, a file that cannot be an artifact before the whole of it is copied into memory: a
+// data file of many GB given an artifact's name must not cost its size in RAM. Every check runs again on the copy.
+void check_leading_bytes(const std::string& path, const std::string& suffix) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return;  // unreadable: copying it says why
+  char head[4] = {};
+  file.read(head, sizeof head);
+  const std::string_view got(head, static_cast<size_t>(file.gcount()));
+  if (suffix == ".so" && got != std::string_view("\x7f" "ELF", 4)) fail(path, "is not a shared library (no ELF header)");
+  if (suffix == ".pt2" && got != std::string_view("PK\x03\x04", 4)) {
+    fail(path, "is not a .pt2 package made by scripts/aot_compile.py (not a zip file)");
+  }
+}
+
 }  // namespace
 
 VerifiedArtifact open_artifact(const std::string& path) {
@@ -182,6 +197,7 @@ VerifiedArtifact open_artifact(const std::string& path) {
   if (!std::filesystem::is_regular_file(path, ignored)) fail(path, "does not exist or is not a file", ErrorCode::kFileNotFound);
   const std::string suffix = std::filesystem::path(path).extension().string();
   if (suffix != ".so" && suffix != ".pt2") fail(path, "is not an artifact: an artifact is a .so or .pt2 file");
+  check_leading_bytes(path, suffix);
   SealedFile data = SealedFile::copy_of(path);
   if (suffix == ".so") return open_library(path, std::move(data));
   return open_package(path, data);  // `data` is released here: the package's library has its own copy

@@ -177,7 +177,22 @@ def _checked_path(path: Union[str, Path]) -> Path:
         _fail(path, "does not exist or is not a file", "file_not_found")
     if path.suffix not in SUFFIXES:
         _fail(path, "is not an artifact: an artifact is a .so or .pt2 file")
+    _check_leading_bytes(path)
     return path
+
+
+def _check_leading_bytes(path: Path) -> None:
+    """Refuses, from its first bytes, a file that cannot be an artifact before the whole of it is copied into memory:
+    a data file of many GB given an artifact's name must not cost its size in RAM. Every check runs again on the copy."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError:  # unreadable: copying it says why
+        return
+    if path.suffix == ".so" and head != b"\x7fELF":
+        _fail(path, "is not a shared library (no ELF header)")
+    if path.suffix == ".pt2" and head != b"PK\x03\x04":
+        _fail(path, "is not a .pt2 package made by scripts/aot_compile.py (not a zip file)")
 
 
 def _open_library(path: Path, data: SealedFile) -> VerifiedArtifact:
