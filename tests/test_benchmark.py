@@ -15,6 +15,7 @@ import pytest
 from imagepiece.bench.report import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
+FAKE_CPP_BENCH = str(Path(__file__).with_name("fake_cpp_bench.sh"))  # stands in for a built bench_runtime
 
 
 def bench(*args, script=False):
@@ -41,12 +42,16 @@ def test_quick_suite_writes_every_file_with_its_provenance(quick_suite):
     for suffix in (".csv", ".md"):
         first = quick_suite[suffix].read_text().splitlines()[0]
         assert "torch 2." in first and "cores" in first, suffix
-    report = json.loads(quick_suite[".json"].read_text())
+    report = json.loads(quick_suite[".json"].read_text(), parse_constant=refuse_non_json)  # strict readers refuse NaN
     assert {"cpu", "torch", "cuda", "gpu", "timm"} <= set(report["machine"])
     settings = report["settings"]  # JSON values a reader can compare, not Python reprs
     assert settings["quick"] is True and settings["batch"] == [2] and settings["dtype"] == ["fp32"]
     assert isinstance(settings["cpp_bench"], str)
     assert quick_suite[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def refuse_non_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def test_quick_suite_rows_are_complete_and_consistent(quick_suite):
@@ -57,7 +62,7 @@ def test_quick_suite_rows_are_complete_and_consistent(quick_suite):
     for row in rows:
         for column in ("p50_ms", "p90_ms", "min_ms", "img_per_s", "gflops_per_image", "mean_tokens", "vs_plain", "vs_eager_plain"):
             assert math.isfinite(float(row[column])) and float(row[column]) > 0, (column, row)
-        assert math.isnan(float(row["peak_mem_mib"]))  # the CPU has no per-call peak (every row showed the process's)
+        assert row["peak_mem_mib"] == ""  # the CPU has no per-call peak (every row showed the process's): no figure, not "nan"
         assert float(row["min_ms"]) <= float(row["p50_ms"]) <= float(row["p90_ms"])
         assert float(row["img_per_s"]) == pytest.approx(2 / float(row["p50_ms"]) * 1e3)
         assert len(row["tokens_per_block"].split()) == 12
@@ -101,9 +106,11 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["suite", "--paths", "ip_runtime_graphs"], "cannot run on cpu"),
         (["suite", "--dtype", "fp16"], "fp16 is not supported on cpu"),
         (["suite", "--repeats", "0"], "--repeats must be >= 1"),
-        (["suite", "--paths", "cpp", "--cpp-bench", "/nonexistent/bench_runtime"], "needs the google-benchmark binary"),
-        (["suite", "--paths", "cpp", "--batch", "3", "--cpp-bench", __file__], "times batch sizes 1, 2, 4, 8"),
-        (["suite", "--paths", "cpp", "--dtype", "bf16", "--cpp-bench", __file__], "runs only in a --dtype fp32 run"),
+        (["suite", "--paths", "cpp", "--cpp-bench", "/nonexistent/bench_runtime"], "no google-benchmark binary at"),
+        (["suite", "--paths", "cpp", "--cpp-bench", "/"], "no google-benchmark binary at"),
+        (["suite", "--paths", "cpp", "--cpp-bench", "/bin/true"], "is not cpp/bench's bench_runtime"),  # found before compiling
+        (["suite", "--paths", "cpp", "--batch", "3", "--cpp-bench", FAKE_CPP_BENCH], "times batch sizes 1, 2, 4, 8"),
+        (["suite", "--paths", "cpp", "--dtype", "bf16", "--cpp-bench", FAKE_CPP_BENCH], "runs only in a --dtype fp32 run"),
         (["suite", "--device", "tpu"], "--device must be cpu or cuda"),
         (["compile", "--device", "cudafoo"], "--device must be cpu or cuda"),
         (["suite", "--device", "cpu:1"], "--device must be cpu or cuda"),
@@ -115,7 +122,7 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["profile", "--dtype", "fp16"], "fp16 is not supported on cpu"),
         (["suite", "--dtype", "bf16", "--paths", "ort"], "runs only in a --dtype fp32 run"),
         # bf16 with only fp32-run paths: refused before timing, not a crash in the bf16 plot after it
-        (["suite", "--dtype", "fp32", "bf16", "--paths", "cpp", "--cpp-bench", __file__, "--batch", "1"],
+        (["suite", "--dtype", "fp32", "bf16", "--paths", "cpp", "--cpp-bench", FAKE_CPP_BENCH, "--batch", "1"],
          "--dtype bf16: none of the chosen --paths runs in a bf16 run (cpp in fp32)"),
         (["suite", "--min-seconds", "nan"], "--min-seconds must be a finite number >= 0"),
         (["suite", "--min-seconds", "-1"], "--min-seconds must be a finite number >= 0"),
@@ -231,7 +238,7 @@ def test_suite_defaults_leave_out_an_unbuilt_cpp_path_and_quick_keeps_given_repe
     assert "cpp" not in args.paths and "ip_runtime" in args.paths and args.repeats == 10
     assert "the 'cpp' path is left out: no google-benchmark binary" in capsys.readouterr().err
     assert parse_args(["suite", "--quick", "--repeats", "10"]).repeats == 10 and parse_args(["suite", "--quick"]).repeats == 3
-    built = ["--cpp-bench", __file__]  # stands in for a built binary
+    built = ["--cpp-bench", FAKE_CPP_BENCH]  # stands in for a built binary
     assert "cpp" in parse_args(["suite", *built]).paths and "cpp" not in parse_args(["suite", "--dtype", "bf16", *built]).paths
 
 
@@ -433,7 +440,7 @@ def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(
     assert cli.main(["e2e", "--artifact", str(floats), "--uint8-artifact", str(pixels), "--images", "4", "--batch", "2",
                      "--workers", "1", "--rounds", "1", "--out", str(tmp_path)]) == 0
     files = written(tmp_path)
-    assert set(files) == {".txt", ".json"} and files[".json"].name.startswith("predict_e2e_deit_tiny_patch16_224_imagepiece_b2_")
+    assert set(files) == {".txt", ".json"} and files[".json"].name.startswith("predict_e2e_deit_tiny_patch16_224_imagepiece_fp32_b2_")
     record = json.loads(files[".json"].read_text())
     result = record["result"]
     assert (result["artifact"], result["batch"], result["images"], result["image_size"]) == (str(floats), 2, 4, [500, 375])
@@ -444,7 +451,8 @@ def test_e2e_mode_writes_files_to_rows_beside_model_only_for_both_input_formats(
     assert {"cpu", "torch"} <= set(record["machine"]) and record["settings"]["rounds"] == 1
     assert record["settings"]["arch"] == "deit_tiny_patch16_224"  # the artifact's, not --arch's default (DeiT-S)
     text = files[".txt"].read_text()
-    assert text.startswith("# ") and "single-process / model-only" in text and "uint8-input artifact" in text
+    assert text.startswith("# ") and "\n# predict end-to-end, deit_tiny_patch16_224 imagepiece fp32 (float_nchw fp32 input), batch 2" in text
+    assert "single-process / model-only" in text and "uint8-input artifact" in text
     assert "goal" not in text and "goal_met" not in result  # the goal is about DeiT-S at batch 8, not this run
 
 
@@ -759,3 +767,18 @@ def test_a_file_in_the_machines_place_is_refused_before_the_run(tmp_path, capsys
         cli.main(["reevaluation", "--arch", "deit_tiny_patch16_224", "--images", "1", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and err[-1].endswith(f"results folder {str(blocking)!r} is a file, not a folder")
+
+
+def test_a_run_stopped_between_its_files_leaves_none_of_them(tmp_path, monkeypatch, capsys):
+    """A record is whole or absent: Ctrl-C after the csv and before the plot takes the csv back."""
+    from imagepiece.bench import cli, results
+
+    def writes_then_stopped(args):
+        results.ResultsWriter(args.out, "reevaluation", "stopped", device="cpu").text("the first of the run's files")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.MODES["reevaluation"], "run", writes_then_stopped)
+    assert cli.main(["reevaluation", "--out", str(tmp_path)]) == 130
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
+    assert "reevaluation interrupted; its child processes and temporary files are gone, its results were not written" in \
+        capsys.readouterr().err

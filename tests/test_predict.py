@@ -745,6 +745,14 @@ def test_e2e_benchmark_measures_files_to_rows_beside_the_model(compiled, tmp_pat
     assert "single-process / model-only" in report(result)
 
 
+def test_e2e_benchmark_names_what_an_int8_artifact_computes_in(compiled, tmp_path):
+    from imagepiece.predict.bench import e2e_benchmark, report
+
+    result = e2e_benchmark(str(compiled.path("ti_imagepiece_int8")), images=2, batch=2, workers=1, rounds=1, folder=tmp_path)
+    assert (result["precision"], result["input_format"], result["dtype"]) == ("int8", "float_nchw", "fp32")  # fp32 images
+    assert report(result).startswith("# predict end-to-end, deit_tiny_patch16_224 imagepiece int8 (float_nchw fp32 input)")
+
+
 def test_e2e_benchmark_measures_a_uint8_input_artifact_beside_the_float_one(compiled, tmp_path):
     from imagepiece.predict.bench import e2e_benchmark, report
 

@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     for suffix, path in artifacts.items():
         median = {kind: stats[f"{suffix} {kind}"]["p50_ms"] for kind in KINDS}
         lines.append(f"  {path.name} ({path.stat().st_size / 2**20:.1f} MiB): before {median['before']:.0f}  after {median['after']:.0f}  "
-                     f"(x{median['after'] / median['before']:.2f}, +{median['after'] - median['before']:.0f} ms)  "
+                     f"(x{median['after'] / median['before']:.2f}, {median['after'] - median['before']:+.0f} ms)  "
                      f"digest alone {median['digest']:.0f}")
     lines.append(f"RSS over load/run/unload cycles (ip_runtime.Runtime, one run of its smallest batch per cycle, "
                  f"{cycles['.so']['threads']} threads)")

@@ -35,7 +35,7 @@ from ..model import ARCHS
 from ..termination import STOPPED, Terminated, exit_status, sigterm_unwinds
 from . import (artifact_load, compile_time, contention, overhead, precision, predict_e2e, profiling, reevaluation, serving, suite,
                tuning)
-from .results import RESULTS_ROOT, results_folder
+from .results import RESULTS_ROOT, remove_unfinished_record, results_folder
 from .variants import DEFAULT_ARCH
 
 DESCRIPTION = "Benchmarks of the ImagePiece family; raw results go to benchmarks/results/<machine>/."
@@ -101,6 +101,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m imagepiece
             return MODES[args.mode].run(args)
     except STOPPED as stop:
         how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        remove_unfinished_record()  # stopped between two of its files: none of them stays
         print(f"{prog}: {args.mode} {how}; its child processes and temporary files are gone, its results were not written",
               file=sys.stderr)
         return exit_status(stop)

@@ -24,7 +24,7 @@ HELP = "JPEG files -> predictions (single process, and Ray with --ray) beside th
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--artifact", type=Path, help="a float-input artifact (default: compile --arch/--preset at --batch)")
+    parser.add_argument("--artifact", type=Path, help="the artifact to measure, of any precision and input format (default: compile --arch/--preset at --batch)")
     parser.add_argument("--uint8-artifact", type=Path, help="the same model compiled with --input-format uint8, measured beside it")
     parser.add_argument("--uint8", action="store_true", help="without --uint8-artifact: compile the uint8-input twin and measure it too")
     parser.add_argument("--preset", default="imagepiece", choices=sorted(PRESETS), help="model setting to compile (default: imagepiece)")
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
     text = report(result)
     print(text, end="")
-    subject = f"{result['model'].replace(' ', '_')}_b{result['batch']}"
+    subject = f"{result['model'].replace(' ', '_')}_{result['precision']}_b{result['batch']}"
     writer = ResultsWriter(args.out, "predict_e2e", subject, machine=result["machine"])
     writer.report(text, vars(args), result=result)
     return 0

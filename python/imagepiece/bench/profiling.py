@@ -127,7 +127,7 @@ def format_report(args: argparse.Namespace, flops: dict, parts: dict, samples: d
              f"{'part':<42} {BASELINE + ' ms':>9} {args.preset + ' ms':>16} {'ratio':>7}"]
     for name in sorted(set(plain) - {"total"}, key=lambda k: -plain[k]) + sorted(set(ours) - set(plain)) + ["total"]:
         a, b = plain.get(name, 0.0), ours.get(name, 0.0)
-        lines.append(f"{name:<42} {a:9.2f} {b:16.2f} {f'{a / b:6.2f}x' if b else '     -':>7}")
+        lines.append(f"{name:<42} {a:9.2f} {b:16.2f} {f'{a / b:6.2f}x' if a and b else '     -':>7}")  # a part only one has
     if launches:
         a, b = (statistics.median(launches[name]) for name in (BASELINE, args.preset))
         lines.append(f"{'kernel launches per call':<42} {a:9.0f} {b:16.0f} {f'{a / b:6.2f}x' if b else '     -':>7}")

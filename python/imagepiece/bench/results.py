@@ -11,6 +11,7 @@ import datetime
 import glob
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -18,6 +19,31 @@ from ..environment import PEER_PACKAGES, machine_info, machine_slug
 from ..files import atomic_write, check_writable_dir
 
 RESULTS_ROOT = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
+
+# Every file this process's run has written: a run stopped between its files (the csv written, the plot not yet)
+# takes them back, so that a record is whole or absent.
+_written_by_this_run: List[Path] = []
+
+
+def remove_unfinished_record() -> List[Path]:
+    """Removes the files this process's run has written so far (called when it is stopped); returns them."""
+    removed = list(_written_by_this_run)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    _written_by_this_run.clear()
+    return removed
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every NaN or infinity (a figure not measured: no GPU memory on the CPU, no eager baseline in the
+    run) made None, recursively: JSON has no NaN, and strict readers (JavaScript's JSON.parse) refuse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
 
 
 def json_setting(value: Any) -> Any:
@@ -99,6 +125,7 @@ class ResultsWriter:
                                    "this run's file was not saved") from None
             self.stem = stem
             self.saved.append(path)
+            _written_by_this_run.append(path)
             return path
 
     @property
@@ -112,14 +139,15 @@ class ResultsWriter:
 
     def json(self, payload: Dict) -> Path:
         record = {"machine": self.machine, "created": self.created.isoformat(timespec="seconds"), **payload}
-        return self._write(".json", lambda staged: staged.write_text(json.dumps(record, indent=2, default=str) + "\n"))
+        text = json.dumps(finite_or_none(record), indent=2, default=str, allow_nan=False)
+        return self._write(".json", lambda staged: staged.write_text(text + "\n"))
 
     def csv(self, rows: List[dict], columns: List[str]) -> Path:
         buffer = io.StringIO()
         buffer.write(f"# {self.provenance}\n")
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(({key: "" if value is None else value for key, value in finite_or_none(row).items()} for row in rows))
         return self._write(".csv", lambda staged: staged.write_text(buffer.getvalue()))
 
     def figure(self, draw: Callable[[Path], None], variant: str = "") -> Path:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -65,9 +66,10 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.paths is None:
         args.paths = [name for name, path in PATHS.items()
                       if path.in_default and device in path.devices and set(args.dtype) & set(path.dtypes)]
-        if "cpp" in args.paths and not args.cpp_bench.exists():  # asked for by default, not by name: say so and go on
+        unusable = "cpp" in args.paths and why_not_cpp_bench(args.cpp_bench)
+        if unusable:  # asked for by default, not by name: say so and go on
             args.paths.remove("cpp")
-            print(f"suite: the 'cpp' path is left out: no google-benchmark binary at {args.cpp_bench} ({CPP_BUILD})", file=sys.stderr)
+            print(f"suite: the 'cpp' path is left out: {unusable}", file=sys.stderr)
     # The tables need no plot: without matplotlib (imagepiece[scripts]) the figures are left out, said before timing.
     args.plot = not missing_modules(["matplotlib"])
     if not args.plot:
@@ -98,13 +100,28 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                          "that runs in it")
     if device == "cpu" and "fp16" in args.dtype:
         parser.error("fp16 is not supported on cpu; use fp32 or bf16")
-    if "cpp" in args.paths and not args.cpp_bench.exists():
-        parser.error(f"path 'cpp' needs the google-benchmark binary at {args.cpp_bench}: {CPP_BUILD}")
+    unusable = "cpp" in args.paths and why_not_cpp_bench(args.cpp_bench)
+    if unusable:
+        parser.error(f"path 'cpp': {unusable}")
     if "cpp" in args.paths and set(args.batch) - set(CPP_BATCHES):
         parser.error(f"path 'cpp' times batch sizes {', '.join(map(str, CPP_BATCHES))} only (cpp/bench/bench_runtime.cpp), "
                      f"not {sorted(set(args.batch) - set(CPP_BATCHES))}")
     if BASELINE not in args.variants:
         args.variants = [BASELINE] + args.variants  # every ratio needs plain DeiT on the same path
+
+
+def why_not_cpp_bench(binary: Path) -> Optional[str]:
+    """Why `binary` is not cpp/bench's google-benchmark program (None when it is), found before anything is compiled:
+    run without arguments, it prints its usage line."""
+    if not binary.is_file():
+        return f"no google-benchmark binary at {binary} ({CPP_BUILD})"
+    try:
+        result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"{binary} cannot be run ({getattr(error, 'strerror', None) or error})"
+    if "usage: bench_runtime" not in result.stderr:
+        return f"{binary} is not cpp/bench's bench_runtime (run without arguments, it does not print its usage line)"
+    return None
 
 
 def measure_batch(context: Context, batch: int, args) -> List[dict]:

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
              f"{'setting':<17} {'p50 ms':>9} {'p90 ms':>9} {'vs ' + base_name:>11} {'compile s':>10} {'max|dl|':>9}  attention"]
     for name, row in stats.items():
         lines.append(f"{name:<17} {row['p50_ms']:9.2f} {row['p90_ms']:9.2f} {base / row['p50_ms']:10.2f}x "
-                     f"{compile_seconds.get(name, float('nan')):10.1f} {deviation.get(name, 0.0):9.2g}  {attention.get(name, 'sdpa (eager)')}")
+                     f"{format(compile_seconds[name], '10.1f') if name in compile_seconds else '-':>10} {deviation.get(name, 0.0):9.2g}  {attention.get(name, 'sdpa (eager)')}")
     print(f"# {writer.provenance}\n" + "\n".join(lines))
     writer.report("\n".join(lines), vars(args), stats=stats, baseline=base_name, compile_seconds=compile_seconds, max_abs_logit_diff=deviation,
                   tunings={name: TUNINGS[name]._asdict() for name in args.tunings}, attention=attention)

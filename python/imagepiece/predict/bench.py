@@ -159,6 +159,8 @@ def e2e_benchmark(artifact: str, images: int = 400, size: Tuple[int, int] = (500
         middle = runs[e2e.index(statistics.median_low(e2e))]
         result = {
             "artifact": str(artifact), "model": f"{classifier.metadata['arch']} {preset_of(classifier.metadata)}",
+            # what the model computes in (an int8 artifact takes fp32 images), its images' layout and dtype
+            "precision": classifier.metadata["precision"], "input_format": classifier.metadata["input_format"],
             "dtype": classifier.metadata["dtype"], "batch": classifier.batch, "images": images, "image_size": list(size),
             "jpeg_kib_mean": sum(os.path.getsize(i.location) for i in items) / len(items) / 1024,
             "workers": workers, "rounds": rounds, "torch_threads": torch.get_num_threads(),
@@ -197,7 +199,8 @@ def e2e_benchmark(artifact: str, images: int = 400, size: Tuple[int, int] = (500
 
 def report(result: dict) -> str:
     machine = result["machine"]
-    lines = [f"# predict end-to-end, {result['model']} {result['dtype']}, batch {result['batch']}, {result['images']} JPEGs "
+    lines = [f"# predict end-to-end, {result['model']} {result['precision']} ({result['input_format']} {result['dtype']} input), "
+             f"batch {result['batch']}, {result['images']} JPEGs "
              f"{result['image_size'][0]}x{result['image_size'][1]} (~{result['jpeg_kib_mean']:.0f} KiB), {result['workers']} decode threads, "
              f"{result['rounds']} interleaved rounds, {result['created']}",
              f"# machine: {machine['cpu']} ({machine['cpu_cores']} cores, {result['torch_threads']} torch threads); torch {machine['torch']}",
