@@ -33,7 +33,7 @@ import torch
 
 import imagepiece
 from imagepiece import METHODS, CheckpointError, create_model, format_schedule
-from imagepiece.command_line import USAGE_ERROR, OneLineErrors
+from imagepiece.command_line import USAGE_ERROR, OneLineErrors, allocation_failure
 from imagepiece.config import LCB_CHOICES, PRESETS, REEVALUATIONS, fields_without_effect, lcb_from_cli
 from imagepiece.artifact_metadata import MAX_BATCH, MAX_CLASSES
 from imagepiece.blocks import ATTENTION_KERNELS
@@ -197,6 +197,12 @@ def main(argv=None) -> int:
         return fail(IO_ERROR, error.strerror or str(error))
     except KeyboardInterrupt:  # reading the checkpoint, building the model: nothing written yet
         return fail(exit_status(KeyboardInterrupt()), f"interrupted before compiling; {args.out} was not written")
+    except (RuntimeError, MemoryError) as error:
+        shortage = allocation_failure(error)
+        if shortage is None:
+            raise
+        head = f" (--num-classes {args.num_classes:,} asks for a head of that many rows)" if args.num_classes else ""
+        return fail(IO_ERROR, f"out of memory building the model: {shortage}{head}; {args.out} was not written")
 
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "RANDOM weights (pass --checkpoint for trained ones)"
     batch = f"static batch {args.batch}" if args.batch else f"dynamic batch 1..{args.max_batch}"

@@ -164,6 +164,18 @@ def test_int8_compiles_for_the_cpu_by_default_even_where_there_is_a_gpu(monkeypa
     assert cli.parse_args(["--out", "f.so"]).device == "cuda"
 
 
+def test_a_model_too_large_for_memory_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    """--num-classes 16777216 (the metadata's limit) makes a DeiT-S head of 24 GiB: the allocator's refusal is one line."""
+    def build_beyond_memory(*args, **kwargs):
+        return torch.empty(1 << 50, dtype=torch.uint8)  # what the head's weights meet, for real, on a machine short of 1 PiB
+
+    monkeypatch.setattr(imagepiece, "create_model", build_beyond_memory)
+    result = call_script("aot_compile", capsys, "--num-classes", "16777216", "--out", tmp_path / "huge.so")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("aot_compile.py: error: out of memory building the model: could not allocate 1048576.0 GiB "
+                                     f"(--num-classes 16,777,216 asks for a head of that many rows); {tmp_path / 'huge.so'} was not written")
+
+
 def test_an_unwritable_target_fails_in_one_line_with_status_1():
     result = run_script("aot_compile", "--arch", "deit_tiny_patch16_224", "--out", "/sys/kernel/model.so")
     assert result.returncode == 1

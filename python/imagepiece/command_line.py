@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -54,3 +55,12 @@ def run_entry_point(module: str, entry_point: str) -> int:
         print(f"{program_name(None, entry_point)}: error: {missing}", file=sys.stderr)
         return USAGE_ERROR
     return main()
+
+
+def allocation_failure(error: BaseException) -> Optional[str]:
+    """What could not be allocated, when `error` is PyTorch's CPU allocator (or Python) running out of memory: building
+    a model with an absurd head (--num-classes in the millions) must end in one line, not a traceback."""
+    if isinstance(error, MemoryError):
+        return "Python ran out of memory"
+    asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(error)) if isinstance(error, RuntimeError) else None
+    return f"could not allocate {int(asked.group(1)) / 2**30:.1f} GiB" if asked else None
