@@ -14,6 +14,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -28,7 +29,7 @@ from imagepiece.data import (DatasetError, check_storable_class_names, class_nam
                              eval_transform, image_folder, train_transform)
 from imagepiece.environment import device_problem
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
-from imagepiece.files import atomic_write_text, check_writable_dir
+from imagepiece.files import atomic_write_text, check_writable_dir, held_exclusively
 from imagepiece.training import (RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, check_recipe, epoch_order, log_line,
                                  save_checkpoint, seed_everything)
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
@@ -36,6 +37,7 @@ from imagepiece.weights import fine_tuned_settings, read_state_dict
 
 # What a run's last.pth records that the same command must repeat to resume it (else the saved optimizer and
 # schedule would silently win over the new flags, or train another model under the old run's name).
+LOCK_NAME = ".finetune.lock"  # in --output while a run trains there
 RESUME_MUST_MATCH = ("arch", "preset", "lcb", "num_classes", "classes", "seed", "recipe")
 
 
@@ -96,8 +98,16 @@ def resolve_recipe(args):
 
 def resume_mismatches(saved: dict, current: dict) -> list:
     """What `saved` (a last.pth) recorded differently from this command (keys it lacks are not compared)."""
-    return [f"{key}: the run has {saved[key]!r}, this command {current[key]!r}"
-            for key in RESUME_MUST_MATCH if key in saved and saved[key] != current[key]]
+    differing = []
+    for key in RESUME_MUST_MATCH:
+        if key not in saved or saved[key] == current[key]:
+            continue
+        if isinstance(saved[key], dict) and isinstance(current[key], dict):  # the recipe, the reduction: the fields apart
+            differing += [f"{key} {field}: the run has {saved[key].get(field)!r}, this command {current[key].get(field)!r}"
+                          for field in sorted(set(saved[key]) | set(current[key])) if saved[key].get(field) != current[key].get(field)]
+        else:
+            differing.append(f"{key}: the run has {saved[key]!r}, this command {current[key]!r}")
+    return differing
 
 
 def another_runs_best(best: Path, current: dict) -> bool:
@@ -138,7 +148,8 @@ def build_model(args, recipe, lcb):
         head = {"num_classes": settings["num_classes"]}
     elif args.checkpoint is not None:
         head_weight = read_state_dict(args.checkpoint).get("head.weight")
-        head = {"num_classes": head_weight.shape[0]} if head_weight is not None and head_weight.dim() == 2 else {}
+        # No head (a self-supervised backbone, a num_classes=0 export): built without one, main() adds the dataset's.
+        head = {"num_classes": head_weight.shape[0] if head_weight is not None and head_weight.dim() == 2 else 0}
     else:
         head = {}
     model = create_model(args.arch, lcb=lcb, drop_path_rate=recipe.drop_path, **PRESETS[args.preset], **head)
@@ -207,61 +218,67 @@ def main(argv=None) -> int:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         return 2
 
-    val_set.transform = eval_transform(preprocessing)
-    trainer = Trainer(model, recipe, classes, steps_per_epoch, device, args.amp)
-    last = args.output / "last.pth"
-    run = {"best_accuracy": 0.0}  # updated by train(); every checkpoint records it with the run's settings
-    extra = lambda: {"best_accuracy": run["best_accuracy"], "arch": args.arch, "preset": args.preset, "lcb": lcb,
-                     "num_classes": classes, "classes": names, "seed": args.seed,
-                     "reduction": model.reduction_config.to_dict()}
-    if not last.exists() and another_runs_best(args.output / "best.pth", extra()):
-        # Starting afresh here would cut that run's log and, at the first epoch's end, replace its best.pth.
-        print(f"finetune.py: error: {args.output} holds best.pth of an earlier run but no last.pth to resume it from: "
-              "give another --output (or remove best.pth and log.jsonl there to start over)", file=sys.stderr)
-        return 2
-    if last.exists():
-        try:
-            # On the CPU: the RNG states must stay there; load_state_dict moves the rest to the model's device.
-            state = torch.load(last, map_location="cpu", weights_only=True)
-            differing = resume_mismatches(state, {**extra(), "recipe": dataclasses.asdict(recipe)})
-            if differing:
-                print(f"finetune.py: error: {last} belongs to a run with other settings ({'; '.join(differing)}); "
-                      "repeat that run's flags to resume it, or give another --output", file=sys.stderr)
-                return 2
-            trainer.restore(state)
-        except Exception as error:  # truncated, not a last.pth (a best.pth has no optimizer), another model's shapes
-            print(f"finetune.py: error: cannot resume from {last}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
-                  "move it away to start afresh", file=sys.stderr)
+    with contextlib.ExitStack() as held:
+        try:  # two runs on one --output would resume from each other's last.pth and both write its log and checkpoints
+            held.enter_context(held_exclusively(args.output / LOCK_NAME, f"--output {args.output}"))
+        except ValueError as error:
+            print(f"finetune.py: error: {error}", file=sys.stderr)
             return 2
-        run["best_accuracy"] = state.get("best_accuracy", 0.0)
-        print(f"resumed from {last}: epoch {trainer.epoch}, step {trainer.global_step}"
-              + (f" (the weights of --checkpoint {args.checkpoint} are replaced by last.pth's)" if args.checkpoint else ""))
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.batch_size, num_workers=args.workers,
-                                             collate_fn=collate_readable)
-    log = args.output / "log.jsonl"
-    keep_log_up_to(log, trainer.global_step)
-    if args.max_steps and trainer.global_step >= args.max_steps:  # the same command again: nothing left to do
-        print(f"already at step {trainer.global_step} (--max-steps {args.max_steps}): nothing to train; "
-              "a larger --max-steps (or none) goes on")
+        val_set.transform = eval_transform(preprocessing)
+        trainer = Trainer(model, recipe, classes, steps_per_epoch, device, args.amp)
+        last = args.output / "last.pth"
+        run = {"best_accuracy": 0.0}  # updated by train(); every checkpoint records it with the run's settings
+        extra = lambda: {"best_accuracy": run["best_accuracy"], "arch": args.arch, "preset": args.preset, "lcb": lcb,
+                         "num_classes": classes, "classes": names, "seed": args.seed,
+                         "reduction": model.reduction_config.to_dict()}
+        if not last.exists() and another_runs_best(args.output / "best.pth", extra()):
+            # Starting afresh here would cut that run's log and, at the first epoch's end, replace its best.pth.
+            print(f"finetune.py: error: {args.output} holds best.pth of an earlier run but no last.pth to resume it from: "
+                  "give another --output (or remove best.pth and log.jsonl there to start over)", file=sys.stderr)
+            return 2
+        if last.exists():
+            try:
+                # On the CPU: the RNG states must stay there; load_state_dict moves the rest to the model's device.
+                state = torch.load(last, map_location="cpu", weights_only=True)
+                differing = resume_mismatches(state, {**extra(), "recipe": dataclasses.asdict(recipe)})
+                if differing:
+                    print(f"finetune.py: error: {last} belongs to a run with other settings ({'; '.join(differing)}); "
+                          "repeat that run's flags to resume it, or give another --output", file=sys.stderr)
+                    return 2
+                trainer.restore(state)
+            except Exception as error:  # truncated, not a last.pth (a best.pth has no optimizer), another model's shapes
+                print(f"finetune.py: error: cannot resume from {last}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
+                      "move it away to start afresh", file=sys.stderr)
+                return 2
+            run["best_accuracy"] = state.get("best_accuracy", 0.0)
+            print(f"resumed from {last}: epoch {trainer.epoch}, step {trainer.global_step}"
+                  + (f" (the weights of --checkpoint {args.checkpoint} are replaced by last.pth's)" if args.checkpoint else ""))
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.batch_size, num_workers=args.workers,
+                                                 collate_fn=collate_readable)
+        log = args.output / "log.jsonl"
+        keep_log_up_to(log, trainer.global_step)
+        if args.max_steps and trainer.global_step >= args.max_steps:  # the same command again: nothing left to do
+            print(f"already at step {trainer.global_step} (--max-steps {args.max_steps}): nothing to train; "
+                  "a larger --max-steps (or none) goes on")
+            return 0
+        if trainer.epoch >= recipe.epochs:
+            print(f"already finished: {recipe.epochs} epochs, best val top-1 {run['best_accuracy']:.2f}% -> {args.output / 'best.pth'}")
+            return 0
+        print(f"training {args.arch} {args.preset} (lcb {lcb}) on {len(train_set)} images, {classes} classes: {recipe}")
+        try:
+            with sigterm_unwinds():  # a scheduler's SIGTERM too: checkpoints are renamed into place, so none is half written
+                train(args, recipe, trainer, train_set, val_loader, device, run, extra, log, drop_last)
+        except (TrainingDiverged, NonFiniteLogits, CheckpointWriteError, DatasetError) as error:
+            saved = (f"{last} holds the last good state (resuming takes the same flags; other flags, e.g. a lower --lr, "
+                     "need another --output)") if last.exists() else "nothing was saved"
+            print(f"finetune.py: error: {error}; {saved}", file=sys.stderr)
+            return 1
+        except STOPPED as stop:
+            saved = (f"{last} holds the last saved step: rerun the same command to resume" if last.exists()
+                     else f"nothing was saved yet (the first save is at step {args.save_every} or the epoch's end)")
+            print(f"finetune.py: {how_stopped(stop)}; {saved}", file=sys.stderr)
+            return exit_status(stop)
         return 0
-    if trainer.epoch >= recipe.epochs:
-        print(f"already finished: {recipe.epochs} epochs, best val top-1 {run['best_accuracy']:.2f}% -> {args.output / 'best.pth'}")
-        return 0
-    print(f"training {args.arch} {args.preset} (lcb {lcb}) on {len(train_set)} images, {classes} classes: {recipe}")
-    try:
-        with sigterm_unwinds():  # a scheduler's SIGTERM too: checkpoints are renamed into place, so none is half written
-            train(args, recipe, trainer, train_set, val_loader, device, run, extra, log, drop_last)
-    except (TrainingDiverged, NonFiniteLogits, CheckpointWriteError, DatasetError) as error:
-        saved = (f"{last} holds the last good state (resuming takes the same flags; other flags, e.g. a lower --lr, "
-                 "need another --output)") if last.exists() else "nothing was saved"
-        print(f"finetune.py: error: {error}; {saved}", file=sys.stderr)
-        return 1
-    except STOPPED as stop:
-        saved = (f"{last} holds the last saved step: rerun the same command to resume" if last.exists()
-                 else f"nothing was saved yet (the first save is at step {args.save_every} or the epoch's end)")
-        print(f"finetune.py: {how_stopped(stop)}; {saved}", file=sys.stderr)
-        return exit_status(stop)
-    return 0
 
 
 def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log, drop_last) -> None:

@@ -349,7 +349,7 @@ def test_finetune_refuses_val_classes_that_are_not_train_classes(tmp_path, capsy
 
 
 @pytest.mark.parametrize("change, message", [
-    (["--lr", "1e-2"], "recipe: the run has"),  # the saved optimizer and schedule would silently keep the old lr
+    (["--lr", "1e-2"], "(recipe lr: the run has"),  # the saved optimizer and schedule would silently keep the old lr
     (["--seed", "3"], "seed: the run has 0, this command 3"),
     (["--preset", "tome"], "preset: the run has 'imagepiece', this command 'tome'"),
 ])
@@ -357,6 +357,7 @@ def test_finetune_resumes_only_the_run_its_flags_describe(dataset, finetuned, tm
     shutil.copy(finetuned[0] / "last.pth", tmp_path / "last.pth")
     result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path, "--max-steps", "9", *TRAIN, *change)
     assert result.returncode == 2 and message in result.stderr and "belongs to a run with other settings" in result.stderr, result.stderr
+    assert "batch_size" not in result.stderr  # the field that differs, not every field of the recipe
 
 
 @pytest.mark.parametrize("damage", ["truncated", "a best.pth"])
@@ -385,6 +386,30 @@ def test_finetune_starts_from_another_trainers_checkpoint_with_its_head_size(dat
     result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path / "run", "--checkpoint", tmp_path / "timm_4_classes.pth",
                          "--max-steps", "1", *TRAIN)
     assert result.returncode == 0 and "stopped at step 1" in result.stdout, result.stderr
+
+
+def test_finetune_starts_from_a_backbone_without_a_head(dataset, tmp_path, capsys):
+    # A self-supervised DeiT or a num_classes=0 export: no head.* keys at all (timm loads it and makes a new head).
+    import timm
+
+    backbone = {key: value for key, value in timm.create_model(ARCH).state_dict().items() if not key.startswith("head.")}
+    torch.save(backbone, tmp_path / "headless.pth")
+    result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path / "run", "--checkpoint", tmp_path / "headless.pth",
+                         "--max-steps", "1", *TRAIN)
+    assert result.returncode == 0 and "stopped at step 1" in result.stdout, result.stderr
+    saved = torch.load(tmp_path / "run" / "last.pth", map_location="cpu", weights_only=True)["model"]
+    assert saved["head.weight"].shape == (4, 192)
+    # Loaded, then one AdamW step at lr 1e-3 (each weight moves by about lr at most; a fresh init is ~0.02 away).
+    assert (saved["pos_embed"] - backbone["pos_embed"]).abs().max() < 2e-3
+
+
+def test_a_second_finetune_on_the_same_output_is_refused_while_the_first_runs(dataset, tmp_path, capsys):
+    from imagepiece.files import held_exclusively
+
+    with held_exclusively(tmp_path / load_script("finetune").LOCK_NAME, "the first run"):  # as the first run holds it
+        result = call_script("finetune", capsys, "--data", dataset, "--output", tmp_path, "--max-steps", "1", *TRAIN)
+    assert result.returncode == 2 and f"--output {tmp_path} is being written by another run (pid {os.getpid()})" in result.stderr
+    assert not (tmp_path / "last.pth").exists() and not (tmp_path / "log.jsonl").exists()
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

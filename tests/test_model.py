@@ -239,10 +239,14 @@ def test_timm_options_at_deits_own_values_are_taken():
         (lambda: create_model("deit_small_patch16_224.tome", "evit"), "says method"),
         (lambda: create_model("deit_small_patch16_224", ratio=0.1), "unknown option"),
         (lambda: create_model("deit_small_patch16_224", keep_rate=2.0), "keep_rate"),
+        (lambda: create_model("deit_tiny_patch16_224", "tome", config=ReductionConfig(method="evit")),
+         "method='tome' but config is for method 'evit'"),
         (lambda: timm.create_model("imagepiece_deit_small_patch16_224", pretrained=True), "no hub weights"),
         # They change the tokens the static schedule counts: refused, not run with the wrong schedule.
         (lambda: timm.create_model("imagepiece_deit_tiny_patch16_224", reg_tokens=4), "reg_tokens=4 is not supported"),
         (lambda: timm.create_model("tome_deit_tiny_patch16_224", global_pool="avg"), "global_pool='avg' is not supported"),
+        # ... nor later: an average over merged tokens would ignore their sizes.
+        (lambda: timm.create_model("imagepiece_deit_tiny_patch16_224").reset_classifier(10, "avg"), "global_pool='avg' is not supported"),
         (lambda: timm.create_model("evit_deit_tiny_patch16_224", img_size=384), "img_size=384 is not supported"),
         (lambda: timm.create_model("evit_deit_tiny_patch16_224", features_only=True, feature_cls="hook"), "'getter' only"),
     ],
@@ -250,6 +254,36 @@ def test_timm_options_at_deits_own_values_are_taken():
 def test_bad_model_requests_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_reset_classifier_replaces_the_head_as_timms_does():
+    model = timm.create_model("imagepiece_deit_tiny_patch16_224")
+    model.reset_classifier(10, "token")
+    assert model.head.out_features == 10 and model.global_pool == "token"
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 192)  # features, as timm's num_classes=0
+
+
+@pytest.mark.parametrize("method", ["imagepiece", "evit"])
+def test_grad_checkpointing_keeps_fewer_activations_and_the_same_gradients(method):
+    """timm's set_grad_checkpointing(True) recomputes each block in the backward pass (it was a flag nothing read)."""
+    model = create_model("deit_tiny_patch16_224", method).train()
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+    def saved_tensors_and_gradients():
+        saved = []
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(images).square().mean()
+        loss.backward()
+        return sum(saved), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    kept, expected = saved_tensors_and_gradients()
+    model.set_grad_checkpointing(True)
+    kept_checkpointed, gradients = saved_tensors_and_gradients()
+    assert kept_checkpointed < kept / 4
+    for got, want in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def reference_block(block, x, size, proportional):

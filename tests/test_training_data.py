@@ -93,8 +93,9 @@ def test_a_folder_reached_twice_through_a_link_is_refused(tmp_path, link):
     write_image_folder(tmp_path, classes=2, per_class=2, size=8)
     target = ".." if link == "loop" else "../class_001"  # a loop repeated every image 41 times; a sibling counts twice
     os.symlink(target, tmp_path / "class_000" / "linked")
-    with pytest.raises(DatasetError, match="link to a folder already listed"):
+    with pytest.raises(DatasetError, match="link to a folder already listed") as error:
         image_folder(tmp_path)
+    assert f"{str(tmp_path / 'class_000' / 'linked')!r} is a link" in str(error.value)  # the link, whichever the walk met first
 
 
 def test_images_outside_class_folders_are_refused(tmp_path):

@@ -138,13 +138,26 @@ def _check_one_level_of_classes(root: Path, dataset: ImageFolder) -> None:
 def _check_each_folder_listed_once(root: Path) -> None:
     # timm's reader follows symbolic links to folders: a link back up the tree repeats every image under it
     # (41 times, seen) and a link to a sibling counts its images twice. Same walk, stopped at the first repeat.
-    seen = set()
+    first_listed_as = {}
     for folder, _, _ in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:
-            raise DatasetError(f"dataset folder {str(root)!r}: {folder!r} is a link to a folder already listed ({real!r}); "
+        if real in first_listed_as:
+            earlier = first_listed_as[real]
+            # The walk may reach the link first: the message names the link, and the folder it repeats.
+            link, target = (earlier, folder) if _through_a_link(root, earlier) and not _through_a_link(root, folder) else (folder, earlier)
+            raise DatasetError(f"dataset folder {str(root)!r}: {link!r} is a link to a folder already listed ({target!r}); "
                                "each image must appear once")
-        seen.add(real)
+        first_listed_as[real] = folder
+
+
+def _through_a_link(root: Path, folder: str) -> bool:
+    """Whether `folder` (below `root`) is reached through a symbolic link."""
+    current = Path(root)
+    for part in Path(folder).relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            return True
+    return False
 
 
 def class_names(dataset: ImageFolder) -> List[str]:

@@ -24,6 +24,7 @@ from timm.models._builder import pretrained_cfg_for_features
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import ReducingBlock, Tokens, make_reduction
 from .config import METHODS, BlockSchedule, ReductionConfig, token_schedule
@@ -98,6 +99,21 @@ class ImagePieceViT(VisionTransformer):
         x = self._pos_embed(x)
         return self.norm_pre(self.patch_drop(x))
 
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's, for the pooling this model has ([CLS]) or none ('': the tokens themselves, as timm's feature
+        extraction asks): merged and pruned tokens have sizes that an average would ignore."""
+        if global_pool not in (None, "", DEIT_LAYOUT["global_pool"]):
+            raise ValueError(f"global_pool={global_pool!r} is not supported: the token reduction schedules DeiT's own "
+                             f"layout (global_pool={DEIT_LAYOUT['global_pool']!r})")
+        super().reset_classifier(num_classes, global_pool)
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, size: torch.Tensor, source: Optional[torch.Tensor]) -> Tokens:
+        """One block; with timm's set_grad_checkpointing(True), its activations are recomputed in the backward pass
+        instead of kept (training memory, as timm's ViT does)."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(block, x, size, source, use_reentrant=False)
+        return block(x, size, source)
+
     def forward_tokens(self, images: torch.Tensor, trace_source: bool = False) -> Tokens:
         """Run the encoder; returns (tokens, sizes, sources).
 
@@ -109,7 +125,7 @@ class ImagePieceViT(VisionTransformer):
         size = x.new_ones(x.shape[0], x.shape[1], 1)
         source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1) if trace_source else None
         for block in self.blocks:
-            x, size, source = block(x, size, source)
+            x, size, source = self._run_block(block, x, size, source)
         return self.norm(x), size, source
 
     def forward_intermediates(
@@ -139,7 +155,7 @@ class ImagePieceViT(VisionTransformer):
         size = x.new_ones(batch, x.shape[1], 1)
         intermediates = []
         for index, block in enumerate(blocks):
-            x, size, _ = block(x, size)
+            x, size, _ = self._run_block(block, x, size, None)
             if index in take_indices:
                 intermediates.append((self.norm(x) if norm else x)[:, self.num_prefix_tokens :])
         if output_fmt == "NCHW":
@@ -202,6 +218,8 @@ def create_model(
         **overrides: `ReductionConfig` fields (p, merge_ratio, keep_rate, prune_blocks, tome_r, lcb,
             prop_attn, reevaluation) and timm options (num_classes, drop_rate, drop_path_rate, ...).
     """
+    if config is not None and method is not None and method != config.method:
+        raise ValueError(f"method={method!r} but config is for method {config.method!r}: give one of them")
     arch, method = parse_model_name(arch, method if config is None else (method or config.method))
     config_fields = {field.name for field in dataclasses.fields(ReductionConfig)}
     unknown = set(overrides) - config_fields - set(VIT_OPTIONS)

@@ -183,7 +183,7 @@ def head_size_hint(state: dict, missing: list, mismatched_keys: list, model_widt
     # is another model, and the hint would name the classes already asked for).
     if width != model_width or (bias is not None and tuple(bias.shape) != (classes,)):
         return ""
-    return f". Its head has {classes} classes: pass --num-classes {classes}"
+    return f". Its head has {classes} classes: pass --num-classes {classes} (num_classes={classes} from Python)"
 
 
 def _first(items: list, count: int = 6) -> str:
@@ -272,7 +272,8 @@ def fine_tune_hint(path: Union[str, Path]) -> str:
         return ""
     return (f". It was fine-tuned (scripts/finetune.py) as --arch {flags['arch']} --lcb {flags['lcb']} "
             f"--num-classes {flags['num_classes']}: pass the same flags (evaluate.py, visualize.py and aot_compile.py "
-            "take them from the checkpoint when they are not given)")
+            "take them from the checkpoint when they are not given), or from Python "
+            f"create_model({flags['arch']!r}, lcb={flags['lcb']!r}, num_classes={flags['num_classes']}, checkpoint=...)")
 
 
 def file_sha256(path: Union[str, Path]) -> str:
