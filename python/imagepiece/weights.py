@@ -183,7 +183,8 @@ def head_size_hint(state: dict, missing: list, mismatched_keys: list, model_widt
     # is another model, and the hint would name the classes already asked for).
     if width != model_width or (bias is not None and tuple(bias.shape) != (classes,)):
         return ""
-    return f". Its head has {classes} classes: pass --num-classes {classes} (num_classes={classes} from Python)"
+    return (f". Its head has {classes} classes: pass --num-classes {classes} (num_classes={classes} from Python, then "
+            "model.reset_classifier(n) for a new head of n classes)")
 
 
 def _first(items: list, count: int = 6) -> str:
