@@ -571,7 +571,7 @@ def test_profile_groups_gpu_kernels_and_reports_launches_per_call():
                           {"plain": [80, 81, 80], "imagepiece": [410, 400, 405]}).splitlines()
     assert "cuda bf16" in lines[0] and "GPU kernel time" in lines[0]
     assert next(line for line in lines if line.startswith("kernel launches per call")).split()[-3:] == ["80", "405", "0.20x"]
-    assert next(line for line in lines if line.startswith("sort")).split()[1:] == ["0.00", "0.50", "0.00x"]
+    assert next(line for line in lines if line.startswith("sort")).split()[1:] == ["0.00", "0.50", "-"]  # a part plain DeiT lacks: no ratio
 
 
 def test_profile_mode_measures_real_artifacts_and_lists_their_slowest_events(compiled):
