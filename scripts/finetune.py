@@ -35,9 +35,9 @@ from imagepiece.training import (RECIPES, CheckpointWriteError, Trainer, Trainin
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 from imagepiece.weights import fine_tuned_settings, read_state_dict
 
+LOCK_NAME = ".finetune.lock"  # in --output while a run trains there
 # What a run's last.pth records that the same command must repeat to resume it (else the saved optimizer and
 # schedule would silently win over the new flags, or train another model under the old run's name).
-LOCK_NAME = ".finetune.lock"  # in --output while a run trains there
 RESUME_MUST_MATCH = ("arch", "preset", "lcb", "num_classes", "classes", "seed", "recipe")
 
 
