@@ -42,6 +42,7 @@ from imagepiece.export import (PRECISIONS, check_build_tools, check_device_and_d
                                default_attention)
 from imagepiece.input_format import CLI_INPUT_FORMATS
 from imagepiece.model import parse_model_name
+from imagepiece.quantize import MAX_CALIBRATION_IMAGES
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 from imagepiece.weights import MODEL_FLAG_DEFAULTS, fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
@@ -102,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "[B, H, W, 3], normalised inside the artifact (4x fewer bytes to move, no float work on the host)")
     target.add_argument("--calibration", type=Path, help="int8: a folder of images to calibrate activation ranges on "
                         "(default: synthetic Gaussian images, right only for random weights)")
-    target.add_argument("--calibration-images", type=at_least(1), help="int8: images to calibrate on (default 32)")
+    target.add_argument("--calibration-images", type=at_least(1, MAX_CALIBRATION_IMAGES),
+                        help="int8: images to calibrate on (default 32, rounded up to whole batches for a static --batch)")
     target.add_argument("--attention", choices=list(ATTENTION_KERNELS),
                         help="attention kernel: sdpa (fused flash attention, fp32 logits) or matmul (two batched GEMMs and a "
                         "softmax, logits in the model's dtype); default: matmul for bf16 on the CPU (faster there on the AMD EPYC it was "
@@ -118,6 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() and args.dtype != "int8" else "cpu"
     if (args.calibration is not None or args.calibration_images is not None) and args.dtype != "int8":  # before any work
         parser.error("--calibration and --calibration-images apply only to --dtype int8")
+    if args.calibration_images is not None and args.batch is not None and args.calibration_images < args.batch:
+        parser.error(f"--calibration-images {args.calibration_images} is fewer than one batch: a static --batch {args.batch} "
+                     "artifact calibrates on whole batches")
     return args
 
 
@@ -224,7 +229,10 @@ def main(argv=None) -> int:
         return fail(USAGE_ERROR, str(error))
     except STOPPED as stop:  # Ctrl-C or SIGTERM: the staging folder is gone by now (it unwound); `out` is untouched
         return fail(exit_status(stop), f"{how_stopped(stop)}; {out} was not written")
-    except Exception as error:  # noqa: BLE001  (only I/O failures are turned into a message; bugs keep their traceback)
+    except Exception as error:  # noqa: BLE001  (only I/O and memory failures become a message; bugs keep their traceback)
+        shortage = allocation_failure(error)
+        if shortage is not None:
+            return fail(IO_ERROR, f"out of memory while compiling: {shortage}; {out} was not written")
         reason = io_failure(error)
         if reason is None:
             raise

@@ -96,6 +96,48 @@ def test_folder_calibration_prepares_images_as_predict_does(tmp_path):
         folder_calibration(tmp_path, preprocessing, (3, 224, 224), count=8)
 
 
+def test_the_calibration_folder_is_listed_as_predict_lists_a_folder(tmp_path, capsys):
+    from image_files import huge_png
+    from imagepiece.quantize import calibration_files, folder_calibration
+
+    write_image_folder(tmp_path, classes=1, per_class=2)
+    # Hidden files and folders are left out, as predict leaves them out (its walk: deep trees too, test_predict.py).
+    (tmp_path / "class_000" / "._photo.jpg").write_bytes(b"macOS metadata, not a jpeg")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "thumb.jpg").write_bytes(b"not a jpeg either")
+    assert [path.name for path in calibration_files(tmp_path, 32)] == sorted(p.name for p in (tmp_path / "class_000").glob("[!.]*"))
+    # The decompression-bomb refusal names no --max-pixels: aot_compile has no such flag.
+    (tmp_path / "class_000" / "bomb.png").write_bytes(huge_png(20_000, 20_000))
+    preprocessing = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bicubic",
+                     "crop_pct": 0.9, "crop_mode": "center"}
+    with pytest.raises(ValueError, match="decompression-bomb guard") as error:
+        folder_calibration(tmp_path / "class_000", preprocessing, (3, 224, 224), count=4)
+    assert "--max-pixels" not in str(error.value)
+
+
+def test_int8_calibrates_on_whole_batches_by_default_and_refuses_fewer_images_than_a_batch(capsys):
+    from imagepiece.quantize import default_calibration_images
+    from script_runs import load_script
+
+    assert [default_calibration_images(batch, dynamic=False) for batch in (1, 8, 20, 64)] == [32, 32, 40, 64]
+    assert default_calibration_images(64, dynamic=True) == 32
+    aot_compile = load_script("aot_compile")
+    for args, message in ((["--calibration-images", "1", "--batch", "2"], "--calibration-images 1 is fewer than one batch"),
+                          (["--calibration-images", "1000000000"], "must be an integer <= 4,096")):
+        with pytest.raises(SystemExit):
+            aot_compile.parse_args(["--dtype", "int8", *args, "--out", "q.so"])
+        assert message in capsys.readouterr().err
+
+
+def test_importing_torchao_leaves_stderr_to_the_commands_own_lines():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "from imagepiece.quantize import require_torchao; require_torchao()"],
+                            capture_output=True, text=True, check=True)
+    assert result.stderr == ""
+
+
 def test_calibration_runs_and_records_the_images_a_graph_can_take():
     from imagepiece.quantize import Calibration, calibration_chunks, quantize_int8, usable_calibration
 

@@ -438,24 +438,27 @@ def _quantized(model: ImagePieceViT, metadata: dict, example: torch.Tensor, cali
                images: Optional[int], log: Callable[[str], None]) -> torch.nn.Module:
     """`model` with int8 Linear layers; records the scheme, the calibration and the quantized model's
     agreement with `model` on the calibration images in `metadata`."""
-    from .quantize import (CALIBRATION_IMAGES, SCHEME, agreement_with_fp32, folder_calibration, quantize_int8, synthetic_calibration,
-                           usable_calibration)
+    from .quantize import (SCHEME, agreement_with_fp32, default_calibration_images, folder_calibration, quantize_int8,
+                           synthetic_calibration, usable_calibration)
 
-    count = images or CALIBRATION_IMAGES
+    dynamic, batch = metadata["batch"]["dynamic"], example.shape[0]
+    count = images or default_calibration_images(batch, dynamic)
     if calibration is not None:
-        data = folder_calibration(calibration, metadata["preprocessing"], metadata["input_shape"], count)
+        data = folder_calibration(calibration, metadata["preprocessing"], metadata["input_shape"], count,
+                                  warn=lambda message: log(f"warning: {message}"))
     else:
         data = synthetic_calibration(metadata["input_shape"], count)
-    dynamic, batch = metadata["batch"]["dynamic"], example.shape[0]
+    given = len(data.images)
     data = usable_calibration(data, batch, dynamic)  # what the metadata records is what the ranges were measured on
-    log(f"quantizing to int8, calibrated on {data.images.shape[0]} images ({data.source}) ...")
+    left_out = f"; the last {given - len(data.images)} left out: a static batch-{batch} graph takes whole batches" if given > len(data.images) else ""
+    log(f"quantizing to int8, calibrated on {data.images.shape[0]} images ({data.source}{left_out}) ...")
     quantized = quantize_int8(model, example, data, batch=batch,
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=metadata["batch"]["max"])},)
                               if dynamic else None)
     from importlib.metadata import version
 
     agreement = agreement_with_fp32(model, quantized, data.images.to(example.device), batch, dynamic)
-    log(f"int8 vs fp32 on the calibration images: top-1 {agreement['top1_agree']}/{agreement['images']}, "
+    log(f"int8 (its quantize/dequantize reference model) vs fp32 on the calibration images: top-1 {agreement['top1_agree']}/{agreement['images']}, "
         f"max |logit diff| {agreement['max_abs_logit_diff']:.4f}, mean cosine {agreement['cosine_mean']:.5f}")
     metadata["quantization"] = {"scheme": SCHEME, "calibration": data.describe(), "torchao": version("torchao"),
                                 "agreement_with_fp32": {**agreement, "on": "the calibration images, quantize/dequantize reference model"}}

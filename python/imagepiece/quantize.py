@@ -14,15 +14,18 @@ class attention, similarity, sorts, gathers and the merging scatter, and so do a
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
 from .evaluation import logit_agreement
 
-CALIBRATION_IMAGES = 32
+CALIBRATION_IMAGES = 32  # by default; a static batch rounds it up to whole batches
+# Every calibration image is held as float32 at once (~0.6 MB at 224 px): 4096 of them take 2.4 GB.
+MAX_CALIBRATION_IMAGES = 4096
 QUANTIZED_MODULES = ("Linear",)
 SCHEME = ("PT2E static, X86InductorQuantizer default config on nn.Linear: weights int8 per-channel symmetric, "
           "activations uint8 per-tensor affine (histogram observer)")
@@ -40,12 +43,24 @@ class Calibration:
 
 
 def require_torchao():
+    # Importing torchao logs a torch pytree warning (an Enum registered as a constant) to stderr on every run, in
+    # front of a refusal's one line too.
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
     try:
         from torchao.quantization.pt2e import quantize_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
     except ImportError as error:
         raise ValueError(f"int8 needs torchao (pip install torchao): {error}") from None
+    finally:
+        pytree_log.setLevel(level)
     return quantize_pt2e, x86_inductor_quantizer
+
+
+def default_calibration_images(batch: int, dynamic: bool) -> int:
+    """CALIBRATION_IMAGES, for a static batch rounded up to whole batches (a batch-64 graph calibrates on 64)."""
+    return CALIBRATION_IMAGES if dynamic else -(-CALIBRATION_IMAGES // batch) * batch
 
 
 def synthetic_calibration(input_shape: Sequence[int], count: int = CALIBRATION_IMAGES, seed: int = 0) -> Calibration:
@@ -55,33 +70,41 @@ def synthetic_calibration(input_shape: Sequence[int], count: int = CALIBRATION_I
     return Calibration(images, f"synthetic (N(0,1) images, seed {seed})")
 
 
-def image_files(folder: Path) -> List[Path]:
-    """Image files under `folder` (any depth), in a stable order: the suffixes predict's folder walk lists (the formats
-    the decoder opens: a .psd or .pdf beside the images is no calibration image)."""
-    from .predict.sources import image_suffixes
+def image_files(folder: Path, warn: Callable[[str], None] = print) -> List[Path]:
+    """The image files under `folder` as `imagepiece-predict` lists a folder: any depth, the suffixes its decoder
+    opens (a .psd beside the images is no calibration image), hidden files and folders left out (macOS's ._photo.jpg),
+    links to folders not entered; `warn` hears of a sub-folder that cannot be listed."""
+    from .predict.sources import walk_folder
 
-    extensions = image_suffixes()
-    return sorted(path for path in Path(folder).rglob("*") if path.is_file() and path.suffix.lower() in extensions)
+    return [Path(item.location) for item in walk_folder(str(folder), warn)]
 
 
 def folder_calibration(folder: Union[str, Path], preprocessing: dict, input_shape: Sequence[int],
-                       count: int = CALIBRATION_IMAGES) -> Calibration:
+                       count: int = CALIBRATION_IMAGES, warn: Callable[[str], None] = print) -> Calibration:
     """Up to `count` images from `folder`, decoded, resized and normalised exactly as
     `imagepiece.predict` prepares images for this model (its preprocessing metadata)."""
     from .predict.preprocess import Preprocess, normalise
 
     prepare = Preprocess(preprocessing, input_shape)
-    pixels = torch.stack([torch.from_numpy(prepare(decoded_calibration_image(path))) for path in calibration_files(folder, count)])
+    files = calibration_files(folder, count, warn)
+    if len(files) < count:
+        warn(f"calibration folder {str(folder)!r} holds {len(files)} images, fewer than the {count} asked for: all are used")
+    pixels = torch.stack([torch.from_numpy(prepare(decoded_calibration_image(path))) for path in files])
     return Calibration(normalise(pixels, preprocessing["mean"], preprocessing["std"]), f"folder {Path(folder).name!r}")
 
 
-def calibration_files(folder: Union[str, Path], count: int = CALIBRATION_IMAGES) -> List[Path]:
+def calibration_files(folder: Union[str, Path], count: int = CALIBRATION_IMAGES, warn: Callable[[str], None] = print) -> List[Path]:
     """The up to `count` image files of `folder` that calibrate (`spread_over_folders`); ValueError if `folder` is
     not a folder or holds none."""
+    from .predict.sources import InputError
+
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"calibration folder {str(folder)!r} does not exist or is not a folder")
-    files = spread_over_folders(image_files(folder), count)
+    try:
+        files = spread_over_folders(image_files(folder, warn), count)
+    except InputError as error:  # the folder itself cannot be listed
+        raise ValueError(f"calibration {error}") from None
     if not files:
         raise ValueError(f"calibration folder {str(folder)!r} holds no image files")
     return files
@@ -90,12 +113,13 @@ def calibration_files(folder: Union[str, Path], count: int = CALIBRATION_IMAGES)
 def decoded_calibration_image(path: Path):
     """`path` decoded to RGB; a file that does not decode is a request that cannot work (ValueError, exit 2),
     not a failed write."""
-    from .predict.decode import ImageError, decode_rgb
+    from .predict.decode import MAX_PIXELS_ADVICE, ImageError, decode_rgb
 
     try:
         return decode_rgb(str(path))
     except ImageError as error:
-        raise ValueError(f"calibration image {str(path)!r} cannot be used: {error}; remove it or give another --calibration") from None
+        reason = str(error).replace(MAX_PIXELS_ADVICE, "")  # predict's flag: aot_compile has none
+        raise ValueError(f"calibration image {str(path)!r} cannot be used: {reason}; remove it or give another --calibration") from None
 
 
 def spread_over_folders(files: List[Path], count: int) -> List[Path]:
@@ -129,7 +153,7 @@ def usable_calibration(calibration: Calibration, batch: int, dynamic: bool) -> C
     used = count if dynamic else count - count % batch
     if used == 0:
         raise ValueError(f"int8 calibration of a static batch-{batch} artifact needs at least {batch} images, "
-                         f"got {len(calibration.images)}")
+                         f"got {len(calibration.images)} (--calibration-images, and as many in --calibration's folder)")
     return Calibration(calibration.images[:used], calibration.source)
 
 

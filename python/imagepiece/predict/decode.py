@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 # Pillow's own default guard, 89.5 Mpx (~0.25 GiB as RGB): far above any photo a classifier needs.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+MAX_PIXELS_ADVICE = "; --max-pixels raises it"  # the commands that have the flag (not aot_compile's calibration)
 UNSUPPORTED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
                      "F": "32-bit float"}
 
@@ -100,7 +101,7 @@ def _decode(source: Union[str, BinaryIO], max_pixels: int) -> Image.Image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                                 f"{max_pixels:,}: refused before decoding (decompression-bomb guard; --max-pixels raises it)")
+                                 f"{max_pixels:,}: refused before decoding (decompression-bomb guard{MAX_PIXELS_ADVICE})")
             # Step 2: refuse what would convert to a wrong picture.
             if image.mode in UNSUPPORTED_MODES:
                 raise ImageError(f"unsupported {UNSUPPORTED_MODES[image.mode]} image (mode {image.mode}): "
@@ -116,7 +117,7 @@ def _decode(source: Union[str, BinaryIO], max_pixels: int) -> Image.Image:
         raise ImageError(f"not an image in an accepted format (no decoder of {', '.join(RASTER_FORMATS)} recognises the file)") from None
     except Image.DecompressionBombError as error:  # Pillow's guard fired first: only ever above our limit
         raise ImageError(f"image has more than {max_pixels:,} pixels: refused before decoding "
-                         f"(decompression-bomb guard; --max-pixels raises it; Pillow says: {error})") from None
+                         f"(decompression-bomb guard{MAX_PIXELS_ADVICE}; Pillow says: {error})") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
         # Pillow's plugins signal broken data with any of these (truncated JPEG: OSError,
         # broken PNG chunk: SyntaxError, bad TIFF tags: ValueError/IndexError ...).

@@ -76,7 +76,7 @@ def found_file(location: str) -> InputItem:
     return InputItem(printable(location), location)
 
 
-def _walk_folder(folder: str, warn: Callable[[str], None]) -> List[InputItem]:
+def walk_folder(folder: str, warn: Callable[[str], None]) -> List[InputItem]:
     """os.walk's order (each folder's files, then its sub-folders, all sorted), with a stack of its own: Python
     3.11's os.walk recurses, and a tree deeper than ~1000 folders would end in a RecursionError."""
     suffixes = image_suffixes()
@@ -222,7 +222,7 @@ def list_inputs(spec: str, column: Optional[str] = None, warn: Callable[[str], N
     could not be listed."""
     source = Path(spec)
     if source.is_dir():
-        items = _walk_folder(spec, warn)
+        items = walk_folder(spec, warn)
         what = f"folder {spec!r} holds no image files (suffixes such as .jpg, .png, .webp)"
     elif source.is_file():
         suffix = source.suffix.lower()
