@@ -62,14 +62,16 @@ endif()
 
 # A CUDA build of PyTorch makes find_package(Torch) look for a CUDA toolkit even for an app that runs on the CPU, and
 # stop with "Your installed Caffe2 version uses CUDA but I cannot find the CUDA libraries": say first what is missing.
-if(NOT CUDA_TOOLKIT_ROOT_DIR AND NOT CUDAToolkit_ROOT AND NOT DEFINED ENV{CUDAToolkit_ROOT} AND NOT DEFINED ENV{CUDA_PATH})
+if(NOT CUDA_TOOLKIT_ROOT_DIR AND NOT CUDAToolkit_ROOT AND NOT CMAKE_CUDA_COMPILER AND NOT DEFINED ENV{CUDAToolkit_ROOT}
+   AND NOT DEFINED ENV{CUDA_PATH} AND NOT DEFINED ENV{CUDACXX})
   foreach(_imagepiece_caffe2 "${Torch_DIR}/../Caffe2/Caffe2Config.cmake" "${_imagepiece_torch_cmake}/Caffe2/Caffe2Config.cmake")
     if(EXISTS "${_imagepiece_caffe2}")
       file(STRINGS "${_imagepiece_caffe2}" _imagepiece_torch_uses_cuda REGEX "set\\(CAFFE2_USE_CUDA 1\\)")
       if(_imagepiece_torch_uses_cuda)
-        message(WARNING "No CUDA toolkit found (no nvcc on PATH or in /usr/local/cuda/bin), and the PyTorch found is a "
-                "CUDA build: its CMake package needs the toolkit (the version torch.version.cuda names) even for an app "
-                "that runs on the CPU. Install it, or set CUDA_TOOLKIT_ROOT_DIR to it.")
+        message(WARNING "No CUDA toolkit found (no nvcc beside an include/cuda_runtime_api.h, on PATH or in "
+                "/usr/local/cuda), and the PyTorch found is a CUDA build: its CMake package needs the toolkit (the "
+                "version torch.version.cuda names) even for an app that runs on the CPU. Install it, or set "
+                "CUDA_TOOLKIT_ROOT_DIR to it.")
       endif()
       break()
     endif()

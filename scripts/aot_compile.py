@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 import imagepiece
-from imagepiece import METHODS, CheckpointError, create_model, format_schedule
+from imagepiece import ARCHS, METHODS, CheckpointError, create_model, format_schedule
 from imagepiece.command_line import USAGE_ERROR, OneLineErrors, allocation_failure
 from imagepiece.config import LCB_CHOICES, PRESETS, REEVALUATIONS, fields_without_effect, lcb_from_cli
 from imagepiece.artifact_metadata import MAX_BATCH, MAX_CLASSES
@@ -120,6 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() and args.dtype != "int8" else "cpu"
     if (args.calibration is not None or args.calibration_images is not None) and args.dtype != "int8":  # before any work
         parser.error("--calibration and --calibration-images apply only to --dtype int8")
+    if args.dtype == "int8" and args.batch is not None and args.batch > MAX_CALIBRATION_IMAGES:
+        parser.error(f"--dtype int8 calibrates on whole batches, at most {MAX_CALIBRATION_IMAGES:,} images (held in memory "
+                     f"at once): a static --batch {args.batch:,} is more; give --max-batch {args.batch} instead")
     if args.calibration_images is not None and args.batch is not None and args.calibration_images < args.batch:
         parser.error(f"--calibration-images {args.calibration_images} is fewer than one batch: a static --batch {args.batch} "
                      "artifact calibrates on whole batches")
@@ -206,7 +209,9 @@ def main(argv=None) -> int:
         shortage = allocation_failure(error)
         if shortage is None:
             raise
-        head = f" (--num-classes {args.num_classes:,} asks for a head of that many rows)" if args.num_classes else ""
+        # The head's weights ([classes, width] floats) are what an absurd --num-classes makes too large.
+        head_sizes = {args.num_classes * settings["embed_dim"] * 4 for settings in ARCHS.values()} if args.num_classes else set()
+        head = f" (--num-classes {args.num_classes:,} asks for a head of that many rows)" if shortage.bytes in head_sizes else ""
         return fail(IO_ERROR, f"out of memory building the model: {shortage}{head}; {args.out} was not written")
 
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "RANDOM weights (pass --checkpoint for trained ones)"

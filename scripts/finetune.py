@@ -102,9 +102,10 @@ def resume_mismatches(saved: dict, current: dict) -> list:
     for key in RESUME_MUST_MATCH:
         if key not in saved or saved[key] == current[key]:
             continue
-        if isinstance(saved[key], dict) and isinstance(current[key], dict):  # the recipe, the reduction: the fields apart
-            differing += [f"{key} {field}: the run has {saved[key].get(field)!r}, this command {current[key].get(field)!r}"
-                          for field in sorted(set(saved[key]) | set(current[key])) if saved[key].get(field) != current[key].get(field)]
+        if isinstance(saved[key], dict) and isinstance(current[key], dict):  # the recipe: the fields that differ
+            differing += [f"{key} {field}: the run has {saved[key].get(field, 'no value')!r}, this command "
+                          f"{current[key].get(field, 'no value')!r}" for field in sorted(set(saved[key]) | set(current[key]))
+                          if field not in saved[key] or field not in current[key] or saved[key][field] != current[key][field]]
         else:
             differing.append(f"{key}: the run has {saved[key]!r}, this command {current[key]!r}")
     return differing

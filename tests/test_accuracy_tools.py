@@ -563,3 +563,15 @@ def test_aot_compile_builds_the_model_a_fine_tune_recorded_unless_told_otherwise
         request("--preset", "tome", "--p", "0.5")
     nothing_recorded = aot_compile.model_request(aot_compile.parse_args(["--out", str(tmp_path / "x.so")]), {})
     assert nothing_recorded == ("deit_small_patch16_224", {"method": "imagepiece", "lcb": None, "num_classes": 1000})
+
+
+def test_a_fine_tuned_checkpoint_loaded_without_its_settings_says_how_to_load_it_from_python(finetuned):
+    """The hint's create_model(...) is Python that works: the config spelling of --lcb, the recorded preset."""
+    import imagepiece
+
+    with pytest.raises(imagepiece.CheckpointError) as error:
+        create_model(ARCH, checkpoint=finetuned[1])  # 1000 classes, no LCB: not what it was trained as
+    advice = re.search(r"from Python (create_model\(.*checkpoint=\.\.\..*\))$", str(error.value)).group(1)
+    model = eval(advice.replace("checkpoint=...", "checkpoint=path"), {"create_model": create_model, "imagepiece": imagepiece,
+                                                                          "path": finetuned[1]})
+    assert model.num_classes == 4 and model.reduction_config.lcb == "residual"

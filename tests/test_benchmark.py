@@ -777,8 +777,9 @@ def test_a_run_stopped_between_its_files_leaves_none_of_them(tmp_path, monkeypat
         results.ResultsWriter(args.out, "reevaluation", "stopped", device="cpu").text("the first of the run's files")
         raise KeyboardInterrupt
 
+    earlier = results.ResultsWriter(tmp_path, "reevaluation", "finished", device="cpu").text("an earlier run's record")
     monkeypatch.setattr(cli.MODES["reevaluation"], "run", writes_then_stopped)
     assert cli.main(["reevaluation", "--out", str(tmp_path)]) == 130
-    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == [earlier]  # another run's record stays
     assert "reevaluation interrupted; its child processes and temporary files are gone, its results were not written" in \
         capsys.readouterr().err

@@ -165,16 +165,26 @@ def test_int8_compiles_for_the_cpu_by_default_even_where_there_is_a_gpu(monkeypa
 
 
 def test_a_model_too_large_for_memory_fails_in_one_line(tmp_path, capsys, monkeypatch):
-    """--num-classes 16777216 (the metadata's limit) makes a DeiT-S head of 24 GiB: the allocator's refusal is one line."""
-    def build_beyond_memory(*args, **kwargs):
-        return torch.empty(1 << 50, dtype=torch.uint8)  # what the head's weights meet, for real, on a machine short of 1 PiB
+    """--num-classes 16777216 (the metadata's limit) makes a DeiT-S head of 24 GiB: the allocator's refusal is one line,
+    which names --num-classes only where the head is what could not be allocated."""
+    def allocator_refuses(size: int):
+        def build(*args, **kwargs):
+            if size > 1 << 40:
+                return torch.empty(size, dtype=torch.uint8)  # a real refusal (no machine here has 1 PiB)
+            # What the allocator says for the head's weights (a large machine might grant 24 GiB for real).
+            raise RuntimeError(f"[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                               f"you tried to allocate {size} bytes. Error code 12 (Cannot allocate memory)")
+        return build
 
     cli = load_script("aot_compile")
-    monkeypatch.setattr(cli, "create_model", build_beyond_memory)
-    capsys.readouterr()
-    assert cli.main(["--num-classes", "16777216", "--out", str(tmp_path / "huge.so")]) == 1
-    assert capsys.readouterr().err.strip() == ("aot_compile.py: error: out of memory building the model: could not allocate 1048576.0 GiB "
-                                               f"(--num-classes 16,777,216 asks for a head of that many rows); {tmp_path / 'huge.so'} was not written")
+    out = tmp_path / "huge.so"
+    for size, classes, named in ((16777216 * 384 * 4, "16777216", " (--num-classes 16,777,216 asks for a head of that many rows)"),
+                                 (1 << 50, "10", "")):
+        monkeypatch.setattr(cli, "create_model", allocator_refuses(size))
+        capsys.readouterr()
+        assert cli.main(["--arch", "deit_small_patch16_224", "--num-classes", classes, "--out", str(out)]) == 1
+        assert capsys.readouterr().err.strip() == (f"aot_compile.py: error: out of memory building the model: could not allocate "
+                                                   f"{size / 2**30:.1f} GiB{named}; {out} was not written")
 
 
 def test_an_unwritable_target_fails_in_one_line_with_status_1():

@@ -96,7 +96,7 @@ def test_folder_calibration_prepares_images_as_predict_does(tmp_path):
         folder_calibration(tmp_path, preprocessing, (3, 224, 224), count=8)
 
 
-def test_the_calibration_folder_is_listed_as_predict_lists_a_folder(tmp_path, capsys):
+def test_the_calibration_folder_is_listed_as_predict_lists_a_folder(tmp_path):
     from image_files import huge_png
     from imagepiece.quantize import calibration_files, folder_calibration
 

@@ -256,6 +256,11 @@ def test_bad_model_requests_raise_value_error(call, message):
         call()
 
 
+def test_a_config_takes_its_methods_earlier_name_too():
+    with pytest.warns(FutureWarning, match="now called 'plain'"):
+        assert create_model("deit_tiny_patch16_224", "none", config=ReductionConfig(method="plain")).reduction_config.method == "plain"
+
+
 def test_reset_classifier_replaces_the_head_as_timms_does():
     model = timm.create_model("imagepiece_deit_tiny_patch16_224")
     model.reset_classifier(10, "token")

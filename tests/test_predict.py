@@ -255,7 +255,7 @@ def test_odd_names_loops_byte_order_marks_and_unlisted_folders(folder, tmp_path,
     monkeypatch.setattr(os, "scandir", refusing)
     warnings = []
     assert [item.path for item in list_inputs(str(photos), warn=warnings.append)] == [walked[0].path]
-    assert warnings == [f"cannot list folder {str(photos / 'sub')!r} (Permission denied): its images have no rows"]
+    assert warnings == [f"cannot list folder {str(photos / 'sub')!r} (Permission denied): its images are left out"]
     with pytest.raises(ValueError, match=r"cannot list folder .* \(Permission denied\)"):
         list_inputs(str(photos / "sub"))
 
@@ -746,6 +746,7 @@ def test_e2e_benchmark_measures_files_to_rows_beside_the_model(compiled, tmp_pat
 
 
 def test_e2e_benchmark_names_what_an_int8_artifact_computes_in(compiled, tmp_path):
+    pytest.importorskip("torchao", reason="int8 artifacts need torchao: pip install 'imagepiece[int8]'")
     from imagepiece.predict.bench import e2e_benchmark, report
 
     result = e2e_benchmark(str(compiled.path("ti_imagepiece_int8")), images=2, batch=2, workers=1, rounds=1, folder=tmp_path)

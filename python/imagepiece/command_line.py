@@ -6,7 +6,7 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 USAGE_ERROR = 2  # argparse's own status for a bad argument
 
@@ -57,10 +57,23 @@ def run_entry_point(module: str, entry_point: str) -> int:
     return main()
 
 
-def allocation_failure(error: BaseException) -> Optional[str]:
-    """What could not be allocated, when `error` is PyTorch's CPU allocator (or Python) running out of memory: building
-    a model with an absurd head (--num-classes in the millions) must end in one line, not a traceback."""
-    if isinstance(error, MemoryError):
-        return "Python ran out of memory"
-    asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(error)) if isinstance(error, RuntimeError) else None
-    return f"could not allocate {int(asked.group(1)) / 2**30:.1f} GiB" if asked else None
+class Shortage(NamedTuple):
+    """An allocation that failed: its size when PyTorch's CPU allocator says it (None for Python's MemoryError)."""
+
+    bytes: Optional[int]
+
+    def __str__(self) -> str:
+        return "Python ran out of memory" if self.bytes is None else f"could not allocate {self.bytes / 2**30:.1f} GiB"
+
+
+def allocation_failure(error: Optional[BaseException]) -> Optional[Shortage]:
+    """The shortage, when `error` (or what caused it) is running out of memory: building a model with an absurd head
+    (--num-classes in the millions) must end in one line, not a traceback."""
+    while error is not None:
+        if isinstance(error, MemoryError):
+            return Shortage(None)
+        asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(error))
+        if isinstance(error, RuntimeError) and asked:
+            return Shortage(int(asked.group(1)))
+        error = error.__cause__ or error.__context__
+    return None

@@ -444,8 +444,7 @@ def _quantized(model: ImagePieceViT, metadata: dict, example: torch.Tensor, cali
     dynamic, batch = metadata["batch"]["dynamic"], example.shape[0]
     count = images or default_calibration_images(batch, dynamic)
     if calibration is not None:
-        data = folder_calibration(calibration, metadata["preprocessing"], metadata["input_shape"], count,
-                                  warn=lambda message: log(f"warning: {message}"))
+        data = folder_calibration(calibration, metadata["preprocessing"], metadata["input_shape"], count)
     else:
         data = synthetic_calibration(metadata["input_shape"], count)
     given = len(data.images)

@@ -218,7 +218,7 @@ def create_model(
         **overrides: `ReductionConfig` fields (p, merge_ratio, keep_rate, prune_blocks, tome_r, lcb,
             prop_attn, reevaluation) and timm options (num_classes, drop_rate, drop_path_rate, ...).
     """
-    if config is not None and method is not None and method != config.method:
+    if config is not None and method is not None and RENAMED_METHODS.get(method, method) != config.method:
         raise ValueError(f"method={method!r} but config is for method {config.method!r}: give one of them")
     arch, method = parse_model_name(arch, method if config is None else (method or config.method))
     config_fields = {field.name for field in dataclasses.fields(ReductionConfig)}

@@ -15,6 +15,7 @@ class attention, similarity, sorts, gathers and the merging scatter, and so do a
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
@@ -70,7 +71,11 @@ def synthetic_calibration(input_shape: Sequence[int], count: int = CALIBRATION_I
     return Calibration(images, f"synthetic (N(0,1) images, seed {seed})")
 
 
-def image_files(folder: Path, warn: Callable[[str], None] = print) -> List[Path]:
+def warn_on_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def image_files(folder: Path, warn: Callable[[str], None] = warn_on_stderr) -> List[Path]:
     """The image files under `folder` as `imagepiece-predict` lists a folder: any depth, the suffixes its decoder
     opens (a .psd beside the images is no calibration image), hidden files and folders left out (macOS's ._photo.jpg),
     links to folders not entered; `warn` hears of a sub-folder that cannot be listed."""
@@ -80,7 +85,7 @@ def image_files(folder: Path, warn: Callable[[str], None] = print) -> List[Path]
 
 
 def folder_calibration(folder: Union[str, Path], preprocessing: dict, input_shape: Sequence[int],
-                       count: int = CALIBRATION_IMAGES, warn: Callable[[str], None] = print) -> Calibration:
+                       count: int = CALIBRATION_IMAGES, warn: Callable[[str], None] = warn_on_stderr) -> Calibration:
     """Up to `count` images from `folder`, decoded, resized and normalised exactly as
     `imagepiece.predict` prepares images for this model (its preprocessing metadata)."""
     from .predict.preprocess import Preprocess, normalise
@@ -88,12 +93,14 @@ def folder_calibration(folder: Union[str, Path], preprocessing: dict, input_shap
     prepare = Preprocess(preprocessing, input_shape)
     files = calibration_files(folder, count, warn)
     if len(files) < count:
-        warn(f"calibration folder {str(folder)!r} holds {len(files)} images, fewer than the {count} asked for: all are used")
+        warn(f"calibration folder {str(folder)!r} holds {len(files)} image files, fewer than {count} "
+             "(--calibration-images, or its default)")
     pixels = torch.stack([torch.from_numpy(prepare(decoded_calibration_image(path))) for path in files])
     return Calibration(normalise(pixels, preprocessing["mean"], preprocessing["std"]), f"folder {Path(folder).name!r}")
 
 
-def calibration_files(folder: Union[str, Path], count: int = CALIBRATION_IMAGES, warn: Callable[[str], None] = print) -> List[Path]:
+def calibration_files(folder: Union[str, Path], count: int = CALIBRATION_IMAGES,
+                      warn: Callable[[str], None] = warn_on_stderr) -> List[Path]:
     """The up to `count` image files of `folder` that calibrate (`spread_over_folders`); ValueError if `folder` is
     not a folder or holds none."""
     from .predict.sources import InputError

@@ -20,7 +20,7 @@ from timm.models import clean_state_dict, load_state_dict
 from torch import nn
 
 from .artifact_metadata import MAX_CLASSES
-from .config import PRESETS, ReductionConfig
+from .config import PRESETS, ReductionConfig, lcb_from_cli
 
 
 class UntrainedLCBWarning(UserWarning):
@@ -271,10 +271,12 @@ def fine_tune_hint(path: Union[str, Path]) -> str:
     flags = fine_tuned_flags(fine_tuned_settings(path))
     if not flags:
         return ""
+    preset_keywords = f", **imagepiece.PRESETS[{flags['preset']!r}]" if "preset" in flags else ""
     return (f". It was fine-tuned (scripts/finetune.py) as --arch {flags['arch']} --lcb {flags['lcb']} "
             f"--num-classes {flags['num_classes']}: pass the same flags (evaluate.py, visualize.py and aot_compile.py "
             "take them from the checkpoint when they are not given), or from Python "
-            f"create_model({flags['arch']!r}, lcb={flags['lcb']!r}, num_classes={flags['num_classes']}, checkpoint=...)")
+            f"create_model({flags['arch']!r}, lcb={lcb_from_cli(flags['lcb'])!r}, num_classes={flags['num_classes']}, "
+            f"checkpoint=...{preset_keywords})")
 
 
 def file_sha256(path: Union[str, Path]) -> str:

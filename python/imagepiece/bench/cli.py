@@ -35,7 +35,7 @@ from ..model import ARCHS
 from ..termination import STOPPED, Terminated, exit_status, sigterm_unwinds
 from . import (artifact_load, compile_time, contention, overhead, precision, predict_e2e, profiling, reevaluation, serving, suite,
                tuning)
-from .results import RESULTS_ROOT, remove_unfinished_record, results_folder
+from .results import RESULTS_ROOT, begin_record, remove_unfinished_record, results_folder
 from .variants import DEFAULT_ARCH
 
 DESCRIPTION = "Benchmarks of the ImagePiece family; raw results go to benchmarks/results/<machine>/."
@@ -94,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m imagepiece
     args = parse_args(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
+    begin_record()
     try:
         # SIGTERM unwinds too: the modes' `with` and `finally` blocks stop their child processes (busy neighbours,
         # the HTTP server, measuring children) and remove their temporary folders.

@@ -87,9 +87,9 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def check_calibration_folder(folder: Path, batch: int) -> None:
     """ValueError (one line) unless the int8 compile can calibrate on `folder`'s images: the ones it would take
     (`quantize.calibration_files`), each decoding, at least one static `batch` of them."""
-    from ..quantize import calibration_files, decoded_calibration_image
+    from ..quantize import calibration_files, decoded_calibration_image, default_calibration_images
 
-    files = calibration_files(folder)
+    files = calibration_files(folder, default_calibration_images(batch, dynamic=False))  # the compile's static batch
     if len(files) < batch:  # the artifact has a static --batch: calibration runs whole batches only
         raise ValueError(f"{str(folder)!r} holds {len(files)} image file(s); calibrating a batch-{batch} artifact needs at least {batch}")
     for path in files:

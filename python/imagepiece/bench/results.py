@@ -25,6 +25,11 @@ RESULTS_ROOT = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
 _written_by_this_run: List[Path] = []
 
 
+def begin_record() -> None:
+    """A new run in this process (the CLI's main): the files of earlier, finished runs are theirs to keep."""
+    _written_by_this_run.clear()
+
+
 def remove_unfinished_record() -> List[Path]:
     """Removes the files this process's run has written so far (called when it is stopped); returns them."""
     removed = list(_written_by_this_run)

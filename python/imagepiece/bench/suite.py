@@ -10,6 +10,7 @@ them. Files: CSV, JSON, markdown, PNG plots.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import subprocess
 import sys
@@ -110,17 +111,20 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         args.variants = [BASELINE] + args.variants  # every ratio needs plain DeiT on the same path
 
 
+@functools.lru_cache(maxsize=None)  # asked by the default paths and by the check of the paths
 def why_not_cpp_bench(binary: Path) -> Optional[str]:
     """Why `binary` is not cpp/bench's google-benchmark program (None when it is), found before anything is compiled:
     run without arguments, it prints its usage line."""
     if not binary.is_file():
         return f"no google-benchmark binary at {binary} ({CPP_BUILD})"
     try:
-        result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([str(binary)], capture_output=True, text=True, errors="replace", timeout=120)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"{binary} cannot be run ({getattr(error, 'strerror', None) or error})"
     if "usage: bench_runtime" not in result.stderr:
-        return f"{binary} is not cpp/bench's bench_runtime (run without arguments, it does not print its usage line)"
+        said = result.stderr.strip().splitlines()[:1]  # a bench_runtime that cannot start says why (a library missing)
+        return (f"{binary} is not cpp/bench's bench_runtime, or does not start (run without arguments, it does not print "
+                f"its usage line{': ' + said[0] if said else ''})")
     return None
 
 

@@ -90,7 +90,7 @@ def walk_folder(folder: str, warn: Callable[[str], None]) -> List[InputItem]:
         except OSError as error:
             if current == folder:
                 raise InputError(f"cannot list folder {folder!r} ({error.strerror})") from None
-            warn(f"cannot list folder {found_file(current).path!r} ({error.strerror}): its images have no rows")
+            warn(f"cannot list folder {found_file(current).path!r} ({error.strerror}): its images are left out")
             continue
         folders = []
         for entry in entries:
