@@ -48,12 +48,12 @@ class ImageFolder(ImageDataset):
     def __getitem__(self, index):
         # The predict CLI's decoder: its refusals too (16-bit images, which Pillow would clip to a white picture;
         # decompression bombs). Imported here: the predict package imports this module.
-        from .predict.decode import MAX_PIXELS_ADVICE, ImageError, decode_rgb
+        from .predict.decode import ImageError, decode_rgb
         from .predict.preprocess import check_resizes
 
         path, target = self.reader.samples[index]
         try:
-            image = decode_rgb(path)
+            image = decode_rgb(path, advice="")  # these scripts have no --max-pixels
             if self.transform is None:
                 return image, target
             # A 100000x1 strip is a few hundred bytes, but timm's eval Resize would make 18 GB of it.
@@ -63,7 +63,7 @@ class ImageFolder(ImageDataset):
             except ValueError as error:  # e.g. a resize that shrinks a strip's short side to 0
                 raise ImageError(f"cannot resize and crop a {image.width}x{image.height} image ({error})") from None
         except ImageError as error:
-            return Unreadable(path, str(error).replace(MAX_PIXELS_ADVICE, ""))  # predict's flag: these scripts have none
+            return Unreadable(path, str(error))
 
 
 class Batch(NamedTuple):

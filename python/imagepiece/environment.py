@@ -1,12 +1,14 @@
 """What machine and software a measurement or an artifact comes from."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import FrozenSet, Optional, Union
+from typing import FrozenSet, Iterator, Optional, Union
 
 import torch
 
@@ -119,3 +121,15 @@ def machine_slug(info: dict) -> str:
     """A folder name for benchmarks/results/: the GPU the run used (`machine_info(device)`), else the CPU and its cores."""
     name = info["gpu"] or f"{info['cpu']}-{info['cpu_cores']}core"
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+@contextlib.contextmanager
+def logger_quieted(name: str) -> Iterator[None]:
+    """Within the block, logger `name` says only errors: imports of torch modules that log noise on every command."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

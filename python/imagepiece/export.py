@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
-import logging
 import math
 import os
 import re
@@ -48,9 +47,10 @@ from .artifact import (
 from .artifact_containers import needed_libraries
 from .artifact_metadata import MAX_BATCH, resolved_device
 from .blocks import ATTENTION_KERNELS, attention_kernel
+from .command_line import allocation_failure
 from .cpu_target import CpuTarget, compile_target, pinned_march
 from .data import preprocessing_config
-from .environment import bf16_support
+from .environment import bf16_support, logger_quieted
 from .files import check_writable_dir, fsync_file
 from .input_format import PixelInput, random_pixels
 from .model import ImagePieceViT
@@ -397,13 +397,8 @@ def command_line_safe(folder: Path) -> Iterator[Path]:
 def _import_cpp_extension_quietly() -> None:
     """Inductor imports torch.utils.cpp_extension, which logs "No CUDA runtime is found" on import wherever a CUDA
     toolkit is installed without a GPU: noise on every CPU compile (a CUDA one without a GPU is refused before)."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
+    with logger_quieted("torch.utils.cpp_extension"):
         import torch.utils.cpp_extension  # noqa: F401
-    finally:
-        logger.setLevel(level)
 
 
 def _device_memory_bytes(target: torch.device) -> int:
@@ -429,7 +424,7 @@ def _example_batch(batch: int, shape, target: torch.device, dtype: torch.dtype) 
     try:
         return torch.randn(batch, *shape, device=target, dtype=dtype)
     except (torch.OutOfMemoryError, RuntimeError) as error:
-        if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+        if isinstance(error, torch.OutOfMemoryError) or allocation_failure(error):
             raise ValueError(too_large.replace("more than", "which could not be allocated in")) from None
         raise
 

@@ -14,7 +14,6 @@ class attention, similarity, sorts, gathers and the merging scatter, and so do a
 """
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from .environment import logger_quieted
 from .evaluation import logit_agreement
 
 CALIBRATION_IMAGES = 32  # by default; a static batch rounds it up to whole batches
@@ -46,16 +46,12 @@ class Calibration:
 def require_torchao():
     # Importing torchao logs a torch pytree warning (an Enum registered as a constant) to stderr on every run, in
     # front of a refusal's one line too.
-    pytree_log = logging.getLogger("torch.utils._pytree")
-    level = pytree_log.level
-    pytree_log.setLevel(logging.ERROR)
     try:
-        from torchao.quantization.pt2e import quantize_pt2e
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+        with logger_quieted("torch.utils._pytree"):
+            from torchao.quantization.pt2e import quantize_pt2e
+            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
     except ImportError as error:
         raise ValueError(f"int8 needs torchao (pip install torchao): {error}") from None
-    finally:
-        pytree_log.setLevel(level)
     return quantize_pt2e, x86_inductor_quantizer
 
 
@@ -120,13 +116,12 @@ def calibration_files(folder: Union[str, Path], count: int = CALIBRATION_IMAGES,
 def decoded_calibration_image(path: Path):
     """`path` decoded to RGB; a file that does not decode is a request that cannot work (ValueError, exit 2),
     not a failed write."""
-    from .predict.decode import MAX_PIXELS_ADVICE, ImageError, decode_rgb
+    from .predict.decode import ImageError, decode_rgb
 
     try:
-        return decode_rgb(str(path))
+        return decode_rgb(str(path), advice="")  # aot_compile has no --max-pixels
     except ImageError as error:
-        reason = str(error).replace(MAX_PIXELS_ADVICE, "")  # predict's flag: aot_compile has none
-        raise ValueError(f"calibration image {str(path)!r} cannot be used: {reason}; remove it or give another --calibration") from None
+        raise ValueError(f"calibration image {str(path)!r} cannot be used: {error}; remove it or give another --calibration") from None
 
 
 def spread_over_folders(files: List[Path], count: int) -> List[Path]:

@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 # Pillow's own default guard, 89.5 Mpx (~0.25 GiB as RGB): far above any photo a classifier needs.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-MAX_PIXELS_ADVICE = "; --max-pixels raises it"  # the commands that have the flag (not aot_compile's calibration)
+MAX_PIXELS_ADVICE = "; --max-pixels raises it"  # predict's and the server's flag
 UNSUPPORTED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
                      "F": "32-bit float"}
 
@@ -80,20 +80,21 @@ def _allow_pillow_up_to(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def decode_rgb(location: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The image at `location` as a loaded 8-bit RGB PIL image; ImageError if it cannot be one."""
+def decode_rgb(location: str, max_pixels: int = DEFAULT_MAX_PIXELS, advice: str = MAX_PIXELS_ADVICE) -> Image.Image:
+    """The image at `location` as a loaded 8-bit RGB PIL image; ImageError if it cannot be one. `advice` follows the
+    decompression-bomb refusal: how the caller's command raises the limit ("" where it has no --max-pixels)."""
     _check_readable(location)
-    return _decode(location, max_pixels)
+    return _decode(location, max_pixels, advice)
 
 
 def decode_rgb_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An image file's bytes (an upload) as decode_rgb decodes a file, with the same refusals."""
     if not data:
         raise ImageError("empty file (0 bytes)")
-    return _decode(io.BytesIO(data), max_pixels)
+    return _decode(io.BytesIO(data), max_pixels, MAX_PIXELS_ADVICE)
 
 
-def _decode(source: Union[str, BinaryIO], max_pixels: int) -> Image.Image:
+def _decode(source: Union[str, BinaryIO], max_pixels: int, advice: str) -> Image.Image:
     _allow_pillow_up_to(max_pixels)
     try:
         with Image.open(source, formats=RASTER_FORMATS) as image:
@@ -101,7 +102,7 @@ def _decode(source: Union[str, BinaryIO], max_pixels: int) -> Image.Image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                                 f"{max_pixels:,}: refused before decoding (decompression-bomb guard{MAX_PIXELS_ADVICE})")
+                                 f"{max_pixels:,}: refused before decoding (decompression-bomb guard{advice})")
             # Step 2: refuse what would convert to a wrong picture.
             if image.mode in UNSUPPORTED_MODES:
                 raise ImageError(f"unsupported {UNSUPPORTED_MODES[image.mode]} image (mode {image.mode}): "
@@ -117,7 +118,7 @@ def _decode(source: Union[str, BinaryIO], max_pixels: int) -> Image.Image:
         raise ImageError(f"not an image in an accepted format (no decoder of {', '.join(RASTER_FORMATS)} recognises the file)") from None
     except Image.DecompressionBombError as error:  # Pillow's guard fired first: only ever above our limit
         raise ImageError(f"image has more than {max_pixels:,} pixels: refused before decoding "
-                         f"(decompression-bomb guard{MAX_PIXELS_ADVICE}; Pillow says: {error})") from None
+                         f"(decompression-bomb guard{advice}; Pillow says: {error})") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
         # Pillow's plugins signal broken data with any of these (truncated JPEG: OSError,
         # broken PNG chunk: SyntaxError, bad TIFF tags: ValueError/IndexError ...).
