@@ -31,6 +31,7 @@ import torch
 
 import imagepiece
 from imagepiece.bench.random_weights import SHARPEN, sharpen_attention
+from imagepiece.export import source_sha256
 from imagepiece.input_format import PixelInput
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,12 +154,8 @@ def _cache_entry(spec: Spec):
     folder = os.environ.get(CACHE_ENV)
     if not folder:
         return None
-    digest = hashlib.sha256(repr((spec, torch.__version__, SHARPEN)).encode())
-    package = ROOT / "python" / "imagepiece"
-    # imagepiece.predict, .serve and .bench only run artifacts: editing them must not recompile them.
-    runs_only = [package / name for name in ("predict", "serve", "bench")]
-    sources = sorted(p for p in package.rglob("*.py") if not any(skipped in p.parents for skipped in runs_only))
-    sources += [ROOT / "scripts" / "aot_compile.py", Path(__file__)]
-    for source in sources:
+    # The package's model sources as the metadata records them (editing predict, serve or bench recompiles nothing).
+    digest = hashlib.sha256(repr((spec, torch.__version__, SHARPEN, source_sha256())).encode())
+    for source in (ROOT / "scripts" / "aot_compile.py", Path(__file__)):
         digest.update(source.read_bytes())
     return Path(folder) / f"{digest.hexdigest()[:20]}{spec.suffix}"

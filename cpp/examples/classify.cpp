@@ -130,6 +130,7 @@ int main(int argc, char** argv) {
     const int64_t shown = std::min<int64_t>(5, logits.size(1));  // a fine-tuned head may have fewer classes
     auto top = logits.topk(shown, /*dim=*/1);
     auto values = std::get<0>(top), classes = std::get<1>(top);
+    std::printf("top-%lld classes (logit):\n", static_cast<long long>(shown));
     for (int64_t i = 0; i < logits.size(0); ++i) {
       std::printf("image %lld:", static_cast<long long>(i));
       for (int64_t k = 0; k < shown; ++k) {

@@ -69,11 +69,17 @@ def target_of(isa: str, arch_flags: str) -> CpuTarget:
 def compile_target() -> CpuTarget:
     """What a CPU artifact compiled now, in this process, is built for (see the module docstring)."""
     import torch
+
+    from .environment import logger_quieted
+
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     if platform.machine() not in ("x86_64", "AMD64"):
         return CpuTarget(torch.backends.cpu.get_cpu_capability(), (), None)
-    isa = pick_vec_isa()
+    # Inductor's ISA probe imports torch.utils.cpp_extension, which logs "No CUDA runtime is found" wherever a CUDA
+    # toolkit is installed without a GPU: noise in a command that asks only which CPU it compiles for.
+    with logger_quieted("torch.utils.cpp_extension"):
+        isa = pick_vec_isa()
     return target_of(str(isa) if isa else "", isa.build_arch_flags() if isa else "")
 
 

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import hashlib
 import math
 import os
 import re
@@ -170,6 +171,7 @@ def build_metadata(model: ImagePieceViT, device: torch.device, dtype: str, batch
     return {
         "format_version": FORMAT_VERSION,
         "imagepiece_version": __version__,
+        "source_sha256": source_sha256(),
         "model_name": f"{model.arch}.{model.reduction_config.method}",
         "arch": model.arch,
         "method": model.reduction_config.method,
@@ -194,6 +196,24 @@ def build_metadata(model: ImagePieceViT, device: torch.device, dtype: str, batch
         "class_names": _fine_tuned_class_names(checkpoint, model.num_classes),
         "artifact_format": suffix.lstrip("."),
     }
+
+
+# Subpackages that only run artifacts: editing them changes no compiled model.
+RUNS_ONLY = ("predict", "serve", "bench")
+
+
+def source_sha256() -> str:
+    """sha256 over this package's sources that shape a compiled model (every module but `RUNS_ONLY`'s), in the
+    metadata: with one version number for every development state, it is what tells an artifact compiled by other
+    model code (the demo's reuse check, the tests' artifact cache)."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        relative = source.relative_to(package)
+        if relative.parts[0] not in RUNS_ONLY:
+            digest.update(f"{relative.as_posix()}\0".encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def _checkpoint_provenance(checkpoint: Optional[Path]) -> dict:
