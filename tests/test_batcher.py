@@ -159,6 +159,12 @@ def test_error_messages_name_the_single_image_rule(dynamic, shape, message):
         assert refused.value.code == "invalid_shape"
 
 
+def test_a_numpy_scalar_is_refused_as_the_0_d_array_it_is(dynamic):
+    with ip_runtime.Batcher(dynamic) as batcher:  # numpy's ascontiguousarray had made it 1-D [1] on its way in
+        with pytest.raises(ip_runtime.Error, match=r"expected one 3-D image, got 0-D \[\]"):
+            batcher.submit(np.array(1.0, dtype=np.float32))
+
+
 def test_numpy_in_numpy_out_and_non_contiguous_images(dynamic, pool):
     images, alone = pool
     with ip_runtime.Batcher(dynamic, max_delay_ms=1) as batcher:

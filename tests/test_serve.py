@@ -1,6 +1,8 @@
 """The HTTP server (imagepiece.serve, scripts/serve.py): a real server on a free loopback port, real requests."""
 import contextlib
+import http.client
 import io
+import json
 import signal
 import socket
 import subprocess
@@ -237,6 +239,7 @@ def test_a_full_queue_answers_503_with_retry_after(artifact):
         waiting.join(TIMEOUT)
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "overloaded"
+    assert "(--queue-capacity)" in refused.json()["error"]["message"], "named as the server's other limits are"
     assert first["response"].status_code == 200
 
 
@@ -308,6 +311,32 @@ def test_an_upload_over_the_limit_gets_413_and_its_connection_closed(served):
     head = f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {UPLOAD_LIMIT * 100}\r\n\r\n".encode()
     answer = raw_exchange(client, head + b"\xff" * 1000)
     assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower() and answer.count(b"HTTP/1.1") == 1
+
+
+def test_a_client_that_sends_its_whole_upload_before_reading_still_gets_its_413(served):
+    """urllib and http.client send all of a body before they read the answer: a close on an upload left unread
+    reset the connection under them (ECONNRESET), and the JSON 413 never arrived."""
+    client, _ = served
+    for _ in range(2):
+        connection = http.client.HTTPConnection(client.base_url.host, client.base_url.port, timeout=TIMEOUT)
+        try:
+            connection.request("POST", "/v1/classify", body=b"\xff" * (UPLOAD_LIMIT * 40))
+            answer = connection.getresponse()
+            assert answer.status == 413 and json.loads(answer.read())["error"]["code"] == "too_large"
+        finally:
+            connection.close()
+
+
+def test_connections_send_answers_without_waiting_for_the_clients_ack(artifact):
+    """TCP_NODELAY on every connection, however its listening socket was made (asyncio sets it only for sockets made
+    with proto IPPROTO_TCP; the CLI's and these tests' have proto 0): uvicorn writes a response's head and body
+    apart, and the body waited ~40 ms for the client's delayed ACK on every reused connection."""
+    config = ServeConfig(artifact=artifact, decode_threads=1, warmup=False)
+    server = ServerThread(create_app(config, ClassificationService(config)))
+    with server as client, socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT):
+        server.wait_for_connections(1)
+        [protocol] = server.server.server_state.connections
+        assert protocol.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 def test_shutdown_answers_queued_and_decoding_requests_at_once_and_cancelled_ones_get_503(artifact):
@@ -505,6 +534,7 @@ def test_uploads_in_progress_hold_a_bounded_total_and_none_outlasts_the_upload_t
     (["--max-buffered-mb", "20"], "--max-buffered-mb 20 cannot hold one upload of --max-upload-mb 20 and its multipart form"),
     (["--upload-timeout", "0"], "--upload-timeout must be a finite number of seconds > 0"),
     (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number > 0, got inf"),
+    (["--host", ""], "--host is empty; give an address (0.0.0.0 or :: to listen on every interface)"),
     (["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number > 0, got nan"),
     (["--max-upload-mb", "0"], "--max-upload-mb must be a finite number > 0, got 0.0"),
     (["--port", "70000"], "--port must be in [0, 65535]"),
@@ -547,6 +577,24 @@ def test_a_batcher_option_the_artifact_cannot_take_is_named_by_its_flag(artifact
     monkeypatch.setattr(sys, "argv", ["serve.py", "--artifact", str(corrupt), "--port", "0"])
     assert main() == 2
     assert f"'{corrupt}' is truncated or corrupt" in capsys.readouterr().err
+
+
+def test_the_open_file_limit_is_raised_for_max_connections_or_the_start_refused(monkeypatch):
+    """Past the limit (a soft 1,024 is common) accept() fails: no 503 for the connections over it, no answer at all,
+    and asyncio logs an error for every try."""
+    from imagepiece.serve import cli
+
+    limits = {"soft": 1024, "hard": 4096}
+    monkeypatch.setattr(cli.resource, "getrlimit", lambda _: (limits["soft"], limits["hard"]))
+    monkeypatch.setattr(cli.resource, "setrlimit", lambda _, pair: limits.update(soft=pair[0], hard=pair[1]))
+    cli.raise_open_file_limit(1000)
+    assert limits == {"soft": 1000 + cli.OTHER_DESCRIPTORS, "hard": 4096}
+    cli.raise_open_file_limit(10)  # never lowered
+    assert limits["soft"] == 1000 + cli.OTHER_DESCRIPTORS
+    limits.update(soft=1024, hard=1024)
+    with pytest.raises(ValueError, match=f"--max-connections 1,000 needs {1000 + cli.OTHER_DESCRIPTORS:,} open files, and this "
+                                         f"process may open at most 1,024 .*lower --max-connections to {1024 - cli.OTHER_DESCRIPTORS}"):
+        cli.raise_open_file_limit(1000)
 
 
 def test_the_entry_point_without_its_extra_says_so_in_one_line():

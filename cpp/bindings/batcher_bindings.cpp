@@ -123,10 +123,11 @@ class PyBatcher {
     const bool numpy_in = is_ndarray(image);
     // Copied anyway, so a reversed numpy view (OpenCV's BGR -> RGB `img[..., ::-1]`, negative strides, which a tensor
     // cannot wrap) is made contiguous first instead of refused; a torch view of any layout was already accepted.
-    static py::handle contiguous_copy = py::object(py::module_::import("numpy").attr("ascontiguousarray")).release();  // kept for good
+    // numpy.require, not ascontiguousarray, which makes a 0-D array 1-D (and its refusal would name a shape not given).
+    static py::handle require = py::object(py::module_::import("numpy").attr("require")).release();  // kept for good
     at::Tensor tensor;
     try {
-      tensor = as_tensor(numpy_in ? contiguous_copy(image) : image, /*is_output=*/false).detach().clone();
+      tensor = as_tensor(numpy_in ? require(image, py::none(), "C") : image, /*is_output=*/false).detach().clone();
     } catch (const Error& error) {
       ++refused_before_submit_[error.code()];  // the C++ Batcher never sees these: stats() adds them to its own
       throw;

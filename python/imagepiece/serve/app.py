@@ -42,7 +42,7 @@ import ip_runtime
 from imagepiece.predict.decode import ImageError
 
 from .metrics import ServerMetrics
-from .service import MiB, ClassificationService, ServeConfig
+from .service import MiB, ClassificationService, ServeConfig, in_flag_names
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers around the file, beyond the upload limit
 RETRY_AFTER_SECONDS = "1"
@@ -304,7 +304,7 @@ def create_app(config: ServeConfig, service: Optional[ClassificationService] = N
             except ip_runtime.Error as error:
                 status = RUNTIME_STATUS.get(error.code, 500)
                 headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
-                raise RequestError(status, error.code, str(error), headers) from None
+                raise RequestError(status, error.code, in_flag_names(str(error)), headers) from None
             answer = {"model": service.model_name, "predictions": service.top_k(logits, topk)}
         except ClientDisconnect:
             # Never sent: counted as nginx logs it (499), not as a client error the server answered.

@@ -19,7 +19,7 @@ import argparse
 import ipaddress
 import math
 import os
-import re
+import resource
 import socket
 import sys
 from pathlib import Path
@@ -33,7 +33,7 @@ from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_un
 from .app import FORM_OVERHEAD, create_app
 from .draining_server import DrainingServer
 from .http_protocol import uvicorn_config
-from .service import MiB, BatcherOptionError, ClassificationService, ServeConfig
+from .service import MiB, BatcherOptionError, ClassificationService, ServeConfig, in_flag_names
 
 
 def program_name(argv) -> str:
@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("topk", "max_pixels", "decode_threads", "max_connections"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.host.strip():  # binds every interface, unsaid: the warning would name no address
+        parser.error("--host is empty; give an address (0.0.0.0 or :: to listen on every interface)")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
     for name in ("max_upload_mb", "max_buffered_mb"):
@@ -118,6 +120,26 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
                        min_upload_rate=args.min_upload_rate * 1024, upload_timeout_s=args.upload_timeout)
 
 
+# Open files the server holds besides its connections (~10: libraries, the event loop, logs), with room for the
+# connections over --max-connections it accepts only to refuse.
+OTHER_DESCRIPTORS = 64
+
+
+def raise_open_file_limit(max_connections: int) -> None:
+    """Lets this process open a file for each of --max-connections connections: the soft limit (often 1,024) is
+    raised as far as needed, up to the hard one; ValueError where even that is too low. Past the limit accept()
+    fails, and the server answers nothing (no 503) while asyncio logs an error for every try."""
+    needed = max_connections + OTHER_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ValueError(f"--max-connections {max_connections:,} needs {needed:,} open files, and this process may open at "
+                         f"most {hard:,} (ulimit -Hn): lower --max-connections to {max(1, hard - OTHER_DESCRIPTORS):,}, "
+                         "or raise the limit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the model loads: a port in use fails at once, in one line, and
     --port 0 serves on a free port that the start-up line names."""
@@ -134,15 +156,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-# The Batcher's own names for what the command line calls by its flags (its errors name the former).
-BATCHER_FLAGS = {"max_batch": "--max-batch", "max_delay_ms": "--max-delay-ms", "queue_capacity": "--queue-capacity",
-                 "preferred_batches": "--preferred-batch"}
-
-
-def in_flag_names(message: str) -> str:
-    return re.sub(r"\b(" + "|".join(BATCHER_FLAGS) + r")\b", lambda match: BATCHER_FLAGS[match.group(1)], message)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     prog = program_name(argv)
@@ -157,6 +170,11 @@ def main(argv=None) -> int:
 
 
 def serve(args: argparse.Namespace, prog: str) -> int:
+    try:
+        raise_open_file_limit(args.max_connections)
+    except ValueError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
     try:
         listener = listening_socket(args.host, args.port)
     except OSError as error:

@@ -14,13 +14,25 @@ text and without Retry-After. Here a connection is let in or not when it opens: 
 are served for as long as they stay, a connection beyond them gets a 503 for its request and is closed (the
 rest of its upload unread, as for a 413). These refusals below the app, and those to malformed HTTP (400) and to a slow head
 (408), come in the API's JSON error shape and are counted in the server's metrics as the app counts its own.
+
+Two more things a plain uvicorn protocol gets wrong for this server:
+- Nagle's algorithm. asyncio turns it off only for sockets made with proto IPPROTO_TCP, and `socket.create_server`
+  (the CLI's) and `socket.socket()` make them with proto 0. uvicorn writes a response's head and body separately, so
+  on a reused connection the body waited for the client's delayed ACK: ~40 ms added to every request after the first.
+- Closing on a client still sending (a 413, a 503 over the connection limit) with its upload unread makes the
+  kernel reset the connection, and a client that sends its whole body before reading (urllib, http.client) gets
+  ECONNRESET, never the JSON answer. Such a close lingers, as nginx's does: the answer is sent and the sending side
+  shut, what still arrives is read and dropped, and the connection is closed when the client closes it or after
+  `LINGER_S`.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Optional
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -52,6 +64,34 @@ async def _over_connection_limit(send) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+LINGER_S = 1.0  # at most this long a close waits for a client still sending (a LAN client sends 20 MiB in far less)
+
+
+class LingeringClose:
+    """The protocol's transport, whose close() lingers while the client may still be sending (see the module
+    docstring); everything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: "HeadDeadlineProtocol") -> None:
+        self._transport, self._protocol = transport, protocol
+        self.lingering: Optional[asyncio.TimerHandle] = None
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        if self.lingering is not None or self._transport.is_closing():
+            return
+        if not self._protocol.client_may_be_sending():
+            self._transport.close()
+            return
+        self._transport.write_eof()  # after the answer, once it is written
+        self._transport.resume_reading()  # uvicorn pauses reading a body the app does not take
+        self.lingering = self._protocol.loop.call_later(LINGER_S, self._transport.close)
+
+    def is_closing(self) -> bool:
+        return self.lingering is not None or self._transport.is_closing()
+
+
 class HeadDeadlineProtocol(H11Protocol):
     """The deadline starts when the connection opens, and on a keep-alive connection when the next
     request's first bytes arrive (an idle keep-alive connection is uvicorn's `timeout_keep_alive`'s)."""
@@ -76,12 +116,18 @@ class HeadDeadlineProtocol(H11Protocol):
             await _over_connection_limit(send)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
+        connection = transport.get_extra_info("socket")
+        if connection is not None and connection.family in (socket.AF_INET, socket.AF_INET6):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
+        self.transport = LingeringClose(transport, self)  # uvicorn's request cycles take it from here
         if self.max_connections is not None and len(self.admitted_connections) < self.max_connections:
             self.admitted_connections.add(self)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.lingering is not None:  # the rest of an upload that was answered already: dropped
+            return
         if self._deadline is None and self._waiting_for_head():
             self._arm()
         super().data_received(data)
@@ -90,7 +136,15 @@ class HeadDeadlineProtocol(H11Protocol):
         self._disarm()
         super().on_response_complete()
 
+    def eof_received(self) -> Optional[bool]:
+        if self.transport.lingering is not None:  # the client has sent all and read the answer: done
+            self.transport.lingering.cancel()
+            return False  # the transport closes itself
+        return super().eof_received()
+
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.transport.lingering is not None:
+            self.transport.lingering.cancel()
         self._disarm()
         self.admitted_connections.discard(self)
         super().connection_lost(exc)
@@ -104,6 +158,10 @@ class HeadDeadlineProtocol(H11Protocol):
             self._count_refusal(400, "bad_request")
         self.transport.write(raw_error_response("400 Bad Request", "bad_request", f"malformed HTTP request: {msg}"))
         self.transport.close()
+
+    def client_may_be_sending(self) -> bool:
+        """Whether the request being answered still has body on its way (h11 has not seen its end)."""
+        return self.conn.their_state is h11.SEND_BODY
 
     def _waiting_for_head(self) -> bool:
         # No request yet, or the last one answered: a request in progress (its body, its inference) is the app's.

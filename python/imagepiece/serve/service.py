@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -55,6 +56,16 @@ class ServeConfig:
     # trickling client hours at the minimum rate, holding its buffer.
     upload_timeout_s: float = 300.0
     warmup: bool = True
+
+
+# The Batcher's own names for what the command line calls by its flags (its errors name the former).
+BATCHER_FLAGS = {"max_batch": "--max-batch", "max_delay_ms": "--max-delay-ms", "queue_capacity": "--queue-capacity",
+                 "preferred_batches": "--preferred-batch"}
+
+
+def in_flag_names(message: str) -> str:
+    """A Batcher's message in the server's words (its flags), as the server's own messages name them."""
+    return re.sub(r"\b(" + "|".join(BATCHER_FLAGS) + r")\b", lambda match: BATCHER_FLAGS[match.group(1)], message)
 
 
 class BatcherOptionError(ValueError):
