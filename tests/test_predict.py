@@ -319,6 +319,32 @@ def test_deep_trees_trailing_globstars_odd_table_columns_and_labels_with_a_bom(f
         class_names({"num_classes": 2}, tmp_path / "latin1.txt")
 
 
+def test_tables_that_would_be_misread_are_refused_and_a_parquet_dataset_folder_is_one_table(folder, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, _, _ = folder
+    (tmp_path / "twice.csv").write_text(f"path,path\n{root / 'gray.png'},{root / 'rgb_0.jpg'}\n")  # DictReader kept the last
+    with pytest.raises(ValueError, match="has 2 columns named 'path': which holds the image paths is ambiguous"):
+        list_inputs(str(tmp_path / "twice.csv"))
+    (tmp_path / "excel.csv").write_text(f"path;label\n{root / 'gray.png'};cat\n")  # was one column of missing files
+    with pytest.raises(ValueError, match="looks semicolon-separated .* predict reads comma-separated CSV"):
+        list_inputs(str(tmp_path / "excel.csv"))
+    (tmp_path / "tabs.csv").write_text(f"path\tlabel\n{root / 'gray.png'}\tcat\n")
+    with pytest.raises(ValueError, match="looks tab-separated"):
+        list_inputs(str(tmp_path / "tabs.csv"))
+
+    # Spark, Ray and pyarrow write a table as a folder of parts: it was walked for images ("holds no image files").
+    dataset = tmp_path / "photos.parquet"
+    dataset.mkdir()
+    pq.write_table(pa.table({"path": ["gray.png", "rgb_0.jpg"]}), dataset / "part-0.parquet")
+    pq.write_table(pa.table({"path": ["rgb_1.jpg"]}), dataset / "part-1.parquet")
+    (dataset / "_SUCCESS").touch()
+    items = list_inputs(str(dataset) + "/")
+    assert [(i.path, i.location) for i in items] == [(n, str(tmp_path / n)) for n in ("gray.png", "rgb_0.jpg", "rgb_1.jpg")], \
+        "its parts in order; relative paths resolve against the folder holding the dataset, as a file's do"
+
+
 def test_resume_swaps_in_the_merged_journal_whole(tmp_path, monkeypatch):
     """--resume rewrites its journal with every earlier row; a stop (or a full disk) while it does so must leave
     the old journal, not a shorter one."""

@@ -7,8 +7,8 @@ examples:
   imagepiece-predict --artifact deit_s_ip.so --input photos/ --output preds_dir/ --ray --address auto --concurrency 8
 
 --input: a folder (recursive, image suffixes only), a glob, an image, a text file of paths (one per
-line, # comments), or a .csv/.parquet table (column `path`, the only column, or --column); relative
-paths in a list or table are relative to that file. --output: .csv, .jsonl or .parquet, one row per
+line, # comments), or a .csv/.parquet table (column `path`, the only column, or --column; a folder
+named *.parquet is one table); relative paths in a list or table are relative to that file. --output: .csv, .jsonl or .parquet, one row per
 input (path, top-k classes, labels, probs, error); with --ray a folder of Parquet files. Files that
 cannot be predicted (corrupt, truncated, not an image, 16-bit grayscale, over --max-pixels, unreadable) get
 an error row and the run goes on.
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
 
 def optional_modules(args: argparse.Namespace) -> list:
     """What this run imports beyond the core: pyarrow for Parquet in or out (--ray writes Parquet), ray for --ray."""
-    parquet = args.ray or args.output.suffix.lower() == ".parquet" or args.input.lower().endswith(".parquet")
+    parquet = args.ray or ".parquet" in (args.output.suffix.lower(), Path(args.input).suffix.lower())  # a file or a dataset folder
     return ["pyarrow"] * parquet + ["ray"] * args.ray
 
 

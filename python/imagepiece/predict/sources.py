@@ -32,6 +32,8 @@ from PIL import Image, UnidentifiedImageError
 from .decode import RASTER_FORMATS
 
 TABLE_SUFFIXES = (".csv", ".parquet")
+# Spreadsheet exports that are not comma-separated (Excel writes ";" where "," is the decimal comma).
+OTHER_SEPARATORS = {"semicolon": ";", "tab": "\t"}
 JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")  # refused: read as a list of paths, each JSON line became one
 DEFAULT_COLUMN = "path"
 
@@ -159,12 +161,16 @@ def _pick_column(columns: List[str], column: Optional[str], source: Path) -> str
     if column is not None:
         if column not in columns:
             raise InputError(f"{str(source)!r} has no column {column!r} (columns: {', '.join(columns)})")
-        return column
-    if DEFAULT_COLUMN in columns:
-        return DEFAULT_COLUMN
-    if len(columns) == 1:
-        return columns[0]
-    raise InputError(f"{str(source)!r} has columns {', '.join(columns)}: name the one holding image paths with --column")
+    elif DEFAULT_COLUMN in columns:
+        column = DEFAULT_COLUMN
+    elif len(columns) == 1:
+        column = columns[0]
+    else:
+        raise InputError(f"{str(source)!r} has columns {', '.join(columns)}: name the one holding image paths with --column")
+    if columns.count(column) > 1:  # a CSV reader would silently take the last of them
+        raise InputError(f"{str(source)!r} has {columns.count(column)} columns named {column!r}: which holds the image "
+                         "paths is ambiguous; rename the others")
+    return column
 
 
 def _table_column(source: Path, column: Optional[str]) -> List[str]:
@@ -172,12 +178,16 @@ def _table_column(source: Path, column: Optional[str]) -> List[str]:
         if source.suffix.lower() == ".parquet":
             import pyarrow.parquet as pq
 
-            names = pq.read_schema(source).names
-            values = pq.read_table(source, columns=[_pick_column(names, column, source)]).column(0).to_pylist()
+            table = pq.ParquetDataset(source)  # a file, or a dataset's folder of them (one table, as pyarrow reads it)
+            values = table.read(columns=[_pick_column(table.schema.names, column, source)]).column(0).to_pylist()
         else:
             with open(source, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
                 reader = csv.DictReader(handle)
                 names = list(reader.fieldnames or [])
+                separator = next((name for name, char in OTHER_SEPARATORS.items() if len(names) == 1 and char in names[0]), None)
+                if separator:  # one column named "path;label": every row would be a path that does not exist
+                    raise InputError(f"{str(source)!r} looks {separator}-separated (its header line is {names[0]!r}); predict "
+                                     "reads comma-separated CSV: save it with commas, or as Parquet")
                 name = _pick_column(names, column, source)
                 if column is None and names == [name] and os.path.splitext(name)[1].lower() in image_suffixes():
                     raise InputError(f"{str(source)!r} looks like a list of paths without a header line: its first line, "
@@ -221,10 +231,11 @@ def list_inputs(spec: str, column: Optional[str] = None, warn: Callable[[str], N
     """The inputs named by `spec`, in a stable order; InputError if none. `warn` hears of folders that
     could not be listed."""
     source = Path(spec)
-    if source.is_dir():
+    parquet_dataset = source.is_dir() and source.suffix.lower() == ".parquet"  # a folder of Parquet files (Spark, Ray)
+    if source.is_dir() and not parquet_dataset:
         items = walk_folder(spec, warn)
         what = f"folder {spec!r} holds no image files (suffixes such as .jpg, .png, .webp)"
-    elif source.is_file():
+    elif source.is_file() or parquet_dataset:
         suffix = source.suffix.lower()
         if column is not None and suffix not in TABLE_SUFFIXES:
             raise InputError(f"--column applies to a .csv or .parquet input, not {spec!r}")
