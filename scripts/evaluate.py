@@ -25,21 +25,23 @@ import imagepiece
 import ip_runtime
 from imagepiece import CheckpointError, create_model
 from imagepiece.artifact import DTYPES, ArtifactError, read_metadata
+from imagepiece.command_line import OneLineErrors
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.data import DatasetError, check_num_classes, class_names, collate_readable, describe_class_differences, eval_transform, image_folder, preprocessing_config, spread_subset
 from imagepiece.environment import device_problem, machine_info
 from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
+from imagepiece.predict.decode import DEFAULT_MAX_PIXELS
 from imagepiece.predict.preprocess import pixels_of
-from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds, worker_ignores_sigterm
 from imagepiece.weights import fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 MIN_CROP_PCT = 0.05
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                           epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="validation folder: <data>/<class>/<image>")
     parser.add_argument("--artifact", type=Path, help="a compiled .so/.pt2: evaluate it through ip_runtime")
     # The eager model's; None until parsed, so that one given beside --artifact (which has its model inside) is refused.
@@ -54,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", help="where the model runs (default: an --artifact's own device; the eager model: cuda if present, else cpu)")
     parser.add_argument("--limit", type=int, help="evaluate N images spread evenly over the folder, not the whole folder (each class with at least "
                         "images/N images is sampled)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse images with more pixels, before decoding them (default {DEFAULT_MAX_PIXELS:,})")
     pre = parser.add_argument_group("preprocessing (default: the model's / artifact's own)")
     pre.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
     pre.add_argument("--crop-pct", type=float)
@@ -65,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch and --limit must be >= 1, --workers >= 0")
     if args.num_classes is not None and args.num_classes < 1:
         parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.max_pixels < 1:
+        parser.error(f"--max-pixels must be >= 1, got {args.max_pixels}")
     eager_only = [f"--{name.replace('_', '-')}" for name in ("arch", "preset", "lcb", "checkpoint", "num_classes")
                   if getattr(args, name) is not None]
     if args.artifact is not None and eager_only:
@@ -145,15 +151,28 @@ def check_trained_classes(trained: Optional[list], model: Path, dataset, root: P
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        with sigterm_unwinds():  # also while the model or the artifact loads: one line then, not a traceback
+            return evaluate_and_report(args)
+    except STOPPED as stop:  # Ctrl-C or SIGTERM: the loader's worker processes went with the unwinding
+        print(f"evaluate.py: {how_stopped(stop)}; nothing written", file=sys.stderr)
+        return exit_status(stop)
+
+
+def evaluate_and_report(args) -> int:
     from tqdm import tqdm
 
     try:
         if args.json:
-            check_output_file(args.json, inputs={"--checkpoint": args.checkpoint, "--artifact": args.artifact})
-        dataset = image_folder(args.data)
+            # Inside --data, the result would replace one of the images being evaluated, or join the folder.
+            check_output_file(args.json, inputs={"--checkpoint": args.checkpoint, "--artifact": args.artifact},
+                              input_folders={"--data": args.data})
+        # The limit travels with the dataset into the loader's worker processes, which decode.
+        dataset = image_folder(args.data, max_pixels=args.max_pixels)
         predict, preprocessing, head_classes, fixed_batch, description, trained, device = build_predictor(args)
-        check_num_classes(dataset, head_classes, args.data)
+        # The recorded class folders first: their difference names the folders, where a count says only how many.
         check_trained_classes(trained, args.artifact or args.checkpoint, dataset, args.data)
+        check_num_classes(dataset, head_classes, args.data, compiled=args.artifact is not None)
     except (ValueError, CheckpointError, DatasetError, ip_runtime.Error) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
@@ -163,17 +182,15 @@ def main(argv=None) -> int:
     if args.limit:
         dataset = spread_subset(dataset, args.limit)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", collate_fn=collate_readable)
+                                         pin_memory=device.type == "cuda", collate_fn=collate_readable,
+                                         worker_init_fn=worker_ignores_sigterm)
     print(f"evaluating {description} on {len(dataset)} images from {args.data} ({head_classes} classes), batch {args.batch}")
     try:
-        with sigterm_unwinds(), tqdm(total=len(dataset), unit="img", file=sys.stderr) as progress:
+        with tqdm(total=len(dataset), unit="img", file=sys.stderr) as progress:
             result = evaluate(predict, loader, device, fixed_batch=fixed_batch, progress=progress)
     except NonFiniteLogits as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 1
-    except STOPPED as stop:  # Ctrl-C or SIGTERM: the loader's worker processes went with the unwinding
-        print(f"evaluate.py: {how_stopped(stop)}; nothing written", file=sys.stderr)
-        return exit_status(stop)
     for entry in result["unreadable"]:
         print(f"evaluate.py: skipped {entry['path']}: {entry['error']}", file=sys.stderr)
     if not result["images"]:

@@ -24,6 +24,7 @@ import torch
 
 import imagepiece
 from imagepiece import CheckpointError, create_model
+from imagepiece.command_line import OneLineErrors
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.data import (DatasetError, check_storable_class_names, class_names, collate_readable, describe_class_differences,
                              eval_transform, image_folder, train_transform)
@@ -32,7 +33,7 @@ from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_writable_dir, held_exclusively
 from imagepiece.training import (RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, check_recipe, epoch_order, log_line,
                                  save_checkpoint, seed_everything)
-from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds, worker_ignores_sigterm
 from imagepiece.weights import fine_tuned_settings, read_state_dict
 
 LOCK_NAME = ".finetune.lock"  # in --output while a run trains there
@@ -42,8 +43,8 @@ RESUME_MUST_MATCH = ("arch", "preset", "lcb", "num_classes", "classes", "seed", 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="finetune.py", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(prog="finetune.py", description=__doc__.split("\n\n")[0],
+                           epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with train/ and val/ (each <class>/<image>)")
     parser.add_argument("--output", type=Path, required=True, help="run folder: last.pth, best.pth, log.jsonl")
     parser.add_argument("--arch", default="deit_small_patch16_224", choices=sorted(imagepiece.ARCHS))
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
             print(f"resumed from {last}: epoch {trainer.epoch}, step {trainer.global_step}"
                   + (f" (the weights of --checkpoint {args.checkpoint} are replaced by last.pth's)" if args.checkpoint else ""))
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.batch_size, num_workers=args.workers,
-                                                 collate_fn=collate_readable)
+                                                 collate_fn=collate_readable, worker_init_fn=worker_ignores_sigterm)
         log = args.output / "log.jsonl"
         keep_log_up_to(log, trainer.global_step)
         if args.max_steps and trainer.global_step >= args.max_steps:  # the same command again: nothing left to do
@@ -294,6 +295,7 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
         # uses, or a resumed run would diverge from an uninterrupted one.
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, order.tolist()), batch_size=recipe.batch_size,
                                              num_workers=args.workers, drop_last=drop_last, collate_fn=collate_readable,
+                                             worker_init_fn=worker_ignores_sigterm,
                                              generator=torch.Generator().manual_seed(args.seed + trainer.epoch))
         losses, stopping = [], False
         for seen, batch in enumerate(loader, start=1):

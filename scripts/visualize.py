@@ -20,9 +20,11 @@ import torch
 
 import imagepiece
 from imagepiece import CheckpointError, create_model
+from imagepiece.command_line import OneLineErrors
 from imagepiece.config import LCB_CHOICES, PRESETS, lcb_from_cli
 from imagepiece.files import check_output_file
 from imagepiece.pieces import piece_maps, render_pieces, save_png
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 from imagepiece.weights import UntrainedLCBWarning, fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 
@@ -36,7 +38,7 @@ def load_image(path: Path, model) -> tuple:
     config = resolve_data_config(pretrained_cfg=model.pretrained_cfg)
     transform = create_transform(**config)
     try:  # the predict CLI's decoder and refusals (a 16-bit image would otherwise be clipped to white; a strip resized to GBs)
-        image = decode_rgb(str(path))
+        image = decode_rgb(str(path), advice="")  # this script has no --max-pixels
         check_resizes(image, transform)
         tensor = transform(image).unsqueeze(0)
     except ImageError as error:
@@ -63,8 +65,8 @@ def synthetic_image() -> tuple:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="visualize.py", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(prog="visualize.py", description=__doc__.split("\n\n")[0],
+                           epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", type=Path, help="an image file (resized and centre-cropped like evaluation)")
     source.add_argument("--synthetic", action="store_true", help="a built-in synthetic scene")
@@ -84,6 +86,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        with sigterm_unwinds():  # a stop while the model builds or draws: one line, not a traceback
+            return draw_pieces(args)
+    except STOPPED as stop:
+        print(f"visualize.py: {how_stopped(stop)}; nothing written", file=sys.stderr)
+        return exit_status(stop)
+
+
+def draw_pieces(args) -> int:
     try:
         check_output_file(args.out, inputs={"--image": args.image, "--checkpoint": args.checkpoint})
         if args.out.suffix.lower() != ".png":  # PNG bytes under another name would fool every viewer

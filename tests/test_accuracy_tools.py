@@ -3,7 +3,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,8 +18,10 @@ import ip_runtime
 from imagepiece import create_model
 from imagepiece.config import PRESETS
 from imagepiece.pieces import panel_origin, piece_maps
+from imagepiece.termination import Terminated
+from image_files import huge_png
 from inputs import write_image_folder
-from script_runs import call_script, load_script, run_script
+from script_runs import ROOT, call_script, load_script, run_script
 
 ARCH = "deit_tiny_patch16_224"
 # Small, deterministic and fast: no mixup/augmentation, so a handful of steps must lower the loss.
@@ -252,6 +257,97 @@ def test_evaluate_refuses_a_fine_tune_of_other_class_folders(dataset, finetuned,
     assert result.returncode == 2 and "fine-tuned on other class folders" in result.stderr and "'zebra'" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("model", ["artifact", "artifact without class names", "eager"])
+def test_evaluate_names_a_hidden_folder_that_timm_counts_as_a_class(dataset, artifact, tmp_path, capsys, monkeypatch, model):
+    val = tmp_path / "val"
+    shutil.copytree(dataset / "val", val)
+    (val / ".ipynb_checkpoints").mkdir()  # a notebook's autosave: timm makes a fifth class of it
+    shutil.copy(val / "class_000" / "0.png", val / ".ipynb_checkpoints" / "0-checkpoint.png")
+    if model == "artifact without class names":  # e.g. compiled from a checkpoint of another trainer
+        evaluate = load_script("evaluate")
+        recorded = evaluate.read_metadata
+        monkeypatch.setattr(evaluate, "read_metadata", lambda path: {**recorded(path), "class_names": None})
+    given = ["--arch", ARCH, "--num-classes", "4"] if model == "eager" else ["--artifact", artifact]
+    result = call_script("evaluate", capsys, "--data", val, *given, "--workers", "0", "--device", "cpu")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    if model == "artifact":  # the class folders it was trained on: the difference names the folder
+        assert "only here: ['.ipynb_checkpoints']" in result.stderr, result.stderr
+    else:
+        assert "has 5 classes, including hidden folder(s) '.ipynb_checkpoints'" in result.stderr, result.stderr
+        # --num-classes is refused beside --artifact: the advice for an artifact is another artifact
+        assert ("--num-classes" in result.stderr) == (model == "eager") and ("aot_compile.py" in result.stderr) == (model != "eager")
+
+
+def test_evaluate_refuses_a_json_inside_the_data_folder(tmp_path, capsys):
+    write_image_folder(tmp_path / "val", classes=2, per_class=2, size=16)
+    image = tmp_path / "val" / "class_000" / "0.png"
+    pixels = image.read_bytes()
+    (tmp_path / "link").symlink_to(tmp_path / "val" / "class_000")  # the same folder under a name outside --data
+    for json_path in (image, tmp_path / "link" / "0.png", tmp_path / "val" / "result.json"):
+        result = call_script("evaluate", capsys, "--data", tmp_path / "val", "--arch", ARCH, "--num-classes", "2", "--workers", "0",
+                             "--device", "cpu", "--json", json_path)
+        assert result.returncode == 2 and result.stdout == "", result.stdout  # before any work
+        assert result.stderr == (f"evaluate.py: error: output {str(json_path)!r} lies inside the --data folder {str(tmp_path / 'val')!r}: "
+                                 "writing it would change that input; write it elsewhere\n")
+    assert image.read_bytes() == pixels and not (tmp_path / "val" / "result.json").exists()
+
+
+def test_evaluate_applies_max_pixels_in_its_loader_workers(tmp_path, capsys):
+    # The worker decodes in another process: a limit set only in this one would let every image through.
+    write_image_folder(tmp_path / "val", classes=2, per_class=2, size=64)
+    result = call_script("evaluate", capsys, "--data", tmp_path / "val", "--arch", ARCH, "--num-classes", "2", "--workers", "1",
+                         "--device", "cpu", "--max-pixels", "1000")
+    assert result.returncode == 1 and "none of the 4 files decoded" in result.stderr, result.stderr
+    assert result.stderr.count("image is 64x64 = 4,096 pixels, over the limit of 1,000: refused before decoding "
+                               "(decompression-bomb guard; --max-pixels raises it)") == 4, result.stderr
+
+
+@pytest.mark.parametrize("stop, status, said", [(KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated")])
+@pytest.mark.parametrize("script", ["evaluate", "visualize"])
+def test_a_stop_while_the_model_is_built_is_one_line(dataset, tmp_path, capsys, monkeypatch, script, stop, status, said):
+    def stopped(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(load_script(script), "create_model", stopped)
+    given = (["--data", dataset / "val", "--num-classes", "4", "--workers", "0", "--device", "cpu", "--json", tmp_path / "r.json"]
+             if script == "evaluate" else ["--synthetic", "--out", tmp_path / "r.png"])
+    result = call_script(script, capsys, "--arch", ARCH, *given)
+    assert result.returncode == status and result.stderr == f"{script}.py: {said}; nothing written\n", result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["evaluate", "visualize", "finetune"])
+def test_a_usage_error_is_one_line(capsys, script):
+    result = call_script(script, capsys, "--no-such-flag")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "usage:" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"{script}.py: error: the following arguments are required:") and "(see --help)" in result.stderr
+
+
+def test_evaluate_stopped_by_sigterm_to_its_process_group_says_one_line(tmp_path):
+    """Docker (tini -g), systemd and scancel signal the whole group: the loader's workers get SIGTERM too."""
+    write_image_folder(tmp_path / "val", classes=4, per_class=100, size=64)  # 200 batches of 2: still evaluating when killed
+    stdout, stderr = (open(tmp_path / name, "w+") for name in ("stdout", "stderr"))
+    command = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--data", str(tmp_path / "val"), "--arch", ARCH,
+               "--num-classes", "4", "--workers", "2", "--batch", "2", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        # Until a batch has been evaluated: the workers are past their start-up, and decoding.
+        deadline = time.monotonic() + 600
+        while (not re.search(r"\b[1-9]\d*/400 \[", (tmp_path / "stderr").read_text()) and process.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert process.poll() is None, f"finished before it was stopped: {(tmp_path / 'stderr').read_text()}"
+        os.killpg(process.pid, signal.SIGTERM)
+        status = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        stdout.close()
+        stderr.close()
+    said = (tmp_path / "stderr").read_text()
+    assert status == 143 and said.endswith("evaluate.py: terminated; nothing written\n") and "Traceback" not in said, said
+
+
 def test_evaluate_and_visualize_use_the_fine_tunes_token_reduction_and_warn_when_told_otherwise(dataset, finetuned, tmp_path, capsys):
     saved = torch.load(finetuned[1], weights_only=True)
     assert saved["preset"] == "imagepiece" and saved["reduction"]["method"] == "imagepiece"
@@ -297,6 +393,7 @@ def test_evaluate_and_visualize_use_the_fine_tunes_token_reduction_and_warn_when
         (["--data", "{val}", "--device", "bogus"], "is not a device"),
         (["--data", "{val}", "--device", "meta"], "is not available here"),
         (["--data", "{val}", "--num-classes", "0"], "--num-classes must be >= 1"),
+        (["--data", "{val}", "--max-pixels", "0"], "--max-pixels must be >= 1, got 0"),
         (["--data", "{val}", "--artifact", "{artifact}", "--num-classes", "4"], "an --artifact has its model, weights and head inside"),
         (["--data", "{val}", "--artifact", "{artifact}", "--preset", "tome", "--lcb", "stem"], "--preset, --lcb describe the eager model"),
     ],
@@ -501,6 +598,8 @@ def test_visualize_says_when_an_lcb_stem_is_untrained(tmp_path, capsys):
         (["--image", "{tmp}/notes.jpg", "--out", "{tmp}/x.png"], "not an image"),
         (["--image", "{tmp}/deep.png", "--out", "{tmp}/x.png"], "unsupported 16-bit image"),
         (["--image", "{tmp}/strip.png", "--out", "{tmp}/x.png"], "extreme aspect ratio"),  # resized first: 18 GB
+        # No advice to raise the limit: visualize has no --max-pixels.
+        (["--image", "{tmp}/bomb.png", "--out", "{tmp}/x.png"], "refused before decoding (decompression-bomb guard)"),
         (["--synthetic", "--blocks", "12", "--out", "{tmp}/x.png"], "outside 0..11"),
         (["--synthetic", "--out", "/nonexistent/x.png"], "does not exist"),
         (["--synthetic", "--num-classes", "0", "--out", "{tmp}/x.png"], "--num-classes must be >= 1"),
@@ -513,6 +612,7 @@ def test_visualize_bad_input(tmp_path, capsys, args, message):
     (tmp_path / "notes.jpg").write_text("not a picture")
     Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")  # Pillow's RGB would clip it to white
     Image.new("RGB", (100_000, 1)).save(tmp_path / "strip.png")
+    (tmp_path / "bomb.png").write_bytes(huge_png(10_000, 10_000))
     Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
     result = call_script("visualize", capsys, "--arch", ARCH, *[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

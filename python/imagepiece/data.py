@@ -43,21 +43,30 @@ class ImageFolder(ImageDataset):
 
     timm's ImageDataset logs a warning and returns the *next* image, with that image's label, so a
     corrupt file was silently scored as a copy of its neighbour. Here it comes back as `Unreadable`,
-    and `collate_readable` takes it out of the batch, so that it is counted, named and never scored."""
+    and `collate_readable` takes it out of the batch, so that it is counted, named and never scored.
+
+    `max_pixels`: the command's --max-pixels, whose refusals then advise it; None where the command has no such
+    flag (the decoder's default limit). An attribute of the dataset, not a setting of this process: the data
+    loader's workers, other processes, decode with it."""
+
+    def __init__(self, root: str, transform=None, max_pixels: Optional[int] = None) -> None:
+        super().__init__(root, transform=transform)
+        self.max_pixels = max_pixels
 
     def __getitem__(self, index):
         # The predict CLI's decoder: its refusals too (16-bit images, which Pillow would clip to a white picture;
         # decompression bombs). Imported here: the predict package imports this module.
-        from .predict.decode import ImageError, decode_rgb
+        from .predict.decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ADVICE, ImageError, decode_rgb
         from .predict.preprocess import check_resizes
 
         path, target = self.reader.samples[index]
+        limit, advice = (DEFAULT_MAX_PIXELS, "") if self.max_pixels is None else (self.max_pixels, MAX_PIXELS_ADVICE)
         try:
-            image = decode_rgb(path, advice="")  # these scripts have no --max-pixels
+            image = decode_rgb(path, limit, advice=advice)
             if self.transform is None:
                 return image, target
             # A 100000x1 strip is a few hundred bytes, but timm's eval Resize would make 18 GB of it.
-            check_resizes(image, self.transform)
+            check_resizes(image, self.transform, limit, advice=advice)
             try:
                 return self.transform(image), target
             except ValueError as error:  # e.g. a resize that shrinks a strip's short side to 0
@@ -80,14 +89,15 @@ def collate_readable(samples: list) -> Batch:
     return Batch(images, targets, unreadable)
 
 
-def image_folder(root: Union[str, Path], transform=None) -> ImageFolder:
-    """The images under `root/<class>/...` (timm's folder reader). Labels follow `class_order`."""
+def image_folder(root: Union[str, Path], transform=None, max_pixels: Optional[int] = None) -> ImageFolder:
+    """The images under `root/<class>/...` (timm's folder reader). Labels follow `class_order`. `max_pixels`: see
+    `ImageFolder`."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {str(root)!r} does not exist or is not a folder")
     _check_each_folder_listed_once(root)
     try:
-        dataset = ImageFolder(str(root), transform=transform)
+        dataset = ImageFolder(str(root), transform=transform, max_pixels=max_pixels)
     except RuntimeError as error:  # timm: "Found 0 images in subfolders of ..."
         raise DatasetError(f"dataset folder {str(root)!r} holds no images ({error})") from None
     if len(dataset) == 0:
@@ -205,14 +215,22 @@ def num_classes(dataset: ImageFolder) -> int:
     return len(dataset.reader.class_to_idx)
 
 
-def check_num_classes(dataset: ImageFolder, head_classes: int, root: Union[str, Path]) -> None:
-    """The dataset's classes must be exactly the model head's (labels index the logits)."""
+def check_num_classes(dataset: ImageFolder, head_classes: int, root: Union[str, Path], compiled: bool = False) -> None:
+    """The dataset's classes must be exactly the model head's (labels index the logits). `compiled`: the model is
+    an artifact, whose head no flag resizes."""
     found = num_classes(dataset)
-    if found != head_classes:
-        raise DatasetError(
-            f"dataset {str(root)!r} has {found} classes but the model head has {head_classes}; "
-            "use a checkpoint trained for these classes, with --num-classes set to its head size (finetune.py trains one per class folder)"
-        )
+    if found == head_classes:
+        return
+    # Hidden folders are named here, not refused: timm's reader makes a class of every folder that holds images,
+    # dot or not, so a model trained on this very folder (by timm, or finetune.py) has that class in its head, and
+    # refusing it would leave the model nothing to be evaluated on. One that came by accident (a notebook's
+    # .ipynb_checkpoints, macOS's .AppleDouble) makes the count differ from the head's, and is then named.
+    hidden = [name for name in class_names(dataset) if name.startswith(".")]
+    including = f", including hidden folder(s) {', '.join(map(repr, hidden))}, which hold images and so count as classes," if hidden else ""
+    advice = ("an artifact's head is fixed: compile one (aot_compile.py) from a checkpoint trained for these classes" if compiled
+              else "use a checkpoint trained for these classes, with --num-classes set to its head size")
+    raise DatasetError(f"dataset {str(root)!r} has {found} classes{including} but the model head has {head_classes}; {advice} "
+                       "(finetune.py trains one per class folder)")
 
 
 def spread_subset(dataset: torch.utils.data.Dataset, limit: int) -> torch.utils.data.Dataset:

@@ -38,13 +38,16 @@ def check_writable_dir(folder: Union[str, Path], create: bool = False) -> Path:
     return folder
 
 
-def check_output_file(path: Union[str, Path], inputs: Optional[Dict[str, object]] = None) -> Path:
+def check_output_file(path: Union[str, Path], inputs: Optional[Dict[str, object]] = None,
+                      input_folders: Optional[Dict[str, object]] = None) -> Path:
     """`path` as a Path, or ValueError when no file can be written there (it is a folder, or its folder
     does not exist or is not writable): checked before long work, not found out after it.
 
     Args:
         inputs: the command's input files by option name (None where not given): an output that is one of
             them (the same path, or a link to it) is refused, as writing it would destroy that input.
+        input_folders: the command's input folders by option name (None where not given): an output inside one
+            (through links too) is refused, as writing it would replace or add a file of that input.
     """
     path = Path(path)
     if path.is_dir():
@@ -52,6 +55,10 @@ def check_output_file(path: Union[str, Path], inputs: Optional[Dict[str, object]
     for option, given in (inputs or {}).items():
         if given is not None and _same_file(given, path):
             raise ValueError(f"output {str(path)!r} is the {option} file: writing it would replace that input")
+    for option, folder in (input_folders or {}).items():
+        if folder is not None and _inside(path, folder):
+            raise ValueError(f"output {str(path)!r} lies inside the {option} folder {str(folder)!r}: writing it would change "
+                             "that input; write it elsewhere")
     check_writable_dir(path.parent)
     return path
 
@@ -62,6 +69,12 @@ def _same_file(a: Union[str, Path], b: Union[str, Path]) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one does not exist (yet)
         return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: Union[str, Path], folder: Union[str, Path]) -> bool:
+    """Whether `path` (which may not exist yet) is under `folder`, both with every symbolic link resolved."""
+    real_path, real_folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real_path, real_folder]) == real_folder
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[Path], None], replace: bool = True) -> Path:

@@ -70,3 +70,12 @@ def sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def worker_ignores_sigterm(worker_id: int) -> None:
+    """A DataLoader's `worker_init_fn`: its worker processes ignore SIGTERM, as PyTorch's ignore Ctrl-C, and the
+    parent, which SIGTERM unwinds, shuts them down as it goes. Docker (tini -g), systemd and scancel signal the whole
+    process group: the workers died first, and the parent's loader printed a traceback ("DataLoader worker (pid …) is
+    killed by signal: Terminated") above the tool's one line. A worker whose parent was killed outright still ends:
+    PyTorch's workers watch their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
