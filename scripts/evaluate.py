@@ -33,7 +33,7 @@ from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_output_file
 from imagepiece.predict.decode import DEFAULT_MAX_PIXELS
 from imagepiece.predict.preprocess import pixels_of
-from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds, worker_ignores_sigterm
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 from imagepiece.weights import fill_model_flags, fine_tuned_flags, fine_tuned_settings, reduction_difference
 
 MIN_CROP_PCT = 0.05
@@ -182,8 +182,7 @@ def evaluate_and_report(args) -> int:
     if args.limit:
         dataset = spread_subset(dataset, args.limit)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", collate_fn=collate_readable,
-                                         worker_init_fn=worker_ignores_sigterm)
+                                         pin_memory=device.type == "cuda", collate_fn=collate_readable)
     print(f"evaluating {description} on {len(dataset)} images from {args.data} ({head_classes} classes), batch {args.batch}")
     try:
         with tqdm(total=len(dataset), unit="img", file=sys.stderr) as progress:

@@ -33,7 +33,7 @@ from imagepiece.evaluation import NonFiniteLogits, eager_predictor, evaluate
 from imagepiece.files import atomic_write_text, check_writable_dir, held_exclusively
 from imagepiece.training import (RECIPES, CheckpointWriteError, Trainer, TrainingDiverged, check_recipe, epoch_order, log_line,
                                  save_checkpoint, seed_everything)
-from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds, worker_ignores_sigterm
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 from imagepiece.weights import fine_tuned_settings, read_state_dict
 
 LOCK_NAME = ".finetune.lock"  # in --output while a run trains there
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
             print(f"resumed from {last}: epoch {trainer.epoch}, step {trainer.global_step}"
                   + (f" (the weights of --checkpoint {args.checkpoint} are replaced by last.pth's)" if args.checkpoint else ""))
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.batch_size, num_workers=args.workers,
-                                                 collate_fn=collate_readable, worker_init_fn=worker_ignores_sigterm)
+                                                 collate_fn=collate_readable)
         log = args.output / "log.jsonl"
         keep_log_up_to(log, trainer.global_step)
         if args.max_steps and trainer.global_step >= args.max_steps:  # the same command again: nothing left to do
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
             print(f"finetune.py: error: {error}; {saved}", file=sys.stderr)
             return 1
         except STOPPED as stop:
-            saved = (f"{last} holds the last saved step: rerun the same command to resume" if last.exists()
+                saved = (f"{last} holds the last saved step: rerun the same command to resume" if last.exists()
                      else f"nothing was saved yet (the first save is at step {args.save_every} or the epoch's end)")
             print(f"finetune.py: {how_stopped(stop)}; {saved}", file=sys.stderr)
             return exit_status(stop)
@@ -295,7 +295,6 @@ def train(args, recipe, trainer, train_set, val_loader, device, run, extra, log,
         # uses, or a resumed run would diverge from an uninterrupted one.
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, order.tolist()), batch_size=recipe.batch_size,
                                              num_workers=args.workers, drop_last=drop_last, collate_fn=collate_readable,
-                                             worker_init_fn=worker_ignores_sigterm,
                                              generator=torch.Generator().manual_seed(args.seed + trainer.epoch))
         losses, stopping = [], False
         for seen, batch in enumerate(loader, start=1):

@@ -346,6 +346,24 @@ def test_evaluate_stopped_by_sigterm_to_its_process_group_says_one_line(tmp_path
         stderr.close()
     said = (tmp_path / "stderr").read_text()
     assert status == 143 and said.endswith("evaluate.py: terminated; nothing written\n") and "Traceback" not in said, said
+    deadline = time.monotonic() + 30
+    with pytest.raises(ProcessLookupError):  # no worker outlives it (one that ignored SIGTERM once did, and held its exit)
+        while time.monotonic() < deadline:
+            os.killpg(process.pid, 0)
+            time.sleep(0.1)
+
+
+def test_after_a_stop_only_the_loaders_reports_of_its_workers_deaths_go_unshown(monkeypatch):
+    from types import SimpleNamespace
+
+    from imagepiece.termination import loader_worker_deaths_unshown
+
+    shown = []
+    monkeypatch.setattr(sys, "unraisablehook", shown.append)  # what the process would show (and put back after the test)
+    loader_worker_deaths_unshown()
+    for error in (RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated. "), RuntimeError("another failure")):
+        sys.unraisablehook(SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=None))
+    assert [str(unraisable.exc_value) for unraisable in shown] == ["another failure"]
 
 
 def test_evaluate_and_visualize_use_the_fine_tunes_token_reduction_and_warn_when_told_otherwise(dataset, finetuned, tmp_path, capsys):

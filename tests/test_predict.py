@@ -343,6 +343,17 @@ def test_tables_that_would_be_misread_are_refused_and_a_parquet_dataset_folder_i
     items = list_inputs(str(dataset) + "/")
     assert [(i.path, i.location) for i in items] == [(n, str(tmp_path / n)) for n in ("gray.png", "rgb_0.jpg", "rgb_1.jpg")], \
         "its parts in order; relative paths resolve against the folder holding the dataset, as a file's do"
+    pq.write_table(pa.table({"path": [7]}), dataset / "part-2.parquet")  # read as the first part's text: "7"
+    with pytest.raises(ValueError, match="its path column holds int64 values in .*part-2.parquet', not text"):
+        list_inputs(str(dataset))
+    (tmp_path / "empty.parquet").mkdir()
+    with pytest.raises(ValueError, match="is a folder named like a Parquet table, but holds no Parquet files"):
+        list_inputs(str(tmp_path / "empty.parquet"))
+    (tmp_path / "named.csv").write_text(f"my;path\n{root / 'gray.png'}\n")  # a column whose name holds a ";", named
+    assert [i.path for i in list_inputs(str(tmp_path / "named.csv"), column="my;path")] == [str(root / "gray.png")]
+    (tmp_path / "headless.csv").write_text(f"dir;1/a.jpg\n{root / 'gray.png'}\n")
+    with pytest.raises(ValueError, match="looks like a list of paths without a header line"):
+        list_inputs(str(tmp_path / "headless.csv"))
 
 
 def test_resume_swaps_in_the_merged_journal_whole(tmp_path, monkeypatch):

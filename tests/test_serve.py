@@ -1,4 +1,5 @@
 """The HTTP server (imagepiece.serve, scripts/serve.py): a real server on a free loopback port, real requests."""
+import asyncio
 import contextlib
 import http.client
 import io
@@ -327,6 +328,19 @@ def test_a_client_that_sends_its_whole_upload_before_reading_still_gets_its_413(
             connection.close()
 
 
+def test_a_connection_answered_for_good_frees_its_slot_while_its_close_lingers(artifact):
+    config = ServeConfig(artifact=artifact, decode_threads=1, warmup=False, max_upload_bytes=UPLOAD_LIMIT)
+    with ServerThread(create_app(config, ClassificationService(config)), max_connections=1) as client, \
+            socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT) as refused_upload:
+        refused_upload.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {UPLOAD_LIMIT * 100}\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += refused_upload.recv(65536) or pytest.fail(f"closed after {answer!r}")
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        # Still open on the client's side (the server lingers), yet no longer one of the --max-connections 1.
+        assert client.get("/healthz", headers={"Connection": "close"}).status_code == 200
+
+
 def test_connections_send_answers_without_waiting_for_the_clients_ack(artifact):
     """TCP_NODELAY on every connection, however its listening socket was made (asyncio sets it only for sockets made
     with proto IPPROTO_TCP; the CLI's and these tests' have proto 0): uvicorn writes a response's head and body
@@ -579,22 +593,42 @@ def test_a_batcher_option_the_artifact_cannot_take_is_named_by_its_flag(artifact
     assert f"'{corrupt}' is truncated or corrupt" in capsys.readouterr().err
 
 
-def test_the_open_file_limit_is_raised_for_max_connections_or_the_start_refused(monkeypatch):
-    """Past the limit (a soft 1,024 is common) accept() fails: no 503 for the connections over it, no answer at all,
-    and asyncio logs an error for every try."""
+def test_the_open_file_limit_is_raised_to_the_hard_one_and_max_connections_must_fit(monkeypatch):
+    """Past the limit (a soft 1,024 is common) accept() fails: no 503 for the connections over it, no answer at all."""
     from imagepiece.serve import cli
 
     limits = {"soft": 1024, "hard": 4096}
     monkeypatch.setattr(cli.resource, "getrlimit", lambda _: (limits["soft"], limits["hard"]))
     monkeypatch.setattr(cli.resource, "setrlimit", lambda _, pair: limits.update(soft=pair[0], hard=pair[1]))
-    cli.raise_open_file_limit(1000)
-    assert limits == {"soft": 1000 + cli.OTHER_DESCRIPTORS, "hard": 4096}
-    cli.raise_open_file_limit(10)  # never lowered
-    assert limits["soft"] == 1000 + cli.OTHER_DESCRIPTORS
-    limits.update(soft=1024, hard=1024)
+    warnings = []
+    assert cli.connection_limit(None, warnings.append) == cli.DEFAULT_MAX_CONNECTIONS and limits["soft"] == 4096
+    assert cli.connection_limit(4000, warnings.append) == 4000 and not warnings
+    limits.update(soft=1024, hard=1024)  # bash's `ulimit -n 1024` sets both
+    fits = 1024 - cli.OTHER_DESCRIPTORS
+    assert cli.connection_limit(None, warnings.append) == fits  # the default is lowered, and says so
+    assert warnings == [f"serving at most {fits:,} connections at once, not 1,000: this process may open 1,024 files (ulimit -Hn)"]
     with pytest.raises(ValueError, match=f"--max-connections 1,000 needs {1000 + cli.OTHER_DESCRIPTORS:,} open files, and this "
-                                         f"process may open at most 1,024 .*lower --max-connections to {1024 - cli.OTHER_DESCRIPTORS}"):
-        cli.raise_open_file_limit(1000)
+                                         f"process may open at most 1,024 .*lower --max-connections to {fits}"):
+        cli.connection_limit(1000, warnings.append)  # asked for: refused, not quietly lowered
+
+
+def test_running_out_of_open_files_is_logged_once_not_per_connection(artifact, caplog):
+    """asyncio logs each failed accept with its traceback, up to the listen backlog a second: megabytes of log."""
+    from imagepiece.serve.draining_server import DrainingServer
+
+    config = ServeConfig(artifact=artifact, decode_threads=1, warmup=False)
+    server = DrainingServer(uvicorn_config(create_app(config, ClassificationService(config)), 30.0, None), None)
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(500):
+            server.handle_loop_exception(loop, {"message": "socket.accept() out of system resource",
+                                                "exception": OSError(24, "Too many open files")})
+        server.handle_loop_exception(loop, {"message": "something else"})
+    finally:
+        loop.close()
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 2 and said[0].startswith("cannot accept connections: [Errno 24] Too many open files"), said
+    assert said[1] == "something else"
 
 
 def test_the_entry_point_without_its_extra_says_so_in_one_line():

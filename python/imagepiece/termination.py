@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -35,6 +36,7 @@ def exit_status(stop: BaseException) -> int:
 
 def _raise_terminated(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    loader_worker_deaths_unshown()  # now: a loader is cleaned up as the stop unwinds, before any `except` runs
     raise Terminated
 
 
@@ -72,10 +74,21 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def worker_ignores_sigterm(worker_id: int) -> None:
-    """A DataLoader's `worker_init_fn`: its worker processes ignore SIGTERM, as PyTorch's ignore Ctrl-C, and the
-    parent, which SIGTERM unwinds, shuts them down as it goes. Docker (tini -g), systemd and scancel signal the whole
-    process group: the workers died first, and the parent's loader printed a traceback ("DataLoader worker (pid …) is
-    killed by signal: Terminated") above the tool's one line. A worker whose parent was killed outright still ends:
-    PyTorch's workers watch their parent."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def loader_worker_deaths_unshown() -> None:
+    """For the rest of this (ending) process, once SIGTERM has stopped it: a DataLoader's report that its worker
+    processes died is not shown. Docker (tini -g), systemd and scancel signal the whole process group, so the workers
+    die of the SIGTERM the command unwinds from, and the loader, cleaned up as it unwinds, reports each death
+    ("DataLoader worker (pid …) is killed by signal: Terminated") as an exception it ignores: a traceback above the
+    command's one line. The workers keep SIGTERM's default: one that ignored it (as PyTorch's ignore Ctrl-C) could
+    not be stopped by the loader's own terminate(), and one stuck on a slow file held the command's exit, then
+    outlived it."""
+    if getattr(sys.unraisablehook, "drops_loader_worker_deaths", False):
+        return
+    shown = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value).startswith("DataLoader worker")):
+            shown(unraisable)
+
+    hook.drops_loader_worker_deaths = True
+    sys.unraisablehook = hook

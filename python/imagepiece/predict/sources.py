@@ -178,27 +178,46 @@ def _table_column(source: Path, column: Optional[str]) -> List[str]:
         if source.suffix.lower() == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.ParquetDataset(source)  # a file, or a dataset's folder of them (one table, as pyarrow reads it)
-            values = table.read(columns=[_pick_column(table.schema.names, column, source)]).column(0).to_pylist()
+            values = _parquet_column(source, column)
         else:
             with open(source, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
                 reader = csv.DictReader(handle)
                 names = list(reader.fieldnames or [])
-                separator = next((name for name, char in OTHER_SEPARATORS.items() if len(names) == 1 and char in names[0]), None)
-                if separator:  # one column named "path;label": every row would be a path that does not exist
-                    raise InputError(f"{str(source)!r} looks {separator}-separated (its header line is {names[0]!r}); predict "
-                                     "reads comma-separated CSV: save it with commas, or as Parquet")
                 name = _pick_column(names, column, source)
                 if column is None and names == [name] and os.path.splitext(name)[1].lower() in image_suffixes():
                     raise InputError(f"{str(source)!r} looks like a list of paths without a header line: its first line, "
                                      f"{name!r}, would be read as the column's name and that image left out; add a first "
                                      f"line '{DEFAULT_COLUMN}', or give the paths as a .txt list")
+                separator = next((word for word, char in OTHER_SEPARATORS.items() if char in name), None)
+                if column is None and names == [name] and separator:  # "path;label": rows of paths that do not exist
+                    raise InputError(f"{str(source)!r} looks {separator}-separated (its header line is {name!r}); predict "
+                                     "reads comma-separated CSV: save it with commas or as Parquet (or name that column "
+                                     "with --column)")
                 values = [row[name] for row in reader]
     except InputError:
         raise
     except Exception as error:  # pyarrow/csv raise many kinds for an unreadable table
         raise InputError(f"cannot read table {str(source)!r} ({type(error).__name__}: {error})") from None
     return [_path_value(value, source) for value in values]
+
+
+def _parquet_column(source: Path, column: Optional[str]) -> list:
+    """The path column of a Parquet file, or of a dataset's folder of them (Spark, Ray, pyarrow), read as one table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetDataset(source)
+    if source.is_dir() and not table.files:
+        raise InputError(f"{str(source)!r} is a folder named like a Parquet table, but holds no Parquet files")
+    name = _pick_column(table.schema.names, column, source)
+    # A dataset's parts are read as the first one's schema: a number column in a later part would become text ("1").
+    for part in table.fragments if source.is_dir() else []:
+        field = part.physical_schema.field(name) if name in part.physical_schema.names else None
+        if field is not None and not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+                                      or pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)
+                                      or pa.types.is_null(field.type)):
+            raise InputError(f"table {str(source)!r}: its path column holds {field.type} values in {part.path!r}, not text")
+    return table.read(columns=[name]).column(0).to_pylist()
 
 
 def _path_value(value, source: Path) -> str:

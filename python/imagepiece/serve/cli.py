@@ -16,6 +16,7 @@ says otherwise (there is no authentication: put a proxy in front before exposing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import math
 import os
@@ -23,6 +24,7 @@ import resource
 import socket
 import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 import ip_runtime
 
@@ -78,8 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"seconds an upload may take in all, however steadily it arrives, before it gets 408 "
                              f"(default {defaults.upload_timeout_s:g})")
     connections = parser.add_argument_group("connections")
-    connections.add_argument("--max-connections", type=int, default=1000,
-                             help="open connections beyond which new ones get 503 (default 1000)")
+    connections.add_argument("--max-connections", type=int,
+                             help=f"open connections beyond which new ones get 503 (default {DEFAULT_MAX_CONNECTIONS}, or fewer where "
+                                  "the open-file limit allows fewer)")
     connections.add_argument("--shutdown-timeout", type=float, default=10.0,
                              help="on SIGINT/SIGTERM, seconds to let open requests finish (queued images run at once) "
                                   "before the rest get 503 (default 10)")
@@ -87,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
     args = parser.parse_args(argv)
     for name in ("topk", "max_pixels", "decode_threads", "max_connections"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.host.strip():  # binds every interface, unsaid: the warning would name no address
         parser.error("--host is empty; give an address (0.0.0.0 or :: to listen on every interface)")
@@ -120,24 +123,32 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
                        min_upload_rate=args.min_upload_rate * 1024, upload_timeout_s=args.upload_timeout)
 
 
+DEFAULT_MAX_CONNECTIONS = 1000
 # Open files the server holds besides its connections (~10: libraries, the event loop, logs), with room for the
 # connections over --max-connections it accepts only to refuse.
 OTHER_DESCRIPTORS = 64
 
 
-def raise_open_file_limit(max_connections: int) -> None:
-    """Lets this process open a file for each of --max-connections connections: the soft limit (often 1,024) is
-    raised as far as needed, up to the hard one; ValueError where even that is too low. Past the limit accept()
-    fails, and the server answers nothing (no 503) while asyncio logs an error for every try."""
-    needed = max_connections + OTHER_DESCRIPTORS
+def connection_limit(requested: Optional[int], warn: Callable[[str], None]) -> int:
+    """The connections to serve at once: `requested` (--max-connections; None: the default), with an open file for
+    each. The soft open-file limit (often 1,024) is raised to the hard one, as nginx and Go do: past it accept()
+    fails, the server answers nothing (no 503) and a burst is refused only by waiting. ValueError where the hard limit
+    cannot hold `requested`; the default is lowered to what it can hold, with a warning."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        raise ValueError(f"--max-connections {max_connections:,} needs {needed:,} open files, and this process may open at "
-                         f"most {hard:,} (ulimit -Hn): lower --max-connections to {max(1, hard - OTHER_DESCRIPTORS):,}, "
-                         "or raise the limit")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):  # hard "unlimited" is above the kernel's nr_open: keep the soft one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    wanted = requested or DEFAULT_MAX_CONNECTIONS
+    if soft == resource.RLIM_INFINITY or wanted + OTHER_DESCRIPTORS <= soft:
+        return wanted
+    fits = max(1, soft - OTHER_DESCRIPTORS)
+    if requested is not None:
+        raise ValueError(f"--max-connections {requested:,} needs {requested + OTHER_DESCRIPTORS:,} open files, and this "
+                         f"process may open at most {soft:,} (ulimit -Hn): lower --max-connections to {fits:,}, or raise the limit")
+    warn(f"serving at most {fits:,} connections at once, not {DEFAULT_MAX_CONNECTIONS:,}: this process may open "
+         f"{soft:,} files (ulimit -Hn)")
+    return fits
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -171,7 +182,7 @@ def main(argv=None) -> int:
 
 def serve(args: argparse.Namespace, prog: str) -> int:
     try:
-        raise_open_file_limit(args.max_connections)
+        max_connections = connection_limit(args.max_connections, lambda message: print(f"{prog}: warning: {message}", file=sys.stderr))
     except ValueError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
@@ -200,7 +211,7 @@ def serve(args: argparse.Namespace, prog: str) -> int:
         print(f"serving {service.model_name} from {args.artifact} on http://{f'[{host}]' if ':' in host else host}:{port} "
               f"(batcher: {service.batcher.options}; pid {os.getpid()})", file=sys.stderr, flush=True)
         app = create_app(service.config, service)
-        config = uvicorn_config(app, service.config.read_timeout_s, app.state.metrics, max_connections=args.max_connections,
+        config = uvicorn_config(app, service.config.read_timeout_s, app.state.metrics, max_connections=max_connections,
                                 log_level=args.log_level, access_log=not args.no_access_log,
                                 timeout_graceful_shutdown=args.shutdown_timeout)
         server = DrainingServer(config, service)

@@ -87,6 +87,7 @@ class LingeringClose:
         self._transport.write_eof()  # after the answer, once it is written
         self._transport.resume_reading()  # uvicorn pauses reading a body the app does not take
         self.lingering = self._protocol.loop.call_later(LINGER_S, self._transport.close)
+        self._protocol.admitted_connections.discard(self._protocol)  # answered for good: its slot is free now
 
     def is_closing(self) -> bool:
         return self.lingering is not None or self._transport.is_closing()
