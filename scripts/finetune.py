@@ -276,7 +276,7 @@ def main(argv=None) -> int:
             print(f"finetune.py: error: {error}; {saved}", file=sys.stderr)
             return 1
         except STOPPED as stop:
-                saved = (f"{last} holds the last saved step: rerun the same command to resume" if last.exists()
+            saved = (f"{last} holds the last saved step: rerun the same command to resume" if last.exists()
                      else f"nothing was saved yet (the first save is at step {args.save_every} or the epoch's end)")
             print(f"finetune.py: {how_stopped(stop)}; {saved}", file=sys.stderr)
             return exit_status(stop)
