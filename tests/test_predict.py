@@ -584,6 +584,15 @@ def test_csv_jsonl_and_parquet_hold_the_same_rows(compiled, few_files, tmp_path)
     assert header == "path,class_1,class_2,class_3,label_1,label_2,label_3,prob_1,prob_2,prob_3,error"
 
 
+def test_a_csv_of_errors_only_still_has_its_topk_columns(tmp_path):
+    """A shard of unreadable files gave `path,error`: a reader's df["class_1"] failed, shards did not line up."""
+    for paths in (["a.jpg"], []):
+        output = ResumableOutput(tmp_path / "p.csv", resume=False, topk=2)
+        output.add([Row(path, error="not an image") for path in paths])
+        output.finish(paths)
+        assert (tmp_path / "p.csv").read_text().splitlines()[0] == "path,class_1,class_2,label_1,label_2,prob_1,prob_2,error"
+
+
 def open_files():
     """Paths this process has open (Linux)."""
     paths = set()

@@ -262,7 +262,8 @@ class ResumableOutput:
         self.replacing = replacing_marker(self.path)
         self._keeps_output = resume and not self.replacing.exists()
         self._predicted: Dict[str, bool] = {}  # each earlier path: whether its latest row is a prediction
-        self._widest = 0  # the most classes in a row: a CSV's columns
+        # A CSV's columns of each kind: the run's top-k (a run of errors only still has them), or a wider earlier row's.
+        self._widest = topk or 0
         if resume:
             # Rewrite the journal so that it holds every earlier row: a second interruption loses nothing.
             self.journal.replace_with(self._latest_earlier_rows(topk))
@@ -313,7 +314,7 @@ class ResumableOutput:
         listed = set(input_paths)
         ordered = chain(input_paths, (path for path in self._predicted if path not in listed))
         if not where:  # no input and nothing earlier: no journal was written
-            write_rows(self.path, [], 0)
+            write_rows(self.path, [], self._widest)
         else:
             with open(self.journal.path, "rb") as handle:
                 write_rows(self.path, (_row_at(handle, where[path]) for path in ordered), self._widest)
