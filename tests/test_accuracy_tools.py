@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import ip_runtime
 from imagepiece import create_model
 from imagepiece.config import PRESETS
 from imagepiece.pieces import panel_origin, piece_maps
-from imagepiece.termination import Terminated
+from imagepiece.termination import Terminated, loader_worker_deaths_unshown
 from image_files import huge_png
 from inputs import write_image_folder
 from script_runs import ROOT, call_script, load_script, run_script
@@ -354,10 +355,6 @@ def test_evaluate_stopped_by_sigterm_to_its_process_group_says_one_line(tmp_path
 
 
 def test_after_a_stop_only_the_loaders_reports_of_its_workers_deaths_go_unshown(monkeypatch):
-    from types import SimpleNamespace
-
-    from imagepiece.termination import loader_worker_deaths_unshown
-
     shown = []
     monkeypatch.setattr(sys, "unraisablehook", shown.append)  # what the process would show (and put back after the test)
     loader_worker_deaths_unshown()
