@@ -306,6 +306,17 @@ def test_a_stop_while_the_output_is_committed_waits_for_the_commit_and_says_it_i
     assert sorted(p.name for p in output.iterdir()) == ["new.parquet"]  # no earlier rows, no stale staging folder
 
 
+def test_ray_datas_failure_reports_stay_off_the_terminal_and_its_warnings_do_not():
+    def record(name, level):
+        return logging.LogRecord(name, level, __file__, 1, "message", None, None)
+
+    operator = "ray.data._internal.execution.operators.actor_pool_map_operator"
+    assert not ray_job._not_ray_datas_failure_report(record("ray.data.exceptions", logging.ERROR))
+    assert not ray_job._not_ray_datas_failure_report(record(operator, logging.ERROR))  # "actors died during initialization"
+    assert ray_job._not_ray_datas_failure_report(record(operator, logging.WARNING))
+    assert ray_job._not_ray_datas_failure_report(record("ray.data.dataset", logging.ERROR))
+
+
 def test_ray_starts_locally_unless_an_address_or_ray_address_says_where_and_a_sigterm_while_it_starts_unwinds(monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -316,7 +327,10 @@ def test_ray_starts_locally_unless_an_address_or_ray_address_says_where_and_a_si
     ray_job._start_ray(None)  # "local": a `ray start` cluster on the machine is not joined (ray.init() would, then refuse num_cpus)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # as `ray job submit` runs its entrypoint
     ray_job._start_ray(None)
-    assert calls == ["local", "10.0.0.1:6379"]
+    ray_job._start_ray("local")  # Ray's own word for a new local Ray: was refused as "not host:port"
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    ray_job._start_ray(None)
+    assert calls == ["local", "10.0.0.1:6379", "local", "local"]
 
     def terminated_while_starting(**options):
         sys.exit(signal.SIGTERM)  # what Ray's own handler does while ray.init runs

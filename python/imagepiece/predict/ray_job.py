@@ -247,7 +247,7 @@ def _start_ray(address: Optional[str]) -> bool:
         address = os.environ.get("RAY_ADDRESS")
         given_as = f"RAY_ADDRESS={address}"
     try:
-        if address:
+        if address and address != "local":  # Ray's own word for a new local Ray: what no address does here too
             check_reachable(address, given_as=given_as)
             ray.init(address=address, **common)
         else:  # "local": a new Ray even where a `ray start` cluster runs (ray.init() would join it). Its CPU count is
@@ -264,10 +264,15 @@ def _start_ray(address: Optional[str]) -> bool:
     return True
 
 
+# Loggers whose failure reports stay off the terminal (the session log keeps them): the page of tracebacks Ray Data
+# prints when a task or actor fails, asking to report it to Ray, and its account of actors that died starting.
+RAY_DATA_FAILURE_REPORTS = ("ray.data.exceptions", "ray.data._internal.execution.operators.actor_pool_map_operator")
+
+
 def _not_ray_datas_failure_report(record: logging.LogRecord) -> bool:
-    """Off the terminal (its session log keeps it): the page of tracebacks Ray Data prints when a task or actor fails,
-    asking to report it to Ray; the run says the cause in one line (RayJobFailed)."""
-    return record.name != "ray.data.exceptions"
+    """Whether `record` may reach the terminal: not a failure report, whose cause the run says in one line
+    (RayJobFailed)."""
+    return record.name not in RAY_DATA_FAILURE_REPORTS or record.levelno < logging.ERROR
 
 
 def _set_ray_data_output(progress: bool) -> None:
