@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CMAKE_PROJECT = """cmake_minimum_required(VERSION 3.21)
 project(SharedCxxRuntimeCheck LANGUAGES CXX)
-include({root}/cmake/SharedCxxRuntime.cmake)
+include("{root}/cmake/SharedCxxRuntime.cmake")
 add_library(regex_device SHARED regex_device.cpp)
 if(LINK_SHARED_CXX_RUNTIME)
   imagepiece_link_shared_cxx_runtime(regex_device)
