@@ -27,9 +27,8 @@ import imagepiece
 import ip_runtime
 from imagepiece.artifact import SUFFIXES, ArtifactError, check_compatible, read_metadata
 from imagepiece.artifact_metadata import MAX_BATCH
-from imagepiece.cpu_target import compile_target
 from imagepiece.environment import device_problem, machine_info
-from imagepiece.export import build_metadata, check_device_and_dtype, check_output_path, compile_artifact, default_attention
+from imagepiece.export import build_metadata, check_device_and_dtype, check_output_path, compile_artifact
 from imagepiece.bench.timing import summarize, time_interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,14 +38,10 @@ def banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-# Metadata that differs between two compiles of one model (the compile's time, the digest it closes with).
-NOT_COMPARED = ("created", "artifact_sha256")
-
-
 def why_recompile(artifact: Path, model: imagepiece.ImagePieceViT, target: torch.device, batch: int) -> Optional[str]:
     """Why the artifact at `artifact` is not what this run would compile (None: it is, reuse it): its metadata
-    against what compiling `model` now would record, the model's code (`source_sha256`) included, and whether
-    this process can run it at all (torch release, device, CPU)."""
+    against what compiling `model` now would record (but its creation time), the package's code (`source_sha256`)
+    included, and whether this process can run it at all (torch release, device, CPU)."""
     if not artifact.exists():
         return f"there is none at {artifact} yet"
     try:
@@ -54,11 +49,8 @@ def why_recompile(artifact: Path, model: imagepiece.ImagePieceViT, target: torch
         check_compatible(found, target)
     except ArtifactError as error:
         return str(error)
-    cpu = compile_target() if target.type == "cpu" else None
-    wanted = build_metadata(model, target, "fp32", (batch, batch), None, artifact.suffix, cpu=cpu,
-                            attention=default_attention(target.type, "fp32"))
-    wanted = json.loads(json.dumps(wanted))  # as read back: lists, not tuples
-    differing = [key for key in wanted if key not in NOT_COMPARED and found.get(key) != wanted[key]]
+    wanted = json.loads(json.dumps(build_metadata(model, target, "fp32", (batch, batch), None, artifact.suffix)))  # lists, not tuples
+    differing = [key for key in wanted if key != "created" and found.get(key) != wanted[key]]
     if differing:
         return f"{artifact} differs from what would be compiled now in {', '.join(differing)}"
     return None
@@ -104,7 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N] (default: %(default)s here)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds per contender; the median is shown (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "deit_s_ip.so",
-                        help="the artifact, reused by later runs while model code, batch, torch, device and CPU match (default: artifacts/deit_s_ip.so)")
+                        help="the artifact, reused by later runs while what they would compile matches it (default: artifacts/deit_s_ip.so)")
     parser.add_argument("--recompile", action="store_true", help="compile even where the artifact at --out could be reused")
     parser.add_argument("--skip-cpp", action="store_true", help="do not build and run the C++ example")
     args = parser.parse_args(argv)

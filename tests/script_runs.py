@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
+from imagepiece.termination import STOPPED
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,5 +49,7 @@ def call_script(name: str, capsys, *args) -> subprocess.CompletedProcess:
         # sys.exit("text") prints the text and exits 1; sys.exit() exits 0.
         status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
         message = "" if exit.code is None or isinstance(exit.code, int) else f"{exit.code}\n"
+    except STOPPED as stop:  # one the command should have caught: a KeyboardInterrupt let out would stop the whole run
+        pytest.fail(f"{name}.py let {type(stop).__name__} out of main()")
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess([name, *argv], status, out, err + message)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import ip_runtime
 from imagepiece import create_model
 from imagepiece.config import PRESETS
 from imagepiece.pieces import panel_origin, piece_maps
-from imagepiece.termination import Terminated, loader_worker_deaths_unshown
+from imagepiece.termination import Terminated, _raise_terminated
 from image_files import huge_png
 from inputs import write_image_folder
 from script_runs import ROOT, call_script, load_script, run_script
@@ -317,11 +316,14 @@ def test_a_stop_while_the_model_is_built_is_one_line(dataset, tmp_path, capsys, 
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("script", ["evaluate", "visualize", "finetune"])
-def test_a_usage_error_is_one_line(capsys, script):
-    result = call_script(script, capsys, "--no-such-flag")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "usage:" not in result.stderr, result.stderr
-    assert result.stderr.startswith(f"{script}.py: error: the following arguments are required:") and "(see --help)" in result.stderr
+@pytest.mark.parametrize("script, required", [("evaluate", ["--data", "val"]), ("visualize", ["--synthetic", "--out", "x.png"]),
+                                              ("finetune", ["--data", "data", "--output", "run"])])
+def test_a_usage_error_is_one_line(capsys, script, required):
+    for args, said in ((["--no-such-flag"], "the following arguments are required:"),
+                       ([*required, "--no-such-flag"], "unrecognized arguments: --no-such-flag")):
+        result = call_script(script, capsys, *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "usage:" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"{script}.py: error: {said}") and "(see --help)" in result.stderr, result.stderr
 
 
 def test_evaluate_stopped_by_sigterm_to_its_process_group_says_one_line(tmp_path):
@@ -354,13 +356,17 @@ def test_evaluate_stopped_by_sigterm_to_its_process_group_says_one_line(tmp_path
             time.sleep(0.1)
 
 
-def test_after_a_stop_only_the_loaders_reports_of_its_workers_deaths_go_unshown(monkeypatch):
-    shown = []
-    monkeypatch.setattr(sys, "unraisablehook", shown.append)  # what the process would show (and put back after the test)
-    loader_worker_deaths_unshown()
-    for error in (RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated. "), RuntimeError("another failure")):
-        sys.unraisablehook(SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=None))
-    assert [str(unraisable.exc_value) for unraisable in shown] == ["another failure"]
+def test_a_sigterm_stop_hears_no_more_of_its_childrens_deaths():
+    """PyTorch's SIGCHLD handler raised the loader's workers' deaths (of the same group SIGTERM) over the stop."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGCHLD)}
+    signal.signal(signal.SIGCHLD, lambda signum, frame: pytest.fail("a child's death was still heard"))
+    try:
+        with pytest.raises(Terminated):
+            _raise_terminated(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def test_evaluate_and_visualize_use_the_fine_tunes_token_reduction_and_warn_when_told_otherwise(dataset, finetuned, tmp_path, capsys):

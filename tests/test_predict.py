@@ -343,6 +343,9 @@ def test_tables_that_would_be_misread_are_refused_and_a_parquet_dataset_folder_i
     items = list_inputs(str(dataset) + "/")
     assert [(i.path, i.location) for i in items] == [(n, str(tmp_path / n)) for n in ("gray.png", "rgb_0.jpg", "rgb_1.jpg")], \
         "its parts in order; relative paths resolve against the folder holding the dataset, as a file's do"
+    categories = pa.array(["rgb_1.jpg"]).dictionary_encode()  # a pandas category column: text, as in a single file
+    pq.write_table(pa.table({"path": categories}), dataset / "part-1b.parquet")
+    assert [i.path for i in list_inputs(str(dataset))][-1] == "rgb_1.jpg"
     pq.write_table(pa.table({"path": [7]}), dataset / "part-2.parquet")  # read as the first part's text: "7"
     with pytest.raises(ValueError, match="its path column holds int64 values in .*part-2.parquet', not text"):
         list_inputs(str(dataset))

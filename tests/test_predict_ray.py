@@ -307,12 +307,17 @@ def test_a_stop_while_the_output_is_committed_waits_for_the_commit_and_says_it_i
 
 
 def test_ray_datas_failure_reports_stay_off_the_terminal_and_its_warnings_do_not():
-    def record(name, level):
-        return logging.LogRecord(name, level, __file__, 1, "message", None, None)
+    def record(name, level, traceback=None):
+        return logging.LogRecord(name, level, __file__, 1, "message", None, traceback)
 
     operator = "ray.data._internal.execution.operators.actor_pool_map_operator"
+    try:
+        raise RuntimeError("the artifact is truncated or corrupt")
+    except RuntimeError:
+        died = sys.exc_info()
     assert not ray_job._not_ray_datas_failure_report(record("ray.data.exceptions", logging.ERROR))
     assert not ray_job._not_ray_datas_failure_report(record(operator, logging.ERROR))  # "actors died during initialization"
+    assert not ray_job._not_ray_datas_failure_report(record(operator, logging.WARNING, died))  # each death, with its traceback
     assert ray_job._not_ray_datas_failure_report(record(operator, logging.WARNING))
     assert ray_job._not_ray_datas_failure_report(record("ray.data.dataset", logging.ERROR))
 

@@ -69,10 +69,9 @@ def target_of(isa: str, arch_flags: str) -> CpuTarget:
 def compile_target() -> CpuTarget:
     """What a CPU artifact compiled now, in this process, is built for (see the module docstring)."""
     import torch
-
-    from .environment import logger_quieted
-
     from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    from .environment import logger_quieted  # imports torch at its top: here, as torch is
 
     if platform.machine() not in ("x86_64", "AMD64"):
         return CpuTarget(torch.backends.cpu.get_cpu_capability(), (), None)

@@ -229,6 +229,8 @@ def check_num_classes(dataset: ImageFolder, head_classes: int, root: Union[str, 
     including = f", including hidden folder(s) {', '.join(map(repr, hidden))}, which hold images and so count as classes," if hidden else ""
     advice = ("an artifact's head is fixed: compile one (aot_compile.py) from a checkpoint trained for these classes" if compiled
               else "use a checkpoint trained for these classes, with --num-classes set to its head size")
+    if hidden:  # most likely come by accident (a notebook's autosave): the way out is to take them away
+        advice = f"move {'it' if len(hidden) == 1 else 'them'} out of the folder, or {advice}"
     raise DatasetError(f"dataset {str(root)!r} has {found} classes{including} but the model head has {head_classes}; {advice} "
                        "(finetune.py trains one per class folder)")
 

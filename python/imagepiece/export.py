@@ -164,10 +164,14 @@ def default_attention(device_type: str, dtype: str) -> str:
 
 def build_metadata(model: ImagePieceViT, device: torch.device, dtype: str, batch: tuple[int, int],
                    checkpoint: Optional[Path], suffix: str, input_format: str = "float_nchw",
-                   cpu: Optional[CpuTarget] = None, attention: str = "sdpa") -> dict:
+                   cpu: Optional[CpuTarget] = None, attention: Optional[str] = None) -> dict:
     """Everything the runtime checks and a user may want to inspect, as plain JSON values.
-    `cpu`: what a CPU artifact's kernels are compiled for (`imagepiece.cpu_target.compile_target`);
-    `attention`: the attention kernel compiled in (`blocks.ATTENTION_KERNELS`)."""
+    `cpu`: what a CPU artifact's kernels are compiled for (default: what a compile in this process targets,
+    `imagepiece.cpu_target.compile_target`); `attention`: the attention kernel compiled in (`blocks.ATTENTION_KERNELS`;
+    default: `default_attention`'s). With both left out, what compiling `model` now would record (the demo's reuse check)."""
+    if cpu is None and device.type == "cpu":
+        cpu = compile_target()
+    attention = attention or default_attention(device.type, dtype)
     return {
         "format_version": FORMAT_VERSION,
         "imagepiece_version": __version__,
@@ -203,9 +207,10 @@ RUNS_ONLY = ("predict", "serve", "bench")
 
 
 def source_sha256() -> str:
-    """sha256 over this package's sources that shape a compiled model (every module but `RUNS_ONLY`'s), in the
-    metadata: with one version number for every development state, it is what tells an artifact compiled by other
-    model code (the demo's reuse check, the tests' artifact cache)."""
+    """sha256 over this package's sources but those that only run artifacts (`RUNS_ONLY`), in the metadata: with one
+    version number for every development state, it is what tells an artifact compiled by other code (the demo's reuse
+    check, the tests' artifact cache). Coarse on purpose: an edit to a module a compile does not need (files.py, say)
+    also counts, rather than one it needs going unnoticed."""
     package = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for source in sorted(package.rglob("*.py")):

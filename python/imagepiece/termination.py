@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 from typing import Iterator
 
@@ -36,7 +35,12 @@ def exit_status(stop: BaseException) -> int:
 
 def _raise_terminated(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-    loader_worker_deaths_unshown()  # now: a loader is cleaned up as the stop unwinds, before any `except` runs
+    # Docker (tini -g), systemd and scancel signal the whole process group: a DataLoader's workers die of this SIGTERM
+    # too, and PyTorch's SIGCHLD handler raises each death as an error ("DataLoader worker (pid …) is killed by
+    # signal"), over this stop or as a traceback while the loader is cleaned up. The process is stopping: a child's
+    # death is no news now. (The workers keep SIGTERM's default: one that ignored it, as they ignore Ctrl-C, could not
+    # be stopped by the loader's own terminate(), and one stuck on a slow file held the exit, then outlived it.)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise Terminated
 
 
@@ -72,23 +76,3 @@ def sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def loader_worker_deaths_unshown() -> None:
-    """For the rest of this (ending) process, once SIGTERM has stopped it: a DataLoader's report that its worker
-    processes died is not shown. Docker (tini -g), systemd and scancel signal the whole process group, so the workers
-    die of the SIGTERM the command unwinds from, and the loader, cleaned up as it unwinds, reports each death
-    ("DataLoader worker (pid …) is killed by signal: Terminated") as an exception it ignores: a traceback above the
-    command's one line. The workers keep SIGTERM's default: one that ignored it (as PyTorch's ignore Ctrl-C) could
-    not be stopped by the loader's own terminate(), and one stuck on a slow file held the command's exit, then
-    outlived it."""
-    if getattr(sys.unraisablehook, "drops_loader_worker_deaths", False):
-        return
-    shown = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value).startswith("DataLoader worker")):
-            shown(unraisable)
-
-    hook.drops_loader_worker_deaths = True
-    sys.unraisablehook = hook

@@ -8,8 +8,9 @@ examples:
 
 --input: a folder (recursive, image suffixes only), a glob, an image, a text file of paths (one per
 line, # comments), or a .csv/.parquet table (column `path`, the only column, or --column; a folder
-named *.parquet is one table); relative paths in a list or table are relative to that file. --output: .csv, .jsonl or .parquet, one row per
-input (path, top-k classes, labels, probs, error); with --ray a folder of Parquet files. Files that
+named *.parquet is one table); relative paths in a list or table are relative to that file.
+--output: .csv, .jsonl or .parquet, one row per input (path, top-k classes, labels, probs, error);
+with --ray a folder of Parquet files. Files that
 cannot be predicted (corrupt, truncated, not an image, 16-bit grayscale, over --max-pixels, unreadable) get
 an error row and the run goes on.
 """
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     scale = parser.add_argument_group("scale-out on Ray Data")
     scale.add_argument("--ray", action="store_true", help="decode on Ray CPU workers, predict in an actor pool, write Parquet")
     scale.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, as `ray job submit` sets it; "
-                                         "without it, start a local Ray on this machine)")
+                                         "without it, or with 'local', start a local Ray on this machine)")
     scale.add_argument("--concurrency", type=int, help="model actors, each holding one Runtime "
                                                        "(default: one per GPU for a CUDA artifact, per CPU otherwise)")
     args = parser.parse_args(argv)

@@ -201,7 +201,7 @@ def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S, given_
     given_as = given_as or f"--address {address}"
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"{given_as} is not host:port (or 'auto')")
+        raise ValueError(f"{given_as} is not host:port (or 'auto', or 'local' for a new local Ray)")
     try:
         connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as error:
@@ -270,9 +270,9 @@ RAY_DATA_FAILURE_REPORTS = ("ray.data.exceptions", "ray.data._internal.execution
 
 
 def _not_ray_datas_failure_report(record: logging.LogRecord) -> bool:
-    """Whether `record` may reach the terminal: not a failure report, whose cause the run says in one line
-    (RayJobFailed)."""
-    return record.name not in RAY_DATA_FAILURE_REPORTS or record.levelno < logging.ERROR
+    """Whether `record` may reach the terminal: not a failure report (an error, or a warning with its traceback, as
+    each actor that dies starting gets), whose cause the run says in one line (RayJobFailed)."""
+    return record.name not in RAY_DATA_FAILURE_REPORTS or (record.levelno < logging.ERROR and record.exc_info is None)
 
 
 def _set_ray_data_output(progress: bool) -> None:

@@ -176,8 +176,6 @@ def _pick_column(columns: List[str], column: Optional[str], source: Path) -> str
 def _table_column(source: Path, column: Optional[str]) -> List[str]:
     try:
         if source.suffix.lower() == ".parquet":
-            import pyarrow.parquet as pq
-
             values = _parquet_column(source, column)
         else:
             with open(source, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
@@ -203,7 +201,6 @@ def _table_column(source: Path, column: Optional[str]) -> List[str]:
 
 def _parquet_column(source: Path, column: Optional[str]) -> list:
     """The path column of a Parquet file, or of a dataset's folder of them (Spark, Ray, pyarrow), read as one table."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pq.ParquetDataset(source)
@@ -213,11 +210,21 @@ def _parquet_column(source: Path, column: Optional[str]) -> list:
     # A dataset's parts are read as the first one's schema: a number column in a later part would become text ("1").
     for part in table.fragments if source.is_dir() else []:
         field = part.physical_schema.field(name) if name in part.physical_schema.names else None
-        if field is not None and not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
-                                      or pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)
-                                      or pa.types.is_null(field.type)):
+        if field is not None and not _holds_text(field.type):
             raise InputError(f"table {str(source)!r}: its path column holds {field.type} values in {part.path!r}, not text")
     return table.read(columns=[name]).column(0).to_pylist()
+
+
+def _holds_text(column_type) -> bool:
+    """A Parquet column type whose values read as text or bytes (a pandas category column is dictionary-encoded)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    return any(check(column_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                                 pa.types.is_large_binary, pa.types.is_null,
+                                                 getattr(pa.types, "is_string_view", lambda _: False),
+                                                 getattr(pa.types, "is_binary_view", lambda _: False)))
 
 
 def _path_value(value, source: Path) -> str:

@@ -37,6 +37,11 @@ from .draining_server import DrainingServer
 from .http_protocol import uvicorn_config
 from .service import MiB, BatcherOptionError, ClassificationService, ServeConfig, in_flag_names
 
+DEFAULT_MAX_CONNECTIONS = 1000
+# Open files the server holds besides its connections (~10: libraries, the event loop, logs), with room for the
+# connections over --max-connections it accepts only to refuse.
+OTHER_DESCRIPTORS = 64
+
 
 def program_name(argv) -> str:
     return command_line.program_name(argv, "imagepiece-serve")
@@ -121,12 +126,6 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
                        max_upload_bytes=int(args.max_upload_mb * MiB), max_buffered_bytes=int(args.max_buffered_mb * MiB),
                        max_pixels=args.max_pixels, decode_threads=args.decode_threads, read_timeout_s=args.read_timeout,
                        min_upload_rate=args.min_upload_rate * 1024, upload_timeout_s=args.upload_timeout)
-
-
-DEFAULT_MAX_CONNECTIONS = 1000
-# Open files the server holds besides its connections (~10: libraries, the event loop, logs), with room for the
-# connections over --max-connections it accepts only to refuse.
-OTHER_DESCRIPTORS = 64
 
 
 def connection_limit(requested: Optional[int], warn: Callable[[str], None]) -> int:
