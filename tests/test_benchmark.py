@@ -1,5 +1,6 @@
 """The benchmark CLI (`python -m imagepiece.bench`, scripts/benchmark.py): complete, well-formed,
 self-consistent results from small runs (not a timing test: no figure is compared with a speed)."""
+import argparse
 import csv
 import json
 import math
@@ -144,6 +145,8 @@ def test_overhead_mode_compares_the_runtime_with_the_runner(tmp_path):
         (["e2e", "--images", "0"], "must be >= 1"),
         (["e2e", "--ray-concurrency", "2"], "needs --ray"),
         (["e2e", "--image-size", "10000", "9000"], "90,000,000 pixels, over predict's limit of 89,478,485"),
+        (["e2e", "--image-size", "100000", "1"], "a JPEG side holds at most 65500 pixels"),  # was Pillow's traceback
+        (["e2e", "--images", "4", "--batch", "8"], "--images 4 is fewer than one --batch 8"),
         (["e2e", "--uint8", "--uint8-artifact", __file__], "not both"),
         (["e2e", "--artifact", __file__], "is not an artifact"),
         (["e2e", "--artifact", __file__, "--uint8-artifact", __file__], "is not an artifact"),
@@ -158,6 +161,18 @@ def test_bad_arguments_are_refused_clearly(tmp_path, capsys, args, message):
         cli.main([*args, "--out", str(tmp_path)])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_served_contender_lets_every_client_connect(tmp_path, monkeypatch):
+    """Past the server's default --max-connections (1000) clients got 503s, and the row timed those, not serving."""
+    from imagepiece.bench import serving
+
+    started = []
+    monkeypatch.setattr(serving.subprocess, "Popen", lambda command, **kwargs: started.append(command))
+    args = argparse.Namespace(max_batch=4, max_delay_ms=2, decode_threads=1, device="cpu", threads=None, concurrency=[1, 2000])
+    serving.ServerProcess(Path("model.so"), args, 64, tmp_path / "server.log")
+    [command] = started
+    assert int(command[command.index("--max-connections") + 1]) >= 2000
 
 
 @pytest.mark.parametrize("out, message", [("{file}", ": '{file}' is a file, not a folder"),

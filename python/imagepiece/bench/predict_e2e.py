@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-concurrency", type=int, help="Ray model actors (default: one per CPU)")
 
 
+MAX_JPEG_SIDE = 65500  # libjpeg's largest width or height (the test images are JPEGs)
+
+
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from ..predict.decode import DEFAULT_MAX_PIXELS
 
@@ -46,6 +49,10 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     width, height = args.image_size
     if width * height > DEFAULT_MAX_PIXELS:  # predict would refuse every image: nothing would be measured
         parser.error(f"--image-size {width} {height} is {width * height:,} pixels, over predict's limit of {DEFAULT_MAX_PIXELS:,}")
+    if max(width, height) > MAX_JPEG_SIDE:
+        parser.error(f"--image-size {width} {height}: a JPEG side holds at most {MAX_JPEG_SIDE} pixels")
+    if args.images < args.batch:  # model-only would time a whole batch against one padded partial batch
+        parser.error(f"--images {args.images} is fewer than one --batch {args.batch}: the two would measure different work")
     if args.ray_concurrency is not None and (args.ray_concurrency < 1 or not args.ray):
         parser.error("--ray-concurrency must be >= 1 and needs --ray")
     if args.uint8 and args.uint8_artifact is not None:
@@ -61,6 +68,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         given, option = getattr(args, name), f"--{name.replace('_', '-')}"
         if given is None:
             continue
+        given = Path(given).absolute()  # recorded in the results: a relative path names no file later
+        setattr(args, name, given)
         # --batch is checked, not clamped: the results would name a batch the run did not use
         metadata = checked_metadata(parser, option, given, args.device, batch=args.batch)
         if input_format is not None and metadata["input_format"] != input_format:

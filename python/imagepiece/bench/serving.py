@@ -77,6 +77,7 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 def _check_artifact(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Refuse, before any work, an artifact this run cannot serve; results are named after the artifact's model."""
+    args.artifact = Path(args.artifact).absolute()  # recorded in the results: a relative path names no file later
     metadata = checked_metadata(parser, "--artifact", args.artifact, args.device)
     batch = metadata["batch"]
     if batch["min"] > 1 or batch["max"] < args.max_batch:
@@ -112,6 +113,9 @@ class Contender:
         return summary
 
 
+CONNECTION_MARGIN = 8  # connections the server admits beyond the clients (a client's reconnect after an error)
+
+
 class ServerProcess:
     """scripts/serve.py's CLI in its own process on a free loopback port, stopped with SIGINT."""
 
@@ -122,7 +126,9 @@ class ServerProcess:
             self.port = probe.getsockname()[1]
         command = [sys.executable, "-m", "imagepiece.serve.cli", "--artifact", str(artifact), "--port", str(self.port),
                    "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms), "--queue-capacity", str(queue_capacity),
-                   "--decode-threads", str(args.decode_threads), "--device", args.device, "--no-access-log", "--log-level", "warning"]
+                   "--decode-threads", str(args.decode_threads), "--device", args.device, "--no-access-log", "--log-level", "warning",
+                   # Every client's connection let in: beyond the server's default, clients would time its 503s, not serving.
+                   "--max-connections", str(max(args.concurrency) + CONNECTION_MARGIN)]
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         with open(log, "w") as output:  # a file, not a pipe: nobody reads it while the server runs
             self.process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
