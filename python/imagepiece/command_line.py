@@ -6,7 +6,7 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 USAGE_ERROR = 2  # argparse's own status for a bad argument
 
@@ -55,6 +55,13 @@ def run_entry_point(module: str, entry_point: str) -> int:
         print(f"{program_name(None, entry_point)}: error: {missing}", file=sys.stderr)
         return USAGE_ERROR
     return main()
+
+
+def warning_printer(prog: Optional[str] = None) -> Callable[[str], None]:
+    """A `warn` callback for the commands: each message one line on stderr, "<prog>: warning: ..." ("warning: ..."
+    without `prog`, for a library function called outside a command)."""
+    prefix = f"{prog}: warning: " if prog else "warning: "
+    return lambda message: print(prefix + message, file=sys.stderr)
 
 
 class Shortage(NamedTuple):

@@ -14,13 +14,13 @@ class attention, similarity, sorts, gathers and the merging scatter, and so do a
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from .command_line import warning_printer
 from .environment import logger_quieted
 from .evaluation import logit_agreement
 
@@ -67,11 +67,7 @@ def synthetic_calibration(input_shape: Sequence[int], count: int = CALIBRATION_I
     return Calibration(images, f"synthetic (N(0,1) images, seed {seed})")
 
 
-def warn_on_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def image_files(folder: Path, warn: Callable[[str], None] = warn_on_stderr) -> List[Path]:
+def image_files(folder: Path, warn: Callable[[str], None] = warning_printer()) -> List[Path]:
     """The image files under `folder` as `imagepiece-predict` lists a folder: any depth, the suffixes its decoder
     opens (a .psd beside the images is no calibration image), hidden files and folders left out (macOS's ._photo.jpg),
     links to folders not entered; `warn` hears of a sub-folder that cannot be listed."""
@@ -81,7 +77,7 @@ def image_files(folder: Path, warn: Callable[[str], None] = warn_on_stderr) -> L
 
 
 def folder_calibration(folder: Union[str, Path], preprocessing: dict, input_shape: Sequence[int],
-                       count: int = CALIBRATION_IMAGES, warn: Callable[[str], None] = warn_on_stderr) -> Calibration:
+                       count: int = CALIBRATION_IMAGES, warn: Callable[[str], None] = warning_printer()) -> Calibration:
     """Up to `count` images from `folder`, decoded, resized and normalised exactly as
     `imagepiece.predict` prepares images for this model (its preprocessing metadata)."""
     from .predict.preprocess import Preprocess, normalise
@@ -96,7 +92,7 @@ def folder_calibration(folder: Union[str, Path], preprocessing: dict, input_shap
 
 
 def calibration_files(folder: Union[str, Path], count: int = CALIBRATION_IMAGES,
-                      warn: Callable[[str], None] = warn_on_stderr) -> List[Path]:
+                      warn: Callable[[str], None] = warning_printer()) -> List[Path]:
     """The up to `count` image files of `folder` that calibrate (`spread_over_folders`); ValueError if `folder` is
     not a folder or holds none."""
     from .predict.sources import InputError

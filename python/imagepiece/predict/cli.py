@@ -192,7 +192,7 @@ def predict(args: argparse.Namespace, prog: str) -> int:
         if not any(names):
             print(f"{prog}: warning: the artifact's {num_classes} classes are no ImageNet head timm names, it records no class names and no --labels was "
                   "given: the label columns stay empty (the class indices are in the rows)", file=sys.stderr)
-        warn = lambda message: print(f"{prog}: warning: {message}", file=sys.stderr)  # noqa: E731
+        warn = command_line.warning_printer(prog)
         running = choose_batch(metadata["batch"], args.batch)
         if args.batch is not None and running != args.batch:
             warn(f"--batch {args.batch}: the artifact runs batches of {running} (its range is "

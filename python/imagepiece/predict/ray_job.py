@@ -41,7 +41,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -57,6 +56,7 @@ from .preprocess import Preprocess
 from .rows import Row, prediction_rows
 from .sources import InputItem
 from .writers import check_topk_found, rows_to_arrow, warn_if_resume_matches_nothing
+from imagepiece.command_line import warning_printer
 from imagepiece.termination import STOPPED, Terminated, how_stopped, stops_deferred
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
@@ -308,10 +308,6 @@ def check_cluster_resources(cuda: bool) -> int:
     return int(resources["GPU" if cuda else "CPU"])
 
 
-def _warn_on_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 class RayRowsLost(Exception):
     """The job's Parquet files hold fewer (or more) rows than images were sent: never a silently partial output."""
 
@@ -344,7 +340,7 @@ class StoppedAfterWriting(Exception):
         self.stop, self.stats = stop, stats
 
 
-def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = _warn_on_stderr) -> RunStats:
+def run_on_ray(args, items: List[InputItem], warn: Callable[[str], None] = warning_printer()) -> RunStats:
     """Predict `items` on Ray into the folder `args.output`; same row contents as the single-process path."""
     import ray
     import ray.data.exceptions

@@ -181,7 +181,7 @@ def main(argv=None) -> int:
 
 def serve(args: argparse.Namespace, prog: str) -> int:
     try:
-        max_connections = connection_limit(args.max_connections, lambda message: print(f"{prog}: warning: {message}", file=sys.stderr))
+        max_connections = connection_limit(args.max_connections, command_line.warning_printer(prog))
     except ValueError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
