@@ -22,8 +22,6 @@ failed (no C++ compiler or objcopy; the output cannot be written: read-only, no 
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -33,7 +31,7 @@ import torch
 
 import imagepiece
 from imagepiece import ARCHS, METHODS, CheckpointError, create_model, format_schedule
-from imagepiece.command_line import USAGE_ERROR, OneLineErrors, allocation_failure
+from imagepiece.command_line import COMPILER_KILLED, USAGE_ERROR, OneLineErrors, allocation_failure, io_failure, machine_failure
 from imagepiece.config import LCB_CHOICES, PRESETS, REEVALUATIONS, fields_without_effect, lcb_from_cli
 from imagepiece.artifact_metadata import MAX_BATCH, MAX_CLASSES
 from imagepiece.blocks import ATTENTION_KERNELS
@@ -48,8 +46,6 @@ from imagepiece.weights import MODEL_FLAG_DEFAULTS, fill_model_flags, fine_tuned
 
 PROG = "aot_compile.py"
 IO_ERROR = 1
-# What a failed write says when it surfaces only as text inside the compiler's own error.
-IO_REASONS = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
 
 
 def at_least(low: int, high: Optional[int] = None):
@@ -164,21 +160,6 @@ def config_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def io_failure(error: BaseException) -> Optional[str]:
-    """The reason, when `error` (or what caused it) is a failed read or write, else None.
-
-    A full disk during compilation surfaces as the C++ compiler's error inside Inductor's own
-    exception, so its text is searched too."""
-    while error is not None:
-        if isinstance(error, OSError):
-            return error.strerror or str(error)
-        for reason in IO_REASONS:
-            if reason in str(error):
-                return reason
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def fail(status: int, message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return status
@@ -238,6 +219,8 @@ def main(argv=None) -> int:
         shortage = allocation_failure(error)
         if shortage is not None:
             return fail(IO_ERROR, f"out of memory while compiling: {shortage}; {out} was not written")
+        if COMPILER_KILLED in str(error):
+            return fail(IO_ERROR, f"{machine_failure(error)}; {out} was not written")
         reason = io_failure(error)
         if reason is None:
             raise

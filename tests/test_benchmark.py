@@ -33,7 +33,8 @@ def written(root):
 def quick_suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     result = bench("suite", "--quick", "--out", out)
-    assert result.returncode == 0, result.stderr
+    # The end of stderr, where the reason is: its start is progress bars (a CI log shows a failure's first lines).
+    assert result.returncode == 0, result.stderr[-3000:]
     return written(out)
 
 
@@ -321,6 +322,31 @@ def test_contention_settings_reach_libgomp_as_named_after_ip_runtime_sets_its_ow
                                  text=True, check=True).stdout.split() for name in SETTINGS}
     assert seen == {"default": ["None", "300000", "None"], "passive": ["PASSIVE", "None", "None"],
                     "1 thread": ["None", "300000", "1"], "passive, 1 thread": ["PASSIVE", "None", "1"]}
+
+
+@pytest.mark.parametrize("output, message", [
+    ("Fatal error: can't fill 256 bytes in section .lrodata: 'No space left on device'",
+     "suite failed: could not read or write a file: No space left on device"),
+    ("g++: fatal error: Killed signal terminated program cc1plus",
+     "suite failed: the C++ compiler was killed (the kernel does so when memory runs out)"),
+])
+def test_a_compile_the_machine_cannot_finish_ends_in_one_line(tmp_path, capsys, monkeypatch, output, message):
+    """A full disk or a compiler killed for memory, as Inductor raises them (its traceback hid the reason under
+    its own frames); any other exception keeps its traceback."""
+    from torch._inductor.exc import CppCompileError, InductorError
+
+    from imagepiece.bench import cli, suite
+
+    def compile_fails(args):
+        raise InductorError(CppCompileError(["g++"], output), None)
+
+    monkeypatch.setattr(suite, "run", compile_fails)
+    assert cli.main(["suite", "--quick", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"python -m imagepiece.bench: error: {message}; its results were not written\n"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(suite, "run", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["suite", "--quick", "--out", str(tmp_path)])
 
 
 def test_sigterm_stops_a_mode_and_its_child_processes_with_one_line(compiled, tmp_path):

@@ -196,12 +196,14 @@ def test_an_unwritable_target_fails_in_one_line_with_status_1():
 @pytest.mark.parametrize("failure, status, message", [
     ("oserror", 1, "could not write {out}: No space left on device"),
     ("compiler", 1, "could not write {out}: No space left on device"),
+    ("killed", 1, "the C++ compiler was killed (the kernel does so when memory runs out); {out} was not written"),
     ("interrupt", 130, "interrupted; {out} was not written"),
     ("sigterm", 143, "terminated; {out} was not written"),  # Python's default would end at once, the staging folder left
 ])
 def test_a_full_disk_or_ctrl_c_fails_in_one_line_and_leaves_nothing(tmp_path, failure, status, message):
     """The disk fills while AOTInductor writes: as an OSError, or (what a real full disk gives, checked on
-    a tiny tmpfs) as the C++ compiler's error text wrapped in Inductor's own exception; or Ctrl-C comes."""
+    a tiny tmpfs) as the C++ compiler's error text wrapped in Inductor's own exception; the kernel kills the
+    compiler for memory; or Ctrl-C comes."""
     out = tmp_path / "model.so"
     script = f"""
         import errno, os, runpy, sys
@@ -219,6 +221,8 @@ def test_a_full_disk_or_ctrl_c_fails_in_one_line_and_leaves_nothing(tmp_path, fa
             if {failure!r} == "oserror":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), options["aot_inductor.output_path"])
             from torch._inductor.exc import CppCompileError, InductorError
+            if {failure!r} == "killed":  # g++'s words when the out-of-memory killer stops its cc1plus
+                raise InductorError(CppCompileError(["g++"], "g++: fatal error: Killed signal terminated program cc1plus"), None)
             raise InductorError(CppCompileError(["g++"], "Fatal error: can't fill 256 bytes in section .lrodata: 'No space left on device'"), None)
 
         torch._inductor.aot_compile = fill_the_disk

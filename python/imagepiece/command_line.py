@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -84,3 +86,39 @@ def allocation_failure(error: Optional[BaseException]) -> Optional[Shortage]:
             return Shortage(int(asked.group(1)))
         error = error.__cause__ or error.__context__
     return None
+
+
+# What a failed read or write says (os.strerror), also when it surfaces only as text inside another error's.
+IO_REASONS = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
+# What g++ prints when the kernel's out-of-memory killer stops its cc1plus (inside Inductor's CppCompileError).
+COMPILER_KILLED = "Killed signal terminated program"
+
+
+def io_failure(error: Optional[BaseException]) -> Optional[str]:
+    """The reason, when `error` (or what caused it) is a failed read or write, else None.
+
+    A full disk during compilation surfaces as the C++ compiler's error inside Inductor's own
+    exception, so its text is searched too."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error.strerror or str(error)
+        for reason in IO_REASONS:
+            if reason in str(error):
+                return reason
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def machine_failure(error: BaseException) -> Optional[str]:
+    """One line for a failure of the machine rather than of the code (memory, disk, a compiler the kernel killed),
+    else None: a compile that fails so is said so, where its traceback would hide the reason under Inductor's frames."""
+    shortage = allocation_failure(error)
+    if shortage is not None:
+        return f"out of memory: {shortage}"
+    cause: Optional[BaseException] = error
+    while cause is not None:
+        if COMPILER_KILLED in str(cause):
+            return "the C++ compiler was killed (the kernel does so when memory runs out)"
+        cause = cause.__cause__ or cause.__context__
+    reason = io_failure(error)
+    return None if reason is None else f"could not read or write a file: {reason}"

@@ -30,6 +30,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from ..command_line import machine_failure
 from ..environment import machine_info
 from ..model import ARCHS
 from ..termination import STOPPED, Terminated, exit_status, sigterm_unwinds
@@ -106,6 +107,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m imagepiece
         print(f"{prog}: {args.mode} {how}; its child processes and temporary files are gone, its results were not written",
               file=sys.stderr)
         return exit_status(stop)
+    except Exception as error:  # noqa: BLE001  (a machine out of memory or disk is said in one line; bugs keep their traceback)
+        reason = machine_failure(error)
+        if reason is None:
+            raise
+        remove_unfinished_record()
+        print(f"{prog}: error: {args.mode} failed: {reason}; its results were not written", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.images < 1 or args.batch < 1:
         parser.error("--images and --batch must be >= 1")
+    # Arguments that contradict each other first: that error holds on every machine, what this one lacks after it.
+    if args.calibration is not None and "ip_runtime_int8" not in args.contenders:
+        parser.error("--calibration is for the int8 artifact: add ip_runtime_int8 to --contenders or drop --calibration")
     cuda = args.device.startswith("cuda")
     if "eager_fp16" in args.contenders and not cuda and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
         parser.error("eager_fp16 needs a GPU or a CPU with fp16 GEMMs (AVX512-FP16 or AMX-FP16); this one would emulate it")
@@ -76,8 +79,6 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     # A value given twice would be measured twice into one folder name (FileExistsError) and one record key.
     args.contenders, args.weights = list(dict.fromkeys(args.contenders)), list(dict.fromkeys(args.weights))
     if args.calibration is not None:
-        if "ip_runtime_int8" not in args.contenders:
-            parser.error("--calibration is for the int8 artifact: add ip_runtime_int8 to --contenders or drop --calibration")
         try:
             check_calibration_folder(args.calibration, args.batch)
         except ValueError as error:
