@@ -27,11 +27,14 @@ import imagepiece
 import ip_runtime
 from imagepiece.artifact import SUFFIXES, ArtifactError, check_compatible, read_metadata
 from imagepiece.artifact_metadata import MAX_BATCH
+from imagepiece.command_line import machine_failure
 from imagepiece.environment import device_problem, machine_info
 from imagepiece.export import build_metadata, check_device_and_dtype, check_output_path, compile_artifact
 from imagepiece.bench.timing import summarize, time_interleaved
+from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 
 ROOT = Path(__file__).resolve().parent.parent
+PROG = "demo.py"
 
 
 def banner(text: str) -> None:
@@ -110,7 +113,21 @@ def main(argv=None) -> int:
     problem = device_problem(args.device)
     if problem:
         parser.error(problem)
+    try:
+        with sigterm_unwinds():
+            return run(args, target)
+    except STOPPED as stop:  # the artifact is written whole or not at all (compile_artifact stages it)
+        print(f"{PROG}: {how_stopped(stop)}", file=sys.stderr)
+        return exit_status(stop)
+    except Exception as error:  # noqa: BLE001  (a machine out of memory or disk is said in one line; bugs keep their traceback)
+        reason = machine_failure(error)
+        if reason is None:
+            raise
+        print(f"{PROG}: error: {reason}", file=sys.stderr)
+        return 1
 
+
+def run(args: argparse.Namespace, target: torch.device) -> int:
     info = machine_info()
     print(f"machine: {info['cpu']} ({info['cpu_cores']} cores), GPU {info['gpu']}; torch {info['torch']}, timm {info['timm']}")
     banner(f"1. {args.arch} + ImagePiece (random weights: no hub is reachable; aot_compile.py --checkpoint takes real ones)")

@@ -77,3 +77,23 @@ def test_the_demo_fails_when_its_cpp_example_does(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(demo.subprocess, "run", builds_but_fails_to_classify)
     assert demo.run_cpp_example(tmp_path / "ti.so") == 1
     assert "the C++ example failed (exit 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("failure, status, message", [
+    ("disk", 1, "demo.py: error: could not read or write a file: No space left on device"),
+    ("interrupt", 130, "demo.py: interrupted"),
+])
+def test_a_compile_stopped_by_a_full_disk_or_ctrl_c_ends_the_demo_in_one_line(monkeypatch, tmp_path, capsys, failure, status, message):
+    from torch._inductor.exc import CppCompileError, InductorError
+
+    demo = load_script("demo")
+
+    def compile_fails(*args, **kwargs):
+        if failure == "interrupt":
+            raise KeyboardInterrupt
+        raise InductorError(CppCompileError(["g++"], "Fatal error: can't write 4096 bytes: 'No space left on device'"), None)
+
+    monkeypatch.setattr(demo, "compile_artifact", compile_fails)
+    result = call_script("demo", capsys, *TINY, "--out", tmp_path / "ti.so")
+    assert (result.returncode, result.stderr) == (status, message + "\n")
+    assert "compiling (there is none at" in result.stdout and list(tmp_path.iterdir()) == []
