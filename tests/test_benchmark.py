@@ -2,6 +2,7 @@
 self-consistent results from small runs (not a timing test: no figure is compared with a speed)."""
 import argparse
 import csv
+import errno
 import json
 import math
 import os
@@ -337,16 +338,19 @@ def test_a_compile_the_machine_cannot_finish_ends_in_one_line(tmp_path, capsys, 
 
     from imagepiece.bench import cli, suite
 
-    def compile_fails(args):
-        raise InductorError(CppCompileError(["g++"], output), None)
+    def run_raising(error: BaseException):
+        def run(args):
+            raise error
+        return run
 
-    monkeypatch.setattr(suite, "run", compile_fails)
+    monkeypatch.setattr(suite, "run", run_raising(InductorError(CppCompileError(["g++"], output), None)))
     assert cli.main(["suite", "--quick", "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err == f"python -m imagepiece.bench: error: {message}; its results were not written\n"
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(suite, "run", lambda args: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        cli.main(["suite", "--quick", "--out", str(tmp_path)])
+    for bug in (ZeroDivisionError(), OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))):  # not the machine's
+        monkeypatch.setattr(suite, "run", run_raising(bug))
+        with pytest.raises(type(bug)):
+            cli.main(["suite", "--quick", "--out", str(tmp_path)])
 
 
 def test_sigterm_stops_a_mode_and_its_child_processes_with_one_line(compiled, tmp_path):

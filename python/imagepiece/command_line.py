@@ -120,5 +120,5 @@ def machine_failure(error: BaseException) -> Optional[str]:
         if COMPILER_KILLED in str(cause):
             return "the C++ compiler was killed (the kernel does so when memory runs out)"
         cause = cause.__cause__ or cause.__context__
-    reason = io_failure(error)
-    return None if reason is None else f"could not read or write a file: {reason}"
+    reason = io_failure(error)  # only a full disk and its kin: another OSError (a port in use, say) keeps its traceback
+    return f"could not read or write a file: {reason}" if reason in IO_REASONS else None
