@@ -357,6 +357,44 @@ def test_tables_that_would_be_misread_are_refused_and_a_parquet_dataset_folder_i
     (tmp_path / "headless.csv").write_text(f"dir;1/a.jpg\n{root / 'gray.png'}\n")
     with pytest.raises(ValueError, match="looks like a list of paths without a header line"):
         list_inputs(str(tmp_path / "headless.csv"))
+    # An unbalanced quote made the rest of the file one made-up path: three images left out, unsaid.
+    (tmp_path / "stray.csv").write_text(f'path\n{root / "gray.png"}\n"oops.jpg\n{root / "rgb_0.jpg"}\n{root / "rgb_1.jpg"}\n')
+    with pytest.raises(ValueError, match="is not well-formed CSV after line 2 .*unexpected end of data"):
+        list_inputs(str(tmp_path / "stray.csv"))
+
+
+def test_a_parquet_datasets_parts_are_each_read_by_their_own_schema(folder, tmp_path):
+    """The dataset's schema is its first part's: the column was picked from that part alone, a part without it
+    read as empty paths, and an all-null first part refused the text after it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dataset = tmp_path / "photos.parquet"
+    dataset.mkdir()
+    pq.write_table(pa.table({"path": pa.array([None, None], pa.null())}), dataset / "part-0.parquet")  # pandas: all None
+    pq.write_table(pa.table({"path": ["gray.png"], "label": ["cat"]}), dataset / "part-1.parquet")
+    assert [i.path for i in list_inputs(str(dataset))] == ["", "", "gray.png"]
+    pq.write_table(pa.table({"caption": ["a cat"]}), dataset / "part-2.parquet")
+    with pytest.raises(ValueError, match="its part .*part-2.parquet' has no column 'path' \\(columns: caption\\)"):
+        list_inputs(str(dataset))
+    (dataset / "part-2.parquet").unlink()
+    pq.write_table(pa.table({"caption": ["a cat"]}), dataset / "part-00.parquet")  # first in order, without the column
+    with pytest.raises(ValueError, match="part-00.parquet' has no column 'path'"):
+        list_inputs(str(dataset), column="path")  # was: "has no column 'path' (columns: caption)", the first part's
+
+
+def test_an_output_inside_the_input_parquet_dataset_is_refused(tmp_path):
+    from imagepiece.predict.cli import check_output
+
+    dataset = tmp_path / "in.parquet"
+    dataset.mkdir()
+    for name in ("part-0.parquet", "preds.csv"):  # every file there would be read as a part next time
+        with pytest.raises(ValueError, match="lies inside the input Parquet dataset .*the next run would read the predictions"):
+            check_output(dataset / name, ray=False, input_spec=str(dataset))
+    check_output(tmp_path / "preds.csv", ray=False, input_spec=str(dataset))
+    images = tmp_path / "photos"
+    images.mkdir()
+    check_output(images / "preds.csv", ray=False, input_spec=str(images))  # an image folder reads only images
 
 
 def test_resume_swaps_in_the_merged_journal_whole(tmp_path, monkeypatch):
@@ -594,6 +632,14 @@ def test_a_csv_of_errors_only_still_has_its_topk_columns(tmp_path):
         output.add([Row(path, error="not an image") for path in paths])
         output.finish(paths)
         assert (tmp_path / "p.csv").read_text().splitlines()[0] == "path,class_1,class_2,label_1,label_2,prob_1,prob_2,error"
+
+
+def test_resume_reads_an_output_csv_that_excel_saved_with_a_bom(tmp_path):
+    output = ResumableOutput(tmp_path / "p.csv", resume=False, topk=1)
+    output.add([Row("a.jpg", [3], ["cat"], [0.5], "")])
+    output.finish(["a.jpg"])
+    (tmp_path / "p.csv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "p.csv").read_bytes())  # "CSV UTF-8"
+    assert ResumableOutput(tmp_path / "p.csv", resume=True, topk=1).done("a.jpg")  # was KeyError: 'path'
 
 
 def open_files():

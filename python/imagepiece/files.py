@@ -56,7 +56,7 @@ def check_output_file(path: Union[str, Path], inputs: Optional[Dict[str, object]
         if given is not None and _same_file(given, path):
             raise ValueError(f"output {str(path)!r} is the {option} file: writing it would replace that input")
     for option, folder in (input_folders or {}).items():
-        if folder is not None and _inside(path, folder):
+        if folder is not None and is_inside(path, folder):
             raise ValueError(f"output {str(path)!r} lies inside the {option} folder {str(folder)!r}: writing it would change "
                              "that input; write it elsewhere")
     check_writable_dir(path.parent)
@@ -71,7 +71,7 @@ def _same_file(a: Union[str, Path], b: Union[str, Path]) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _inside(path: Union[str, Path], folder: Union[str, Path]) -> bool:
+def is_inside(path: Union[str, Path], folder: Union[str, Path]) -> bool:
     """Whether `path` (which may not exist yet) is under `folder`, both with every symbolic link resolved."""
     real_path, real_folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([real_path, real_folder]) == real_folder

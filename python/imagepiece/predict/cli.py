@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from imagepiece import command_line
 from imagepiece.artifact import ArtifactError, check_compatible, read_metadata
-from imagepiece.files import check_names_fit, check_writable_dir, held_exclusively
+from imagepiece.files import check_names_fit, check_writable_dir, held_exclusively, is_inside
 from imagepiece.termination import STOPPED, exit_status, how_stopped, sigterm_unwinds
 
 from .classifier import Classifier, choose_batch
@@ -100,6 +100,10 @@ def check_output(path: Path, ray: bool, input_spec: str) -> None:
                          + (" (with --ray, a folder)" if ray else ""))
     if os.path.isfile(input_spec) and path.exists() and os.path.samefile(input_spec, path):
         raise ValueError(f"output {str(path)!r} is the input: it would be overwritten; write the predictions to another file")
+    # Every file in a Parquet dataset's folder is read as one of its parts (an image folder takes only images).
+    if Path(input_spec).is_dir() and Path(input_spec).suffix.lower() == ".parquet" and is_inside(path, input_spec):
+        raise ValueError(f"output {str(path)!r} lies inside the input Parquet dataset {input_spec!r}: the next run would read "
+                         "the predictions as input; write them elsewhere")
     if ray:
         if path.suffix.lower() in FORMATS and not path.is_dir():  # Ray would make a folder of that name, silently
             raise ValueError(f"--output {str(path)!r} names a {path.suffix} file, but --ray writes a folder of Parquet "

@@ -179,7 +179,7 @@ def _table_column(source: Path, column: Optional[str]) -> List[str]:
             values = _parquet_column(source, column)
         else:
             with open(source, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-                reader = csv.DictReader(handle)
+                reader = csv.DictReader(handle, strict=True)
                 names = list(reader.fieldnames or [])
                 name = _pick_column(names, column, source)
                 if column is None and names == [name] and os.path.splitext(name)[1].lower() in image_suffixes():
@@ -191,7 +191,7 @@ def _table_column(source: Path, column: Optional[str]) -> List[str]:
                     raise InputError(f"{str(source)!r} looks {separator}-separated (its header line is {name!r}); predict "
                                      "reads comma-separated CSV: save it with commas or as Parquet (or name that column "
                                      "with --column)")
-                values = [row[name] for row in reader]
+                values = _csv_column(reader, name, source)
     except InputError:
         raise
     except Exception as error:  # pyarrow/csv raise many kinds for an unreadable table
@@ -199,20 +199,44 @@ def _table_column(source: Path, column: Optional[str]) -> List[str]:
     return [_path_value(value, source) for value in values]
 
 
+def _csv_column(reader: csv.DictReader, name: str, source: Path) -> list:
+    """`name`'s cells; InputError where the CSV is malformed. Lenient csv took an unbalanced quote as the start of one
+    field running to the end of the file: every later path became part of one made-up name, and left out unsaid."""
+    values, last_line = [], reader.line_num
+    try:
+        for row in reader:
+            values.append(row[name])
+            last_line = reader.line_num
+    except csv.Error as error:
+        raise InputError(f"{str(source)!r} is not well-formed CSV after line {last_line} ({error}): a double quote "
+                         "that opens a field must close it, and one inside a field is written twice (\"\")") from None
+    return values
+
+
 def _parquet_column(source: Path, column: Optional[str]) -> list:
     """The path column of a Parquet file, or of a dataset's folder of them (Spark, Ray, pyarrow), read as one table."""
     import pyarrow.parquet as pq
 
     table = pq.ParquetDataset(source)
-    if source.is_dir() and not table.files:
+    if not source.is_dir():
+        return table.read(columns=[_pick_column(table.schema.names, column, source)]).column(0).to_pylist()
+    if not table.files:
         raise InputError(f"{str(source)!r} is a folder named like a Parquet table, but holds no Parquet files")
-    name = _pick_column(table.schema.names, column, source)
-    # A dataset's parts are read as the first one's schema: a number column in a later part would become text ("1").
-    for part in table.fragments if source.is_dir() else []:
-        field = part.physical_schema.field(name) if name in part.physical_schema.names else None
-        if field is not None and not _holds_text(field.type):
-            raise InputError(f"table {str(source)!r}: its path column holds {field.type} values in {part.path!r}, not text")
-    return table.read(columns=[name]).column(0).to_pylist()
+    # Each part by its own schema: the dataset's is its first part's, which would pick the column from that part
+    # alone, cast every other part to it (all-null first, text after: refused) and read a part without it as nulls.
+    parts = table.fragments
+    name = _pick_column(list(dict.fromkeys(field for part in parts for field in part.physical_schema.names)), column, source)
+    values = []
+    for part in parts:
+        schema = part.physical_schema
+        if name not in schema.names:
+            raise InputError(f"table {str(source)!r}: its part {part.path!r} has no column {name!r} "
+                             f"(columns: {', '.join(schema.names)})")
+        if not _holds_text(schema.field(name).type):  # a number column would become made-up paths ("1")
+            raise InputError(f"table {str(source)!r}: its path column holds {schema.field(name).type} values in "
+                             f"{part.path!r}, not text")
+        values += part.to_table(columns=[name], schema=schema).column(0).to_pylist()
+    return values
 
 
 def _holds_text(column_type) -> bool:

@@ -97,7 +97,8 @@ def iter_rows(path: Path) -> Iterator[Row]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_ROWS_PER_GROUP):
             yield from rows_from_arrow(batch)
         return
-    with open(path, newline="", encoding="utf-8") as handle:
+    # -sig: an output re-saved by Excel ("CSV UTF-8") starts with a BOM, which would become part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         if suffix == ".csv":
             yield from _read_csv(handle)
         else:
