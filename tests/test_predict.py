@@ -634,6 +634,18 @@ def test_a_csv_of_errors_only_still_has_its_topk_columns(tmp_path):
         assert (tmp_path / "p.csv").read_text().splitlines()[0] == "path,class_1,class_2,label_1,label_2,prob_1,prob_2,error"
 
 
+def test_a_run_removes_the_staged_copies_that_killed_runs_left_beside_its_output(tmp_path):
+    """A SIGKILL while the output was written left its staged copy (the output's size) for good, one per kill."""
+    from imagepiece.files import staged_name
+
+    left = [tmp_path / staged_name(tmp_path / "p.csv") for _ in range(2)]
+    others = [tmp_path / staged_name(tmp_path / "q.csv"), tmp_path / ".p.partial.csv", tmp_path / "p.csv"]
+    for path in left + others:
+        path.write_text("x")
+    ResumableOutput(tmp_path / "p.csv", resume=True, topk=1)
+    assert [path.exists() for path in left + others] == [False, False, True, True, True]
+
+
 def test_resume_reads_an_output_csv_that_excel_saved_with_a_bom(tmp_path):
     output = ResumableOutput(tmp_path / "p.csv", resume=False, topk=1)
     output.add([Row("a.jpg", [3], ["cat"], [0.5], "")])

@@ -341,6 +341,21 @@ def test_a_connection_answered_for_good_frees_its_slot_while_its_close_lingers(a
         assert client.get("/healthz", headers={"Connection": "close"}).status_code == 200
 
 
+def test_a_client_that_never_reads_its_answers_loses_its_connection_after_the_read_timeout(artifact):
+    """Requests pipelined by the thousand and no answer read: the send buffer fills, uvicorn waited on it without a
+    deadline, and the connection held its --max-connections slot (every other client got 503) for as long as it lived."""
+    config = ServeConfig(artifact=artifact, read_timeout_s=0.5, decode_threads=1, warmup=False)
+    server = ServerThread(create_app(config, ClassificationService(config)), head_timeout_s=config.read_timeout_s, max_connections=1)
+    with server as client, socket.socket() as reader_of_nothing:
+        reader_of_nothing.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader_of_nothing.connect((client.base_url.host, client.base_url.port))
+        reader_of_nothing.settimeout(TIMEOUT)
+        with contextlib.suppress(OSError):  # the server may cut it before it has sent them all
+            reader_of_nothing.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 20000)
+        server.wait_for_connections(0)
+        assert client.get("/healthz", headers={"Connection": "close"}).status_code == 200
+
+
 def test_connections_send_answers_without_waiting_for_the_clients_ack(artifact):
     """TCP_NODELAY on every connection, however its listening socket was made (asyncio sets it only for sockets made
     with proto IPPROTO_TCP; the CLI's and these tests' have proto 0): uvicorn writes a response's head and body
@@ -610,6 +625,9 @@ def test_the_open_file_limit_is_raised_to_the_hard_one_and_max_connections_must_
     with pytest.raises(ValueError, match=f"--max-connections 1,000 needs {1000 + cli.OTHER_DESCRIPTORS:,} open files, and this "
                                          f"process may open at most 1,024 .*lower --max-connections to {fits}"):
         cli.connection_limit(1000, warnings.append)  # asked for: refused, not quietly lowered
+    limits.update(soft=64, hard=64)  # no value fits: lowering is no advice ("lower --max-connections 1 to 1")
+    with pytest.raises(ValueError, match=r"may open at most 64 \(ulimit -Hn\): raise the limit$"):
+        cli.connection_limit(1, warnings.append)
 
 
 def test_running_out_of_open_files_is_logged_once_not_per_connection(artifact, caplog):

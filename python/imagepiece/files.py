@@ -5,6 +5,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -114,6 +115,19 @@ def atomic_write(path: Union[str, Path], write: Callable[[Path], None], replace:
 def staged_name(path: Path) -> str:
     """The name atomic_write writes `path` under first, beside it (a random part: no two writers share it)."""
     return f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}"
+
+
+def remove_stale_staged(path: Union[str, Path]) -> None:
+    """Removes the staged copies of `path` that writers killed outright (SIGKILL, a power cut) left beside it, each
+    the size of the file. Only for a caller that holds `path` exclusively (`held_exclusively`): a live writer's
+    copy would go too."""
+    path = Path(os.path.realpath(path))
+    staged = re.compile(rf"\.{re.escape(path.stem)}\.[0-9a-f]{{8}}\.partial{re.escape(path.suffix)}")
+    with contextlib.suppress(OSError):  # a folder that cannot be listed holds none this run could remove either
+        for entry in os.scandir(path.parent):
+            if staged.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def check_names_fit(folder: Union[str, Path], names: Iterable[str], output: Union[str, Path]) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from itertools import chain, islice
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
-from imagepiece.files import atomic_write, staged_name
+from imagepiece.files import atomic_write, remove_stale_staged, staged_name
 
 from .rows import Row, round_prob
 
@@ -258,6 +258,7 @@ class ResumableOutput:
     def __init__(self, path: Path, resume: bool, topk: Optional[int] = None) -> None:
         self.path = Path(path)
         output_format(self.path)
+        remove_stale_staged(self.path)  # the run holds the output's lock: no other writer's copy is there
         self.journal = Journal(journal_path(self.path))
         # Present while an unfinished run replaces the output: its rows are not the ones a resume keeps.
         self.replacing = replacing_marker(self.path)

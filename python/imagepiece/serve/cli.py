@@ -143,8 +143,10 @@ def connection_limit(requested: Optional[int], warn: Callable[[str], None]) -> i
         return wanted
     fits = max(1, soft - OTHER_DESCRIPTORS)
     if requested is not None:
+        # Under OTHER_DESCRIPTORS + 1 files no value fits: lowering --max-connections is no advice then.
+        lower = f"lower --max-connections to {fits:,}, or " if fits < requested else ""
         raise ValueError(f"--max-connections {requested:,} needs {requested + OTHER_DESCRIPTORS:,} open files, and this "
-                         f"process may open at most {soft:,} (ulimit -Hn): lower --max-connections to {fits:,}, or raise the limit")
+                         f"process may open at most {soft:,} (ulimit -Hn): {lower}raise the limit")
     warn(f"serving at most {fits:,} connections at once, not {DEFAULT_MAX_CONNECTIONS:,}: this process may open "
          f"{soft:,} files (ulimit -Hn)")
     return fits

@@ -103,6 +103,7 @@ class HeadDeadlineProtocol(H11Protocol):
     admitted_connections: set = set()  # those let in and still open, at most max_connections (a set per server)
     metrics: Optional[ServerMetrics] = None
     _deadline: Optional[asyncio.TimerHandle] = None
+    _write_deadline: Optional[asyncio.TimerHandle] = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -143,9 +144,27 @@ class HeadDeadlineProtocol(H11Protocol):
             return False  # the transport closes itself
         return super().eof_received()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # A client that stops reading (requests pipelined, answers never read) would hold its slot for ever: uvicorn
+        # waits for the send buffer to drain without a deadline, and h11 reads no further request to arm one.
+        self._write_deadline = self.loop.call_later(self.head_timeout_s, self._write_overdue)
+
+    def resume_writing(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+        super().resume_writing()
+
+    def _write_overdue(self) -> None:
+        self._write_deadline = None
+        self.transport.abort()  # nothing more can reach this client; connection_lost frees its slot
+
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self.transport.lingering is not None:
             self.transport.lingering.cancel()
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
         self._disarm()
         self.admitted_connections.discard(self)
         super().connection_lost(exc)
