@@ -350,10 +350,30 @@ def test_a_client_that_never_reads_its_answers_loses_its_connection_after_the_re
         reader_of_nothing.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader_of_nothing.connect((client.base_url.host, client.base_url.port))
         reader_of_nothing.settimeout(TIMEOUT)
+        server.wait_for_connections(1)  # admitted: the one slot is its
         with contextlib.suppress(OSError):  # the server may cut it before it has sent them all
             reader_of_nothing.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 20000)
         server.wait_for_connections(0)
         assert client.get("/healthz", headers={"Connection": "close"}).status_code == 200
+
+
+def test_an_idle_connection_over_the_limit_is_closed_within_a_second_not_the_read_timeout(artifact):
+    """Kept only to answer its request with a 503, it held an open file for the whole --read-timeout: a flood of idle
+    connections ran the server out of files, and well-behaved clients got no answer at all."""
+    from imagepiece.serve.http_protocol import OVER_LIMIT_HEAD_S
+
+    config = ServeConfig(artifact=artifact, decode_threads=1, warmup=False)  # --read-timeout 30 s
+    server = ServerThread(create_app(config, ClassificationService(config)), max_connections=1)
+    with server as client, socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT):
+        server.wait_for_connections(1)  # the admitted one, idle
+        with socket.create_connection((client.base_url.host, client.base_url.port), timeout=TIMEOUT) as over:
+            started = time.monotonic()
+            answer = b""
+            while chunk := over.recv(65536):  # ends when the server closes it
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and f"within {OVER_LIMIT_HEAD_S:g} s".encode() in answer, answer
+        assert time.monotonic() - started < config.read_timeout_s / 2
+        server.wait_for_connections(1)  # the admitted one keeps its full deadline
 
 
 def test_connections_send_answers_without_waiting_for_the_clients_ack(artifact):

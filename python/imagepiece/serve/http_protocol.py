@@ -65,6 +65,9 @@ async def _over_connection_limit(send) -> None:
 
 
 LINGER_S = 1.0  # at most this long a close waits for a client still sending (a LAN client sends 20 MiB in far less)
+# A connection over --max-connections is kept only to answer its request with a 503: one that sends none in this long is
+# closed, rather than holding an open file for the full --read-timeout (a flood of idle connections ran the server out).
+OVER_LIMIT_HEAD_S = 1.0
 
 
 class LingeringClose:
@@ -189,7 +192,11 @@ class HeadDeadlineProtocol(H11Protocol):
 
     def _arm(self) -> None:
         self._disarm()
-        self._deadline = self.loop.call_later(self.head_timeout_s, self._head_overdue)
+        self._deadline = self.loop.call_later(self._head_timeout_s(), self._head_overdue)
+
+    def _head_timeout_s(self) -> float:
+        admitted = self.max_connections is None or self in self.admitted_connections
+        return self.head_timeout_s if admitted else min(self.head_timeout_s, OVER_LIMIT_HEAD_S)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -200,7 +207,7 @@ class HeadDeadlineProtocol(H11Protocol):
         self._deadline = None
         if self._waiting_for_head() and not self.transport.is_closing():
             self._count_refusal(408, "request_timeout")
-            self.transport.write(request_timeout_response(self.head_timeout_s))
+            self.transport.write(request_timeout_response(self._head_timeout_s()))
             self.transport.close()
 
     def _count_refusal(self, status: int, code: str) -> None:
