@@ -31,7 +31,8 @@ import torch
 
 import imagepiece
 from imagepiece import ARCHS, METHODS, CheckpointError, create_model, format_schedule
-from imagepiece.command_line import COMPILER_KILLED, USAGE_ERROR, OneLineErrors, allocation_failure, io_failure, machine_failure
+from imagepiece.command_line import (KILLED_COMPILER_MESSAGE, USAGE_ERROR, OneLineErrors, allocation_failure, compiler_killed,
+                                      io_failure)
 from imagepiece.config import LCB_CHOICES, PRESETS, REEVALUATIONS, fields_without_effect, lcb_from_cli
 from imagepiece.artifact_metadata import MAX_BATCH, MAX_CLASSES
 from imagepiece.blocks import ATTENTION_KERNELS
@@ -219,8 +220,8 @@ def main(argv=None) -> int:
         shortage = allocation_failure(error)
         if shortage is not None:
             return fail(IO_ERROR, f"out of memory while compiling: {shortage}; {out} was not written")
-        if COMPILER_KILLED in str(error):
-            return fail(IO_ERROR, f"{machine_failure(error)}; {out} was not written")
+        if compiler_killed(error):
+            return fail(IO_ERROR, f"{KILLED_COMPILER_MESSAGE}; {out} was not written")
         reason = io_failure(error)
         if reason is None:
             raise

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 USAGE_ERROR = 2  # argparse's own status for a bad argument
 
@@ -75,16 +75,22 @@ class Shortage(NamedTuple):
         return "Python ran out of memory" if self.bytes is None else f"could not allocate {self.bytes / 2**30:.1f} GiB"
 
 
+def causes(error: Optional[BaseException]) -> Iterator[BaseException]:
+    """`error`, then what caused it, and so on (a library's exception often wraps the one that says what happened)."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def allocation_failure(error: Optional[BaseException]) -> Optional[Shortage]:
     """The shortage, when `error` (or what caused it) is running out of memory: building a model with an absurd head
     (--num-classes in the millions) must end in one line, not a traceback."""
-    while error is not None:
-        if isinstance(error, MemoryError):
+    for cause in causes(error):
+        if isinstance(cause, MemoryError):
             return Shortage(None)
-        asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(error))
-        if isinstance(error, RuntimeError) and asked:
+        asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(cause))
+        if isinstance(cause, RuntimeError) and asked:
             return Shortage(int(asked.group(1)))
-        error = error.__cause__ or error.__context__
     return None
 
 
@@ -92,6 +98,7 @@ def allocation_failure(error: Optional[BaseException]) -> Optional[Shortage]:
 IO_REASONS = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
 # What g++ prints when the kernel's out-of-memory killer stops its cc1plus (inside Inductor's CppCompileError).
 COMPILER_KILLED = "Killed signal terminated program"
+KILLED_COMPILER_MESSAGE = "the C++ compiler was killed (the kernel does so when memory runs out)"
 
 
 def io_failure(error: Optional[BaseException]) -> Optional[str]:
@@ -99,14 +106,17 @@ def io_failure(error: Optional[BaseException]) -> Optional[str]:
 
     A full disk during compilation surfaces as the C++ compiler's error inside Inductor's own
     exception, so its text is searched too."""
-    while error is not None:
-        if isinstance(error, OSError):
-            return error.strerror or str(error)
-        for reason in IO_REASONS:
-            if reason in str(error):
-                return reason
-        error = error.__cause__ or error.__context__
+    for cause in causes(error):
+        if isinstance(cause, OSError):
+            return cause.strerror or str(cause)
+        reason = next((reason for reason in IO_REASONS if reason in str(cause)), None)
+        if reason is not None:
+            return reason
     return None
+
+
+def compiler_killed(error: Optional[BaseException]) -> bool:
+    return any(COMPILER_KILLED in str(cause) for cause in causes(error))
 
 
 def machine_failure(error: BaseException) -> Optional[str]:
@@ -115,10 +125,7 @@ def machine_failure(error: BaseException) -> Optional[str]:
     shortage = allocation_failure(error)
     if shortage is not None:
         return f"out of memory: {shortage}"
-    cause: Optional[BaseException] = error
-    while cause is not None:
-        if COMPILER_KILLED in str(cause):
-            return "the C++ compiler was killed (the kernel does so when memory runs out)"
-        cause = cause.__cause__ or cause.__context__
+    if compiler_killed(error):
+        return KILLED_COMPILER_MESSAGE
     reason = io_failure(error)  # only a full disk and its kin: another OSError (a port in use, say) keeps its traceback
     return f"could not read or write a file: {reason}" if reason in IO_REASONS else None
